@@ -1,0 +1,590 @@
+"""Typed, frozen training configuration, loaded from and saved to YAML.
+
+A :class:`TrainConfig` describes one training run (a PGD teacher or a certified student) completely:
+dataset, model, ε (pixel space), loss and its attack, ε/lr schedules, optimizer, regularization,
+teacher checkpoint, logging and checkpointing. It is built from nested frozen dataclasses, each
+validated in ``__post_init__``.
+
+Loading is strict: an unknown or mistyped key is a ``ValueError`` naming the key and the nearest
+valid one (``difflib``), e.g. ``unknown key 'optim.lr_decay_epoch'; did you mean 'lr_decay_epochs'?``.
+Float fields accept fractions written as strings (``eps: 2/255``).
+
+Example::
+
+    cfg = load_config("cifar10-2")                      # a packaged preset, or a YAML file path
+    cfg = cfg.override(["loss.alpha=0.5", "epochs=10"])  # --set key=value
+    cfg.to_yaml("run/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "AttackConfig",
+    "LossConfig",
+    "ScheduleConfig",
+    "OptimConfig",
+    "TeacherConfig",
+    "LogConfig",
+    "TrainConfig",
+    "load_config",
+    "load_preset",
+    "list_presets",
+    "config_diff",
+    "parse_override",
+]
+
+_METHOD_NOTE = "a name registered in ccdist_plugin.losses (list_losses())"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to train on.
+
+    Attributes:
+        name: dataset registry name for ``ccdist_plugin.data.load_dataset`` (``digits``, ``cifar10``,
+            ``cifar10-jpeg``, ``tinyimagenet``, ``imagenet64``...).
+        root: directory or file holding the data (``None``: the dataset's default location).
+        val_split: fraction (0-1) or number (>= 1) of training examples held out for validation
+            (0: no held-out split; the test split is then used for the per-epoch validation metrics).
+        augment: random crop/flip as the dataset's spec prescribes (SPEC.md "Data").
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    val_split: float = 0.0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "data.name must be a non-empty dataset name")
+        _check(self.val_split >= 0, f"data.val_split must be >= 0, got {self.val_split}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture (``ccdist_plugin.models.create_model``); input shape, classes and normalization
+    come from the dataset.
+
+    Attributes:
+        name: ``cnn7``, ``cnn3`` or ``mlp``.
+        width: feature width w (units of the penultimate layer; ``None``: the constructor's default,
+            512 for cnn7).
+        channels: convolution channels (cnn7: 5 entries, cnn3: 2; ``None``: default).
+        depth: hidden layers of an mlp (``None``: default).
+        batch_norm: BatchNorm after each hidden layer for cnn3/mlp (``None``: default; cnn7 always has it).
+        activation: ``relu`` (or ``tanh``).
+        init: ``shi`` (Shi et al. 2021, SPEC.md) or ``default`` (PyTorch's).
+    """
+
+    name: str = "cnn7"
+    width: int | None = None
+    channels: tuple[int, ...] | None = None
+    depth: int | None = None
+    batch_norm: bool | None = None
+    activation: str = "relu"
+    init: str = "shi"
+
+    def __post_init__(self) -> None:
+        _check(self.init in ("shi", "default"), f"model.init must be 'shi' or 'default', got {self.init!r}")
+        _check(self.width is None or self.width > 0, f"model.width must be positive, got {self.width}")
+
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_model`` besides the dataset-given ones (None entries dropped)."""
+        out: dict[str, Any] = {"activation": self.activation, "init": self.init}
+        for key in ("width", "channels", "depth", "batch_norm"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """PGD attack used inside a loss (``ccdist_plugin.attacks.PGD``). Step sizes are multiples of ε.
+
+    Attributes:
+        steps: PGD iterations (1 for the single-step attack of CC-IBP, 8 for the 2.1ε attack, 10 for teachers).
+        step_size_rel: step size as a multiple of ε (10.0 for the 1-step attack, 0.25 otherwise).
+        eps_factor: the attack's ball is ``eps_factor`` × ε (2.1 for the enlarged-ball attack); the
+            result is projected back onto the ε-ball.
+        restarts: random restarts.
+        objective: ``ce`` (cross-entropy) or ``margin``.
+        random_start: uniform random start in the ball.
+    """
+
+    steps: int = 1
+    step_size_rel: float = 10.0
+    eps_factor: float = 1.0
+    restarts: int = 1
+    objective: str = "ce"
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, f"attack.steps must be >= 0, got {self.steps}")
+        _check(self.step_size_rel > 0, f"attack.step_size_rel must be > 0, got {self.step_size_rel}")
+        _check(self.eps_factor >= 1.0, f"attack.eps_factor must be >= 1, got {self.eps_factor}")
+        _check(self.restarts >= 1, f"attack.restarts must be >= 1, got {self.restarts}")
+        _check(self.objective in ("ce", "margin"), f"attack.objective must be 'ce' or 'margin'")
+
+    def build(self):
+        """The ``ccdist_plugin.attacks.PGD`` object this describes."""
+        from ccdist_plugin.attacks import PGD
+
+        return PGD(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss.
+
+    Attributes:
+        method: loss name, ``ccdist_plugin.losses.make_loss(method, ...)`` (``cc_dist``, ``cc_ibp``,
+            ``ibp``, ``adversarial`` for PGD teachers, ``mtl_ibp``, ``exp_ibp``, ``sabr``, ...).
+        alpha: convex-combination coefficient α of CC-IBP / CC-Dist (and MTL-IBP, Exp-IBP).
+        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist).
+        attack: the PGD attack inside the loss.
+        options: further keyword arguments for the loss constructor (e.g. ``{lam: 0.4}`` for SABR).
+    """
+
+    method: str = "cc_dist"
+    alpha: float = 0.5
+    beta: float | None = None
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.method), f"loss.method must be {_METHOD_NOTE}")
+        _check(0.0 <= self.alpha <= 1.0, f"loss.alpha must lie in [0, 1], got {self.alpha}")
+        _check(self.beta is None or self.beta >= 0, f"loss.beta must be >= 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Epochs and the ε schedule (SPEC.md "Student training").
+
+    Attributes:
+        epochs: total training epochs.
+        warmup_epochs: epochs of clean cross-entropy before the ramp (1 for students, 0 for teachers).
+        ramp_up_epochs: epochs over which ε grows from 0 to its target (per batch, smoothed schedule);
+            0 means the full ε from the first non-warm-up batch (teachers).
+        eps_mid: fraction of the ramp covered by the polynomial part of the smoothed schedule (0.25).
+        eps_beta: degree of that polynomial (4.0).
+    """
+
+    epochs: int = 10
+    warmup_epochs: int = 1
+    ramp_up_epochs: int = 5
+    eps_mid: float = 0.25
+    eps_beta: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"schedule.epochs must be >= 1, got {self.epochs}")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0")
+        _check(self.ramp_up_epochs >= 0, "schedule.ramp_up_epochs must be >= 0")
+        _check(
+            self.warmup_epochs + self.ramp_up_epochs <= self.epochs,
+            f"schedule: warmup_epochs + ramp_up_epochs ({self.warmup_epochs} + {self.ramp_up_epochs}) "
+            f"exceeds epochs ({self.epochs})",
+        )
+        _check(0.0 < self.eps_mid < 1.0, f"schedule.eps_mid must lie in (0, 1), got {self.eps_mid}")
+        _check(self.eps_beta >= 1.0, f"schedule.eps_beta must be >= 1, got {self.eps_beta}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule and regularization.
+
+    Attributes:
+        optimizer: ``adam`` (students) or ``sgd`` (teachers, with ``momentum``).
+        lr: base learning rate (Adam 5e-4), or the peak of the cyclic schedule (0.2).
+        momentum: SGD momentum (0.9).
+        weight_decay: L2 weight decay passed to the optimizer (0 in the paper).
+        lr_schedule: ``step`` (×``lr_decay_factor`` at each of ``lr_decay_epochs``), ``cyclic``
+            (per batch, 0 → lr over the first half of training, then back to 0) or ``constant``.
+        lr_decay_epochs: epochs (counted from 0; "decay at 120" = from the 121st epoch) of the step decays.
+        lr_decay_factor: multiplicative decay (0.2).
+        batch_size: examples per batch (128).
+        grad_clip: maximum gradient ℓ2 norm (10; 0 disables clipping).
+        l1: ℓ1 coefficient on all Conv/Linear weights (not biases, not BatchNorm).
+        shi_lambda: λ of the Shi et al. (2021) regularizer, applied during ramp-up with weight
+            λ(1 − ε_t/ε) (0.5 on CIFAR-10, 0.2 on TinyImageNet/ImageNet64; 0 disables it).
+        shi_tau: τ of the Shi regularizer (0.5).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "step"
+    lr_decay_epochs: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.2
+    batch_size: int = 128
+    grad_clip: float = 10.0
+    l1: float = 0.0
+    shi_lambda: float = 0.5
+    shi_tau: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(
+            self.optimizer in ("adam", "sgd"),
+            f"optim.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}",
+        )
+        _check(
+            self.lr_schedule in ("step", "cyclic", "constant"),
+            f"optim.lr_schedule must be 'step', 'cyclic' or 'constant', got {self.lr_schedule!r}",
+        )
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, f"optim.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
+        _check(self.l1 >= 0, "optim.l1 must be >= 0")
+        _check(self.shi_lambda >= 0, "optim.shi_lambda must be >= 0")
+        _check(self.shi_tau > 0, "optim.shi_tau must be > 0")
+        _check(
+            list(self.lr_decay_epochs) == sorted(self.lr_decay_epochs),
+            f"optim.lr_decay_epochs must be increasing, got {list(self.lr_decay_epochs)}",
+        )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the student's teacher comes from (CC-Dist and the other distillation losses).
+
+    Attributes:
+        checkpoint: path of a teacher checkpoint written by ``ccdist train-teacher`` (``None``: pass the
+            teacher to ``Trainer`` or ``ccdist train --teacher``).
+        preset: the teacher preset that trains a matching teacher (documentation for the user).
+    """
+
+    checkpoint: str | None = None
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Outputs of a run.
+
+    Attributes:
+        output_dir: run directory (config.yaml, checkpoint.pt, metrics.csv/jsonl, curves.png, tensorboard/).
+        checkpoint_every: write ``checkpoint.pt`` every N epochs (and always at the end).
+        val_size: validation examples used per epoch for clean and IBP-certified accuracy (0: skip).
+        progress: tqdm progress bars (also off when stderr is not a terminal).
+        tensorboard: write TensorBoard scalars when ``torch.utils.tensorboard`` is importable.
+        plot: save a PNG of the training curves at the end.
+    """
+
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 1
+    val_size: int = 1000
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_every >= 1, "log.checkpoint_every must be >= 1")
+        _check(self.val_size >= 0, "log.val_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        name: run/preset name.
+        role: ``student`` (certified training) or ``teacher`` (PGD adversarial training).
+        eps: target perturbation radius ε in pixel space (inputs in [0, 1]), e.g. 2/255.
+        seed: seed of every random number generator (torch, numpy, python, data order).
+        device: ``cpu``, ``cuda``, ``cuda:0``... (``auto``: cuda when available).
+        data, model, loss, schedule, optim, teacher, log: the sections above.
+    """
+
+    name: str = "run"
+    role: str = "student"
+    eps: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.role in ("student", "teacher"), f"role must be 'student' or 'teacher', got {self.role!r}")
+        _check(self.eps > 0, f"eps must be > 0 (pixel space), got {self.eps}")
+        _check(
+            self.eps <= 1, f"eps is in pixel space ([0, 1] inputs); {self.eps} > 1 looks like a 0-255 value"
+        )
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-python dict (tuples as lists), suitable for YAML and checkpoints."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build and validate from a nested dict; unknown/mistyped keys raise ``ValueError``."""
+        return _build(cls, data, "")
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> TrainConfig:
+        """Load from a YAML file path or YAML text."""
+        path = Path(path_or_text)
+        is_file = isinstance(path_or_text, Path) or (
+            "\n" not in str(path_or_text) and len(str(path_or_text)) < 4096 and path.is_file()
+        )
+        if is_file:
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: invalid YAML: {err}") from err
+        else:
+            data = yaml.safe_load(str(path_or_text))
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a YAML mapping, got {type(data).__name__}")
+        data.pop("_comment", None)
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """``dataclasses.replace`` on the top level (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def override(self, assignments: list[str] | tuple[str, ...]) -> TrainConfig:
+        """Apply ``key.sub=value`` assignments (values parsed as YAML) and revalidate.
+
+        >>> TrainConfig().override(["loss.alpha=0.25", "eps=2/255"]).loss.alpha
+        0.25
+        """
+        data = self.to_dict()
+        for item in assignments:
+            key, value = parse_override(item)
+            _assign(data, key, value)
+        return TrainConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``"a.b=value"`` into ``("a.b", parsed value)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. loss.alpha=0.5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _assign(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    cls: type = TrainConfig
+    for depth, part in enumerate(parts):
+        valid = [f.name for f in dataclasses.fields(cls)]
+        where = ".".join(parts[:depth])
+        if part not in valid:
+            raise ValueError(_unknown_key_message(part, valid, where))
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        hints = typing.get_type_hints(cls)
+        sub = hints[part]
+        if not (isinstance(sub, type) and dataclasses.is_dataclass(sub)):
+            if isinstance(node.get(part), dict):  # free-form dict (loss.options)
+                node[part] = dict(node[part])
+                node[part][".".join(parts[depth + 1 :])] = value
+                return
+            raise ValueError(f"{'.'.join(parts[: depth + 1])} is not a section; cannot set {dotted}")
+        node = node.setdefault(part, {})
+        cls = sub
+
+
+def _unknown_key_message(key: str, valid: list[str], where: str) -> str:
+    full = f"{where}.{key}" if where else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+    return (
+        f"unknown config key {full!r}{hint} (valid keys{' in ' + where if where else ''}: {', '.join(valid)})"
+    )
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _parse_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"config key {key!r} expects a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ValueError(f"config key {key!r} expects a number (e.g. 0.5 or 2/255), got {value!r}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} is a section and expects a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+    if tp is float:
+        return _parse_float(value, key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"config key {key!r}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise ValueError(_unknown_key_message(str(key), valid, where))
+        full = f"{where}.{key}" if where else key
+        kwargs[key] = _convert(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - all fields have defaults
+        raise ValueError(f"{where or 'config'}: {err}") from err
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def _preset_dir() -> Path:
+    return Path(__file__).resolve().parent / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the packaged presets (``ccdist presets``)."""
+    return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> TrainConfig:
+    """Load a packaged preset by name (e.g. ``cifar10-2``, ``cifar10-2-teacher``, ``digits``)."""
+    names = list_presets()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint} (available: {', '.join(names)})")
+    return TrainConfig.from_yaml((_preset_dir() / f"{name}.yaml").read_text())
+
+
+def load_config(preset_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A preset name or a YAML file, then ``key=value`` overrides."""
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        cfg = TrainConfig.from_yaml(path)
+    else:
+        cfg = load_preset(str(preset_or_path))
+    return cfg.override(list(overrides)) if overrides else cfg
+
+
+def config_diff(
+    a: dict[str, Any] | TrainConfig, b: dict[str, Any] | TrainConfig, ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """Differences between two configs as ``"key: a_value != b_value"`` strings (dotted keys).
+
+    Keys listed in ``ignore`` (dotted prefixes, e.g. ``"log"``) are skipped.
+    """
+    da = a.to_dict() if isinstance(a, TrainConfig) else a
+    db = b.to_dict() if isinstance(b, TrainConfig) else b
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if any(prefix == p or prefix.startswith(p + ".") for p in ignore):
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in list(x) + [k for k in y if k not in x]:
+                walk(x.get(key), y.get(key), f"{prefix}.{key}" if prefix else str(key))
+        elif _to_plain(x) != _to_plain(y):
+            out.append(f"{prefix}: {x!r} != {y!r}")
+
+    walk(da, db, "")
+    return out
