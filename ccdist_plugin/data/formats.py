@@ -492,7 +492,7 @@ def _read_idx(path: Path, kind: str) -> np.ndarray:
     magic = int.from_bytes(buf[:4].tobytes(), "big")
     if magic != _IDX_MAGIC[kind]:
         raise malformed("mnist", path, f"idx magic number {magic}, expected {_IDX_MAGIC[kind]} for {kind}")
-    ndim = buf[3]
+    ndim = int(buf[3])
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(buf[4 + 4 * i : 8 + 4 * i].tobytes(), "big") for i in range(ndim))
     expected = header + int(np.prod(dims))
