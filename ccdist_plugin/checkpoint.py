@@ -123,6 +123,7 @@ def check_resumable(payload: dict[str, Any], config: TrainConfig, fingerprint: s
     saved_fp = payload.get("dataset_fingerprint")
     if saved_fp is not None and fingerprint is not None and saved_fp != fingerprint:
         raise ValueError(
-            f"checkpoint was trained on a different dataset (fingerprint {saved_fp} != current {fingerprint}); "
+            f"checkpoint was trained on a different dataset (fingerprint {saved_fp} != current "
+            f"{fingerprint}); "
             "refusing to resume"
         )

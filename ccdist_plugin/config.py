@@ -64,12 +64,24 @@ class DataConfig:
         val_split: fraction (0-1) or number (>= 1) of training examples held out for validation
             (0: no held-out split; the test split is then used for the per-epoch validation metrics).
         augment: random crop/flip as the dataset's spec prescribes (SPEC.md "Data").
+        options: further reader options for ``load_dataset`` (e.g. ``{test_size: 300}`` for digits,
+            ``{train_file: ..., test_file: ...}`` for cifar10-jpeg).
     """
 
     name: str = "digits"
     root: str | None = None
     val_split: float = 0.0
     augment: bool = True
+    options: dict = field(default_factory=dict)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``ccdist_plugin.data.load_dataset`` (val_split as an int count when >= 1)."""
+        val: int | float | None = None
+        if self.val_split >= 1:
+            val = int(self.val_split)
+        elif self.val_split > 0:
+            val = float(self.val_split)
+        return {"root": self.root, "val_split": val, **self.options}
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "data.name must be a non-empty dataset name")
@@ -119,7 +131,7 @@ class AttackConfig:
     """PGD attack used inside a loss (``ccdist_plugin.attacks.PGD``). Step sizes are multiples of ε.
 
     Attributes:
-        steps: PGD iterations (1 for the single-step attack of CC-IBP, 8 for the 2.1ε attack, 10 for teachers).
+        steps: PGD iterations (1: single-step attack of CC-IBP, 8: the 2.1ε attack, 10: teachers).
         step_size_rel: step size as a multiple of ε (10.0 for the 1-step attack, 0.25 otherwise).
         eps_factor: the attack's ball is ``eps_factor`` × ε (2.1 for the enlarged-ball attack); the
             result is projected back onto the ε-ball.
@@ -140,7 +152,7 @@ class AttackConfig:
         _check(self.step_size_rel > 0, f"attack.step_size_rel must be > 0, got {self.step_size_rel}")
         _check(self.eps_factor >= 1.0, f"attack.eps_factor must be >= 1, got {self.eps_factor}")
         _check(self.restarts >= 1, f"attack.restarts must be >= 1, got {self.restarts}")
-        _check(self.objective in ("ce", "margin"), f"attack.objective must be 'ce' or 'margin'")
+        _check(self.objective in ("ce", "margin"), "attack.objective must be 'ce' or 'margin'")
 
     def build(self):
         """The ``ccdist_plugin.attacks.PGD`` object this describes."""

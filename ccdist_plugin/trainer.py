@@ -1,0 +1,589 @@
+"""The training loop: PGD teachers and certified students (CC-Dist, CC-IBP, ...), one loop for all.
+
+The protocol (SPEC.md "Teacher" and "Student training") is configuration (:class:`TrainConfig`):
+
+- students: Shi et al. initialization (the model's constructor), ``warmup_epochs`` of clean
+  cross-entropy (clean batch statistics), then the loss at the smoothed per-batch ε_t of
+  :class:`~ccdist_plugin.schedules.EpsSchedule`; during the ramp the Shi et al. regularizer with
+  weight λ(1 − ε_t/ε) (bounds at ε = 1e-6 on ε_t = 0 batches); ℓ1 on Conv/Linear weights; Adam with
+  step decays; gradient-norm clipping;
+- teachers: the ``adversarial`` loss (PGD-10, step 0.25ε, random start), SGD with momentum and a
+  cyclic learning rate, no warm-up and no ramp.
+
+Any loss object ``loss(model, x, y, eps) -> LossOutput(loss, terms, stats)`` works, so a user can pass
+their own; the config's ``loss.method`` otherwise picks a registered one. Training data may be a
+``ccdist_plugin.data`` dataset (fast deterministic batches), a ``BatchIterator``, any torch
+``Dataset`` or ``DataLoader`` yielding ``(x, y)`` with x in pixel space [0, 1], or a tuple of tensors.
+
+Outputs in ``config.log.output_dir``: ``config.yaml`` (resolved), ``checkpoint.pt`` (atomic; every
+``checkpoint_every`` epochs and at the end), ``metrics.csv``/``metrics.jsonl`` (one row per epoch),
+``tensorboard/`` (when TensorBoard is installed) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ccdist_plugin.checkpoint import (
+    capture_rng_state,
+    check_resumable,
+    load_checkpoint,
+    load_model,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ccdist_plugin.config import TrainConfig
+from ccdist_plugin.models import CertifiedNet, check_compatible, create_model
+from ccdist_plugin.regularizers import (
+    ibp_preactivation_bounds,
+    l1_penalty,
+    normalized_input_box,
+    shi_regularizer,
+)
+from ccdist_plugin.schedules import EpsSchedule, LRSchedule
+
+__all__ = [
+    "Trainer",
+    "FitResult",
+    "NonFiniteLossError",
+    "train_teacher",
+    "build_model",
+    "load_data",
+    "resolve_device",
+    "prepare_teacher",
+    "build_loss",
+]
+
+log = logging.getLogger(__name__)
+
+#: ε used for the Shi regularizer's bounds on batches where the schedule gives ε_t = 0 (SPEC.md)
+REG_EPS_FLOOR = 1e-6
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and batch."""
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        model: the trained network (eval mode).
+        history: one dict of metrics per epoch.
+        run_dir: the output directory.
+        checkpoint: path of the final checkpoint.
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available else cpu; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(config: TrainConfig):
+    """``ccdist_plugin.data.load_dataset`` for ``config.data`` (returns its ``Datasets``)."""
+    from ccdist_plugin.data import load_dataset
+
+    return load_dataset(config.data.name, **config.data.load_kwargs())
+
+
+def build_model(config: TrainConfig, spec) -> CertifiedNet:
+    """The network of ``config.model`` for a dataset spec (input shape, classes, normalization)."""
+    c, h, _ = spec.input_shape
+    return create_model(
+        config.model.name,
+        in_channels=c,
+        input_size=h,
+        num_classes=spec.num_classes,
+        mean=list(spec.mean),
+        std=list(spec.std),
+        **config.model.constructor_kwargs(),
+    )
+
+
+def prepare_teacher(
+    teacher: nn.Module | str | Path, student: nn.Module, device: torch.device
+) -> CertifiedNet:
+    """Load (when a path), check against the student (``check_compatible``), move, eval mode, freeze."""
+    if isinstance(teacher, (str, Path)):
+        teacher = load_model(teacher, map_location="cpu")
+    check_compatible(teacher, student)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def build_loss(config: TrainConfig, teacher: nn.Module | None = None):
+    """The loss object named by ``config.loss.method`` (``ccdist_plugin.losses.make_loss``).
+
+    Only the arguments the loss's constructor accepts are passed among teacher, alpha, beta and
+    attack; ``config.loss.options`` are passed as given.
+    """
+    from ccdist_plugin import losses
+
+    method = config.loss.method
+    known = losses.list_losses()
+    if method not in known:
+        import difflib
+
+        close = difflib.get_close_matches(method, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown loss.method {method!r}{hint} (available: {', '.join(known)})")
+    candidates: dict[str, Any] = {
+        "teacher": teacher,
+        "alpha": config.loss.alpha,
+        "attack": config.loss.attack.build(),
+    }
+    if config.loss.beta is not None:
+        candidates["beta"] = config.loss.beta
+    accepted = _accepted_kwargs(losses, method)
+    kwargs = {k: v for k, v in candidates.items() if accepted is None or k in accepted}
+    if "teacher" in kwargs and teacher is None:
+        kwargs.pop("teacher")
+    kwargs.update(config.loss.options)
+    loss = losses.make_loss(method, **kwargs)
+    if getattr(loss, "needs_teacher", False) and teacher is None:
+        raise ValueError(
+            f"loss.method {method!r} distils from a teacher: pass teacher= to Trainer, --teacher CKPT to "
+            "`ccdist train`, or set teacher.checkpoint"
+        )
+    return loss
+
+
+def _accepted_kwargs(losses_module, method: str) -> set[str] | None:
+    registry = getattr(losses_module, "LOSSES", None) or getattr(losses_module, "_REGISTRY", None)
+    if not isinstance(registry, dict) or method not in registry:
+        return None
+    params = inspect.signature(registry[method]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+class _Batches:
+    """Deterministic per-epoch batches over whatever the user passed."""
+
+    def __init__(self, data: Any, batch_size: int, shuffle: bool, augment: bool, seed: int, device):
+        from ccdist_plugin.data import ArrayDataset, BatchIterator
+
+        self.device = device
+        self.fingerprint: str | None = None
+        self._loader = None
+        self._dataset = None
+        self._iterator = None
+        if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            data = TensorDataset(*data)
+        if isinstance(data, ArrayDataset):
+            self.fingerprint = data.fingerprint()
+            self._iterator = BatchIterator(data, batch_size, shuffle, augment, seed, False, device)
+        elif isinstance(data, BatchIterator):
+            self.fingerprint = data.dataset.fingerprint()
+            self._iterator = data
+        elif isinstance(data, DataLoader):
+            self._loader = data
+        elif isinstance(data, Dataset):
+            self._dataset = data
+        else:
+            raise ValueError(
+                f"training data must be a ccdist_plugin.data dataset, a BatchIterator, a torch Dataset or "
+                f"DataLoader, or an (x, y) tuple of tensors; got {type(data).__name__}"
+            )
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+
+    def __len__(self) -> int:
+        if self._iterator is not None:
+            return len(self._iterator)
+        if self._loader is not None:
+            return len(self._loader)
+        return math.ceil(len(self._dataset) / self.batch_size)
+
+    def epoch(self, epoch: int):
+        if self._iterator is not None:
+            self._iterator.set_epoch(epoch)
+            source = self._iterator
+        elif self._loader is not None:
+            source = self._loader
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            source = DataLoader(self._dataset, self.batch_size, shuffle=self.shuffle, generator=gen)
+        for x, y in source:
+            yield x.to(self.device), y.to(self.device)
+
+
+def _validation_tensors(data: Any, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first ``size`` examples of a validation set as (x, y) tensors (None when no data)."""
+    if data is None or size <= 0:
+        return None
+    from ccdist_plugin.data import ArrayDataset, BatchIterator
+
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0][:size], data[1][:size]
+    if isinstance(data, BatchIterator):
+        data = data.dataset
+    if isinstance(data, ArrayDataset):
+        x, y = data.uint8_batch(np.arange(min(size, len(data))))
+        return torch.from_numpy(x).float().div_(data.scale), torch.from_numpy(y)
+    source = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=256, shuffle=False)
+    xs, ys, n = [], [], 0
+    for x, y in source:
+        xs.append(x)
+        ys.append(y)
+        n += x.shape[0]
+        if n >= size:
+            break
+    if not xs:
+        return None
+    return torch.cat(xs)[:size], torch.cat(ys)[:size]
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Train ``model`` with ``config`` (SPEC.md protocol); see the module docstring.
+
+    Args:
+        model: a :class:`CertifiedNet` (already Shi-initialized by its constructor).
+        config: the run's :class:`TrainConfig`.
+        teacher: a teacher network or checkpoint path, for distillation losses (default:
+            ``config.teacher.checkpoint``). It is checked against the student, put in eval mode and frozen.
+        loss: any callable ``loss(model, x, y, eps) -> LossOutput`` (default: ``config.loss.method``).
+
+    Example::
+
+        trainer = Trainer(create_model("cnn3", in_channels=1, input_size=8), load_preset("digits"))
+        result = trainer.fit(data.train, data.test)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        teacher: nn.Module | str | Path | None = None,
+        loss: Any = None,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        if teacher is None and config.teacher.checkpoint:
+            teacher = config.teacher.checkpoint
+        self.teacher = None if teacher is None else prepare_teacher(teacher, self.model, self.device)
+        self.loss = loss if loss is not None else build_loss(config, self.teacher)
+        self.run_dir = Path(config.log.output_dir)
+        self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+
+    # ----------------------------------------------------------------------------------- public
+    def fit(self, train_data: Any, val_data: Any = None, resume: bool | str | Path = False) -> FitResult:
+        """Train for ``config.schedule.epochs`` epochs.
+
+        Args:
+            train_data: training examples (see module docstring), x in pixel space [0, 1].
+            val_data: optional validation examples for the per-epoch clean / IBP-certified accuracy
+                (the first ``config.log.val_size``).
+            resume: ``True`` to continue from ``<output_dir>/checkpoint.pt``, or a checkpoint path. The
+                checkpoint must come from the same config (apart from logging/device) and dataset.
+
+        Raises:
+            NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+        """
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        import random
+
+        random.seed(cfg.seed)
+        batches = _Batches(train_data, cfg.optim.batch_size, True, cfg.data.augment, cfg.seed, self.device)
+        nb = len(batches)
+        if nb == 0:
+            raise ValueError("training data is empty")
+        eps_schedule = EpsSchedule(
+            cfg.eps,
+            cfg.schedule.warmup_epochs,
+            cfg.schedule.ramp_up_epochs,
+            nb,
+            cfg.schedule.eps_mid,
+            cfg.schedule.eps_beta,
+        )
+        lr_schedule = LRSchedule(
+            cfg.optim.lr_schedule,
+            cfg.optim.lr,
+            cfg.schedule.epochs,
+            nb,
+            tuple(cfg.optim.lr_decay_epochs),
+            cfg.optim.lr_decay_factor,
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optim.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            )
+        val = _validation_tensors(val_data, cfg.log.val_size)
+
+        start_epoch, global_step, history = 0, 0, []
+        if resume:
+            path = self.checkpoint_path if resume is True else Path(resume)
+            payload = load_checkpoint(path, map_location=self.device)
+            check_resumable(payload, cfg, batches.fingerprint)
+            self.model.load_state_dict(payload["model_state"])
+            optimizer.load_state_dict(payload["optimizer_state"])
+            start_epoch, global_step = int(payload["epoch"]), int(payload["global_step"])
+            history = list(payload.get("history", []))
+            restore_rng_state(payload["rng"])
+            log.info("resumed from %s after epoch %d", path, start_epoch)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(self.run_dir / "config.yaml")
+        self._write_metrics(history)
+        writer = self._tensorboard()
+        show = cfg.log.progress and sys.stderr.isatty()
+        try:
+            for epoch in range(start_epoch, cfg.schedule.epochs):
+                row, global_step = self._train_epoch(
+                    epoch, batches, nb, eps_schedule, lr_schedule, optimizer, global_step, show
+                )
+                row.update(self._validate(val))
+                history.append(row)
+                self._write_metrics(history)
+                if writer is not None:
+                    for key, value in row.items():
+                        if isinstance(value, (int, float)) and key != "epoch":
+                            writer.add_scalar(key, value, epoch + 1)
+                log.info("epoch %d/%d: %s", epoch + 1, cfg.schedule.epochs, _fmt(row))
+                last = epoch + 1 == cfg.schedule.epochs
+                if last or (epoch + 1) % cfg.log.checkpoint_every == 0:
+                    self._save(optimizer, epoch + 1, global_step, history, batches.fingerprint)
+        finally:
+            if writer is not None:
+                writer.close()
+        if cfg.log.plot:
+            self._plot(history)
+        self.model.eval()
+        return FitResult(self.model, history, self.run_dir, self.checkpoint_path)
+
+    # ---------------------------------------------------------------------------------- internals
+    def _train_epoch(self, epoch, batches, nb, eps_schedule, lr_schedule, optimizer, global_step, show):
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        phase = eps_schedule.phase(epoch)
+        sums: dict[str, float] = {}
+        n_seen, correct, eps_t, lr = 0, 0, 0.0, 0.0
+        start = time.perf_counter()
+        bar = tqdm(total=nb, disable=not show, leave=False, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
+        for b, (x, y) in enumerate(batches.epoch(epoch)):
+            lr = lr_schedule(epoch, b)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            eps_t = eps_schedule(epoch, b)
+            self.model.train()
+            total, terms, logits = self._batch_loss(x, y, phase, eps_t)
+            if not torch.isfinite(total):
+                detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({float(total)}) at epoch {epoch + 1}/{cfg.schedule.epochs}, "
+                    f"batch {b + 1}/{nb} (eps_t={eps_t:.6g}, lr={lr:.3g}; terms: {detail}); stopping. "
+                    f"The last good checkpoint is kept at {self.checkpoint_path}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            global_step += 1
+            bs = x.shape[0]
+            n_seen += bs
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value * bs
+            if logits is not None:
+                correct += int((logits.argmax(1) == y).sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", eps=f"{eps_t:.4g}")
+        bar.close()
+        row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "eps": eps_t, "lr": lr}
+        row.update({f"train_{k}": v / max(n_seen, 1) for k, v in sums.items()})
+        if phase == "warmup":
+            row["train_clean_acc"] = correct / max(n_seen, 1)
+        row["time_s"] = time.perf_counter() - start
+        return row, global_step
+
+    def _batch_loss(self, x, y, phase, eps_t):
+        cfg = self.config
+        terms: dict[str, float] = {}
+        logits = None
+        if phase == "warmup":
+            logits = self.model(x)
+            total = F.cross_entropy(logits, y)
+            terms["clean_ce"] = float(total.detach())
+        else:
+            out = self.loss(self.model, x, y, eps_t)
+            total = out.loss
+            for key, value in (out.terms or {}).items():
+                terms[key] = float(torch.as_tensor(value).detach().float().mean())
+            if phase == "ramp" and cfg.optim.shi_lambda > 0:
+                stats = out.stats or {}
+                bounds = stats.get("preact_bounds") if eps_t > 0 else None
+                if bounds:
+                    box = normalized_input_box(self.model, x, eps_t)
+                else:
+                    bounds, box = ibp_preactivation_bounds(self.model, x, max(eps_t, REG_EPS_FLOOR))
+                reg = shi_regularizer(bounds, box[0], box[1], cfg.optim.shi_tau)
+                weight = cfg.optim.shi_lambda * (1.0 - eps_t / cfg.eps)
+                total = total + weight * reg.total
+                terms["shi_tightness"] = float(reg.tightness.detach())
+                terms["shi_relu"] = float(reg.relu_balance.detach())
+        if cfg.optim.l1 > 0:
+            l1 = l1_penalty(self.model)
+            total = total + cfg.optim.l1 * l1
+            terms["l1_norm"] = float(l1.detach())
+        terms["loss"] = float(total.detach())
+        return total, terms, logits
+
+    @torch.no_grad()
+    def _validate(self, val) -> dict[str, float]:
+        if val is None:
+            return {}
+        from ccdist_plugin.bounds import certify
+
+        x, y = val[0].to(self.device), val[1].to(self.device)
+        self.model.eval()
+        clean = float(
+            sum((self.model(x[s : s + 512]).argmax(1) == y[s : s + 512]).sum() for s in range(0, len(x), 512))
+        )
+        result = certify(self.model, x, y, self.config.eps, method="ibp")
+        return {
+            "val_clean_acc": clean / len(x),
+            "val_ibp_cert_acc": float(result.certified.float().mean()),
+            "val_size": len(x),
+        }
+
+    def _save(self, optimizer, epochs_done: int, global_step: int, history, fingerprint) -> None:
+        model = self.model
+        payload = {
+            "role": self.config.role,
+            "arch": dict(getattr(model, "arch", {})),
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "epoch": epochs_done,
+            "global_step": global_step,
+            "config": self.config.to_dict(),
+            "dataset_fingerprint": fingerprint,
+            "rng": capture_rng_state(),
+            "history": history,
+        }
+        save_checkpoint(self.checkpoint_path, payload)
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "w") as fh:
+            for row in history:
+                fh.write(json.dumps(row) + "\n")
+        keys: list[str] = []
+        for row in history:
+            keys += [k for k in row if k not in keys]
+        with open(self.run_dir / "metrics.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+
+    def _tensorboard(self):
+        if not self.config.log.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.debug("TensorBoard is not installed; skipping its logs")
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _plot(self, history: list[dict[str, Any]]) -> None:
+        if not history:
+            return
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            log.debug("matplotlib is not installed; no curves.png")
+            return
+        fig = Figure(figsize=(12, 3.5))
+        FigureCanvasAgg(fig)
+        epochs = [r["epoch"] for r in history]
+        ax = fig.add_subplot(1, 3, 1)
+        for key in sorted(
+            {k for r in history for k in r if k.startswith("train_") and not k.endswith("acc")}
+        ):
+            ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key[6:])
+        ax.set_xlabel("epoch")
+        ax.set_yscale("symlog")
+        ax.set_title("training loss terms")
+        ax.legend(fontsize=6)
+        ax = fig.add_subplot(1, 3, 2)
+        for key in ("val_clean_acc", "val_ibp_cert_acc", "train_clean_acc"):
+            if any(key in r for r in history):
+                ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.set_title("accuracy")
+        ax.legend(fontsize=6)
+        ax = fig.add_subplot(1, 3, 3)
+        ax.plot(epochs, [r["eps"] for r in history], label="ε (end of epoch)")
+        ax.set_xlabel("epoch")
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [r["lr"] for r in history], color="tab:red", label="lr")
+        ax.set_title("ε and lr (red)")
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "curves.png", dpi=100)
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def train_teacher(
+    model: nn.Module,
+    config: TrainConfig,
+    train_data: Any,
+    val_data: Any = None,
+    resume: bool | str | Path = False,
+) -> FitResult:
+    """PGD adversarial training of a teacher (SPEC.md "Teacher"), e.g. with the ``cifar10-2-teacher`` preset.
+
+    The config should use ``loss.method: adversarial`` (PGD-10, step 0.25ε, random start), SGD with
+    momentum 0.9 and the cyclic lr; a config with ``role: student`` is refused.
+    """
+    if config.role != "teacher":
+        raise ValueError(
+            f"train_teacher needs a teacher config (role: teacher), got role {config.role!r}; "
+            "use a '-teacher' preset such as cifar10-2-teacher"
+        )
+    return Trainer(model, config).fit(train_data, val_data, resume=resume)
