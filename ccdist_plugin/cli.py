@@ -144,3 +144,8 @@ def demo_command(output_dir: str, quiet: bool, seed: int) -> None:
 
 
 # Commands defined by other areas: one registration line each.
+from ccdist_plugin.export import export_command  # noqa: E402
+from ccdist_plugin.verify import verify_command  # noqa: E402
+
+main.add_command(export_command)
+main.add_command(verify_command)
