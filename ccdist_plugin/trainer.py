@@ -412,7 +412,8 @@ class Trainer:
             if not torch.isfinite(total):
                 detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
-                    f"non-finite training loss ({float(total)}) at epoch {epoch + 1}/{cfg.schedule.epochs}, "
+                    f"non-finite training loss ({float(total.detach())}) at epoch "
+                    f"{epoch + 1}/{cfg.schedule.epochs}, "
                     f"batch {b + 1}/{nb} (eps_t={eps_t:.6g}, lr={lr:.3g}; terms: {detail}); stopping. "
                     f"The last good checkpoint is kept at {self.checkpoint_path}"
                 )

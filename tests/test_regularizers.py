@@ -67,16 +67,16 @@ def test_shi_regularizer_is_differentiable_and_finite():
 def test_l1_penalty_weights_only():
     model = cnn3(1, 8, 10, width=16, channels=(4, 4))
     expected = sum(
-        float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
     )
-    assert float(l1_penalty(model)) == pytest.approx(expected, rel=1e-5)
+    assert float(l1_penalty(model).detach()) == pytest.approx(expected, rel=1e-5)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 m.weight.fill_(100.0)
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.bias.fill_(100.0)
-    assert float(l1_penalty(model)) == pytest.approx(expected, rel=1e-5)
+    assert float(l1_penalty(model).detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_preactivation_bounds_contain_sampled_preactivations():

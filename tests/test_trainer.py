@@ -1,0 +1,287 @@
+"""Trainer: outputs, exact resume, atomic checkpoints, NaN handling, teachers, one short run per method."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ccdist_plugin.checkpoint as ckpt_module
+from ccdist_plugin.bounds import margin_lower_bound
+from ccdist_plugin.checkpoint import load_checkpoint, load_model, save_checkpoint
+from ccdist_plugin.config import TrainConfig
+from ccdist_plugin.models import cnn3
+from ccdist_plugin.trainer import NonFiniteLossError, Trainer, build_model, train_teacher
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pytest.importorskip("sklearn")
+    from ccdist_plugin.data import load_dataset
+
+    data = load_dataset("digits")
+    return SimpleNamespace(
+        train=data.train.subset(np.arange(256)), test=data.test.subset(np.arange(64)), spec=data.spec
+    )
+
+
+def _cfg(tmp_path, *overrides: str) -> TrainConfig:
+    base = [
+        "device=cpu",
+        "eps=0.05",
+        "data.name=digits",
+        "model.name=cnn3",
+        "model.width=16",
+        "model.channels=[4, 8]",
+        "schedule.epochs=3",
+        "schedule.warmup_epochs=1",
+        "schedule.ramp_up_epochs=1",
+        "optim.batch_size=64",
+        "optim.lr=1e-3",
+        "optim.lr_decay_epochs=[2]",
+        "optim.l1=1e-5",
+        "log.val_size=64",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.plot=false",
+        f"log.output_dir={tmp_path / 'run'}",
+    ]
+    return TrainConfig().override(base + list(overrides))
+
+
+class StubIBPLoss:
+    """A user-defined loss: CE of the negated IBP margin bounds, on a randomly perturbed input (so that
+    the run consumes the global RNG, as attacks with random starts do)."""
+
+    needs_teacher = False
+
+    def __init__(self, fail_at: int | None = None, exc: type[BaseException] = KeyboardInterrupt, nan_at=None):
+        self.calls, self.fail_at, self.exc, self.nan_at = 0, fail_at, exc, nan_at
+
+    def __call__(self, model, x, y, eps):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise self.exc("interrupted")
+        x_noisy = (x + 0.01 * torch.rand_like(x)).clamp(0, 1)
+        z_lb = margin_lower_bound(model, x_noisy, y, eps)
+        loss = F.cross_entropy(-z_lb, y)
+        if self.nan_at is not None and self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return SimpleNamespace(loss=loss, terms={"ibp_ce": loss.detach()}, stats={})
+
+
+def _model(spec, seed=0):
+    torch.manual_seed(seed)
+    return cnn3(1, 8, 10, width=16, channels=(4, 8), mean=list(spec.mean), std=list(spec.std))
+
+
+def test_fit_writes_run_outputs(digits, tmp_path):
+    cfg = _cfg(tmp_path, "log.plot=true")
+    model = build_model(cfg, digits.spec)
+    result = Trainer(model, cfg, loss=StubIBPLoss()).fit(digits.train, digits.test)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "checkpoint.pt", "metrics.csv", "metrics.jsonl", "curves.png"):
+        assert (run / name).is_file(), name
+    assert TrainConfig.from_yaml(run / "config.yaml") == cfg
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["phase"] for r in rows] == [
+        "warmup",
+        "ramp",
+        "constant",
+    ]
+    assert rows[0]["eps"] == 0.0 and rows[1]["eps"] == pytest.approx(0.05) and rows[2]["eps"] == 0.05
+    assert rows[2]["lr"] == pytest.approx(2e-4)  # decayed x0.2 at epoch index 2
+    assert "train_clean_ce" in rows[0] and "train_ibp_ce" in rows[1]
+    assert (
+        "train_shi_tightness" in rows[1] and "train_shi_tightness" not in rows[2]
+    )  # regularizer only in ramp
+    for r in rows:
+        assert {"val_clean_acc", "val_ibp_cert_acc", "time_s", "lr", "train_loss"} <= set(r)
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "eps", "lr", "val_ibp_cert_acc"} <= set(header)
+    loaded = load_model(run / "checkpoint.pt")
+    x, _ = digits.test.tensors()
+    assert torch.equal(loaded(x), result.model.eval()(x))
+    payload = load_checkpoint(run / "checkpoint.pt")
+    assert payload["epoch"] == 3 and payload["dataset_fingerprint"] == digits.train.fingerprint()
+    assert {"torch", "numpy", "python"} <= set(payload["rng"]) and payload["optimizer_state"]["state"]
+
+
+def test_fit_accepts_plain_tensors_and_datasets(digits, tmp_path):
+    x, y = digits.train.tensors()
+    cfg = _cfg(tmp_path, "schedule.epochs=2")
+    r1 = Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x, y), digits.test.tensors())
+    r2 = Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit(torch.utils.data.TensorDataset(x, y))
+    assert len(r1.history) == len(r2.history) == 2
+    assert "val_ibp_cert_acc" in r1.history[-1] and "val_ibp_cert_acc" not in r2.history[-1]
+
+
+def test_resume_is_bit_identical(digits, tmp_path):
+    cfg_a = _cfg(tmp_path / "a")
+    full = Trainer(_model(digits.spec), cfg_a, loss=StubIBPLoss()).fit(digits.train, digits.test)
+
+    cfg_b = _cfg(tmp_path / "b")
+    batches = -(-len(digits.train) // 64)
+    # interrupted in the middle of epoch 3 (the loss is first called in epoch 2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_model(digits.spec), cfg_b, loss=StubIBPLoss(fail_at=batches + 2)).fit(
+            digits.train, digits.test
+        )
+    assert load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["epoch"] == 2
+    torch.manual_seed(123)  # the resumed process starts from another RNG state and another init
+    resumed = Trainer(_model(digits.spec, seed=7), cfg_b, loss=StubIBPLoss()).fit(
+        digits.train, digits.test, resume=True
+    )
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
+
+
+def test_resume_refuses_another_config(digits, tmp_path):
+    cfg = _cfg(tmp_path, "schedule.epochs=2")
+    Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit(digits.train)
+    other = cfg.override(["optim.l1=0.001", "log.val_size=5"])  # log.* may differ, l1 may not
+    with pytest.raises(ValueError, match=r"different config.*optim\.l1: 1e-05 != 0\.001"):
+        Trainer(_model(digits.spec), other, loss=StubIBPLoss()).fit(digits.train, resume=True)
+    with pytest.raises(ValueError, match="different dataset"):
+        Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit(
+            digits.train.subset(np.arange(128)), resume=True
+        )
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1, "value": torch.arange(3)})
+
+    def broken_save(obj, fh, *args, **kwargs):
+        fh.write(b"partial garbage")
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", broken_save)
+    with pytest.raises(OSError, match="injected"):
+        save_checkpoint(path, {"epoch": 2, "value": torch.arange(5)})
+    monkeypatch.undo()
+    payload = load_checkpoint(path)
+    assert payload["epoch"] == 1 and torch.equal(payload["value"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
+    cfg = _cfg(tmp_path)
+    loss = StubIBPLoss(nan_at=2)  # epoch 2, batch 2
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2/3, batch 2/4"):
+        Trainer(_model(digits.spec), cfg, loss=loss).fit(digits.train)
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert payload["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in payload["model_state"].values() if v.is_floating_point())
+
+
+def test_teacher_is_checked_loaded_and_frozen(digits, tmp_path):
+    cfg = _cfg(tmp_path, "schedule.epochs=1", "schedule.ramp_up_epochs=0")
+    student = _model(digits.spec)
+    wide = cnn3(1, 8, 10, width=32, channels=(4, 8))
+    with pytest.raises(ValueError, match="feature width: teacher 32 vs student 16"):
+        Trainer(student, cfg, teacher=wide, loss=StubIBPLoss())
+    other_norm = cnn3(1, 8, 10, width=16, channels=(4, 8), mean=[0.3], std=[0.2])
+    with pytest.raises(ValueError, match="normalization"):
+        Trainer(student, cfg, teacher=other_norm, loss=StubIBPLoss())
+    Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit(digits.train)
+    teacher_path = tmp_path / "run" / "checkpoint.pt"
+    trainer = Trainer(
+        student, cfg.override([f"log.output_dir={tmp_path / 's'}"]), teacher=teacher_path, loss=StubIBPLoss()
+    )
+    assert not trainer.teacher.training
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    with pytest.raises(ValueError, match="does not exist"):
+        Trainer(student, cfg, teacher=tmp_path / "missing.pt", loss=StubIBPLoss())
+
+
+def test_train_teacher_needs_teacher_config(digits, tmp_path):
+    with pytest.raises(ValueError, match="role: teacher"):
+        train_teacher(_model(digits.spec), _cfg(tmp_path), digits.train)
+
+
+# ------------------------------------------------------------------------------- registered losses
+
+
+def _losses_available() -> bool:
+    try:
+        import ccdist_plugin.attacks  # noqa: F401
+        import ccdist_plugin.losses  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_losses = pytest.mark.skipif(not _losses_available(), reason="ccdist_plugin.losses not available yet")
+
+METHODS = ["cc_dist", "cc_ibp", "ibp", "adversarial", "mtl_ibp", "exp_ibp", "sabr"]
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(digits, tmp_path_factory):
+    if not _losses_available():
+        pytest.skip("ccdist_plugin.losses not available yet")
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = _cfg(
+        tmp,
+        "role=teacher",
+        "loss.method=adversarial",
+        "loss.attack.steps=3",
+        "loss.attack.step_size_rel=0.5",
+        "schedule.warmup_epochs=0",
+        "schedule.ramp_up_epochs=0",
+        "schedule.epochs=2",
+        "optim.optimizer=sgd",
+        "optim.lr=0.05",
+        "optim.lr_schedule=cyclic",
+        "optim.shi_lambda=0",
+    )
+    return train_teacher(_model(digits.spec), cfg, digits.train).checkpoint
+
+
+@needs_losses
+@pytest.mark.parametrize("method", METHODS)
+def test_short_run_per_method_reduces_loss_and_certifies(method, digits, digits_teacher, tmp_path):
+    from ccdist_plugin.losses import list_losses
+
+    if method not in list_losses():
+        pytest.skip(f"loss {method!r} is not registered")
+    cfg = _cfg(
+        tmp_path,
+        f"loss.method={method}",
+        "loss.alpha=0.5",
+        "eps=0.02",
+        "schedule.epochs=4",
+        "schedule.warmup_epochs=0",
+        "schedule.ramp_up_epochs=0",
+        "optim.lr=3e-3",
+        "optim.lr_decay_epochs=[]",
+        "log.val_size=64",
+    )
+    teacher = digits_teacher if method == "cc_dist" else None
+    result = Trainer(_model(digits.spec), cfg, teacher=teacher).fit(digits.train, digits.test)
+    losses_per_epoch = [r["train_loss"] for r in result.history]
+    assert losses_per_epoch[-1] < losses_per_epoch[0], losses_per_epoch
+    if method != "adversarial":
+        assert result.history[-1]["val_ibp_cert_acc"] > 0.0
+    else:
+        assert result.history[-1]["val_clean_acc"] > 0.3
+
+
+@needs_losses
+def test_distillation_without_teacher_is_an_error(digits, tmp_path):
+    with pytest.raises(ValueError, match="teacher"):
+        Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=cc_dist"))
