@@ -17,6 +17,7 @@ Other areas register their own commands at the bottom of this file, one
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def _resolve(config: str, overrides: tuple[str, ...], quiet: bool, output_dir: s
 def _run(cfg: TrainConfig, teacher: str | None, resume: bool) -> None:
     from ccdist_plugin.trainer import Trainer, build_model, load_data
 
+    if teacher is not None:  # recorded in the run's config.yaml (and checked on --resume)
+        cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher)))
     data = load_data(cfg)
     model = build_model(cfg, data.spec)
     val = data.val if data.val is not None else data.test
@@ -85,7 +88,7 @@ def presets_command() -> None:
 
     for name in list_presets():
         first = (_preset_dir() / f"{name}.yaml").read_text().splitlines()[0]
-        note = first.lstrip("# ").strip() if first.startswith("#") else ""
+        note = first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
         click.echo(f"{name:24s} {note}")
 
 

@@ -403,6 +403,11 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(total=nb, disable=not show, leave=False, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         for b, (x, y) in enumerate(batches.epoch(epoch)):
+            if (
+                x.shape[0] < 2
+            ):  # BatchNorm cannot train on one example; only a final remainder can be this small
+                log.info("skipping a final batch of %d example(s) in epoch %d", x.shape[0], epoch + 1)
+                continue
             lr = lr_schedule(epoch, b)
             for group in optimizer.param_groups:
                 group["lr"] = lr
