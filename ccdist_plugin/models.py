@@ -105,7 +105,9 @@ class CertifiedNet(nn.Module):
         return nn.Sequential(*list(self.features)[1:], self.head)
 
 
-def _normalize_layer(in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalize:
+def _normalize_layer(
+    in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> Normalize:
     mean = [0.0] * in_channels if mean is None else list(mean)
     std = [1.0] * in_channels if std is None else list(std)
     if len(mean) != in_channels or len(std) != in_channels:
@@ -159,13 +161,28 @@ def cnn7(
     layers: list[nn.Module] = [_normalize_layer(in_channels, mean, std)]
     c_in, size = in_channels, input_size
     for c_out, stride in zip(channels, strides, strict=True):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), _activation(activation)]
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+            nn.BatchNorm2d(c_out),
+            _activation(activation),
+        ]
         c_in, size = c_out, _conv_out(size, 3, stride, 1)
-    layers += [nn.Flatten(), nn.Linear(c_in * size * size, width), nn.BatchNorm1d(width), _activation(activation)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(c_in * size * size, width),
+        nn.BatchNorm1d(width),
+        _activation(activation),
+    ]
     arch = dict(
-        name="cnn7", in_channels=in_channels, input_size=input_size, num_classes=num_classes, width=width,
-        mean=None if mean is None else list(mean), std=None if std is None else list(std),
-        activation=activation, channels=list(channels),
+        name="cnn7",
+        in_channels=in_channels,
+        input_size=input_size,
+        num_classes=num_classes,
+        width=width,
+        mean=None if mean is None else list(mean),
+        std=None if std is None else list(std),
+        activation=activation,
+        channels=list(channels),
     )
     return _finish(layers, width, num_classes, (in_channels, input_size, input_size), arch, init)
 
@@ -199,9 +216,16 @@ def cnn3(
     layers += [nn.BatchNorm1d(width)] if batch_norm else []
     layers += [_activation(activation)]
     arch = dict(
-        name="cnn3", in_channels=in_channels, input_size=input_size, num_classes=num_classes, width=width,
-        mean=None if mean is None else list(mean), std=None if std is None else list(std),
-        activation=activation, channels=list(channels), batch_norm=batch_norm,
+        name="cnn3",
+        in_channels=in_channels,
+        input_size=input_size,
+        num_classes=num_classes,
+        width=width,
+        mean=None if mean is None else list(mean),
+        std=None if std is None else list(std),
+        activation=activation,
+        channels=list(channels),
+        batch_norm=batch_norm,
     )
     return _finish(layers, width, num_classes, (in_channels, input_size, input_size), arch, init)
 
@@ -229,9 +253,16 @@ def mlp(
         layers += [_activation(activation)]
         d_in = width
     arch = dict(
-        name="mlp", in_channels=in_channels, input_size=input_size, num_classes=num_classes, width=width,
-        depth=depth, mean=None if mean is None else list(mean), std=None if std is None else list(std),
-        activation=activation, batch_norm=batch_norm,
+        name="mlp",
+        in_channels=in_channels,
+        input_size=input_size,
+        num_classes=num_classes,
+        width=width,
+        depth=depth,
+        mean=None if mean is None else list(mean),
+        std=None if std is None else list(std),
+        activation=activation,
+        batch_norm=batch_norm,
     )
     return _finish(layers, width, num_classes, (in_channels, input_size, input_size), arch, init)
 

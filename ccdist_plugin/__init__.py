@@ -1,0 +1,95 @@
+"""ccdist_plugin: certified training with distillation (CC-Dist) for the auto_LiRPA / α,β-CROWN ecosystem.
+
+Where things are:
+- ``models``: certifiable networks (``features`` + affine ``head``, normalization inside).
+- ``bounds``: IBP, last-layer elision, CROWN, float-safe ``certify``.
+- ``attacks``: ℓ∞ PGD.
+- ``losses``: CC-Dist, CC-IBP and the other expressive losses, as drop-in objects.
+- ``trainer`` / ``config`` / ``schedules`` / ``regularizers`` / ``checkpoint``: the training protocol.
+- ``data``: dataset loaders and augmentation.
+- ``export`` / ``verify``: ONNX + VNN-LIB and α,β-CROWN.
+- ``evaluation``: metrics and reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ccdist_plugin.attacks import PGD, pgd_attack
+from ccdist_plugin.bounds import (
+    certify,
+    crown_margin_lower_bound,
+    feature_bounds,
+    input_box,
+    interval_bounds,
+    margin_lower_bound,
+)
+from ccdist_plugin.losses import (
+    AdversarialLoss,
+    CCDist0Loss,
+    CCDist1Loss,
+    CCDistLoss,
+    CCIBPLoss,
+    CrossEntropyLoss,
+    ExpIBPLoss,
+    IBPLoss,
+    LogitDistLoss,
+    MTLIBPLoss,
+    SABRLoss,
+    distillation_term,
+    list_losses,
+    make_loss,
+)
+from ccdist_plugin.models import CertifiedNet, check_compatible, cnn3, cnn7, create_model, list_models, mlp
+
+__version__ = "0.1.0"
+
+# Heavier submodules load on first use, so `import ccdist_plugin` stays quick.
+_LAZY = {
+    "Trainer": "ccdist_plugin.trainer",
+    "train_teacher": "ccdist_plugin.trainer",
+    "TrainConfig": "ccdist_plugin.config",
+    "load_preset": "ccdist_plugin.config",
+    "list_presets": "ccdist_plugin.config",
+    "load_model": "ccdist_plugin.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ccdist_plugin' has no attribute {name!r}")
+
+
+__all__ = [
+    "PGD",
+    "pgd_attack",
+    "certify",
+    "crown_margin_lower_bound",
+    "feature_bounds",
+    "input_box",
+    "interval_bounds",
+    "margin_lower_bound",
+    "AdversarialLoss",
+    "CCDist0Loss",
+    "CCDist1Loss",
+    "CCDistLoss",
+    "CCIBPLoss",
+    "CrossEntropyLoss",
+    "ExpIBPLoss",
+    "IBPLoss",
+    "LogitDistLoss",
+    "MTLIBPLoss",
+    "SABRLoss",
+    "distillation_term",
+    "list_losses",
+    "make_loss",
+    "CertifiedNet",
+    "check_compatible",
+    "cnn3",
+    "cnn7",
+    "create_model",
+    "list_models",
+    "mlp",
+    *_LAZY,
+]

@@ -1,0 +1,626 @@
+"""Sound bounds on a network's outputs over the ℓ∞ ball ∩ [0, 1]: IBP, last-layer elision, CROWN.
+
+Everything here is a pure function of a module and tensors, batch-first, in pixel space.
+
+- :func:`input_box` — the threat model's box.
+- :func:`interval_bounds` / :func:`propagate_intervals` — interval bound propagation (IBP,
+  Gowal et al. 2018; appendix A of the paper) in centre/radius form: an affine layer maps
+  (c, r) to (W c + b, |W| r); a monotone activation maps [l, u] to [σ(l), σ(u)]. BatchNorm is an
+  affine per-channel map with the statistics the forward pass uses (train mode: the reference
+  batch; eval mode: the running statistics), its scale's sign handled by |scale|.
+- :func:`feature_bounds`, :func:`elided_margin_lower_bound`, :func:`margin_lower_bound` —
+  bounds on the features h(x′) and on the logit differences z = f_y − f_j, with the difference
+  folded into the head (equation 10 of the paper).
+- :func:`crown_margin_lower_bound` — CROWN back-substitution (Zhang et al. 2018) for evaluation,
+  optionally through auto_LiRPA (``backend="auto_lirpa"``) as the reference implementation.
+- :func:`certify` — float-safe certified decisions (float64).
+
+An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound is never returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ccdist_plugin.models import CertifiedNet, Normalize
+
+__all__ = [
+    "UnsupportedLayerError",
+    "input_box",
+    "IntervalPropagation",
+    "propagate_intervals",
+    "interval_bounds",
+    "feature_bounds",
+    "elision_matrix",
+    "elided_margin_lower_bound",
+    "margin_lower_bound",
+    "crown_margin_lower_bound",
+    "CertifyResult",
+    "certify",
+    "flat_layers",
+]
+
+_MONOTONE = (nn.ReLU, nn.Tanh)
+_PASSTHROUGH = (nn.Identity, nn.Dropout)
+
+
+class UnsupportedLayerError(TypeError):
+    """Raised when a bound is asked for through a layer this module cannot bound soundly."""
+
+
+# --------------------------------------------------------------------------------------------
+# The threat model
+# --------------------------------------------------------------------------------------------
+
+
+def _eps_tensor(eps: float | Tensor, x: Tensor) -> Tensor:
+    """ε as a tensor broadcastable against ``x`` (scalar, or one value per example)."""
+    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if eps_t.ndim == 1:
+        if eps_t.shape[0] != x.shape[0]:
+            raise ValueError(f"eps has {eps_t.shape[0]} entries but the batch has {x.shape[0]} examples")
+        eps_t = eps_t.view(-1, *([1] * (x.ndim - 1)))
+    elif eps_t.ndim != 0:
+        raise ValueError(f"eps must be a scalar or a (B,) tensor, got shape {tuple(eps_t.shape)}")
+    if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps_t
+
+
+def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The ℓ∞ ball of radius ``eps`` around ``x`` intersected with the pixel box [0, 1].
+
+    Args:
+        x: (B, ...) inputs in pixel space [0, 1].
+        eps: radius in pixel units, a float or a (B,) tensor.
+
+    Returns:
+        ``(lo, hi)`` with ``lo = max(x − ε, 0)`` and ``hi = min(x + ε, 1)``.
+
+    >>> lo, hi = input_box(torch.tensor([[0.0, 0.5, 1.0]]), 0.1)
+    >>> lo.tolist(), hi.tolist()
+    ([[0.0, 0.4000000059604645, 0.8999999761581543]], [[0.10000000149011612, 0.6000000238418579, 1.0]])
+    """
+    if not torch.is_floating_point(x):
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+        raise ValueError(
+            f"x must lie in pixel space [0, 1] (got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
+            "normalization belongs inside the model (Normalize)"
+        )
+    eps_t = _eps_tensor(eps, x)
+    return (x - eps_t).clamp(0.0, 1.0), (x + eps_t).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Interval bound propagation
+# --------------------------------------------------------------------------------------------
+
+
+def flat_layers(module: nn.Module) -> list[nn.Module]:
+    """The leaf layers of a (possibly nested) ``nn.Sequential`` / :class:`CertifiedNet`, in order."""
+    if isinstance(module, CertifiedNet):
+        return flat_layers(module.features) + [module.head]
+    if isinstance(module, nn.Sequential):
+        out: list[nn.Module] = []
+        for child in module:
+            out += flat_layers(child)
+        return out
+    return [module]
+
+
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) of a BatchNorm as the forward pass applies it.
+
+    Train mode (or no running statistics): the mean and biased variance of ``stats_input``
+    over all but the channel dimension, exactly as ``F.batch_norm`` normalizes.
+    Eval mode: the running statistics.
+    """
+    use_batch_stats = bn.training or bn.running_mean is None
+    if use_batch_stats:
+        if stats_input is None:
+            raise ValueError("BatchNorm in train mode needs a reference batch for its statistics")
+        dims = [d for d in range(stats_input.ndim) if d != 1]
+        mean = stats_input.mean(dim=dims)
+        var = stats_input.var(dim=dims, unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _channel_view(v: Tensor, ndim: int) -> Tensor:
+    return v.view(1, -1, *([1] * (ndim - 2)))
+
+
+@dataclass
+class IntervalPropagation:
+    """Result of :func:`propagate_intervals`.
+
+    Attributes:
+        lower, upper: bounds on the output.
+        value: the module's output on the reference batch (None when no reference was given).
+        preact_bounds: (lower, upper) of the input of every activation, in order (for the
+            Shi et al. regularizer and for CROWN's relaxations).
+        layer_bounds: (lower, upper) after every layer, when ``keep_all`` was set.
+        channel_affine: layer index → per-channel (scale, shift) of every BatchNorm and
+            Normalize layer as this pass applied it, when ``keep_all`` was set.
+    """
+
+    lower: Tensor
+    upper: Tensor
+    value: Tensor | None = None
+    preact_bounds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    layer_bounds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    channel_affine: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _affine(layer: nn.Module, x: Tensor, weight: Tensor | None = None, bias: bool = True) -> Tensor:
+    w = layer.weight if weight is None else weight
+    b = layer.bias if bias else None
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def propagate_intervals(
+    module: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    reference: Tensor | None = None,
+    keep_all: bool = False,
+    update_running_stats: bool = False,
+) -> IntervalPropagation:
+    """IBP through ``module``, optionally running the forward pass of a reference batch alongside.
+
+    The reference (e.g. the adversarial batch in training) goes through each layer, and the
+    intervals through a train-mode BatchNorm use the reference's batch statistics. With
+    ``update_running_stats`` the reference goes through each BatchNorm's own ``forward``, which
+    also updates its running statistics exactly as ``module(reference)`` would (what a training
+    step wants); otherwise nothing in ``module`` is modified. This is how CC-IBP/CC-Dist get the adversarial output and the
+    IBP bounds in one pass (SPEC.md, "BatchNorm during training"). Without a reference, a
+    train-mode BatchNorm uses the statistics of the box centre.
+
+    Args:
+        module: a layer, ``nn.Sequential`` or :class:`CertifiedNet`.
+        lower, upper: (B, ...) input bounds with ``lower <= upper``.
+        reference: optional (B′, ...) batch propagated by the plain forward pass.
+        keep_all: also return the bounds after every layer and the BatchNorm affine maps.
+        update_running_stats: see above.
+    """
+    if lower.shape != upper.shape:
+        raise ValueError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
+    centre = (upper + lower) / 2
+    radius = (upper - lower) / 2
+    if bool((radius < 0).any()):
+        raise ValueError("lower > upper somewhere: not a valid box")
+    value = reference
+    result = IntervalPropagation(lower, upper)
+    for index, layer in enumerate(flat_layers(module)):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            if value is not None:
+                value = layer(value)
+            centre = _affine(layer, centre)
+            radius = _affine(layer, radius, weight=layer.weight.abs(), bias=False)
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            scale, shift = _bn_scale_shift(layer, value if value is not None else centre)
+            if value is not None:
+                if update_running_stats:
+                    value = layer(value)
+                else:
+                    value = value * _channel_view(scale, value.ndim) + _channel_view(shift, value.ndim)
+            centre = centre * _channel_view(scale, centre.ndim) + _channel_view(shift, centre.ndim)
+            radius = radius * _channel_view(scale.abs(), radius.ndim)
+            if keep_all:
+                result.channel_affine[index] = (scale, shift)
+        elif isinstance(layer, Normalize):
+            if value is not None:
+                value = layer(value)
+            centre = layer(centre)
+            radius = radius / layer.std.abs()
+            if keep_all:
+                result.channel_affine[index] = (
+                    (1 / layer.std).flatten(),
+                    (-layer.mean / layer.std).flatten(),
+                )
+        elif isinstance(layer, _MONOTONE):
+            lb, ub = centre - radius, centre + radius
+            result.preact_bounds.append((lb, ub))
+            if value is not None:
+                value = layer(value)
+            lb, ub = layer(lb), layer(ub)
+            centre, radius = (ub + lb) / 2, (ub - lb) / 2
+        elif isinstance(layer, nn.Flatten):
+            if value is not None:
+                value = layer(value)
+            centre, radius = layer(centre), layer(radius)
+        elif isinstance(layer, nn.AvgPool2d):
+            # A non-negative linear map: the centre maps through it, so does the radius.
+            if value is not None:
+                value = layer(value)
+            centre, radius = layer(centre), layer(radius)
+        elif isinstance(layer, _PASSTHROUGH) and not (isinstance(layer, nn.Dropout) and layer.training):
+            pass
+        else:
+            raise UnsupportedLayerError(
+                f"no sound interval bound for layer {layer!r}: supported are Linear, Conv2d, BatchNorm1d/2d, "
+                "ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity and Dropout in eval mode"
+            )
+        if keep_all:
+            result.layer_bounds.append((centre - radius, centre + radius))
+    result.lower, result.upper, result.value = centre - radius, centre + radius, value
+    return result
+
+
+def interval_bounds(
+    module: nn.Module, lower: Tensor, upper: Tensor, reference: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """IBP bounds ``(lb, ub)`` on ``module``'s output over the box [lower, upper].
+
+    A train-mode BatchNorm uses the batch statistics of ``reference`` when given (the batch the
+    forward pass sees), else of the box centre; an eval-mode one its running statistics.
+    """
+    out = propagate_intervals(module, lower, upper, reference=reference)
+    return out.lower, out.upper
+
+
+def _as_certified_net(model: nn.Module) -> CertifiedNet:
+    if not isinstance(model, CertifiedNet):
+        raise ValueError(
+            f"expected a CertifiedNet (features + affine head), got {type(model).__name__}; build models with "
+            "ccdist_plugin.models"
+        )
+    return model
+
+
+def _check_input(model: CertifiedNet, x: Tensor) -> None:
+    if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not match the model's input shape (B, {model.input_shape})"
+        )
+
+
+def _check_labels(model: CertifiedNet, x: Tensor, y: Tensor) -> None:
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]} inputs")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+        raise ValueError(f"labels must lie in [0, {model.num_classes}); got [{int(y.min())}, {int(y.max())}]")
+
+
+def feature_bounds(
+    model: CertifiedNet, x: Tensor, eps: float | Tensor, reference: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """IBP bounds ``(h_lb, h_ub)``, each (B, w), on the features h(x′) for x′ in the ball.
+
+    In train mode, BatchNorm uses the batch statistics of ``reference`` (default: ``x``, as
+    auto_LiRPA does when given the clean batch).
+    """
+    model = _as_certified_net(model)
+    _check_input(model, x)
+    lo, hi = input_box(x, eps)
+    return interval_bounds(model.features, lo, hi, reference=x if reference is None else reference)
+
+
+def elision_matrix(head: nn.Linear, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The head folded with the logit-difference operator: W̃ = (e_y 1ᵀ − I) W, b̃ likewise.
+
+    Returns:
+        ``(W̃, b̃)`` of shapes (B, k, w) and (B, k); row y is zero.
+    """
+    w, b = head.weight, head.bias
+    w_diff = w[y].unsqueeze(1) - w.unsqueeze(0)
+    b_diff = (b[y].unsqueeze(1) - b.unsqueeze(0)) if b is not None else w_diff.new_zeros(w_diff.shape[:2])
+    return w_diff, b_diff
+
+
+def elided_margin_lower_bound(head: nn.Linear, h_lb: Tensor, h_ub: Tensor, y: Tensor) -> Tensor:
+    """Equation 10: z_lb = [W̃]₊ h_lb + [W̃]₋ h_ub + b̃, shape (B, k), entry y is 0.
+
+    With (h_lb, h_ub) replaced by the CC combinations (lo(α), hi(α)) this is also the CC-IBP
+    logit difference z_cc(α) (Lemma 3.3).
+    """
+    w_diff, b_diff = elision_matrix(head, y)
+    pos, neg = w_diff.clamp(min=0), w_diff.clamp(max=0)
+    return (
+        torch.bmm(pos, h_lb.unsqueeze(-1)).squeeze(-1)
+        + torch.bmm(neg, h_ub.unsqueeze(-1)).squeeze(-1)
+        + b_diff
+    )
+
+
+def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+    """IBP lower bounds (B, k) on z_j = f_y(x′) − f_j(x′) over the ball, with last-layer elision."""
+    model = _as_certified_net(model)
+    _check_labels(model, x, y)
+    h_lb, h_ub = feature_bounds(model, x, eps)
+    return elided_margin_lower_bound(model.head, h_lb, h_ub, y)
+
+
+# --------------------------------------------------------------------------------------------
+# CROWN
+# --------------------------------------------------------------------------------------------
+
+
+def _input_shapes(layers: list[nn.Module], x: Tensor) -> list[torch.Size]:
+    """Shape (without batch) of the input of every layer, from a one-example forward pass."""
+    shapes = []
+    with torch.no_grad():
+        v = x[:1]
+        for layer in layers:
+            shapes.append(v.shape[1:])
+            v = layer(v)
+    return shapes
+
+
+def _backward(
+    layers: list[nn.Module],
+    shapes: list[torch.Size],
+    preact: dict[int, tuple[Tensor, Tensor]],
+    a: Tensor,
+    bias: Tensor,
+    bn_affine: dict[int, tuple[Tensor, Tensor]],
+    lo: Tensor,
+    hi: Tensor,
+) -> Tensor:
+    """Lower bound of ``a · layers(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
+
+    ``a`` is (B, m, *output shape) and ``bias`` (B, m); ``preact[i]`` are the bounds of the input
+    of activation layer i. Returns (B, m).
+    """
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        b, m = a.shape[:2]
+        if isinstance(layer, nn.Linear):
+            if layer.bias is not None:
+                bias = bias + a @ layer.bias
+            a = a @ layer.weight
+        elif isinstance(layer, nn.Conv2d):
+            if layer.bias is not None:
+                bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
+            in_shape = shapes[i]
+            flat = a.reshape(b * m, *a.shape[2:])
+            out_h = (
+                (flat.shape[-2] - 1) * layer.stride[0]
+                - 2 * layer.padding[0]
+                + layer.dilation[0] * (layer.kernel_size[0] - 1)
+                + 1
+            )
+            out_w = (
+                (flat.shape[-1] - 1) * layer.stride[1]
+                - 2 * layer.padding[1]
+                + layer.dilation[1] * (layer.kernel_size[1] - 1)
+                + 1
+            )
+            pad = (in_shape[-2] - out_h, in_shape[-1] - out_w)
+            flat = F.conv_transpose2d(
+                flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups, layer.dilation
+            )
+            a = flat.reshape(b, m, *in_shape)
+        elif isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
+            scale, shift = bn_affine[i]
+            view = (1, 1, -1) + (1,) * (a.ndim - 3)
+            bias = bias + (a * shift.view(view)).flatten(2).sum(-1)
+            a = a * scale.view(view)
+        elif isinstance(layer, nn.ReLU):
+            l, u = preact[i]
+            l, u = l.unsqueeze(1), u.unsqueeze(1)
+            active, inactive = l >= 0, u <= 0
+            unstable = ~(active | inactive)
+            denom = torch.where(unstable, u - l, torch.ones_like(u))
+            up_slope = torch.where(
+                active, torch.ones_like(u), torch.where(unstable, u / denom, torch.zeros_like(u))
+            )
+            up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
+            low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
+            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+            bias = bias + (a_neg * up_icpt).flatten(2).sum(-1)
+            a = a_pos * low_slope + a_neg * up_slope
+        elif isinstance(layer, nn.Flatten):
+            a = a.reshape(b, m, *shapes[i])
+        elif isinstance(layer, _PASSTHROUGH):
+            pass
+        else:
+            raise UnsupportedLayerError(
+                f"native CROWN does not support {layer!r}; use method='ibp' or backend='auto_lirpa'"
+            )
+    a_flat = a.flatten(2)
+    centre = ((hi + lo) / 2).flatten(1).unsqueeze(-1)
+    radius = ((hi - lo) / 2).flatten(1).unsqueeze(-1)
+    return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
+
+
+@torch.no_grad()  # evaluation only (SPEC.md: CROWN is not used in training); keeps memory flat
+def _native_crown(
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    max_crown_neurons: int,
+    chunk: int,
+) -> Tensor:
+    layers = flat_layers(model.features)
+    lo, hi = input_box(x, eps)
+    ibp = propagate_intervals(model.features, lo, hi, reference=x, keep_all=True)
+    shapes = _input_shapes(layers, x)
+    bn_affine = ibp.channel_affine
+    preact: dict[int, tuple[Tensor, Tensor]] = {}
+    seen_activation = False
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Tanh):
+            raise UnsupportedLayerError(
+                "native CROWN supports ReLU networks; use backend='auto_lirpa' for tanh"
+            )
+        if not isinstance(layer, nn.ReLU):
+            continue
+        l, u = ibp.layer_bounds[i - 1] if i > 0 else (lo, hi)
+        n = l[0].numel()
+        # Before the first activation the network is affine and IBP is exact per neuron.
+        if intermediate == "crown" and seen_activation and n <= max_crown_neurons:
+            bsz = x.shape[0]
+            lows, ups = [], []
+            eye = torch.eye(n, dtype=x.dtype, device=x.device)
+            for s in range(0, n, chunk):
+                rows = eye[s : s + chunk].reshape(-1, *l.shape[1:])
+                spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
+                bound = _backward(
+                    layers[:i], shapes, preact, spec, x.new_zeros(bsz, spec.shape[1]), bn_affine, lo, hi
+                )
+                half = rows.shape[0]
+                lows.append(bound[:, :half])
+                ups.append(-bound[:, half:])
+            l = torch.maximum(l, torch.cat(lows, 1).view_as(l))
+            u = torch.minimum(u, torch.cat(ups, 1).view_as(u))
+        preact[i] = (l, u)
+        seen_activation = True
+    w_diff, b_diff = elision_matrix(model.head, y)
+    return _backward(layers, shapes, preact, w_diff, b_diff, bn_affine, lo, hi)
+
+
+def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
+    try:
+        from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "backend='auto_lirpa' needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
+            "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
+        ) from exc
+    lo, hi = input_box(x, eps)
+    # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
+    # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
+    net = copy.deepcopy(model)
+    bounded = BoundedModule(net, x, device=x.device, verbose=False)
+    bounded.train(model.training)
+    bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
+    eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
+    ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)
+    k = model.num_classes
+    eye = torch.eye(k, dtype=x.dtype, device=x.device)
+    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y - e_j
+    lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False)
+    return lb
+
+
+def crown_margin_lower_bound(
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str = "crown",
+    backend: str = "native",
+    max_crown_neurons: int = 2048,
+    chunk: int = 512,
+) -> Tensor:
+    """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
+
+    Args:
+        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained.
+            ``"ibp"``: from IBP (CROWN-IBP, Zhang et al. 2020). ``"crown"``: by back-substitution
+            for every layer with at most ``max_crown_neurons`` neurons (intersected with IBP, so
+            never looser), IBP for larger layers (convolutions of CIFAR-size networks would need
+            gigabytes per example) — for full CROWN everywhere use ``backend="auto_lirpa"``.
+        backend: ``"native"`` (this module, ReLU networks) or ``"auto_lirpa"`` (auto_LiRPA's
+            ``compute_bounds(method="CROWN")`` with the elision matrix as C).
+        chunk: neurons bounded per back-substitution batch (memory knob).
+
+    The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
+    u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
+    without autograd (the result carries no gradient).
+    """
+    model = _as_certified_net(model)
+    _check_input(model, x)
+    _check_labels(model, x, y)
+    if intermediate not in ("crown", "ibp"):
+        raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
+    if backend == "auto_lirpa":
+        return _auto_lirpa_margin(model, x, y, eps, "CROWN" if intermediate == "crown" else "CROWN-IBP")
+    if backend != "native":
+        raise ValueError(f"backend must be 'native' or 'auto_lirpa', got {backend!r}")
+    return _native_crown(model, x, y, eps, intermediate, max_crown_neurons, chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# Certified decisions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CertifyResult:
+    """Outcome of :func:`certify` for a batch.
+
+    Attributes:
+        margin_lb: (B, k) float64 lower bounds of z_j = f_y − f_j (entry y is +inf here, so that
+            ``margin_lb > tol`` reads as "difference j is proved").
+        certified: (B,) bool: every j ≠ y proved and the clean prediction is y.
+        correct: (B,) bool: the clean prediction is y.
+    """
+
+    margin_lb: Tensor
+    certified: Tensor
+    correct: Tensor
+
+    def proved(self, tol: float = 0.0) -> Tensor:
+        """(B, k) bool: which logit differences are proved positive."""
+        return self.margin_lb > tol
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+@torch.no_grad()
+def certify(
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    method: str = "ibp",
+    tol: float = 1e-6,
+    batch_size: int = 256,
+    **crown_kwargs,
+) -> CertifyResult:
+    """Certified decisions for the deployed (eval-mode) network, float-safe.
+
+    The bounds are computed in float64 on a float64 copy of the network (the original is not
+    touched), so that rounding cannot turn an uncertified point into a certified one; a logit
+    difference counts as proved only when its float64 lower bound exceeds ``tol`` (default
+    1e-6, far above float64 rounding of these sums). This certifies the network in exact
+    arithmetic, as α,β-CROWN does.
+
+    Args:
+        method: ``"ibp"`` or ``"crown"`` (extra keyword arguments go to
+            :func:`crown_margin_lower_bound`).
+    """
+    model = _as_certified_net(model)
+    _check_input(model, x)
+    _check_labels(model, x, y)
+    if method not in ("ibp", "crown"):
+        raise ValueError(f"method must be 'ibp' or 'crown', got {method!r}")
+    net = copy.deepcopy(model).double().eval()
+    x64, eps64 = x.double(), eps.double() if isinstance(eps, Tensor) else float(eps)
+    parts, correct = [], []
+    for sl in _batches(x.shape[0], batch_size):
+        e = eps64[sl] if isinstance(eps64, Tensor) and eps64.ndim == 1 else eps64
+        if method == "ibp":
+            lb = margin_lower_bound(net, x64[sl], y[sl], e)
+        else:
+            lb = crown_margin_lower_bound(net, x64[sl], y[sl], e, **crown_kwargs).double()
+        parts.append(lb)
+        correct.append(net(x64[sl]).argmax(1) == y[sl])
+    margin = torch.cat(parts) if parts else x64.new_zeros(0, model.num_classes)
+    margin = margin.scatter(1, y.view(-1, 1), float("inf"))
+    correct_t = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    certified = (margin > tol).all(1) & correct_t
+    return CertifyResult(margin_lb=margin, certified=certified, correct=correct_t)
