@@ -196,7 +196,8 @@ def test_documented_command_runs(tmp_path, name):
         model = cnn3(3, 32, 3, width=16, channels=(4, 8), mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
         eps = 0.001
     model.eval()
-    x = torch.rand(2, *model.input_shape)
+    n = 2 if name == "digits" else 1  # the CIFAR template's attack alone takes ~10 s a point on CPU
+    x = torch.rand(n, *model.input_shape)
     y = model(x).argmax(1)  # correct by construction
     export_dir = tmp_path / "export"
     export_instances(
@@ -211,5 +212,5 @@ def test_documented_command_runs(tmp_path, name):
     with open(export_dir / "abcrown_results.pkl", "rb") as f:
         results = pickle.load(f)
     labels = [r[0] for r in results["results"]]
-    assert len(labels) == 2
+    assert len(labels) == n
     assert all(label.startswith("safe") for label in labels), labels  # tiny ε: robust
