@@ -121,8 +121,8 @@ class PGD:
     With ``eps_factor > 1`` (the 8-step, 2.1ε training attack of De Palma et al. 2024b) the
     adversarial point lies in the enlarged ball.
 
-    >>> PGD(steps=1, step_size=10.0)  # the one-step training attack of CC-IBP
-    PGD(steps=1, step_size=10.0, eps_factor=1.0, restarts=1, objective='ce', random_start=True, early_stop=False)
+    >>> PGD(steps=1, step_size=10.0).steps  # the one-step training attack of CC-IBP
+    1
     """
 
     steps: int = 10

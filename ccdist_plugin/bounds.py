@@ -188,9 +188,9 @@ def propagate_intervals(
     intervals through a train-mode BatchNorm use the reference's batch statistics. With
     ``update_running_stats`` the reference goes through each BatchNorm's own ``forward``, which
     also updates its running statistics exactly as ``module(reference)`` would (what a training
-    step wants); otherwise nothing in ``module`` is modified. This is how CC-IBP/CC-Dist get the adversarial output and the
-    IBP bounds in one pass (SPEC.md, "BatchNorm during training"). Without a reference, a
-    train-mode BatchNorm uses the statistics of the box centre.
+    step wants); otherwise nothing in ``module`` is modified. This is how CC-IBP/CC-Dist get the
+    adversarial output and the IBP bounds in one pass (SPEC.md, "BatchNorm during training").
+    Without a reference, a train-mode BatchNorm uses the statistics of the box centre.
 
     Args:
         module: a layer, ``nn.Sequential`` or :class:`CertifiedNet`.
@@ -278,8 +278,8 @@ def interval_bounds(
 def _as_certified_net(model: nn.Module) -> CertifiedNet:
     if not isinstance(model, CertifiedNet):
         raise ValueError(
-            f"expected a CertifiedNet (features + affine head), got {type(model).__name__}; build models with "
-            "ccdist_plugin.models"
+            f"expected a CertifiedNet (features + affine head), got {type(model).__name__}; "
+            "build models with ccdist_plugin.models"
         )
     return model
 
