@@ -2,6 +2,7 @@
 
     python -m ccdist_plugin.data measure cifar10-jpeg [--root DIR] [--epochs 1] [--batch-size 256]
     python -m ccdist_plugin.data synthetic-imagenet64 OUT_DIR [--train-images 128116] [--val-images 50000]
+    python -m ccdist_plugin.data synthetic-tinyimagenet OUT_DIR [--per-class 500] [--val-images 10000]
 
 ``measure`` prints one JSON object: load time, resident memory (total, anonymous, file-backed) before and
 after loading, the peak during loading, and the time of full augmented passes with :class:`BatchIterator`.
@@ -105,6 +106,33 @@ def synthetic_imagenet64(args: argparse.Namespace) -> dict:
     return {"out_dir": str(out), "bytes": written}
 
 
+def synthetic_tinyimagenet(args: argparse.Namespace) -> dict:
+    """A full-size ``tiny-imagenet-200`` folder of smooth random JPEGs (8x8 noise upsampled to 64x64)."""
+    from PIL import Image
+
+    base = Path(args.out_dir) / "tiny-imagenet-200"
+    rng = np.random.default_rng(0)
+    wnids = [f"n{i:08d}" for i in range(args.classes)]
+    (base / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+
+    def save(path: Path) -> None:
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        small.resize((64, 64), Image.BILINEAR).save(path, quality=90)
+
+    for wnid in wnids:
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(args.per_class):
+            save(folder / f"{wnid}_{i}.JPEG")
+    lines = []
+    for j in range(args.val_images):
+        save(base / "val" / "images" / f"val_{j}.JPEG")
+        lines.append(f"val_{j}.JPEG\t{wnids[j % len(wnids)]}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return {"out_dir": str(base), "train_images": len(wnids) * args.per_class, "val_images": args.val_images}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ccdist_plugin.data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,8 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train-images", type=int, default=128116, help="one real training batch holds 128116")
     s.add_argument("--val-images", type=int, default=50000)
     s.add_argument("--compressed", action="store_true", help="np.savez_compressed instead of np.savez")
+    t = sub.add_parser("synthetic-tinyimagenet", help="write a random tiny-imagenet-200 folder of JPEGs")
+    t.add_argument("out_dir")
+    t.add_argument("--classes", type=int, default=200)
+    t.add_argument("--per-class", type=int, default=500)
+    t.add_argument("--val-images", type=int, default=10000)
     args = parser.parse_args(argv)
-    result = measure(args) if args.command == "measure" else synthetic_imagenet64(args)
+    commands = {
+        "measure": measure,
+        "synthetic-imagenet64": synthetic_imagenet64,
+        "synthetic-tinyimagenet": synthetic_tinyimagenet,
+    }
+    result = commands[args.command](args)
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
