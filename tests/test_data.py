@@ -187,6 +187,16 @@ def test_cifar10_pickles(tmp_path, protocol):
     assert len(load_dataset("cifar10", tmp_path / "cifar-10-batches-py").train) == 40
 
 
+def test_cifar10_python2_era_pickles(tmp_path):
+    """The real batches were written by Python 2 / numpy 1 and name ``numpy.core.multiarray``."""
+    base = write_cifar(tmp_path, protocol=2)
+    for path in base.iterdir():
+        path.write_bytes(path.read_bytes().replace(b"cnumpy._core.", b"cnumpy.core."))
+    assert b"cnumpy.core.multiarray" in (base / "test_batch").read_bytes()
+    data = load_dataset("cifar10", tmp_path)
+    assert len(data.train) == 40 and data.train.images.dtype == np.uint8
+
+
 def test_cifar10_default_root_from_env(tmp_path, monkeypatch):
     write_cifar(tmp_path / "data")
     monkeypatch.setenv("CCDIST_DATA", str(tmp_path / "data"))
@@ -417,6 +427,7 @@ def test_val_split_is_stratified_disjoint_and_deterministic():
     other = load_dataset("digits", val_split=0.2, split_seed=6)
     assert not np.array_equal(other.val.rows, data.val.rows)
     assert len(load_dataset("digits", val_split=100).val) == 100
+    assert load_dataset("digits", val_split=0).val is None
     with pytest.raises(ValueError, match="val_split"):
         load_dataset("digits", val_split=1.5)
     with pytest.raises(ValueError, match="need 0 < n_val < n"):

@@ -159,7 +159,8 @@ def load_dataset(
         root: folder holding the data (the dataset's own folder or its parent, e.g. the folder containing
             ``cifar-10-batches-py``). None: search :func:`default_data_dirs`. Ignored for digits.
         val_split: carve a validation set from the training data: an int (number of examples) or a float
-            in (0, 1) (fraction). Stratified by class and deterministic given ``split_seed``.
+            in (0, 1) (fraction); None or 0: no validation set. Stratified by class and deterministic
+            given ``split_seed``.
         split_seed: seed of the validation split.
         **options: reader options: ``cache``/``cache_dir`` (tinyimagenet, imagenet64),
             ``train_file``/``test_file`` (cifar10-jpeg), ``test_size`` (digits).
@@ -182,7 +183,7 @@ def load_dataset(
     (train, test, classes), where = _read(name, root, options)
     spec = train.spec
     val = None
-    if val_split is not None:
+    if val_split is not None and not (isinstance(val_split, (int, float)) and val_split == 0):
         n = len(train)
         if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
             raise ValueError(f"val_split must be an int or a float, got {val_split!r}")
