@@ -5,7 +5,8 @@ Quick use::
     from ccdist_plugin.data import BatchIterator, load_dataset
 
     data = load_dataset("cifar10", root="~/datasets", val_split=1000)
-    model = cnn7(*data.spec.input_shape[:2], data.spec.num_classes, mean=data.spec.mean, std=data.spec.std)
+    spec = data.spec
+    model = cnn7(spec.in_channels, spec.input_size, spec.num_classes, mean=spec.mean, std=spec.std)
     train = BatchIterator(data.train, batch_size=128, shuffle=True, augment=True, seed=0)
     for epoch in range(epochs):
         train.set_epoch(epoch)

@@ -386,8 +386,15 @@ def _decompressed_member(path: Path, key: str, cache_dir: Path | None) -> Any:
     cache_file = cache_dir / f"imagenet64-{path.name.removesuffix('.npz')}-{digest[:16]}.npy"
     if cache_file.is_file():
         return open_npy(cache_file)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except OSError as err:
+        log.warning(
+            "imagenet64: cannot write cache in %s (%s); decompressing %s into memory", cache_dir, err, path
+        )
+        return _decompressed_member(path, key, None)
     log.info("imagenet64: decompressing %s once into %s", path, cache_file)
     try:
         with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as member:
