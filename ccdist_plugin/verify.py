@@ -354,6 +354,11 @@ def run_instance(
 
 def _append_record(path: Path, rec: InstanceResult) -> None:
     line = json.dumps(asdict(rec)) + "\n"
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line cut short by a kill: start a fresh one
+                line = "\n" + line
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

@@ -1,0 +1,334 @@
+"""ccdist verify: verdicts read back, hard wall-clock kill, resume, shards + merge, soundness alarms,
+the no-verifier path; and (marker ``abcrown``) the real α,β-CROWN on a small digits model.
+
+Most tests use a fake ``abcrown.py`` (a script in tmp_path) whose behaviour per VNN-LIB file is
+set in ``behaviour.json``: ``unsat`` / ``sat`` / ``timeout`` / ``garbage`` (written to the
+results file), ``crash`` (exit 1), ``hang`` (sleeps, with a child process, until killed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from ccdist_plugin.verify import (
+    VerificationResult,
+    find_abcrown,
+    merge_shards,
+    parse_shard,
+    run_verification,
+    summarize,
+)
+
+FAKE_ABCROWN = r"""
+import argparse, json, os, subprocess, sys, time
+p = argparse.ArgumentParser()
+for k in ("--config", "--onnx_path", "--vnnlib_path", "--results_file", "--timeout"):
+    p.add_argument(k)
+args, rest = p.parse_known_args()
+here = os.path.dirname(os.path.abspath(__file__))
+name = os.path.basename(args.vnnlib_path)
+with open(os.path.join(here, "calls.txt"), "a") as f:
+    f.write(" ".join([name, "timeout=" + str(args.timeout), *rest]) + "\n")
+b = json.load(open(os.path.join(here, "behaviour.json"))).get(name, "unsat")
+if b == "crash":
+    sys.exit(1)
+if b == "hang":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    open(os.path.join(here, "child.pid"), "w").write(str(child.pid))
+    time.sleep(120)
+with open(args.results_file, "w") as f:
+    f.write({"garbage": "I am not a verdict"}.get(b, b) + "\n")
+"""
+
+
+def make_fake_abcrown(root: Path, behaviour: dict[str, str]) -> Path:
+    d = root / "fake_abcrown"
+    d.mkdir(exist_ok=True)
+    (d / "abcrown.py").write_text(FAKE_ABCROWN)
+    (d / "behaviour.json").write_text(json.dumps(behaviour))
+    return d
+
+
+def calls(fake: Path) -> list[str]:
+    p = fake / "calls.txt"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def make_export(root: Path, outcomes: list[str], sent: list[bool] | None = None, **flags) -> Path:
+    """A synthetic export directory: one point per outcome; ``sent[i]``: point i has an instance
+    (default: only ``bab`` points). ``flags`` maps point positions to extra manifest fields."""
+    out = root / "export"
+    (out / "vnnlib").mkdir(parents=True)
+    sent = sent or [o == "bab" for o in outcomes]
+    points, rows = [], []
+    for i, outcome in enumerate(outcomes):
+        p = {
+            "index": 100 + i,
+            "label": i % 10,
+            "prediction": i % 10 if outcome != "misclassified" else (i + 1) % 10,
+            "correct": outcome != "misclassified",
+            "ibp_certified": outcome == "pre-certified",
+            "crown_certified": outcome == "pre-certified",
+            "pgd_broken": outcome == "attacked",
+            "outcome": outcome,
+            "instance": None,
+            "vnnlib": None,
+            "dropped": [],
+        }
+        p.update(flags.get(i, {}))
+        if sent[i]:
+            p["instance"], p["vnnlib"] = len(rows), f"vnnlib/point_{100 + i:06d}.vnnlib"
+            (out / p["vnnlib"]).write_text("; placeholder\n")
+            rows.append(f"model.onnx,{p['vnnlib']},5")
+        points.append(p)
+    (out / "model.onnx").write_bytes(b"")
+    (out / "instances.csv").write_text("".join(r + "\n" for r in rows))
+    (out / "abcrown.yaml").write_text("general:\n  device: cpu\n")
+    manifest = {"eps": 0.1, "timeout_s": 5.0, "methods": ["ibp", "crown"], "points": points}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts, hard limit, errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_verdicts_errors_and_hard_kill(tmp_path):
+    outcomes = ["bab"] * 6 + ["pre-certified", "misclassified", "attacked"]
+    export = make_export(tmp_path, outcomes)
+    behaviour = ["unsat", "sat", "timeout", "garbage", "crash", "hang"]
+    fake = make_fake_abcrown(tmp_path, {f"point_{100 + i:06d}.vnnlib": b for i, b in enumerate(behaviour)})
+    start = time.monotonic()
+    res = run_verification(export, abcrown_dir=fake, timeout_s=0.5, grace_s=2.0, python=sys.executable)
+    assert time.monotonic() - start < 100  # the hang was cut short (its sleep is 120 s)
+    by_index = {r["index"]: r for r in res.instances}
+    assert [by_index[100 + i]["verdict"] for i in range(6)] == [
+        "safe",
+        "unsafe",
+        "timeout",
+        "error",
+        "error",
+        "timeout",
+    ]
+    assert by_index[105]["killed"] and by_index[105]["returncode"] is None
+    assert "unreadable" in by_index[103]["detail"] and "status 1" in by_index[104]["detail"]
+    assert res.counts == {
+        "misclassified": 1, "pre-certified": 1, "attacked": 1,
+        "safe": 1, "unsafe": 1, "timeout": 2, "error": 2, "missing": 0,
+    }  # fmt: skip
+    assert res.certified == 2 and res.certified_accuracy == pytest.approx(2 / 9)
+    assert res.pgd_accuracy == pytest.approx((9 - 3) / 9)
+    assert not res.soundness_alarms
+    child = int((fake / "child.pid").read_text())
+    for _ in range(50):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child), "the hard limit must kill the whole process group"
+    assert all("timeout=0.5" in c for c in calls(fake))
+    saved = json.loads((export / "verification.json").read_text())
+    assert saved["certified"] == 2 and saved["counts"]["error"] == 2
+    table = (export / "verification.md").read_text()
+    assert "**certified accuracy** | **2** | **22.22**" in table and "IBP-certified" in table
+
+
+def test_resume_skips_done_and_retries_errors(tmp_path):
+    export = make_export(tmp_path, ["bab"] * 4)
+    fake = make_fake_abcrown(tmp_path, {"point_000101.vnnlib": "crash"})
+    run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert len(calls(fake)) == 4
+    res = run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert len(calls(fake)) == 4 and res.counts["safe"] == 3 and res.counts["error"] == 1
+    (fake / "behaviour.json").write_text("{}")
+    res = run_verification(export, abcrown_dir=fake, retry_errors=True, python=sys.executable)
+    assert len(calls(fake)) == 5 and calls(fake)[-1].startswith("point_000101")
+    assert res.counts["safe"] == 4 and res.counts["error"] == 0
+
+
+def test_cut_short_results_line_is_rerun(tmp_path):
+    export = make_export(tmp_path, ["bab"] * 2)
+    fake = make_fake_abcrown(tmp_path, {})
+    run_verification(export, abcrown_dir=fake, python=sys.executable)
+    results = export / "verify" / "results_all.jsonl"
+    lines = results.read_text().splitlines()
+    results.write_text(lines[0] + "\n" + lines[1][:20])  # a kill in the middle of a write
+    res = run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert len(calls(fake)) == 3 and res.counts["safe"] == 2
+
+
+def test_shards_and_merge_report_missing(tmp_path):
+    export = make_export(tmp_path, ["bab"] * 5 + ["pre-certified"])
+    fake = make_fake_abcrown(tmp_path, {})
+    r0 = run_verification(export, abcrown_dir=fake, shard="0/2", python=sys.executable)
+    assert (export / "verify" / "results_shard_0_of_2.jsonl").is_file()
+    assert (export / "verify" / "summary_shard_0_of_2.json").is_file()
+    assert not (export / "verification.json").exists()  # a shard does not claim the whole export
+    assert sorted(c.split()[0] for c in calls(fake)) == [f"point_{100 + i:06d}.vnnlib" for i in (0, 2, 4)]
+    assert r0.missing == [1, 3]
+    merged = merge_shards(export)  # shard 1 died: its instances are missing, not certified
+    assert merged.missing == [1, 3] and merged.counts["missing"] == 2 and merged.certified == 4
+    assert json.loads((export / "verification.json").read_text())["missing"] == [1, 3]
+    run_verification(export, abcrown_dir=fake, shard=(1, 2), python=sys.executable)
+    merged = merge_shards(export)
+    assert merged.missing == [] and merged.certified == 6 and merged.certified_accuracy == 1.0
+    assert len(merged.results_files) == 2
+
+
+def test_soundness_alarms(tmp_path, caplog):
+    outcomes = ["pre-certified", "attacked", "misclassified", "bab", "pre-certified"]
+    export = make_export(tmp_path, outcomes, sent=[True] * 5)
+    fake = make_fake_abcrown(
+        tmp_path,
+        {
+            "point_000100.vnnlib": "sat",  # our bounds certified it
+            "point_000101.vnnlib": "unsat",  # PGD broke it
+            "point_000102.vnnlib": "unsat",  # misclassified
+            "point_000103.vnnlib": "unsat",
+            "point_000104.vnnlib": "unsat",
+        },
+    )
+    with caplog.at_level(logging.ERROR, logger="ccdist_plugin.verify"):
+        res = run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert len(res.soundness_alarms) == 3
+    assert sum("SOUNDNESS ALARM" in r.getMessage() for r in caplog.records) == 3
+    assert res.certified == 2  # the alarmed pre-certified point is not counted
+    assert res.cross_checks == {"pre-certified->unsafe": 1, "pre-certified->safe": 1,
+                                "attacked->safe": 1, "misclassified->safe": 1}  # fmt: skip
+    saved = json.loads((export / "verification.json").read_text())
+    assert len(saved["soundness_alarms"]) == 3
+    assert "SOUNDNESS ALARMS (3)" in (export / "verification.md").read_text()
+    from ccdist_plugin.cli import main
+
+    cli = CliRunner().invoke(main, ["verify", "--export", str(export), "--abcrown", str(fake)])
+    assert cli.exit_code == 3 and "SOUNDNESS ALARM" in cli.output
+
+
+def test_conflicting_results_across_runs_raise_alarm(tmp_path):
+    export = make_export(tmp_path, ["bab"])
+    (export / "verify").mkdir()
+    rec = {"instance": 0, "index": 100, "verdict": "safe", "time_s": 1.0, "returncode": 0}
+    (export / "verify" / "results_shard_0_of_2.jsonl").write_text(json.dumps(rec) + "\n")
+    rec["verdict"] = "unsafe"
+    (export / "verify" / "results_all.jsonl").write_text(json.dumps(rec) + "\n")
+    res = summarize(export)
+    assert len(res.soundness_alarms) == 1 and "in one run" in res.soundness_alarms[0]
+
+
+def test_without_abcrown_reports_our_bounds(tmp_path, monkeypatch):
+    monkeypatch.delenv("ABCROWN_DIR", raising=False)
+    export = make_export(tmp_path, ["bab", "pre-certified", "attacked", "bab"])
+    res = run_verification(export)
+    assert not res.abcrown_ran and res.counts["missing"] == 2 and res.certified == 1
+    assert res.ibp_certified_accuracy == pytest.approx(
+        0.25
+    ) and res.crown_certified_accuracy == pytest.approx(0.25)
+    assert "install.sh" in res.message and "git clone" in res.message
+    assert json.loads((export / "verification.json").read_text())["abcrown_ran"] is False
+    from ccdist_plugin.cli import main
+
+    cli = CliRunner().invoke(main, ["verify", "--export", str(export)])
+    assert cli.exit_code == 2
+    assert "CROWN-certified" in cli.output and "install.sh" in cli.output
+
+
+def test_find_abcrown_and_parse_shard(tmp_path, monkeypatch):
+    (tmp_path / "complete_verifier").mkdir()
+    (tmp_path / "complete_verifier" / "abcrown.py").write_text("")
+    assert find_abcrown(tmp_path) == (tmp_path / "complete_verifier").resolve()
+    monkeypatch.setenv("ABCROWN_DIR", str(tmp_path / "complete_verifier"))
+    assert find_abcrown() == (tmp_path / "complete_verifier").resolve()
+    with pytest.raises(FileNotFoundError, match="install.sh"):
+        find_abcrown(tmp_path / "nowhere")
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+
+
+def test_not_an_export_dir(tmp_path):
+    with pytest.raises(ValueError, match="manifest.json"):
+        run_verification(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The real α,β-CROWN
+# --------------------------------------------------------------------------------------------
+
+
+def _abcrown_dir() -> str:
+    d = os.environ.get("ABCROWN_DIR")
+    if not d or not (Path(d) / "abcrown.py").is_file():
+        pytest.skip(
+            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (bash ../shared/vendor/install.sh)"
+        )
+    return d
+
+
+@pytest.mark.abcrown
+def test_real_abcrown_agrees_with_our_bounds_and_attacks(tmp_path):
+    """A small digits CNN trained for a few seconds, 10 test points, every one sent to α,β-CROWN
+    (``verify_all``) on CPU: no soundness alarm, no error, and BaB certifies at least what IBP does."""
+    abcrown = _abcrown_dir()
+    sk = pytest.importorskip("sklearn.datasets")
+    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.models import cnn3
+
+    d = sk.load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    torch.manual_seed(0)
+    model = cnn3(1, 8, 10, width=32, channels=(8, 16), batch_norm=False)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(6):
+            for b in torch.randperm(1500).split(100):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    export = export_instances(
+        model, (x[1500:], y[1500:]), tmp_path / "export", eps=0.03, count=10, timeout_s=30, verify_all=True
+    )
+    res = run_verification(
+        export.out_dir,
+        abcrown_dir=abcrown,
+        grace_s=60,
+        extra_args=["--pgd_restarts", "5", "--pgd_steps", "50"],
+    )
+    assert isinstance(res, VerificationResult) and res.abcrown_ran
+    assert not res.soundness_alarms, res.soundness_alarms
+    verdicts = {r["index"]: r["verdict"] for r in res.instances}
+    assert len(verdicts) == 10 and "error" not in verdicts.values(), res.instances
+    for p in export.points:
+        v = verdicts[p["index"]]
+        if p["outcome"] == "pre-certified" or p.get("ibp_certified") or p.get("crown_certified"):
+            assert v == "safe", p  # our bound proved it: α,β-CROWN must not disagree
+        if p["pgd_broken"] or not p["correct"]:
+            assert v != "safe", p
+    n_bab_safe = sum(v == "safe" for v in verdicts.values())
+    n_ibp = sum(bool(p["ibp_certified"]) for p in export.points)
+    assert n_bab_safe >= n_ibp and res.certified >= n_ibp
+    assert res.counts["missing"] == 0
