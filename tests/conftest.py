@@ -1,0 +1,69 @@
+"""Shared fixtures: small networks (random and briefly trained) and the digits data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccdist_plugin.models import cnn3, cnn7, mlp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def has_auto_lirpa() -> bool:
+    return importlib.util.find_spec("auto_LiRPA") is not None
+
+
+requires_auto_lirpa = pytest.mark.skipif(
+    not has_auto_lirpa(),
+    reason="auto_LiRPA is not installed (pip install from its git repository or ../shared/vendor/install.sh)",
+)
+
+
+def abcrown_dir() -> Path | None:
+    d = os.environ.get("ABCROWN_DIR")
+    return Path(d) if d and (Path(d) / "abcrown.py").exists() else None
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """sklearn's 8×8 digits in pixel space: (x (N,1,8,8) float32 in [0,1], y (N,) int64)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    return x, y
+
+
+def small_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """The architectures of the soundness sweep, at sizes that run in seconds on a CPU."""
+    torch.manual_seed(seed)
+    return {
+        "mlp": mlp(1, 8, 10, width=32, depth=2, batch_norm=True, mean=[0.3], std=[0.4]),
+        "cnn3": cnn3(1, 8, 10, width=32, channels=(8, 16), mean=[0.3], std=[0.4]),
+        "cnn7": cnn7(
+            3, 16, 10, width=32, channels=(4, 4, 8, 8, 8), mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]
+        ),
+    }
+
+
+def briefly_trained(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 30):
+    """A few CC-IBP steps so that the network is not a random one (BN statistics move too)."""
+    from ccdist_plugin.losses import CCIBPLoss
+
+    loss_fn = CCIBPLoss(alpha=0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (64,), generator=g)
+        out = loss_fn(model, x[idx], y[idx], eps)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model
