@@ -75,14 +75,20 @@ def sampled_margins(net: nn.Module, x, y, eps, n: int, seed: int = 0):
 def pgd_margins(net: nn.Module, x, y, eps):
     """z at PGD points attacking each class j ≠ y separately (margin objective on f_j − f_y)."""
     z_min = torch.full((x.shape[0], net.num_classes), float("inf"))
-    for j in range(net.num_classes):
-        # Attack the pairwise margin f_j − f_y through a two-logit wrapper.
-        class Pair(nn.Module):
-            def forward(self, v):
-                out = net(v)
-                return torch.stack([out.gather(1, y.view(-1, 1)).squeeze(1), out[:, j]], 1)
 
-        x_adv = pgd_attack(Pair(), x, torch.zeros_like(y), eps, steps=20, restarts=1, objective="margin")
+    class Pair(nn.Module):
+        """The two logits (f_y, f_j): PGD on its margin attacks the difference z_j."""
+
+        def __init__(self, j):
+            super().__init__()
+            self.j = j
+
+        def forward(self, v):
+            out = net(v)
+            return torch.stack([out.gather(1, y.view(-1, 1)).squeeze(1), out[:, self.j]], 1)
+
+    for j in range(net.num_classes):
+        x_adv = pgd_attack(Pair(j), x, torch.zeros_like(y), eps, steps=20, restarts=1, objective="margin")
         with torch.no_grad():
             out = net(x_adv)
         z_min[:, j] = torch.minimum(z_min[:, j], (out.gather(1, y.view(-1, 1)) - out)[:, j])
