@@ -137,12 +137,15 @@ def train_command(
 @click.option("--output-dir", default="runs/demo", show_default=True, help="where the three runs are written")
 @click.option("--quiet", is_flag=True, help="only print the final table")
 @click.option("--seed", default=0, show_default=True, help="seed of every run")
-def demo_command(output_dir: str, quiet: bool, seed: int) -> None:
+@click.option("--no-verify", is_flag=True, help="skip alpha,beta-CROWN even when ABCROWN_DIR is set")
+def demo_command(output_dir: str, quiet: bool, seed: int, no_verify: bool) -> None:
     """Quick start on sklearn's digits: PGD teacher, CC-IBP and CC-Dist students, one table (< 2 min)."""
     from ccdist_plugin.demo import run_demo
 
     _setup_logging(True)
-    result = run_demo(output_dir=output_dir, seed=seed, echo=None if quiet else click.echo)
+    result = run_demo(
+        output_dir=output_dir, seed=seed, echo=None if quiet else click.echo, verify=not no_verify
+    )
     click.echo(result.table())
 
 
