@@ -132,16 +132,17 @@ class AttackConfig:
 
     Attributes:
         steps: PGD iterations (1: single-step attack of CC-IBP, 8: the 2.1ε attack, 10: teachers).
-        step_size_rel: step size as a multiple of ε (10.0 for the 1-step attack, 0.25 otherwise).
-        eps_factor: the attack's ball is ``eps_factor`` × ε (2.1 for the enlarged-ball attack); the
-            result is projected back onto the ε-ball.
+        step_size: step size as a multiple of the attacked ball's radius ``eps_factor`` × ε (10.0 for
+            the 1-step attack, 0.25 otherwise; ``ccdist_plugin.attacks.PGD.step_size``).
+        eps_factor: the attack's ball is ``eps_factor`` × ε (2.1 for the enlarged-ball attack of
+            De Palma et al. 2024b; the adversarial point may then lie outside the ε-ball).
         restarts: random restarts.
         objective: ``ce`` (cross-entropy) or ``margin``.
         random_start: uniform random start in the ball.
     """
 
     steps: int = 1
-    step_size_rel: float = 10.0
+    step_size: float = 10.0
     eps_factor: float = 1.0
     restarts: int = 1
     objective: str = "ce"
@@ -149,7 +150,7 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, f"attack.steps must be >= 0, got {self.steps}")
-        _check(self.step_size_rel > 0, f"attack.step_size_rel must be > 0, got {self.step_size_rel}")
+        _check(self.step_size > 0, f"attack.step_size must be > 0, got {self.step_size}")
         _check(self.eps_factor >= 1.0, f"attack.eps_factor must be >= 1, got {self.eps_factor}")
         _check(self.restarts >= 1, f"attack.restarts must be >= 1, got {self.restarts}")
         _check(self.objective in ("ce", "margin"), "attack.objective must be 'ce' or 'margin'")
@@ -167,7 +168,7 @@ class LossConfig:
 
     Attributes:
         method: loss name, ``ccdist_plugin.losses.make_loss(method, ...)`` (``cc_dist``, ``cc_ibp``,
-            ``ibp``, ``adversarial`` for PGD teachers, ``mtl_ibp``, ``exp_ibp``, ``sabr``, ...).
+            ``ibp``, ``pgd_at`` for PGD teachers, ``mtl_ibp``, ``exp_ibp``, ``sabr``, ...).
         alpha: convex-combination coefficient α of CC-IBP / CC-Dist (and MTL-IBP, Exp-IBP).
         beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist).
         attack: the PGD attack inside the loss.

@@ -7,7 +7,7 @@ The protocol (SPEC.md "Teacher" and "Student training") is configuration (:class
   :class:`~ccdist_plugin.schedules.EpsSchedule`; during the ramp the Shi et al. regularizer with
   weight λ(1 − ε_t/ε) (bounds at ε = 1e-6 on ε_t = 0 batches); ℓ1 on Conv/Linear weights; Adam with
   step decays; gradient-norm clipping;
-- teachers: the ``adversarial`` loss (PGD-10, step 0.25ε, random start), SGD with momentum and a
+- teachers: the ``pgd_at`` loss (PGD-10, step 0.25ε, random start), SGD with momentum and a
   cyclic learning rate, no warm-up and no ramp.
 
 Any loss object ``loss(model, x, y, eps) -> LossOutput(loss, terms, stats)`` works, so a user can pass
@@ -141,48 +141,46 @@ def prepare_teacher(
 def build_loss(config: TrainConfig, teacher: nn.Module | None = None):
     """The loss object named by ``config.loss.method`` (``ccdist_plugin.losses.make_loss``).
 
-    Only the arguments the loss's constructor accepts are passed among teacher, alpha, beta and
-    attack; ``config.loss.options`` are passed as given.
+    Among teacher, alpha, beta and attack, only the arguments the loss's constructor takes are
+    passed (a teacher only when given, β only when set); ``config.loss.options`` are passed as given.
     """
+    import difflib
+
     from ccdist_plugin import losses
 
     method = config.loss.method
     known = losses.list_losses()
     if method not in known:
-        import difflib
-
         close = difflib.get_close_matches(method, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown loss.method {method!r}{hint} (available: {', '.join(known)})")
-    candidates: dict[str, Any] = {
-        "teacher": teacher,
-        "alpha": config.loss.alpha,
-        "attack": config.loss.attack.build(),
-    }
-    if config.loss.beta is not None:
-        candidates["beta"] = config.loss.beta
-    accepted = _accepted_kwargs(losses, method)
-    kwargs = {k: v for k, v in candidates.items() if accepted is None or k in accepted}
-    if "teacher" in kwargs and teacher is None:
-        kwargs.pop("teacher")
-    kwargs.update(config.loss.options)
-    loss = losses.make_loss(method, **kwargs)
-    if getattr(loss, "needs_teacher", False) and teacher is None:
+    params = inspect.signature(losses._LOSSES[method].__init__).parameters
+    teacher_param = params.get("teacher")
+    if teacher is None and teacher_param is not None and teacher_param.default is inspect.Parameter.empty:
         raise ValueError(
             f"loss.method {method!r} distils from a teacher: pass teacher= to Trainer, --teacher CKPT to "
             "`ccdist train`, or set teacher.checkpoint"
         )
-    return loss
-
-
-def _accepted_kwargs(losses_module, method: str) -> set[str] | None:
-    registry = getattr(losses_module, "LOSSES", None) or getattr(losses_module, "_REGISTRY", None)
-    if not isinstance(registry, dict) or method not in registry:
-        return None
-    params = inspect.signature(registry[method]).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
+    candidates: dict[str, Any] = {"alpha": config.loss.alpha, "attack": config.loss.attack.build()}
+    if teacher is not None:
+        candidates["teacher"] = teacher
+    if config.loss.beta is not None:
+        candidates["beta"] = config.loss.beta
+    kwargs = {k: v for k, v in candidates.items() if k in params}
+    if teacher is not None and "teacher" not in params:
+        log.warning("loss.method %r takes no teacher; the teacher is not used", method)
+    kwargs.update(config.loss.options)
+    missing = [
+        name
+        for name, p in params.items()
+        if name != "self" and p.default is inspect.Parameter.empty and name not in kwargs
+    ]
+    if missing:
+        raise ValueError(
+            f"loss.method {method!r} needs {', '.join(missing)}: set it with loss.options "
+            f"(e.g. --set loss.options.{missing[0]}=...)"
+        )
+    return losses.make_loss(method, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -584,7 +582,7 @@ def train_teacher(
 ) -> FitResult:
     """PGD adversarial training of a teacher (SPEC.md "Teacher"), e.g. with the ``cifar10-2-teacher`` preset.
 
-    The config should use ``loss.method: adversarial`` (PGD-10, step 0.25ε, random start), SGD with
+    The config should use ``loss.method: pgd_at`` (PGD-10, step 0.25ε, random start), SGD with
     momentum 0.9 and the cyclic lr; a config with ``role: student`` is refused.
     """
     if config.role != "teacher":

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ccdist_plugin.checkpoint import load_checkpoint
 from ccdist_plugin.cli import main
 from ccdist_plugin.config import list_presets
 
+torch.set_num_threads(1)
+
 TINY = [
-    "--set", "device=cpu", "--set", "model.width=16", "--set", "model.channels=[4, 8]",
+    "--set", "device=cpu", "--set", "model.width=16",
     "--set", "log.val_size=32", "--set", "log.plot=false", "--set", "log.tensorboard=false",
     "--set", "data.options={test_size: 100}",
 ]  # fmt: skip

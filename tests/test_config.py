@@ -152,18 +152,18 @@ def test_paper_presets_match_spec_table(name):
         assert cfg.model.name == "cnn7" and cfg.model.init == "shi"
         attack = cfg.loss.attack
         if name == "cifar10-2":  # published commands: 8 steps of 0.25 eps' on eps' = 2.1 eps
-            assert (attack.steps, attack.step_size_rel, attack.eps_factor) == (8, 0.25, 2.1)
+            assert (attack.steps, attack.step_size, attack.eps_factor) == (8, 0.25, 2.1)
         else:  # one step of 10 eps
-            assert (attack.steps, attack.step_size_rel, attack.eps_factor) == (1, 10.0, 1.0)
+            assert (attack.steps, attack.step_size, attack.eps_factor) == (1, 10.0, 1.0)
         assert attack.random_start
     assert (student.loss.method, student.loss.alpha, student.loss.beta) == ("cc_dist", a_dist, None)
     assert (ccibp.loss.method, ccibp.loss.alpha) == ("cc_ibp", a_ibp)
     assert student.teacher.preset == f"{name}-teacher"
     # teacher (SPEC.md "Teacher")
-    assert teacher.role == "teacher" and teacher.loss.method == "adversarial"
+    assert teacher.role == "teacher" and teacher.loss.method == "pgd_at"
     assert teacher.eps == pytest.approx(eps, rel=1e-12)
     assert teacher.schedule.epochs == t_epochs and teacher.optim.l1 == t_l1
-    assert (teacher.loss.attack.steps, teacher.loss.attack.step_size_rel) == (10, 0.25)
+    assert (teacher.loss.attack.steps, teacher.loss.attack.step_size) == (10, 0.25)
     assert teacher.loss.attack.random_start and teacher.loss.attack.eps_factor == 1.0
     assert (teacher.optim.optimizer, teacher.optim.momentum, teacher.optim.lr) == ("sgd", 0.9, 0.2)
     assert teacher.optim.lr_schedule == "cyclic" and teacher.optim.grad_clip == 10.0

@@ -227,7 +227,20 @@ def _losses_available() -> bool:
 
 needs_losses = pytest.mark.skipif(not _losses_available(), reason="ccdist_plugin.losses not available yet")
 
-METHODS = ["cc_dist", "cc_ibp", "ibp", "adversarial", "mtl_ibp", "exp_ibp", "sabr"]
+METHODS = [
+    "cc_dist",
+    "cc_ibp",
+    "ibp",
+    "pgd_at",
+    "mtl_ibp",
+    "exp_ibp",
+    "sabr",
+    "cc_dist0",
+    "cc_dist1",
+    "logit_dist",
+]
+NEEDS_TEACHER = {"cc_dist", "cc_dist0", "cc_dist1", "logit_dist"}
+OPTIONS = {"sabr": ["loss.options={lam: 0.5}"]}
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +251,9 @@ def digits_teacher(digits, tmp_path_factory):
     cfg = _cfg(
         tmp,
         "role=teacher",
-        "loss.method=adversarial",
+        "loss.method=pgd_at",
         "loss.attack.steps=3",
-        "loss.attack.step_size_rel=0.5",
+        "loss.attack.step_size=0.5",
         "schedule.warmup_epochs=0",
         "schedule.ramp_up_epochs=0",
         "schedule.epochs=2",
@@ -270,18 +283,23 @@ def test_short_run_per_method_reduces_loss_and_certifies(method, digits, digits_
         "optim.lr=3e-3",
         "optim.lr_decay_epochs=[]",
         "log.val_size=64",
+        *OPTIONS.get(method, []),
     )
-    teacher = digits_teacher if method == "cc_dist" else None
+    teacher = digits_teacher if method in NEEDS_TEACHER else None
     result = Trainer(_model(digits.spec), cfg, teacher=teacher).fit(digits.train, digits.test)
     losses_per_epoch = [r["train_loss"] for r in result.history]
     assert losses_per_epoch[-1] < losses_per_epoch[0], losses_per_epoch
-    if method != "adversarial":
+    if method != "pgd_at":
         assert result.history[-1]["val_ibp_cert_acc"] > 0.0
     else:
         assert result.history[-1]["val_clean_acc"] > 0.3
 
 
 @needs_losses
-def test_distillation_without_teacher_is_an_error(digits, tmp_path):
-    with pytest.raises(ValueError, match="teacher"):
+def test_loss_construction_errors(digits, tmp_path):
+    with pytest.raises(ValueError, match="distils from a teacher"):
         Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=cc_dist"))
+    with pytest.raises(ValueError, match="needs lam"):
+        Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=sabr"))
+    with pytest.raises(ValueError, match="did you mean 'cc_ibp'"):
+        Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=ccibp"))
