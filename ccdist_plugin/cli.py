@@ -155,3 +155,8 @@ from ccdist_plugin.verify import verify_command  # noqa: E402
 
 main.add_command(export_command)
 main.add_command(verify_command)
+from ccdist_plugin.cli_eval import compare_command, eval_command, sweep_command  # noqa: E402
+
+main.add_command(eval_command)
+main.add_command(compare_command)
+main.add_command(sweep_command)

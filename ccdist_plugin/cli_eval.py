@@ -1,0 +1,491 @@
+"""``ccdist eval``, ``ccdist compare`` and ``ccdist sweep``: the paper's tables and figures.
+
+::
+
+    ccdist eval --checkpoint runs/digits/checkpoint.pt                  # Table 1 row, eval.json, plots
+    ccdist eval --checkpoint S.pt --compare-teacher T.pt --count 100    # + Table 2 (teacher vs student)
+    ccdist eval --checkpoint S.pt --attack autoattack --bab --bab-count 100
+    ccdist compare runs/a/eval runs/b/eval ... --out compare            # mean ± std table and plots
+    ccdist sweep --param beta --values 0.01,0.02,0.05 --config digits --teacher T.pt --seeds 0,1
+
+See ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ccdist_plugin import reports
+
+__all__ = ["eval_command", "compare_command", "sweep_command", "run_eval", "parse_eps"]
+
+logger = logging.getLogger(__name__)
+
+#: multiples of ε at which ``ccdist eval`` draws the accuracy-vs-ε curve by default
+DEFAULT_CURVE = "0,0.5,1,1.5,2"
+#: α,β-CROWN template per dataset (teachers use ``teacher``), as ``ccdist export``
+_TEMPLATES = {"cifar10": "cifar10", "cifar10-jpeg": "cifar10", "tinyimagenet": "tinyimagenet"}
+_TEMPLATES.update({"imagenet64": "imagenet64", "digits": "digits", "mnist": "digits"})
+_PARAM_KEYS = {"beta": "loss.beta", "alpha": "loss.alpha"}
+
+
+def parse_eps(text: str) -> float:
+    """``"2/255"`` or ``"0.1"`` → float (``ValueError`` otherwise)."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"eps must be a number or a fraction like 2/255, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {text!r}")
+    return value
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [parse_eps(v.strip()) if "/" in v else float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"{what}: {err}") from err
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("ccdist_plugin").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _test_points(
+    cfg: dict[str, Any], data_name: str | None, data_root: str | None, start: int, count: int | None
+):
+    from ccdist_plugin.data import load_dataset
+
+    data_cfg = cfg.get("data") or {}
+    name = data_name or data_cfg.get("name")
+    if not name:
+        raise ValueError("the checkpoint names no dataset: pass --data")
+    root = data_root if data_root is not None else data_cfg.get("root")
+    options = dict(data_cfg.get("options") or {}) if name == data_cfg.get("name") else {}
+    data = load_dataset(name, root, **options)
+    n = len(data.test)
+    if start < 0 or start >= n:
+        raise ValueError(f"--start {start} is outside the test set (0..{n - 1})")
+    stop = n if count is None else min(n, start + count)
+    x, y = data.test.subset(list(range(start, stop))).tensors()
+    info = {"name": name, "split": "test", "start": start, "count": stop - start, "root": root}
+    return x, y, info
+
+
+def run_eval(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    settings_kwargs: dict[str, Any],
+    eps: float | None = None,
+    data_name: str | None = None,
+    data_root: str | None = None,
+    start: int = 0,
+    count: int | None = None,
+    curve: list[float] | None = None,
+    label: str | None = None,
+    abcrown_dir: str | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    say=logger.info,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint and write ``<out_dir>/eval.json``, ``eval.md`` and (with a curve)
+    ``accuracy_vs_eps.png``; returns the record.
+
+    Args:
+        settings_kwargs: keyword arguments of :class:`~ccdist_plugin.evaluation.EvalSettings`
+            (without ``eps``).
+        eps: radius in pixel units (default: the checkpoint's).
+        curve: multiples of ε for the accuracy-vs-ε curve (PGD and IBP/CROWN, no AutoAttack/BaB).
+    """
+    from ccdist_plugin.checkpoint import load_checkpoint, load_model
+    from ccdist_plugin.evaluation import EvalSettings, evaluate
+
+    payload = load_checkpoint(checkpoint)
+    model = load_model(checkpoint)
+    cfg = payload.get("config") or {}
+    if eps is None:
+        if cfg.get("eps") is None:
+            raise ValueError("the checkpoint names no eps: pass --eps")
+        eps = float(cfg["eps"])
+    x, y, data_info = _test_points(cfg, data_name, data_root, start, count)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(settings_kwargs)
+    if kwargs.get("bab") and kwargs.get("bab_template") is None:
+        kwargs["bab_template"] = (
+            "teacher" if cfg.get("role") == "teacher" else _TEMPLATES.get(data_info["name"], "digits")
+        )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    settings = EvalSettings(eps=eps, **kwargs)
+    info = reports.checkpoint_info(checkpoint, payload, feature_dim=model.feature_dim)
+    name = label or reports.default_label(info)
+    say(f"evaluating {name} ({checkpoint}) on {len(y)} {data_info['name']} test points at eps={eps:g} ...")
+    result = evaluate(
+        model,
+        x,
+        y,
+        settings,
+        progress=progress,
+        bab_dir=out / "bab",
+        checkpoint_path=checkpoint,
+        dataset_name=data_info["name"],
+        abcrown_dir=abcrown_dir,
+        log=say,
+    )
+    points = []
+    for factor in curve or []:
+        e = factor * eps
+        if factor == 1.0:
+            m = result.metrics
+        else:
+            curve_settings = EvalSettings(**_curve_kwargs(settings, e))
+            m = evaluate(model, x, y, curve_settings, progress=progress).metrics
+        points.append(
+            {"eps": e, **{k: m.get(k) for k in ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc")}}
+        )
+    record = reports.make_record(result, info, data_info, label=name, eps_curve=points)
+    reports.write_json(record, out / "eval.json")
+    (out / "eval.md").write_text(reports.eval_table([record]))
+    if plots and points:
+        reports.plot_accuracy_vs_eps([record], out / "accuracy_vs_eps.png")
+    return record
+
+
+def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
+    kw = {k: v for k, v in settings.to_dict().items() if k != "pgd_step_size"}
+    kw.update(eps=eps, bab=False, attack="pgd40" if settings.attack != "none" else "none")
+    return kw
+
+
+# --------------------------------------------------------------------------------------------
+# ccdist eval
+# --------------------------------------------------------------------------------------------
+
+
+def _bab_overrides(items: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--bab-set")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@click.command("eval")
+@click.option(
+    "--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="checkpoint to evaluate"
+)
+@click.option("--data", "data_name", default=None, help="dataset name (default: the checkpoint's)")
+@click.option(
+    "--data-root", default=None, help="folder holding the data (default: the checkpoint's / search path)"
+)
+@click.option(
+    "--eps", "eps_text", default=None, help="ℓ∞ radius in pixel units, e.g. 2/255 (default: the checkpoint's)"
+)
+@click.option("--count", type=int, default=None, help="number of test points (default: the whole test set)")
+@click.option("--start", default=0, show_default=True, help="index of the first test point")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option(
+    "--attack",
+    type=click.Choice(["pgd40", "autoattack", "none"]),
+    default="pgd40",
+    show_default=True,
+    help="autoattack: PGD-40 and AutoAttack (when an implementation is importable)",
+)
+@click.option("--pgd-steps", default=40, show_default=True)
+@click.option(
+    "--pgd-step", "pgd_step_text", default="2.5/40", show_default=True, help="PGD step as a multiple of ε"
+)
+@click.option("--pgd-restarts", default=1, show_default=True)
+@click.option("--methods", default="ibp,crown", show_default=True, help="certification by our bounds")
+@click.option("--crown-intermediate", type=click.Choice(["crown", "ibp"]), default="crown", show_default=True)
+@click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
+@click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
+@click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
+@click.option(
+    "--template", default=None, help="abcrown_configs template (default: by dataset; teachers: teacher)"
+)
+@click.option(
+    "--bab-set", multiple=True, metavar="KEY=VALUE", help="alpha,beta-CROWN key override (repeatable)"
+)
+@click.option(
+    "--abcrown", "abcrown_dir", default=None, help="alpha,beta-CROWN complete_verifier (default $ABCROWN_DIR)"
+)
+@click.option(
+    "--curve-eps",
+    default=DEFAULT_CURVE,
+    show_default=True,
+    help="multiples of ε for the accuracy-vs-ε plot ('' for none)",
+)
+@click.option("--compare-teacher", default=None, type=click.Path(exists=True, dir_okay=False), help="Table 2")
+@click.option("--label", default=None, help="method name in the tables (default: from the loss)")
+@click.option("--out", "out_dir", default=None, help="output folder (default: <checkpoint folder>/eval)")
+@click.option("--seed", default=0, show_default=True, help="seed of the attacks' random starts")
+@click.option("--quiet", is_flag=True, help="no progress bars or logs")
+def eval_command(
+    checkpoint,
+    data_name,
+    data_root,
+    eps_text,
+    count,
+    start,
+    batch_size,
+    attack,
+    pgd_steps,
+    pgd_step_text,
+    pgd_restarts,
+    methods,
+    crown_intermediate,
+    bab,
+    bab_count,
+    bab_timeout,
+    template,
+    bab_set,
+    abcrown_dir,
+    curve_eps,
+    compare_teacher,
+    label,
+    out_dir,
+    seed,
+    quiet,
+):
+    """Standard, PGD-40/AutoAttack, IBP/CROWN/BaB-certified accuracy and the IBP loss of a checkpoint."""
+    _setup_logging(quiet)
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
+    try:
+        eps = parse_eps(eps_text) if eps_text is not None else None
+        settings = dict(
+            batch_size=batch_size,
+            attack=attack,
+            pgd_steps=pgd_steps,
+            pgd_step_rel=parse_eps(pgd_step_text),
+            pgd_restarts=pgd_restarts,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            crown_intermediate=crown_intermediate,
+            seed=seed,
+            bab=bab,
+            bab_count=bab_count,
+            bab_timeout_s=bab_timeout,
+            bab_template=template,
+            bab_overrides=_bab_overrides(bab_set),
+        )
+        curve = _floats(curve_eps, "--curve-eps") if curve_eps else []
+        common = dict(
+            eps=eps,
+            data_name=data_name,
+            data_root=data_root,
+            start=start,
+            count=count,
+            curve=curve,
+            abcrown_dir=abcrown_dir,
+            progress=not quiet,
+            say=logger.info,
+        )
+        record = run_eval(checkpoint, out, settings, label=label, **common)
+        records = [record]
+        if compare_teacher is not None:
+            t_settings = dict(settings, bab_template=None if template is None else template)
+            teacher = run_eval(
+                compare_teacher, out / "teacher", t_settings, **{**common, "eps": record["eps"]}
+            )
+            records.append(teacher)
+            table2 = reports.teacher_table(teacher, record)
+            (out / "teacher_comparison.md").write_text(table2)
+            record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
+            reports.write_json(record, out / "eval.json")
+            (out / "eval.md").write_text(reports.eval_table(records) + "\n" + table2)
+            if record["eps_curve"] and teacher["eps_curve"]:
+                reports.plot_accuracy_vs_eps(records, out / "accuracy_vs_eps.png")
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(reports.eval_table(records))
+    if compare_teacher is not None:
+        click.echo(reports.teacher_table(records[1], records[0]))
+    written = ["eval.json", "eval.md"] + (["accuracy_vs_eps.png"] if record["eps_curve"] else [])
+    written += ["teacher_comparison.md"] if compare_teacher else []
+    click.echo(f"wrote {', '.join(str(out / w) for w in written)}")
+
+
+# --------------------------------------------------------------------------------------------
+# ccdist compare
+# --------------------------------------------------------------------------------------------
+
+
+def compare_records(
+    records: list[dict[str, Any]], out: Path, group_by: str, sweep_param: str | None
+) -> list[Path]:
+    """Write ``compare.md`` and the plots for a set of records; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "compare.md"]
+    text = reports.compare_table(records, group_by=group_by)
+    (out / "compare.md").write_text(text)
+    if any(r.get("eps_curve") for r in records):
+        written.append(reports.plot_accuracy_vs_eps(records, out / "accuracy_vs_eps.png"))
+    if sweep_param is None:
+        betas = {reports.record_param(r, "beta") for r in records}
+        sweep_param = "beta" if len(betas) > 1 and None not in betas else None
+    if sweep_param is not None:
+        written.append(reports.plot_sweep(records, out / f"sweep_{sweep_param}.png", param=sweep_param))
+    return written
+
+
+@click.command("compare")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", "out_dir", default="compare", show_default=True, help="where compare.md and plots go")
+@click.option(
+    "--group-by",
+    default="label",
+    show_default=True,
+    help="'label' (method and ε; seeds are averaged) or a run parameter (beta, loss.alpha, ...)",
+)
+@click.option(
+    "--sweep-param", default=None, help="x axis of the sweep plot (default: beta when runs differ in β)"
+)
+def compare_command(runs, out_dir, group_by, sweep_param):
+    """One table over several runs/seeds (mean ± std) and plots, from their eval.json files."""
+    try:
+        records = [reports.load_record(r) for r in runs]
+        written = compare_records(records, Path(out_dir), group_by, sweep_param)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo((Path(out_dir) / "compare.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+# --------------------------------------------------------------------------------------------
+# ccdist sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_teacher(cfg) -> bool:
+    import inspect
+
+    from ccdist_plugin import losses
+
+    cls = losses._LOSSES.get(cfg.loss.method)
+    if cls is None:
+        return False
+    p = inspect.signature(cls.__init__).parameters.get("teacher")
+    return p is not None and p.default is inspect.Parameter.empty
+
+
+@click.command("sweep")
+@click.option("--param", required=True, help="beta, alpha, or a dotted config key (loss.attack.steps)")
+@click.option("--values", "values_text", required=True, help="comma-separated values, e.g. 0.005,0.02,0.1")
+@click.option("--config", "config", required=True, help="preset name or YAML config of the runs")
+@click.option(
+    "--teacher", default=None, type=click.Path(exists=True, dir_okay=False), help="teacher checkpoint"
+)
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds (mean ± std over them)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="config override (repeatable)")
+@click.option("--output-dir", default=None, help="folder of the sweep (default runs/sweep-<config>-<param>)")
+@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True, help="evaluate every run")
+@click.option("--count", type=int, default=None, help="test points per evaluation (default: all)")
+@click.option(
+    "--attack", type=click.Choice(["pgd40", "autoattack", "none"]), default="pgd40", show_default=True
+)
+@click.option("--bab", is_flag=True, help="branch-and-bound certified accuracy too (slow)")
+@click.option("--bab-count", default=100, show_default=True)
+@click.option("--bab-timeout", default=600.0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def sweep_command(
+    param,
+    values_text,
+    config,
+    teacher,
+    seeds,
+    overrides,
+    output_dir,
+    do_eval,
+    count,
+    attack,
+    bab,
+    bab_count,
+    bab_timeout,
+    quiet,
+):
+    """Train (and evaluate) one run per value of a parameter and seed; the β sweep of Figure 1."""
+    from ccdist_plugin.config import load_config, load_preset
+    from ccdist_plugin.trainer import Trainer, build_model, load_data
+
+    _setup_logging(quiet)
+    key = _PARAM_KEYS.get(param, param)
+    values = [v.strip() for v in values_text.split(",") if v.strip()]
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    if not values or not seed_list:
+        raise click.BadParameter("need at least one value and one seed")
+    base_name = Path(config).stem
+    out = Path(output_dir or f"runs/sweep-{base_name}-{param}")
+    extra = list(overrides) + (["log.progress=false"] if quiet else [])
+    try:
+        runs = []
+        for value in values:
+            for seed in seed_list:
+                run_dir = out / f"{param}={value}" / f"seed{seed}"
+                cfg = load_config(
+                    config, extra + [f"{key}={value}", f"seed={seed}", f"log.output_dir={run_dir}"]
+                )
+                runs.append((value, seed, cfg, run_dir))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--param/--values/--set") from err
+    teacher_path = teacher
+    try:
+        if teacher_path is None and _needs_teacher(runs[0][2]):
+            t_preset = runs[0][2].teacher.preset
+            if not t_preset:
+                raise ValueError(f"loss {runs[0][2].loss.method!r} needs a teacher: pass --teacher")
+            t_dir = out / "teacher"
+            teacher_path = t_dir / "checkpoint.pt"
+            if not teacher_path.is_file():
+                click.echo(f"training the teacher ({t_preset}) into {t_dir} ...")
+                t_cfg = load_preset(t_preset).override(
+                    [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
+                )
+                data = load_data(t_cfg)
+                Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
+                    data.train, data.val if data.val is not None else data.test
+                )
+        records = []
+        for value, seed, cfg, run_dir in runs:
+            ckpt = run_dir / "checkpoint.pt"
+            if ckpt.is_file():
+                click.echo(f"{param}={value} seed {seed}: {ckpt} exists, not retrained")
+            else:
+                click.echo(f"training {param}={value} seed {seed} into {run_dir} ...")
+                data = load_data(cfg)
+                t = str(teacher_path) if teacher_path is not None and _needs_teacher(cfg) else None
+                Trainer(build_model(cfg, data.spec), cfg, teacher=t).fit(
+                    data.train, data.val if data.val is not None else data.test
+                )
+            if do_eval:
+                settings = dict(attack=attack, bab=bab, bab_count=bab_count, bab_timeout_s=bab_timeout)
+                records.append(
+                    run_eval(
+                        ckpt,
+                        run_dir / "eval",
+                        settings,
+                        count=count,
+                        curve=[],
+                        progress=not quiet,
+                        label=f"{reports.default_label({'method': cfg.loss.method, 'role': cfg.role})}",
+                    )
+                )
+        if records:
+            written = compare_records(records, out, group_by=param, sweep_param=param)
+            click.echo((out / "compare.md").read_text())
+            click.echo("wrote " + ", ".join(str(p) for p in written))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
