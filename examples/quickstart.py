@@ -5,9 +5,13 @@ It does in Python what `ccdist train-teacher --config digits-teacher` and
 `ccdist train --config digits --teacher ...` do on the command line.
 """
 
+import torch
+
 from ccdist_plugin.bounds import certify
 from ccdist_plugin.config import load_preset
 from ccdist_plugin.trainer import Trainer, build_model, load_data, train_teacher
+
+torch.set_num_threads(1)  # tiny networks: one CPU thread is fastest
 
 # 1. Configurations: packaged presets (see `ccdist presets`), with overrides as in `--set key=value`.
 teacher_cfg = load_preset("digits-teacher").override(["log.output_dir=runs/quickstart/teacher"])
