@@ -76,6 +76,15 @@ class StubIBPLoss:
         return SimpleNamespace(loss=loss, terms={"ibp_ce": loss.detach()}, stats={})
 
 
+def _losses_available() -> bool:
+    try:
+        import ccdist_plugin.attacks  # noqa: F401
+        import ccdist_plugin.losses  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _model(spec, seed=0):
     torch.manual_seed(seed)
     return cnn3(1, 8, 10, width=16, channels=(4, 8), mean=list(spec.mean), std=list(spec.std))
@@ -122,20 +131,45 @@ def test_fit_accepts_plain_tensors_and_datasets(digits, tmp_path):
     assert "val_ibp_cert_acc" in r1.history[-1] and "val_ibp_cert_acc" not in r2.history[-1]
 
 
-def test_resume_is_bit_identical(digits, tmp_path):
-    cfg_a = _cfg(tmp_path / "a")
-    full = Trainer(_model(digits.spec), cfg_a, loss=StubIBPLoss()).fit(digits.train, digits.test)
+class _Interrupting:
+    """Wraps a loss and raises KeyboardInterrupt on its ``fail_at``-th call."""
 
-    cfg_b = _cfg(tmp_path / "b")
+    def __init__(self, loss, fail_at: int | None = None):
+        self.loss, self.fail_at, self.calls = loss, fail_at, 0
+        self.needs_teacher = False
+
+    def __call__(self, model, x, y, eps):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt("interrupted")
+        return self.loss(model, x, y, eps)
+
+
+@pytest.mark.parametrize("kind", ["stub", "cc_ibp"])
+def test_resume_is_bit_identical(kind, digits, tmp_path):
+    if kind == "cc_ibp" and not _losses_available():
+        pytest.skip("ccdist_plugin.losses not available yet")
+
+    def make_loss(cfg):
+        if kind == "stub":
+            return StubIBPLoss()
+        from ccdist_plugin.trainer import build_loss
+
+        return build_loss(cfg)  # CC-IBP with its 1-step attack from a random start
+
+    cfg_a = _cfg(tmp_path / "a", "loss.method=cc_ibp")
+    full = Trainer(_model(digits.spec), cfg_a, loss=make_loss(cfg_a)).fit(digits.train, digits.test)
+
+    cfg_b = cfg_a.override([f"log.output_dir={tmp_path / 'b' / 'run'}"])
     batches = -(-len(digits.train) // 64)
     # interrupted in the middle of epoch 3 (the loss is first called in epoch 2)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_model(digits.spec), cfg_b, loss=StubIBPLoss(fail_at=batches + 2)).fit(
+        Trainer(_model(digits.spec), cfg_b, loss=_Interrupting(make_loss(cfg_b), batches + 2)).fit(
             digits.train, digits.test
         )
     assert load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["epoch"] == 2
     torch.manual_seed(123)  # the resumed process starts from another RNG state and another init
-    resumed = Trainer(_model(digits.spec, seed=7), cfg_b, loss=StubIBPLoss()).fit(
+    resumed = Trainer(_model(digits.spec, seed=7), cfg_b, loss=make_loss(cfg_b)).fit(
         digits.train, digits.test, resume=True
     )
     a, b = full.model.state_dict(), resumed.model.state_dict()
@@ -214,15 +248,6 @@ def test_train_teacher_needs_teacher_config(digits, tmp_path):
 
 
 # ------------------------------------------------------------------------------- registered losses
-
-
-def _losses_available() -> bool:
-    try:
-        import ccdist_plugin.attacks  # noqa: F401
-        import ccdist_plugin.losses  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 needs_losses = pytest.mark.skipif(not _losses_available(), reason="ccdist_plugin.losses not available yet")
