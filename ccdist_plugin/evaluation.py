@@ -226,24 +226,37 @@ def autoattack_adversarial(
     """
     module = importlib.import_module(module_name)
     device = x.device
+    with torch.no_grad():
+        num_classes = int(model(x[:1]).shape[1])
+    # the targeted attacks of the standard version use 9 target classes; fewer exist below 10 classes
+    targets = min(9, num_classes - 1)
     if module_name == "torchattacks":
         attack = module.AutoAttack(
-            model, norm="Linf", eps=eps, version=version, n_classes=int(model(x[:1]).shape[1]), seed=seed
+            model, norm="Linf", eps=eps, version=version, n_classes=num_classes, seed=seed
         )
         x_adv = torch.cat(
             [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         )
     elif module_name == "pyautoattack":
         attack = module.AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
+        _limit_targets(attack, targets)
         x_adv = attack.run_standard_evaluation(x, y, batch_size=batch_size)
     else:  # the reference package
         attack = module.AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
         attack.verbose = False
+        _limit_targets(attack, targets)
         x_adv = attack.run_standard_evaluation(x, y, bs=batch_size)
     if isinstance(x_adv, tuple):
         x_adv = x_adv[0]
     lo, hi = input_box(x, eps)
     return torch.minimum(torch.maximum(x_adv.detach().to(x.dtype), lo), hi)
+
+
+def _limit_targets(attack: Any, targets: int) -> None:
+    for name in ("apgd_targeted", "fab"):
+        sub = getattr(attack, name, None)
+        if sub is not None and getattr(sub, "n_target_classes", 0) > targets:
+            sub.n_target_classes = targets
 
 
 # --------------------------------------------------------------------------------------------

@@ -507,14 +507,24 @@ def plot_accuracy_vs_eps(records: Sequence[dict[str, Any]], path: str | os.PathL
         raise ValueError("no record has an eps_curve (run `ccdist eval` with --curve-eps)")
     plt = _pyplot()
     metrics = [m for m in _CURVE_METRICS if any(p.get(m) is not None for r in curves for p in r["eps_curve"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    titles = {
+        "standard_acc": "standard",
+        "pgd_acc": "PGD-40",
+        "ibp_cert_acc": "IBP-certified",
+        "crown_cert_acc": "CROWN-certified",
+    }
+    # one record: one panel with a line per metric; several: one panel per metric, a line per record
+    panels = [None] if len(curves) == 1 else metrics
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels) + 1, 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
         for r in curves:
-            pts = sorted((p["eps"], p[metric]) for p in r["eps_curve"] if p.get(metric) is not None)
-            if pts:
-                ax.plot([e for e, _ in pts], [100 * v for _, v in pts], marker="o", label=r["label"])
+            for metric in metrics if panel is None else [panel]:
+                pts = sorted((p["eps"], p[metric]) for p in r["eps_curve"] if p.get(metric) is not None)
+                name = titles[metric] if panel is None else r["label"]
+                if pts:
+                    ax.plot([e for e, _ in pts], [100 * v for _, v in pts], marker="o", label=name)
             ax.axvline(r["eps"], color="grey", lw=0.6, ls=":")
-        ax.set_title({**METRIC_LABELS, "standard_acc": "Standard"}[metric] + " accuracy")
+        ax.set_title(f"{curves[0]['label']}: accuracy vs ε" if panel is None else f"{titles[panel]} accuracy")
         ax.set_xlabel("ε (pixel units)")
         ax.set_ylabel("accuracy [%]")
         ax.set_ylim(-2, 102)
