@@ -119,16 +119,15 @@ def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | N
     """Per-channel (scale, shift) of a BatchNorm as the forward pass applies it.
 
     Train mode (or no running statistics): the mean and biased variance of ``stats_input``
-    over all but the channel dimension, exactly as ``F.batch_norm`` normalizes.
-    Eval mode: the running statistics.
+    over all but the channel dimension (one ``var_mean`` pass, differentiable, as auto_LiRPA's
+    IBP does), exactly as ``F.batch_norm`` normalizes. Eval mode: the running statistics.
     """
     use_batch_stats = bn.training or bn.running_mean is None
     if use_batch_stats:
         if stats_input is None:
             raise ValueError("BatchNorm in train mode needs a reference batch for its statistics")
         dims = [d for d in range(stats_input.ndim) if d != 1]
-        mean = stats_input.mean(dim=dims)
-        var = stats_input.var(dim=dims, unbiased=False)
+        var, mean = torch.var_mean(stats_input, dim=dims, unbiased=False)
     else:
         mean, var = bn.running_mean, bn.running_var
     scale = torch.rsqrt(var + bn.eps)
@@ -219,8 +218,12 @@ def propagate_intervals(
                 if update_running_stats:
                     value = layer(value)
                 else:
-                    value = value * _channel_view(scale, value.ndim) + _channel_view(shift, value.ndim)
-            centre = centre * _channel_view(scale, centre.ndim) + _channel_view(shift, centre.ndim)
+                    value = torch.addcmul(
+                        _channel_view(shift, value.ndim), value, _channel_view(scale, value.ndim)
+                    )
+            centre = torch.addcmul(
+                _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
+            )
             radius = radius * _channel_view(scale.abs(), radius.ndim)
             if keep_all:
                 result.channel_affine[index] = (scale, shift)
@@ -240,7 +243,9 @@ def propagate_intervals(
             if value is not None:
                 value = layer(value)
             lb, ub = layer(lb), layer(ub)
-            centre, radius = (ub + lb) / 2, (ub - lb) / 2
+            # Midpoint and half-width in two passes (lerp is one fused op).
+            centre = torch.lerp(lb, ub, 0.5)
+            radius = ub - centre
         elif isinstance(layer, nn.Flatten):
             if value is not None:
                 value = layer(value)
