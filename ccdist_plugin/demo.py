@@ -18,6 +18,7 @@ or broken by PGD go to branch and bound with a short time limit).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,8 +103,6 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
 def verify_hook(export_dir: Path, timeout_s: float = VERIFY_TIMEOUT_S) -> str | None:
     """Run α,β-CROWN (``ccdist_plugin.verify.run_verification``) on the demo's export when it is
     installed (``ABCROWN_DIR`` set); returns a one-line summary, or None when it cannot run."""
-    import os
-
     if not os.environ.get("ABCROWN_DIR"):
         return None
     try:
@@ -196,7 +195,7 @@ def _run_demo(out: Path, seed: int, say: Callable[[str], None], export: bool, ve
                 seed=seed,
             )
             result.export_dir = Path(getattr(exported, "out_dir", out / "export"))
-            if verify:
+            if verify and os.environ.get("ABCROWN_DIR"):
                 say("verifying the exported points with alpha,beta-CROWN ...")
                 result.verification = verify_hook(result.export_dir)
         except Exception as err:  # the demo's table must not depend on the optional export step
