@@ -303,6 +303,10 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
 
 
+def _mean_time(rows: list[dict]) -> str:
+    return f"{statistics.mean(r['train_s'] for r in rows):.0f}" if rows else "–"
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -334,8 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta-sweep", default="0,1,5,20,100", help="β·w values of the sweep (validation)")
     parser.add_argument("--bab-count", type=int, default=100)
     parser.add_argument("--bab-timeout", type=float, default=30.0)
-    parser.add_argument("--bab-seeds", type=int, default=3, help="seeds per method sent to α,β-CROWN")
+    parser.add_argument("--bab-seeds", type=int, default=1, help="seeds per method sent to α,β-CROWN")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--bab-teacher", action="store_true", help="also run BaB on the teacher")
+    parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--docs", default="docs", help="where results/ and img/ go")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -354,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = fut.result()
             log.info("done %s: %s", name, json.dumps(results[name].get("test") or results[name].get("val")))
 
+    if args.report_only:
+        report_from_disk(root, alphas, sweep, args, time.time() - started)
+        return
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         # stage 1: teacher and the α candidates (CC-IBP seed 0), digits teacher
         first = {teacher_job.name: pool.submit(run_job, teacher_job, root)}
@@ -364,68 +373,92 @@ def main(argv: list[str] | None = None) -> None:
             dj = Job("digits-teacher-s0", "digits", "teacher", 0)
             first[dj.name] = pool.submit(run_job, dj, root)
         collect(first)
-        best_alpha = max(alphas, key=lambda a: (results[f"cc_ibp-a{a:g}-s0"]["val"]["crown_cert"], -a))
+        best_alpha = select_alpha(results, alphas)
         log.info("selected alpha=%g on validation", best_alpha)
-        # stage 2: seeds, the β sweep, digits students
-        second = {}
+        # stage 2, in priority order: seed 0 of CC-Dist, BaB of CC-IBP seed 0, more seeds, the β sweep
+        # (validation only), digits, the last seeds, BaB of the other runs (each waits for its checkpoint)
+        a = f"{best_alpha:g}"
+        bab_on = bool(os.environ.get("ABCROWN_DIR"))
+        if not bab_on:
+            log.warning("ABCROWN_DIR is not set: no branch-and-bound results")
+
+        def main_job(kind: str, seed: int) -> Job:
+            name = f"cc_ibp-a{a}-s{seed}" if kind == "cc_ibp" else f"cc_dist-a{a}-b5-s{seed}"
+            return Job(
+                name,
+                "cifar10-jpeg",
+                kind,
+                seed,
+                alpha=best_alpha,
+                beta_w=5.0,
+                teacher=teacher_ckpt,
+                evaluate_val=seed == 0,
+                **kw,
+            )
+
+        queue: list[tuple[str, Any]] = [("train", main_job("cc_dist", 0))]
+        if bab_on:
+            queue.append(("bab", f"cc_ibp-a{a}-s0"))
+        for s in range(1, min(args.seeds, 2)):
+            queue += [("train", main_job("cc_ibp", s)), ("train", main_job("cc_dist", s))]
+        for bw in sweep:
+            if bw not in (0.0, 5.0):
+                job = Job(
+                    f"cc_dist-a{a}-b{bw:g}-s0",
+                    "cifar10-jpeg",
+                    "cc_dist",
+                    0,
+                    alpha=best_alpha,
+                    beta_w=bw,
+                    teacher=teacher_ckpt,
+                    evaluate_test=False,
+                    **kw,
+                )
+                queue.append(("train", job))
+        if bab_on:
+            queue.append(("bab", f"cc_dist-a{a}-b5-s0"))
         if not args.skip_digits:
             dt = str(Path(root) / "digits-teacher-s0" / "checkpoint.pt")
             for s in range(args.seeds):
                 for kind in ("cc_ibp", "cc_dist"):
-                    name = f"digits-{kind}-s{s}"
-                    job = Job(name, "digits", kind, s, alpha=0.5, beta_w=5.0, teacher=dt)
-                    second[name] = pool.submit(run_job, job, root)
-        for s in range(args.seeds):
-            for kind in ("cc_ibp", "cc_dist"):
-                name = (
-                    f"{kind}-a{best_alpha:g}-s{s}" if kind == "cc_ibp" else f"cc_dist-a{best_alpha:g}-b5-s{s}"
-                )
-                if name in results:
-                    continue
-                job = Job(
-                    name, "cifar10-jpeg", kind, s, alpha=best_alpha, beta_w=5.0, teacher=teacher_ckpt, **kw
-                )
-                second[name] = pool.submit(run_job, job, root)
-        for bw in sweep:
-            if bw == 5.0:
+                    queue.append(("train", Job(f"digits-{kind}-s{s}", "digits", kind, s, 0.5, 5.0, dt)))
+        for s in range(2, args.seeds):
+            queue += [("train", main_job("cc_ibp", s)), ("train", main_job("cc_dist", s))]
+        if bab_on:
+            for s in range(1, min(args.bab_seeds, args.seeds)):
+                queue += [("bab", f"cc_ibp-a{a}-s{s}"), ("bab", f"cc_dist-a{a}-b5-s{s}")]
+            if args.bab_teacher:
+                queue.append(("bab", teacher_job.name))
+        futures = []
+        for what, item in queue:
+            if what == "train":
+                futures.append((item.name, pool.submit(run_job, item, root)))
+            else:
+                args_bab = (item, root, "cifar10-jpeg", CIFAR_EPS, args.bab_count, args.bab_timeout)
+                futures.append((f"bab:{item}", pool.submit(run_bab, *args_bab)))
+        for name, fut in futures:
+            try:
+                res = fut.result()
+            except Exception as err:  # noqa: BLE001 - reported; a failed BaB never counts as certified
+                log.error("%s failed: %r", name, err)
                 continue
-            name = f"cc_dist-a{best_alpha:g}-b{bw:g}-s0"
-            job = Job(
-                name,
-                "cifar10-jpeg",
-                "cc_dist",
-                0,
-                alpha=best_alpha,
-                beta_w=bw,
-                teacher=teacher_ckpt,
-                evaluate_test=False,
-                **kw,
+            log.info(
+                "done %s: %s", name, json.dumps(res.get("test") or res.get("val") or res, default=str)[:400]
             )
-            second[name] = pool.submit(run_job, job, root)
-        # stage 3 (queued behind the training jobs; each waits for its run's checkpoint): branch and bound
-        bab: dict[str, dict] = {}
-        futs = {}
-        if os.environ.get("ABCROWN_DIR"):
-            names = [teacher_job.name] + [
-                n
-                for s in range(min(args.bab_seeds, args.seeds))
-                for n in (f"cc_ibp-a{best_alpha:g}-s{s}", f"cc_dist-a{best_alpha:g}-b5-s{s}")
-            ]
-            futs = {
-                n: pool.submit(run_bab, n, root, "cifar10-jpeg", CIFAR_EPS, args.bab_count, args.bab_timeout)
-                for n in names
-            }
-        collect(second)
-        if futs:
-            for n, f in futs.items():
-                try:
-                    bab[n] = f.result()
-                except Exception as err:  # noqa: BLE001 - reported, never counted as certified
-                    log.error("branch and bound of %s failed: %s", n, err)
-                    bab[n] = {"error": repr(err)}
-        else:
-            log.warning("ABCROWN_DIR is not set: no branch-and-bound results")
-    report(results, bab, best_alpha, alphas, sweep, args, time.time() - started)
+    report_from_disk(root, alphas, sweep, args, time.time() - started)
+
+
+def select_alpha(results: dict[str, dict], alphas: list[float]) -> float:
+    """The α whose CC-IBP seed-0 run has the best validation CROWN-certified accuracy (ties: smaller α)."""
+    return max(alphas, key=lambda al: (results[f"cc_ibp-a{al:g}-s0"]["val"]["crown_cert"], -al))
+
+
+def report_from_disk(root: str, alphas, sweep, args, wall_s: float) -> None:
+    """Report every finished run found under ``root`` (missing runs are left out and counted)."""
+    results = {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/result.json")}
+    bab = {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/bab.json")}
+    best_alpha = select_alpha(results, alphas)
+    report(results, bab, best_alpha, alphas, sweep, args, wall_s)
 
 
 def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None:
@@ -453,7 +486,7 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
             f"| {label} | {len(rows)} | {_ms([t['std'] for t in tests])} | "
             f"{_ms([t['pgd40'] for t in tests])} | "
             f"{_ms([t['ibp_cert'] for t in tests])} | {_ms([t['crown_cert'] for t in tests])} | {bab_txt} | "
-            f"{statistics.mean([r['train_s'] for r in rows]):.0f} |"
+            f"{_mean_time(rows)} |"
         )
     main_table = "\n".join(lines)
     alpha_lines = [
@@ -497,7 +530,7 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
             digits_lines.append(
                 f"| {label} | {len(rows)} | {_ms([x['std'] for x in t])} | {_ms([x['pgd40'] for x in t])} | "
                 f"{_ms([x['ibp_cert'] for x in t])} | {_ms([x['crown_cert'] for x in t])} | "
-                f"{statistics.mean([r['train_s'] for r in rows]):.0f} |"
+                f"{_mean_time(rows)} |"
             )
     plot = _plot_sweep(sweep_rows, docs / "img" / "beta_sweep.png", a)
     md = [

@@ -1,0 +1,51 @@
+"""Assemble ``docs/RESULTS.md`` from the generated fragments (no figure is typed by hand).
+
+    python benchmarks/make_results.py
+
+Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results/reproduce_cpu.md``
+(``python benchmarks/reproduce_cpu.py``) and ``docs/results/notes.md`` (the written discussion, which
+quotes only figures from those two files), and writes ``docs/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+HEADER = """# Results: speed and the CPU-scale reproduction
+
+Everything below is written by commands (each table names its command in an HTML comment above it);
+rerun them to regenerate this page:
+
+```bash
+python benchmarks/speed.py                                   # → docs/results/speed.{json,md}
+python benchmarks/reproduce_cpu.py --out runs/repro-cpu      # → docs/results/reproduce_cpu.*, docs/img/
+python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
+```
+
+What each benchmark measures, and the protocol, is in [benchmarks/README.md](../benchmarks/README.md).
+Assembled {date} UTC.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--docs", default="docs")
+    args = parser.parse_args(argv)
+    docs = Path(args.docs)
+    parts = [HEADER.replace("{date}", time.strftime("%Y-%m-%d %H:%M", time.gmtime()))]
+    for title, name in (
+        ("## Findings", "notes.md"),
+        ("## Speed: ratios measured side by side", "speed.md"),
+        ("## Science at CPU scale", "reproduce_cpu.md"),
+    ):
+        path = docs / "results" / name
+        body = path.read_text() if path.is_file() else f"_not generated yet: {path} is missing_\n"
+        parts.append(f"{title}\n\n{body}")
+    (docs / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {docs / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
