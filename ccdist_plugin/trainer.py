@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ccdist_plugin import distributed
 from ccdist_plugin.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -214,6 +215,7 @@ class _Batches:
                 f"training data must be a ccdist_plugin.data dataset, a BatchIterator, a torch Dataset or "
                 f"DataLoader, or an (x, y) tuple of tensors; got {type(data).__name__}"
             )
+        self._iterator = distributed.shard_batches(self._iterator)  # this rank's slices under torchrun
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
     def __len__(self) -> int:
@@ -291,8 +293,10 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = distributed.local_device(resolve_device(config.device))
+        distributed.init_from_env(self.device)  # under torchrun: join the process group
         self.model = model.to(self.device)
+        distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights
         if teacher is None and config.teacher.checkpoint:
             teacher = config.teacher.checkpoint
         self.teacher = None if teacher is None else prepare_teacher(teacher, self.model, self.device)
@@ -315,7 +319,7 @@ class Trainer:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
         """
         cfg = self.config
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + distributed.rank())  # under torchrun: distinct attack noise per rank
         np.random.seed(cfg.seed % 2**32)
         import random
 
@@ -358,22 +362,26 @@ class Trainer:
             optimizer.load_state_dict(payload["optimizer_state"])
             start_epoch, global_step = int(payload["epoch"]), int(payload["global_step"])
             history = list(payload.get("history", []))
-            restore_rng_state(payload["rng"])
+            restore_rng_state(distributed.rng_state_for_rank(payload))
             log.info("resumed from %s after epoch %d", path, start_epoch)
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(self.run_dir / "config.yaml")
-        self._write_metrics(history)
-        writer = self._tensorboard()
-        show = cfg.log.progress and sys.stderr.isatty()
+        main = distributed.is_main_process()  # rank 0 writes files, logs and shows progress
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(self.run_dir / "config.yaml")
+            self._write_metrics(history)
+        writer = self._tensorboard() if main else None
+        show = main and cfg.log.progress and sys.stderr.isatty()
         try:
             for epoch in range(start_epoch, cfg.schedule.epochs):
                 row, global_step = self._train_epoch(
                     epoch, batches, nb, eps_schedule, lr_schedule, optimizer, global_step, show
                 )
-                row.update(self._validate(val))
+                if main:
+                    row.update(self._validate(val))
                 history.append(row)
-                self._write_metrics(history)
+                if main:
+                    self._write_metrics(history)
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
@@ -385,7 +393,8 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
-        if cfg.log.plot:
+        distributed.barrier()
+        if cfg.log.plot and main:
             self._plot(history)
         self.model.eval()
         return FitResult(self.model, history, self.run_dir, self.checkpoint_path)
@@ -412,7 +421,7 @@ class Trainer:
             eps_t = eps_schedule(epoch, b)
             self.model.train()
             total, terms, logits = self._batch_loss(x, y, phase, eps_t)
-            if not torch.isfinite(total):
+            if not distributed.all_finite(total):  # the same answer on every rank
                 detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
                     f"non-finite training loss ({float(total.detach())}) at epoch "
@@ -422,6 +431,8 @@ class Trainer:
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            # torchrun: mean gradient over the global batch (ranks weighted by their examples)
+            distributed.average_gradients(list(self.model.parameters()), x.shape[0])
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
@@ -435,6 +446,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.3f}", eps=f"{eps_t:.4g}")
         bar.close()
+        sums, n_seen, correct = distributed.reduce_sums(sums, n_seen, correct, device=self.device)
         row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "eps": eps_t, "lr": lr}
         row.update({f"train_{k}": v / max(n_seen, 1) for k, v in sums.items()})
         if phase == "warmup":
@@ -459,7 +471,7 @@ class Trainer:
                 stats = out.stats or {}
                 bounds = stats.get("preact_bounds") if eps_t > 0 else None
                 if bounds:
-                    box = normalized_input_box(self.model, x, eps_t)
+                    box = self._input_box(stats, x, eps_t)
                 else:
                     bounds, box = ibp_preactivation_bounds(self.model, x, max(eps_t, REG_EPS_FLOOR))
                 reg = shi_regularizer(bounds, box[0], box[1], cfg.optim.shi_tau)
@@ -473,6 +485,15 @@ class Trainer:
             terms["l1_norm"] = float(l1.detach())
         terms["loss"] = float(total.detach())
         return total, terms, logits
+
+    def _input_box(self, stats: dict, x: torch.Tensor, eps_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized input box the loss's bounds were computed over (SABR's small box, say);
+        by default the ε_t-ball ∩ [0, 1]."""
+        lo, hi = stats.get("input_lb"), stats.get("input_ub")
+        if lo is None or hi is None:
+            return normalized_input_box(self.model, x, eps_t)
+        norm = getattr(self.model, "normalize", None)
+        return (norm(lo), norm(hi)) if norm is not None else (lo, hi)
 
     @torch.no_grad()
     def _validate(self, val) -> dict[str, float]:
@@ -506,7 +527,11 @@ class Trainer:
             "rng": capture_rng_state(),
             "history": history,
         }
-        save_checkpoint(self.checkpoint_path, payload)
+        rng_ranks = distributed.gather_objects(payload["rng"])  # every rank's generators (collective)
+        if len(rng_ranks) > 1:
+            payload["rng_ranks"] = rng_ranks
+        if distributed.is_main_process():
+            save_checkpoint(self.checkpoint_path, payload)
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         with open(self.run_dir / "metrics.jsonl", "w") as fh:
