@@ -29,6 +29,9 @@ __all__ = ["main"]
 
 
 def _setup_logging(quiet: bool) -> None:
+    from ccdist_plugin import distributed
+
+    quiet = quiet or not distributed.is_main_process()  # under torchrun only rank 0 logs at INFO
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     logging.getLogger("ccdist_plugin").setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -46,6 +49,7 @@ def _resolve(config: str, overrides: tuple[str, ...], quiet: bool, output_dir: s
 
 
 def _run(cfg: TrainConfig, teacher: str | None, resume: bool) -> None:
+    from ccdist_plugin import distributed
     from ccdist_plugin.trainer import Trainer, build_model, load_data
 
     if teacher is not None:  # recorded in the run's config.yaml (and checked on --resume)
@@ -58,6 +62,10 @@ def _run(cfg: TrainConfig, teacher: str | None, resume: bool) -> None:
         result = trainer.fit(data.train, val, resume=resume)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+    finally:
+        distributed.cleanup()  # under torchrun (a no-op otherwise)
+    if not distributed.is_main_process():
+        return
     last = result.history[-1] if result.history else {}
     summary = ", ".join(
         f"{k}={last[k]:.4f}" for k in ("val_clean_acc", "val_ibp_cert_acc") if isinstance(last.get(k), float)
@@ -160,3 +168,6 @@ from ccdist_plugin.cli_eval import compare_command, eval_command, sweep_command 
 main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(sweep_command)
+
+if __name__ == "__main__":  # python -m ccdist_plugin.cli (what torchrun -m runs)
+    main()
