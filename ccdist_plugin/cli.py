@@ -49,12 +49,15 @@ def _resolve(config: str, overrides: tuple[str, ...], quiet: bool, output_dir: s
 
 
 def _run(cfg: TrainConfig, teacher: str | None, resume: bool) -> None:
+    import torch
+
     from ccdist_plugin import distributed
     from ccdist_plugin.trainer import Trainer, build_model, load_data
 
     if teacher is not None:  # recorded in the run's config.yaml (and checked on --resume)
         cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher)))
     data = load_data(cfg)
+    torch.manual_seed(cfg.seed)  # the initialization depends on the seed only
     model = build_model(cfg, data.spec)
     val = data.val if data.val is not None else data.test
     try:
