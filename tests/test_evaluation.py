@@ -273,3 +273,30 @@ def test_eval_command_bad_input(tmp_path):
     bogus.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(bogus), "--quiet"])
     assert res.exit_code != 0 and "not" in res.output
+
+
+def test_sweep_command_trains_evaluates_and_plots(tmp_path):
+    """Two values of α, one seed, one tiny epoch each: trained, evaluated, compared and plotted."""
+    from ccdist_plugin.cli import main
+
+    out = tmp_path / "sweep"
+    sets = [
+        "loss.method=cc_ibp",
+        "teacher.preset=null",
+        "model.width=32",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "schedule.ramp_up_epochs=1",
+        "optim.lr_decay_epochs=[]",
+        "log.val_size=50",
+        "optim.batch_size=500",
+    ]
+    args = ["sweep", "--param", "alpha", "--values", "0.3,0.7", "--config", "digits", "--seeds", "0"]
+    args += [a for s in sets for a in ("--set", s)] + ["--output-dir", str(out), "--count", "30", "--attack", "none", "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "alpha=0.3" in res.output and "alpha=0.7" in res.output
+    for value in ("0.3", "0.7"):
+        record = json.loads((out / f"alpha={value}" / "seed0" / "eval" / "eval.json").read_text())
+        assert record["checkpoint"]["params"]["alpha"] == float(value) and record["count"] == 30
+    assert (out / "compare.md").is_file() and (out / "sweep_alpha.png").stat().st_size > 5000
