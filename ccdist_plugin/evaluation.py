@@ -433,6 +433,11 @@ def evaluate(
             )
             result.timings_s["bab"] = time.perf_counter() - t0
             result.metrics["bab_cert_acc"] = result.bab.get("certified_accuracy")
+            # the other figures on the same (first bab_count) points, for a like-for-like comparison
+            m = result.bab["count"]
+            result.bab["same_points"] = {
+                key: _mean(torch.tensor(flags[:m])) for key, flags in result.per_example.items()
+            }
             result.soundness_alarms += result.bab.get("soundness_alarms", [])
     finally:
         model.train(was_training)

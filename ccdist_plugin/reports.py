@@ -390,6 +390,17 @@ def eval_table(records: Sequence[dict[str, Any]]) -> str:
             "IBP/CROWN: sound float64 bounds; accuracies in %."
         )
     for r in records:
+        same = (r.get("bab") or {}).get("same_points")
+        if same and r["metrics"].get("bab_cert_acc") is not None and r["bab"]["count"] != r["count"]:
+            names = {
+                "correct": "Std.",
+                "pgd_robust": "PGD",
+                "ibp_certified": "IBP",
+                "crown_certified": "CROWN",
+            }
+            figures = ", ".join(f"{names[k]} {_pct(v)}" for k, v in same.items() if k in names)
+            notes.append(f"{r['label']}: BaB ran on the first {r['bab']['count']} points; there: {figures}.")
+    for r in records:
         if r["autoattack"].get("run") is False and r["settings"].get("attack") == "autoattack":
             notes.append(f"{r['label']}: AutoAttack not run ({r['autoattack'].get('reason')}).")
         if r.get("soundness_alarms"):

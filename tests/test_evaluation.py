@@ -292,7 +292,15 @@ def test_sweep_command_trains_evaluates_and_plots(tmp_path):
         "optim.batch_size=500",
     ]
     args = ["sweep", "--param", "alpha", "--values", "0.3,0.7", "--config", "digits", "--seeds", "0"]
-    args += [a for s in sets for a in ("--set", s)] + ["--output-dir", str(out), "--count", "30", "--attack", "none", "--quiet"]
+    args += [a for s in sets for a in ("--set", s)] + [
+        "--output-dir",
+        str(out),
+        "--count",
+        "30",
+        "--attack",
+        "none",
+        "--quiet",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "alpha=0.3" in res.output and "alpha=0.7" in res.output
