@@ -165,6 +165,9 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     _wait_or_lock(out / "running.lock", result_path)
     if result_path.is_file():
         return json.loads(result_path.read_text())
+    if job.kind == "cc_dist":  # the teacher may still be training in another process
+        while not (Path(job.teacher).parent / "train_time.json").is_file():
+            time.sleep(15)
     if job.dataset == "cifar10-jpeg":
         preset = "cifar10-jpeg-cpu-teacher" if job.kind == "teacher" else "cifar10-jpeg-cpu"
         cfg = load_config(preset, cifar_overrides(job.kind, job.seed, out, job.epochs, job.teacher_epochs))
@@ -372,8 +375,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_digits:
             dj = Job("digits-teacher-s0", "digits", "teacher", 0)
             first[dj.name] = pool.submit(run_job, dj, root)
-        collect(first)
-        best_alpha = select_alpha(results, alphas)
+        if len(alphas) > 1:  # α is chosen on validation before the other runs start
+            collect(first)
+            best_alpha = select_alpha(results, alphas)
+        else:
+            best_alpha = alphas[0]
         log.info("selected alpha=%g on validation", best_alpha)
         # stage 2, in priority order: seed 0 of CC-Dist, BaB of CC-IBP seed 0, more seeds, the β sweep
         # (validation only), digits, the last seeds, BaB of the other runs (each waits for its checkpoint)
@@ -396,11 +402,16 @@ def main(argv: list[str] | None = None) -> None:
                 **kw,
             )
 
-        queue: list[tuple[str, Any]] = [("train", main_job("cc_dist", 0))]
+        queue: list[tuple[str, Any]] = []
+        if len(alphas) == 1:  # these need no teacher: start them while the teacher trains
+            queue += [("train", main_job("cc_ibp", s)) for s in range(1, args.seeds)]
+        queue.append(("train", main_job("cc_dist", 0)))
         if bab_on:
             queue.append(("bab", f"cc_ibp-a{a}-s0"))
         for s in range(1, min(args.seeds, 2)):
-            queue += [("train", main_job("cc_ibp", s)), ("train", main_job("cc_dist", s))]
+            queue += [("train", main_job("cc_ibp", s))] * (len(alphas) > 1) + [
+                ("train", main_job("cc_dist", s))
+            ]
         for bw in sweep:
             if bw not in (0.0, 5.0):
                 job = Job(
@@ -423,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
                 for kind in ("cc_ibp", "cc_dist"):
                     queue.append(("train", Job(f"digits-{kind}-s{s}", "digits", kind, s, 0.5, 5.0, dt)))
         for s in range(2, args.seeds):
-            queue += [("train", main_job("cc_ibp", s)), ("train", main_job("cc_dist", s))]
+            queue += [("train", main_job("cc_ibp", s))] * (len(alphas) > 1) + [
+                ("train", main_job("cc_dist", s))
+            ]
         if bab_on:
             for s in range(1, min(args.bab_seeds, args.seeds)):
                 queue += [("bab", f"cc_ibp-a{a}-s{s}"), ("bab", f"cc_dist-a{a}-b5-s{s}")]
@@ -436,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 args_bab = (item, root, "cifar10-jpeg", CIFAR_EPS, args.bab_count, args.bab_timeout)
                 futures.append((f"bab:{item}", pool.submit(run_bab, *args_bab)))
+        if len(alphas) == 1:
+            futures = list(first.items()) + futures
         for name, fut in futures:
             try:
                 res = fut.result()
@@ -457,7 +472,7 @@ def report_from_disk(root: str, alphas, sweep, args, wall_s: float) -> None:
     """Report every finished run found under ``root`` (missing runs are left out and counted)."""
     results = {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/result.json")}
     bab = {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/bab.json")}
-    best_alpha = select_alpha(results, alphas)
+    best_alpha = select_alpha(results, alphas) if len(alphas) > 1 else alphas[0]
     report(results, bab, best_alpha, alphas, sweep, args, wall_s)
 
 
