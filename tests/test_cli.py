@@ -65,7 +65,9 @@ def test_train_teacher_then_student_then_resume(tmp_path):
     runner = CliRunner()
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     t_args = ["--set", "schedule.epochs=1", "--set", "loss.attack.steps=2", "--output-dir", str(teacher_dir)]
-    result = runner.invoke(main, ["train-teacher", "--config", "digits-teacher", "--quiet", *TINY, *t_args])
+    result = runner.invoke(
+        main, ["train-teacher", "--config", "digits-teacher", "--quiet", "--threads", "1", *TINY, *t_args]
+    )
     assert result.exit_code == 0, result.output
     teacher_ckpt = teacher_dir / "checkpoint.pt"
     assert load_checkpoint(teacher_ckpt)["role"] == "teacher"
