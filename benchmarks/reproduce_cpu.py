@@ -117,29 +117,41 @@ def _tensors(ds, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, pgd_steps: int = 40) -> dict[str, float]:
-    """Standard, PGD-``pgd_steps``, IBP- and CROWN-certified accuracy (fractions) of an eval-mode model."""
+    """Standard, PGD-``pgd_steps``, IBP- and CROWN-certified accuracy (fractions) of an eval-mode model.
+
+    CROWN runs only on the points that are correctly classified, survive PGD and are not IBP-certified:
+    a point with a counterexample cannot be certified by a sound method, so this changes no number and
+    saves most of CROWN's cost. ``unsound_points`` counts IBP-certified points that PGD broke (must be 0).
+    """
     from ccdist_plugin.attacks import pgd_attack
     from ccdist_plugin.bounds import certify
 
     model.eval()
     t0 = time.perf_counter()
-    clean, robust = 0, 0
+    clean, robust = [], []
     for s in range(0, len(x), 250):
         xb, yb = x[s : s + 250], y[s : s + 250]
         with torch.no_grad():
-            clean += int((model(xb).argmax(1) == yb).sum())
+            clean.append(model(xb).argmax(1) == yb)
         adv = pgd_attack(model, xb, yb, eps, steps=pgd_steps, step_size=eps / 4, restarts=1)
         with torch.no_grad():
-            robust += int((model(adv).argmax(1) == yb).sum())
-    ibp = certify(model, x, y, eps, method="ibp")
-    crown = certify(model, x, y, eps, method="crown", intermediate="ibp", batch_size=64)
+            robust.append(model(adv).argmax(1) == yb)
+    clean_t, robust_t = torch.cat(clean), torch.cat(robust) & torch.cat(clean)
+    ibp = certify(model, x, y, eps, method="ibp").certified
+    crown = ibp.clone()
+    need = robust_t & ~ibp
+    if bool(need.any()):
+        crown[need] = certify(
+            model, x[need], y[need], eps, method="crown", intermediate="ibp", batch_size=64
+        ).certified
     n = len(x)
     return {
         "n": n,
-        "std": clean / n,
-        f"pgd{pgd_steps}": robust / n,
-        "ibp_cert": float(ibp.certified.float().mean()),
-        "crown_cert": float((crown.certified | ibp.certified).float().mean()),
+        "std": float(clean_t.float().mean()),
+        f"pgd{pgd_steps}": float(robust_t.float().mean()),
+        "ibp_cert": float(ibp.float().mean()),
+        "crown_cert": float(crown.float().mean()),
+        "unsound_points": int((ibp & ~robust_t).sum()),
         "eval_s": time.perf_counter() - t0,
     }
 
@@ -378,9 +390,10 @@ def main(argv: list[str] | None = None) -> None:
         if len(alphas) > 1:  # α is chosen on validation before the other runs start
             collect(first)
             best_alpha = select_alpha(results, alphas)
+            log.info("selected alpha=%g on validation", best_alpha)
         else:
             best_alpha = alphas[0]
-        log.info("selected alpha=%g on validation", best_alpha)
+            log.info("alpha=%g given (no selection)", best_alpha)
         # stage 2, in priority order: seed 0 of CC-Dist, BaB of CC-IBP seed 0, more seeds, the β sweep
         # (validation only), digits, the last seeds, BaB of the other runs (each waits for its checkpoint)
         a = f"{best_alpha:g}"
