@@ -110,3 +110,20 @@ def test_demo_trains_three_models_and_certifies(tmp_path):
     table = result.table()
     assert "CC-Dist" in table and "CROWN-cert" in table
     assert (tmp_path / "demo" / "cc_dist" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _losses_available(), reason="ccdist_plugin.losses not available yet")
+@pytest.mark.parametrize("script", ["quickstart.py", "custom_loop.py"])
+def test_examples_run(script, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    done = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "certified accuracy" in done.stdout.lower()
