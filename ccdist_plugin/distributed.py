@@ -192,6 +192,8 @@ def average_gradients(params: Sequence[torch.Tensor], weight: float) -> None:
         params: the trainable parameters, in the same order on every rank.
         weight: this rank's weight (its number of examples in the step), > 0.
     """
+    if weight <= 0:
+        raise ValueError(f"average_gradients: weight must be > 0, got {weight}")
     if not is_active():
         return
     params = [p for p in params if p.requires_grad]
@@ -200,14 +202,11 @@ def average_gradients(params: Sequence[torch.Tensor], weight: float) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    flat.mul_(float(weight))
-    buffer = torch.cat([flat, flat.new_tensor([float(weight)])])
+    # one buffer [n_r g_r, n_r]: a single all-reduce gives [Σ n_r g_r, Σ n_r]
+    buffer = torch.cat([p.grad.reshape(-1) for p in params] + [params[0].grad.new_ones(1)])
+    buffer.mul_(float(weight))
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    total = buffer[-1]
-    if float(total) <= 0:
-        raise ValueError(f"average_gradients: total weight over ranks is {float(total)}; must be > 0")
-    buffer = buffer[:-1].div_(total)
+    buffer = buffer[:-1].div_(buffer[-1])  # on the device: no host synchronization
     offset = 0
     for p in params:
         n = p.grad.numel()
