@@ -275,7 +275,7 @@ def _batches(n: int, size: int) -> list[slice]:
 
 
 def _mean(flags: Tensor) -> float:
-    return float(flags.float().mean()) if flags.numel() else float("nan")
+    return float(flags.double().mean()) if flags.numel() else float("nan")
 
 
 def evaluate(
