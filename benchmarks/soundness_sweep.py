@@ -1,0 +1,168 @@
+"""Soundness sweep: do our IBP and CROWN bounds contain the network's outputs on the ball?
+
+For small networks (MLP, cnn3, narrow CNN-7), random and briefly trained, with BatchNorm in train and
+eval mode, at several ε, this samples points uniformly in the ball ∩ [0, 1], adds PGD points that
+attack every logit difference, and counts the points whose margin z_j = f_y − f_j falls below our
+IBP or CROWN lower bound (a violation: the bound would be wrong). Certified points (``certify``,
+float64) are also attacked with PGD-40: none may fall.
+
+    python benchmarks/soundness_sweep.py [--samples 500] [--out benchmarks/results/soundness.json]
+
+Prints one row per configuration and the totals; exits 1 on any violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ccdist_plugin.attacks import pgd_attack
+from ccdist_plugin.bounds import certify, crown_margin_lower_bound, input_box, margin_lower_bound
+from ccdist_plugin.losses import CCIBPLoss
+from ccdist_plugin.models import cnn3, cnn7, mlp
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(d.target)
+
+
+def frozen_copy(model: nn.Module, reference: torch.Tensor) -> nn.Module:
+    """Eval-mode copy whose BatchNorms hold the batch statistics of ``reference``: the function
+    that train-mode bounds describe."""
+    net = copy.deepcopy(model).train()
+    stats = {}
+
+    def grab(module, args):
+        v = args[0]
+        dims = [d for d in range(v.ndim) if d != 1]
+        stats[module] = (v.mean(dims), v.var(dims, unbiased=False))
+
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(grab) for m in bns]
+    with torch.no_grad():
+        net(reference)
+    for h in hooks:
+        h.remove()
+    for m, (mean, var) in stats.items():
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return net.eval()
+
+
+def worst_margins(net: nn.Module, x, y, eps, samples: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    lo, hi = input_box(x, eps)
+    worst = torch.full((x.shape[0], net.num_classes), float("inf"))
+    points = 0
+    with torch.no_grad():
+        for _ in range(samples):
+            out = net(lo + (hi - lo) * torch.rand(x.shape, generator=g))
+            worst = torch.minimum(worst, out.gather(1, y.view(-1, 1)) - out)
+            points += x.shape[0]
+    for j in range(net.num_classes):
+
+        class Pair(nn.Module):
+            def __init__(self, j):
+                super().__init__()
+                self.j = j
+
+            def forward(self, v):
+                out = net(v)
+                return torch.stack([out.gather(1, y.view(-1, 1)).squeeze(1), out[:, self.j]], 1)
+
+        x_adv = pgd_attack(Pair(j), x, torch.zeros_like(y), eps, steps=20, objective="margin")
+        with torch.no_grad():
+            out = net(x_adv)
+        worst = torch.minimum(worst, out.gather(1, y.view(-1, 1)) - out)
+        points += x.shape[0]
+    return worst, points
+
+
+def train_briefly(model, x, y, eps, steps=40):
+    loss_fn = CCIBPLoss(alpha=0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (64,), generator=g)
+        out = loss_fn(model, x[idx], y[idx], eps)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=500, help="uniform samples per input")
+    ap.add_argument("--inputs", type=int, default=16, help="test inputs per configuration")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    x_all, y_all = digits()
+    g = torch.Generator().manual_seed(0)
+    rows, t0 = [], time.time()
+    builders = {
+        "mlp": lambda: mlp(1, 8, 10, width=32, depth=2, batch_norm=True, mean=[0.3], std=[0.4]),
+        "cnn3": lambda: cnn3(1, 8, 10, width=32, channels=(8, 16), mean=[0.3], std=[0.4]),
+        "cnn7": lambda: cnn7(3, 16, 10, width=32, channels=(4, 4, 8, 8, 8)),
+    }
+    for name, build in builders.items():
+        x_src = x_all
+        if name == "cnn7":
+            x_src = nn.functional.interpolate(x_all, size=16).repeat(1, 3, 1, 1)
+        for eps in (0.01, 0.05, 0.1):
+            for state in ("random", "trained"):
+                torch.manual_seed(len(rows))
+                model = build()
+                if state == "trained":
+                    train_briefly(model, x_src[:1000], y_all[:1000], eps)
+                else:
+                    model.train()
+                    with torch.no_grad():
+                        model(x_src[:64])
+                for mode in ("eval", "train"):
+                    x, y = x_src[1200 : 1200 + args.inputs], y_all[1200 : 1200 + args.inputs]
+                    model.train(mode == "train")
+                    ref = frozen_copy(model, x) if mode == "train" else copy.deepcopy(model).eval()
+                    z_ibp = margin_lower_bound(model, x, y, eps).detach()
+                    z_crown = crown_margin_lower_bound(ref, x, y, eps)
+                    worst, points = worst_margins(ref, x, y, eps, args.samples, g)
+                    tol = 1e-5
+                    v_ibp = int((z_ibp > worst + tol).any(1).sum())
+                    v_crown = int((z_crown > worst + tol).any(1).sum())
+                    cert = certify(ref, x, y, eps, method="crown")
+                    fell = 0
+                    if cert.certified.any():
+                        xc, yc = x[cert.certified], y[cert.certified]
+                        x_adv = pgd_attack(ref, xc, yc, eps, steps=40, step_size=2.5 * eps / 40, restarts=2)
+                        with torch.no_grad():
+                            fell = int((ref(x_adv).argmax(1) != yc).sum())
+                    row = dict(
+                        model=name, eps=eps, state=state, bn_mode=mode, points=points,
+                        ibp_violations=v_ibp, crown_violations=v_crown,
+                        certified=int(cert.certified.sum()), certified_attacked=fell,
+                    )  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    total = sum(r["points"] for r in rows)
+    bad = sum(r["ibp_violations"] + r["crown_violations"] + r["certified_attacked"] for r in rows)
+    summary = dict(configurations=len(rows), points=total, violations=bad, seconds=round(time.time() - t0, 1))
+    print("TOTAL", json.dumps(summary))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
