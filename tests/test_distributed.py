@@ -240,3 +240,23 @@ def test_three_shards_and_merge_through_the_cli(tmp_path):
     runner.invoke(main, ["verify", "--export", str(export), "--merge"])
     report = json.loads((export / "verification.json").read_text())
     assert report["missing"] == [] and report["certified"] == 7
+
+
+def test_sync_batchnorm_is_bounded_like_batchnorm():
+    """``convert_sync_batchnorm`` gives ``_BatchNorm`` subclasses that ``ccdist_plugin.bounds`` accepts;
+    without a process group (and in eval mode, as in certification) the bounds are the BatchNorm ones."""
+    import copy
+
+    from ccdist_plugin.bounds import margin_lower_bound
+    from ccdist_plugin.distributed import convert_sync_batchnorm
+    from ccdist_plugin.models import cnn7
+
+    torch.manual_seed(0)
+    model = cnn7(in_channels=1, input_size=8, num_classes=10, width=16, channels=[4, 4, 8, 8, 8])
+    synced = convert_sync_batchnorm(copy.deepcopy(model))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    for train in (True, False):
+        model.train(train)
+        synced.train(train)
+        assert torch.equal(margin_lower_bound(model, x, y, 0.05), margin_lower_bound(synced, x, y, 0.05))
