@@ -101,7 +101,9 @@ def env_info() -> DistInfo:
         )
     except ValueError as err:
         raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}") from err
-    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+    if info.world_size <= 1:  # a stray RANK without WORLD_SIZE is not a launch
+        return DistInfo()
+    if not 0 <= info.rank < info.world_size:
         raise ValueError(f"invalid RANK={info.rank} for WORLD_SIZE={info.world_size}")
     return info
 
