@@ -271,6 +271,7 @@ def write_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(record, fh, indent=1, allow_nan=True)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; records are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
