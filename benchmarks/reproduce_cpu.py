@@ -304,6 +304,9 @@ def run_bab(name: str, root: str, dataset: str, eps: float, count: int, timeout_
         count=count,
         timeout_s=timeout_s,
         template=template,
+        # our IBP pre-check only: export's CROWN pre-check runs certify() in batches of 256, which for
+        # cnn3 on CIFAR needs ~19 GB (killed by the OOM killer here); α,β-CROWN bounds the root itself
+        methods=("ibp",),
         config_overrides=dict(BAB_CPU_OVERRIDES),
         dataset_name=dataset,
         checkpoint_path=str(out / "checkpoint.pt"),
@@ -507,6 +510,15 @@ def report_from_disk(root: str, alphas, sweep, args, wall_s: float) -> None:
     """Report every finished run found under ``root`` (missing runs are left out and counted)."""
     results = {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/result.json")}
     bab = {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/bab.json")}
+    for export in Path(root).glob("*/bab"):  # interrupted: what finished (missing points: not certified)
+        name = export.parent.name
+        if name not in bab and (export / "instances.csv").is_file():
+            from ccdist_plugin.verify import merge_shards
+
+            res = merge_shards(export)
+            bab[name] = {k: v for k, v in dataclasses.asdict(res).items() if not isinstance(v, list)}
+            bab[name]["partial"] = True
+            bab[name]["missing"] = len(res.missing)
     best_alpha = select_alpha(results, alphas) if len(alphas) > 1 else alphas[0]
     report(results, bab, best_alpha, alphas, sweep, args, wall_s)
 
