@@ -6,9 +6,9 @@ It trains, with the packaged ``digits-teacher`` and ``digits`` presets:
 2. a CC-IBP student (``loss.method = cc_ibp``, the same α);
 3. a CC-Dist student distilling from the teacher;
 
-then evaluates all three on the 300 held-out digits: standard accuracy, PGD accuracy (40 steps of
-0.1ε, 2 restarts: :data:`PGD_STEPS`), IBP-certified and CROWN-certified accuracy (sound, float64),
-and prints a table.
+then evaluates all three on the 300 held-out digits with :mod:`ccdist_plugin.evaluation` (the
+figures of ``ccdist eval``): standard accuracy, PGD-40 accuracy (40 steps of 2.5ε/40, random
+start), IBP-certified and CROWN-certified accuracy (sound, float64), and prints a table.
 When :mod:`ccdist_plugin.export` is available it also exports the CC-Dist student and a handful of
 test points for α,β-CROWN (``<output_dir>/export``) and, when ``ABCROWN_DIR`` is set, verifies
 them (:func:`verify_hook`, ``ccdist_plugin.verify``; points not already certified by our IBP/CROWN
@@ -30,12 +30,10 @@ import torch
 from ccdist_plugin.config import load_preset
 from ccdist_plugin.trainer import Trainer, build_model, load_data
 
-__all__ = ["run_demo", "DemoResult", "evaluate_model", "verify_hook", "PGD_STEPS", "EXPORT_POINTS"]
+__all__ = ["run_demo", "DemoResult", "evaluate_model", "verify_hook", "EXPORT_POINTS"]
 
 log = logging.getLogger(__name__)
 
-#: PGD evaluation of the demo: steps, step size as a multiple of ε, restarts
-PGD_STEPS, PGD_STEP_REL, PGD_RESTARTS = 40, 0.1, 2
 #: test points exported for α,β-CROWN, and its time limit per point (branch and bound)
 EXPORT_POINTS, VERIFY_TIMEOUT_S = 10, 20.0
 
@@ -70,33 +68,19 @@ class DemoResult:
 
 
 def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
-    """Standard, PGD, IBP-certified and CROWN-certified accuracy (fractions) of ``model`` at ``eps``."""
-    from ccdist_plugin.attacks import pgd_attack
-    from ccdist_plugin.bounds import certify
+    """Standard, PGD-40, IBP-certified and CROWN-certified accuracy (fractions) of ``model`` at
+    ``eps``, by :func:`ccdist_plugin.evaluation.evaluate` with its defaults (the same figures as
+    ``ccdist eval``)."""
+    from ccdist_plugin.evaluation import EvalSettings, evaluate
 
-    model.eval()
-    with torch.no_grad():
-        correct = model(x).argmax(1) == y
-    x_adv = pgd_attack(
-        model,
-        x,
-        y,
-        eps,
-        steps=PGD_STEPS,
-        step_size=PGD_STEP_REL * eps,
-        random_start=True,
-        restarts=PGD_RESTARTS,
-    )
-    with torch.no_grad():
-        robust = (model(x_adv).argmax(1) == y) & correct
-    ibp = certify(model, x, y, eps, method="ibp").certified
-    crown = certify(model, x, y, eps, method="crown").certified
+    res = evaluate(model, x, y, EvalSettings(eps=eps), progress=False)
+    m = res.metrics
     return {
-        "standard": float(correct.float().mean()),
-        "pgd": float(robust.float().mean()),
-        "ibp": float(ibp.float().mean()),
-        "crown": float(crown.float().mean()),
-        "n": int(len(y)),
+        "standard": m["standard_acc"],
+        "pgd": m["pgd_acc"],
+        "ibp": m["ibp_cert_acc"],
+        "crown": m["crown_cert_acc"],
+        "n": res.count,
     }
 
 
