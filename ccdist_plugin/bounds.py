@@ -21,6 +21,7 @@ An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 _MONOTONE = (nn.ReLU, nn.Tanh)
+#: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
+_CROWN_BUDGET = 2**26
 _PASSTHROUGH = (nn.Identity, nn.Dropout)
 
 
@@ -452,7 +455,7 @@ def _native_crown(
     y: Tensor,
     eps: float | Tensor,
     intermediate: str,
-    max_crown_neurons: int,
+    max_crown_elements: int,
     chunk: int,
 ) -> Tensor:
     layers = flat_layers(model.features)
@@ -472,7 +475,9 @@ def _native_crown(
         l, u = ibp.layer_bounds[i - 1] if i > 0 else (lo, hi)
         n = l[0].numel()
         # Before the first activation the network is affine and IBP is exact per neuron.
-        if intermediate == "crown" and seen_activation and n <= max_crown_neurons:
+        upstream = max(math.prod(shape) for shape in shapes[:i])
+        affordable = 2 * n * upstream <= max_crown_elements
+        if intermediate == "crown" and seen_activation and affordable:
             bsz = x.shape[0]
             lows, ups = [], []
             eye = torch.eye(n, dtype=x.dtype, device=x.device)
@@ -524,7 +529,7 @@ def crown_margin_lower_bound(
     eps: float | Tensor,
     intermediate: str = "crown",
     backend: str = "native",
-    max_crown_neurons: int = 2048,
+    max_crown_elements: int = 2**23,
     chunk: int = 512,
 ) -> Tensor:
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
@@ -532,9 +537,12 @@ def crown_margin_lower_bound(
     Args:
         intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained.
             ``"ibp"``: from IBP (CROWN-IBP, Zhang et al. 2020). ``"crown"``: by back-substitution
-            for every layer with at most ``max_crown_neurons`` neurons (intersected with IBP, so
-            never looser), IBP for larger layers (convolutions of CIFAR-size networks would need
-            gigabytes per example) — for full CROWN everywhere use ``backend="auto_lirpa"``.
+            for every layer whose back-substitution holds at most ``max_crown_elements``
+            coefficients per example (2 × its neurons × the largest layer below it), intersected
+            with IBP so never looser; IBP for larger layers (the convolutions and first dense layer
+            of CIFAR-size networks would take gigabytes and minutes per batch). Small networks
+            (digits, the tests) thus get full CROWN; for full CROWN on large ones use
+            ``backend="auto_lirpa"``.
         backend: ``"native"`` (this module, ReLU networks) or ``"auto_lirpa"`` (auto_LiRPA's
             ``compute_bounds(method="CROWN")`` with the elision matrix as C).
         chunk: neurons bounded per back-substitution batch (memory knob).
@@ -552,7 +560,21 @@ def crown_margin_lower_bound(
         return _auto_lirpa_margin(model, x, y, eps, "CROWN" if intermediate == "crown" else "CROWN-IBP")
     if backend != "native":
         raise ValueError(f"backend must be 'native' or 'auto_lirpa', got {backend!r}")
-    return _native_crown(model, x, y, eps, intermediate, max_crown_neurons, chunk)
+    # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
+    # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
+    # with the batch's statistics, so a batch in train mode is never split.
+    if not model.training and x.shape[0] > 1:
+        largest = max(math.prod(s) for s in _input_shapes(flat_layers(model.features), x))
+        rows = max(min(2 * chunk, max_crown_elements // largest), model.num_classes)
+        per_batch = max(1, _CROWN_BUDGET // (rows * largest))
+        if x.shape[0] > per_batch:
+            eps_t = torch.as_tensor(eps)
+            parts = []
+            for sl in _batches(x.shape[0], per_batch):
+                e = eps_t[sl] if eps_t.ndim == 1 else eps
+                parts.append(_native_crown(model, x[sl], y[sl], e, intermediate, max_crown_elements, chunk))
+            return torch.cat(parts)
+    return _native_crown(model, x, y, eps, intermediate, max_crown_elements, chunk)
 
 
 # --------------------------------------------------------------------------------------------
