@@ -443,7 +443,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | skipped: {sec['skipped']} | |")
             continue
         for name, value in sec["ratios"].items():
-            lines.append(f"| {label}: {name} | {value:.2f}× | {GOALS.get(name, '')} |")
+            shown = f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+            lines.append(f"| {label}: {name} | {shown}× | {GOALS.get(name, '')} |")
         for name, value in sec.get("max_abs_diff", {}).items():
             lines.append(f"| {label}: max abs difference of the bounds, {name} | {value:.2e} | |")
         for name, value in sec.get("max_rel_diff", {}).items():
@@ -465,7 +466,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-arch", default="cnn7", help=argparse.SUPPRESS)
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite speed.md from speed.json")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        print(_write(json.loads((Path(args.out) / "speed.json").read_text()), Path(args.out)))
+        return
     torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args.rss_child, args.rss_arch, steps=2)
