@@ -641,9 +641,9 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
             "\n".join(digits_lines),
         ]
     (docs / "results" / "reproduce_cpu.md").write_text("\n".join(md) + "\n")
-    (docs / "results" / "reproduce_cpu.json").write_text(
-        json.dumps({"results": results, "bab": bab, "best_alpha": best_alpha, "wall_s": wall_s}, indent=1)
-    )
+    text = json.dumps({"results": results, "bab": bab, "best_alpha": best_alpha}, indent=1)
+    # no machine paths in committed files: make the run directories relative to the working directory
+    (docs / "results" / "reproduce_cpu.json").write_text(text.replace(str(Path.cwd().resolve()) + os.sep, ""))
     print("\n".join(md))
 
 
