@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from ccdist_plugin.attacks import pgd_attack
-from ccdist_plugin.bounds import certify, crown_margin_lower_bound, input_box, margin_lower_bound
+from ccdist_plugin.bounds import (
+    certify,
+    crown_margin_lower_bound,
+    input_box,
+    margin_lower_bound,
+    with_batch_statistics,
+)
 from ccdist_plugin.losses import CCIBPLoss
 from ccdist_plugin.models import cnn3, cnn7, mlp
 
@@ -34,29 +40,6 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
     d = load_digits()
     return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(d.target)
-
-
-def frozen_copy(model: nn.Module, reference: torch.Tensor) -> nn.Module:
-    """Eval-mode copy whose BatchNorms hold the batch statistics of ``reference``: the function
-    that train-mode bounds describe."""
-    net = copy.deepcopy(model).train()
-    stats = {}
-
-    def grab(module, args):
-        v = args[0]
-        dims = [d for d in range(v.ndim) if d != 1]
-        stats[module] = (v.mean(dims), v.var(dims, unbiased=False))
-
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    hooks = [m.register_forward_pre_hook(grab) for m in bns]
-    with torch.no_grad():
-        net(reference)
-    for h in hooks:
-        h.remove()
-    for m, (mean, var) in stats.items():
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-    return net.eval()
 
 
 def worst_margins(net: nn.Module, x, y, eps, samples: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -133,7 +116,7 @@ def main() -> int:
                 for mode in ("eval", "train"):
                     x, y = x_src[1200 : 1200 + args.inputs], y_all[1200 : 1200 + args.inputs]
                     model.train(mode == "train")
-                    ref = frozen_copy(model, x) if mode == "train" else copy.deepcopy(model).eval()
+                    ref = with_batch_statistics(model, x) if mode == "train" else copy.deepcopy(model).eval()
                     z_ibp = margin_lower_bound(model, x, y, eps).detach()
                     z_crown = crown_margin_lower_bound(ref, x, y, eps)
                     worst, points = worst_margins(ref, x, y, eps, args.samples, g)

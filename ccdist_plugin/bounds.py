@@ -45,6 +45,7 @@ __all__ = [
     "CertifyResult",
     "certify",
     "flat_layers",
+    "with_batch_statistics",
 ]
 
 _MONOTONE = (nn.ReLU, nn.Tanh)
@@ -269,6 +270,35 @@ def propagate_intervals(
             result.layer_bounds.append((centre - radius, centre + radius))
     result.lower, result.upper, result.value = centre - radius, centre + radius, value
     return result
+
+
+def with_batch_statistics(model: nn.Module, reference: Tensor) -> nn.Module:
+    """An eval-mode copy of ``model`` whose BatchNorms hold the batch statistics of ``reference``.
+
+    This is the function that train-mode bounds describe (every BatchNorm normalizing with the
+    statistics of the reference batch): bounds computed in train mode with ``reference`` equal
+    the eval-mode bounds of this copy, and the copy can be evaluated on any point of the ball.
+    """
+    net = copy.deepcopy(model).train()
+    stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def record(module, args):
+        dims = [d for d in range(args[0].ndim) if d != 1]
+        var, mean = torch.var_mean(args[0], dim=dims, unbiased=False)
+        stats[module] = (mean, var)
+
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(record) for m in bns]
+    try:
+        with torch.no_grad():
+            net(reference)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, (mean, var) in stats.items():
+        m.running_mean = mean.detach().clone()
+        m.running_var = var.detach().clone()
+    return net.eval()
 
 
 def interval_bounds(

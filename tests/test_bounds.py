@@ -20,37 +20,12 @@ from ccdist_plugin.bounds import (
     interval_bounds,
     margin_lower_bound,
     propagate_intervals,
+    with_batch_statistics,
 )
 from ccdist_plugin.models import cnn3
 
 EPS = {"mlp": 0.05, "cnn3": 0.05, "cnn7": 0.01}
 SAMPLES = 400  # per input: 8 inputs x 400 = 3,200 sampled points per (model, state, mode)
-
-
-def frozen_bn_copy(model: nn.Module, reference: torch.Tensor) -> nn.Module:
-    """An eval-mode copy whose BatchNorms use the batch statistics of ``reference``: the function
-    that train-mode bounds (BatchNorm normalizing with the reference batch) describe."""
-    net = copy.deepcopy(model).train()
-    stats = {}
-
-    def grab(module, args):
-        v = args[0]
-        dims = [d for d in range(v.ndim) if d != 1]
-        stats[module] = (v.mean(dims), v.var(dims, unbiased=False))
-
-    hooks = [
-        m.register_forward_pre_hook(grab)
-        for m in net.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    with torch.no_grad():
-        net(reference)
-    for h in hooks:
-        h.remove()
-    for m, (mean, var) in stats.items():
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-    return net.eval()
 
 
 def sampled_margins(net: nn.Module, x, y, eps, n: int, seed: int = 0):
@@ -136,7 +111,7 @@ def test_ibp_and_crown_contain_sampled_and_pgd_points(state, name, mode, digits,
     x, y = _inputs(name, digits)
     eps = EPS[name]
     model.train(mode == "train")
-    reference_net = frozen_bn_copy(model, x) if mode == "train" else copy.deepcopy(model).eval()
+    reference_net = with_batch_statistics(model, x) if mode == "train" else copy.deepcopy(model).eval()
 
     h_lb, h_ub = feature_bounds(model, x, eps)
     z_ibp = margin_lower_bound(model, x, y, eps)
@@ -216,7 +191,7 @@ def test_bn_negative_scale_and_train_mode_reference():
     lb, ub = interval_bounds(net, lo, hi, reference=x)
     torch.testing.assert_close(net[1].running_mean, running)  # pure: no running-stat update
     g = torch.Generator().manual_seed(1)
-    frozen = frozen_bn_copy(net, x)
+    frozen = with_batch_statistics(net, x)
     with torch.no_grad():
         for _ in range(200):
             out = frozen(lo + (hi - lo) * torch.rand(x.shape, generator=g))
