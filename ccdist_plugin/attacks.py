@@ -100,6 +100,8 @@ def pgd_attack(
                     x_adv = torch.minimum(torch.maximum(x_adv, lo), hi)
                 if early_stop and not bool(active.any()):
                     break
+            if restarts == 1:
+                return x_adv.detach()  # one candidate: nothing to choose (saves a forward pass)
             with torch.no_grad():
                 logits = model(x_adv)
                 score = attack_objective(logits, y, objective)

@@ -119,19 +119,23 @@ def flat_layers(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
-def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) of a BatchNorm as the forward pass applies it.
+def _bn_scale_shift(
+    bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | None
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """Per-channel (scale, shift) of a BatchNorm as the forward pass applies it, and the batch
+    (mean, biased variance) when it normalizes with batch statistics (else None).
 
     Train mode (or no running statistics): the mean and biased variance of ``stats_input``
     over all but the channel dimension (one ``var_mean`` pass, differentiable, as auto_LiRPA's
     IBP does), exactly as ``F.batch_norm`` normalizes. Eval mode: the running statistics.
     """
-    use_batch_stats = bn.training or bn.running_mean is None
-    if use_batch_stats:
+    batch_stats = None
+    if bn.training or bn.running_mean is None:
         if stats_input is None:
             raise ValueError("BatchNorm in train mode needs a reference batch for its statistics")
         dims = [d for d in range(stats_input.ndim) if d != 1]
         var, mean = torch.var_mean(stats_input, dim=dims, unbiased=False)
+        batch_stats = (mean, var)
     else:
         mean, var = bn.running_mean, bn.running_var
     scale = torch.rsqrt(var + bn.eps)
@@ -140,7 +144,20 @@ def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | N
     shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    return scale, shift
+    return scale, shift, batch_stats
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+    """Move a train-mode BatchNorm's running statistics as its ``forward`` would on a batch with
+    this (mean, biased variance) over ``count`` values per channel: exponential average with
+    ``momentum`` (cumulative when None), unbiased variance. Saves normalizing the batch twice."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.lerp_(mean.detach(), factor)
+    bn.running_var.lerp_(var.detach() * (count / max(count - 1, 1)), factor)
 
 
 def _channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -189,9 +206,9 @@ def propagate_intervals(
 
     The reference (e.g. the adversarial batch in training) goes through each layer, and the
     intervals through a train-mode BatchNorm use the reference's batch statistics. With
-    ``update_running_stats`` the reference goes through each BatchNorm's own ``forward``, which
-    also updates its running statistics exactly as ``module(reference)`` would (what a training
-    step wants); otherwise nothing in ``module`` is modified. This is how CC-IBP/CC-Dist get the
+    ``update_running_stats`` each train-mode BatchNorm's running statistics move exactly as
+    ``module(reference)`` would move them (what a training step wants; the batch statistics are
+    computed once for both); otherwise nothing in ``module`` is modified. This is how CC-IBP/CC-Dist get the
     adversarial output and the IBP bounds in one pass (SPEC.md, "BatchNorm during training").
     Without a reference, a train-mode BatchNorm uses the statistics of the box centre.
 
@@ -217,13 +234,15 @@ def propagate_intervals(
             centre = _affine(layer, centre)
             radius = _affine(layer, radius, weight=layer.weight.abs(), bias=False)
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            scale, shift = _bn_scale_shift(layer, value if value is not None else centre)
+            stats_input = value if value is not None else centre
+            scale, shift, batch_stats = _bn_scale_shift(layer, stats_input)
             if value is not None:
-                if update_running_stats:
-                    value = layer(value)
-                else:
-                    value = torch.addcmul(
-                        _channel_view(shift, value.ndim), value, _channel_view(scale, value.ndim)
+                value = torch.addcmul(
+                    _channel_view(shift, value.ndim), value, _channel_view(scale, value.ndim)
+                )
+                if update_running_stats and batch_stats is not None:
+                    _update_running_stats(
+                        layer, *batch_stats, count=stats_input.numel() // stats_input.shape[1]
                     )
             centre = torch.addcmul(
                 _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)

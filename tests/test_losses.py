@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -169,27 +171,35 @@ def test_cc_dist_is_cc_ibp_plus_beta_r_with_default_beta_5_over_w():
 
 def test_batchnorm_protocol_adv_stats_one_forward_each():
     """Attack in eval mode; the adversarial forward and the IBP bounds use the adversarial
-    batch's statistics, and BatchNorm running statistics are updated exactly once."""
+    batch's statistics, and BatchNorm running statistics move exactly once, as one train-mode
+    forward pass on the adversarial batch moves them."""
     torch.manual_seed(0)
     s = cnn3(1, 8, 10, width=16, channels=(4, 8))
     t = cnn3(1, 8, 10, width=16, channels=(4, 8))
     x, y = batch(n=32)
     s.train()
+    bn = s.features[2]
     calls = []
-    s.features[2].register_forward_hook(lambda m, i, o: calls.append(m.training))
+    bn.register_forward_hook(lambda m, i, o: calls.append(m.training))
     loss = CCDistLoss(t, alpha=0.5)
+    reference = copy.deepcopy(s)
+    tracked = int(bn.num_batches_tracked)
     torch.manual_seed(2)
     out = loss(s, x, y, EPS)
-    # attack forward(s) in eval mode, then exactly one train-mode forward (the adversarial batch)
-    assert calls.count(True) == 1 and all(not c for c in calls[:-1]) and calls[-1]
-    assert s.training
+    assert calls and not any(calls)  # only the attack calls the modules, in eval mode
+    assert s.training and int(bn.num_batches_tracked) == tracked + 1
     torch.manual_seed(2)
-    x_adv = loss.attack(s, x, y, EPS)
+    x_adv = loss.attack(reference, x, y, EPS)
+    with torch.no_grad():
+        adv_logits = reference(x_adv)  # one train-mode forward on the adversarial batch
+    torch.testing.assert_close(bn.running_mean, reference.features[2].running_mean)
+    torch.testing.assert_close(bn.running_var, reference.features[2].running_var)
+    torch.testing.assert_close(out.stats["logits_adv"], adv_logits, rtol=1e-4, atol=1e-5)
     lo, hi = input_box(x, EPS)
-    h_lb, _ = interval_bounds(s.features, lo, hi, reference=x_adv)
-    assert torch.isfinite(out.loss)
-    inp = loss_inputs(s, x, y, EPS, None, True, t, x_adv=x_adv)
+    h_lb, _ = interval_bounds(reference.features, lo, hi, reference=x_adv)
+    inp = loss_inputs(reference, x, y, EPS, None, True, t, x_adv=x_adv)
     torch.testing.assert_close(inp.h_lb, h_lb)
+    assert torch.isfinite(out.loss)
 
 
 def test_make_loss_registry_and_errors():
