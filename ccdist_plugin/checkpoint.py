@@ -11,9 +11,7 @@ target with ``os.replace``: an interrupted write leaves the previous checkpoint 
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from ccdist_plugin.config import TrainConfig, config_diff
+from ccdist_plugin.fileio import atomic_write
 from ccdist_plugin.models import CertifiedNet, model_from_arch
 
 __all__ = [
@@ -66,21 +65,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     The data goes to a temporary file beside ``path`` which then replaces it (``os.replace``); on
     any error the temporary file is removed and an existing checkpoint at ``path`` is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **payload}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -43,6 +43,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ccdist_plugin.fileio import atomic_write_text, file_sha256
 from ccdist_plugin.models import CertifiedNet
 
 __all__ = [
@@ -370,14 +371,6 @@ def write_abcrown_config(
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sha256_state(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -604,7 +597,7 @@ def export_instances(
         "format": "ccdist-export/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
-        "checkpoint_sha256": _sha256_file(checkpoint_path) if checkpoint_path is not None else None,
+        "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
         "model_sha256": _sha256_state(model),
         "model_arch": model.arch,
         "dataset": dataset_name,
@@ -632,9 +625,7 @@ def export_instances(
         "versions": {"torch": torch.__version__},
     }
     manifest_path = out / MANIFEST_NAME
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     logger.info(
         "exported %d points to %s: %s; %d instances for α,β-CROWN", len(points), out, counts, len(rows)
     )

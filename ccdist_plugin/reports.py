@@ -26,16 +26,16 @@ Figure 1.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ccdist_plugin.fileio import atomic_write_text, file_sha256
 
 __all__ = [
     "SCHEMA",
@@ -119,15 +119,6 @@ def code_version() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _METHOD_LABELS = {
@@ -264,20 +255,7 @@ def validate_record(record: dict[str, Any]) -> None:
 
 def write_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a record atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=1, allow_nan=True)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; records are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=1, allow_nan=True) + "\n")
 
 
 def load_record(path: str | os.PathLike) -> dict[str, Any]:

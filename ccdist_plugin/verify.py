@@ -39,6 +39,7 @@ from typing import Any
 import click
 
 from ccdist_plugin.export import CONFIG_NAME, CSV_NAME, MANIFEST_NAME
+from ccdist_plugin.fileio import atomic_write_text
 
 __all__ = [
     "INSTALL_HELP",
@@ -367,12 +368,6 @@ def _append_record(path: Path, rec: InstanceResult) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_verification(
     export_dir: str | os.PathLike,
     abcrown_dir: str | os.PathLike | None = None,
@@ -467,12 +462,12 @@ def _write_summary(export: Path, result: VerificationResult, shard: tuple[int, i
     verify_dir = export / VERIFY_DIR
     verify_dir.mkdir(exist_ok=True)
     if shard is None:
-        _write_atomic(export / SUMMARY_NAME, json.dumps(result.to_dict(), indent=1))
-        _write_atomic(export / TABLE_NAME, result.table())
+        atomic_write_text(export / SUMMARY_NAME, json.dumps(result.to_dict(), indent=1))
+        atomic_write_text(export / TABLE_NAME, result.table())
     else:
         name = f"summary_shard_{shard[0]}_of_{shard[1]}"
-        _write_atomic(verify_dir / f"{name}.json", json.dumps(result.to_dict(), indent=1))
-        _write_atomic(verify_dir / f"{name}.md", result.table())
+        atomic_write_text(verify_dir / f"{name}.json", json.dumps(result.to_dict(), indent=1))
+        atomic_write_text(verify_dir / f"{name}.md", result.table())
 
 
 def merge_shards(export_dir: str | os.PathLike) -> VerificationResult:
