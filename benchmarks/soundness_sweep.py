@@ -27,12 +27,11 @@ from ccdist_plugin.attacks import pgd_attack
 from ccdist_plugin.bounds import (
     certify,
     crown_margin_lower_bound,
-    input_box,
     margin_lower_bound,
     with_batch_statistics,
 )
-from ccdist_plugin.losses import CCIBPLoss
 from ccdist_plugin.models import cnn3, cnn7, mlp
+from ccdist_plugin.soundness import attacked_margins, briefly_trained, sampled_extremes
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,45 +42,10 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def worst_margins(net: nn.Module, x, y, eps, samples: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
-    lo, hi = input_box(x, eps)
-    worst = torch.full((x.shape[0], net.num_classes), float("inf"))
-    points = 0
-    with torch.no_grad():
-        for _ in range(samples):
-            out = net(lo + (hi - lo) * torch.rand(x.shape, generator=g))
-            worst = torch.minimum(worst, out.gather(1, y.view(-1, 1)) - out)
-            points += x.shape[0]
-    for j in range(net.num_classes):
-
-        class Pair(nn.Module):
-            def __init__(self, j):
-                super().__init__()
-                self.j = j
-
-            def forward(self, v):
-                out = net(v)
-                return torch.stack([out.gather(1, y.view(-1, 1)).squeeze(1), out[:, self.j]], 1)
-
-        x_adv = pgd_attack(Pair(j), x, torch.zeros_like(y), eps, steps=20, objective="margin")
-        with torch.no_grad():
-            out = net(x_adv)
-        worst = torch.minimum(worst, out.gather(1, y.view(-1, 1)) - out)
-        points += x.shape[0]
-    return worst, points
-
-
-def train_briefly(model, x, y, eps, steps=40):
-    loss_fn = CCIBPLoss(alpha=0.5)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (64,), generator=g)
-        out = loss_fn(model, x[idx], y[idx], eps)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    return model
+    """Smallest margins over uniform samples and per-class PGD points, and how many points."""
+    sampled = sampled_extremes(net, x, y, eps, samples, g)
+    attacked = attacked_margins(net, x, y, eps)
+    return torch.minimum(sampled.z_min, attacked), sampled.points + net.num_classes * x.shape[0]
 
 
 def main() -> int:
@@ -108,7 +72,7 @@ def main() -> int:
                 torch.manual_seed(len(rows))
                 model = build()
                 if state == "trained":
-                    train_briefly(model, x_src[:1000], y_all[:1000], eps)
+                    briefly_trained(model, x_src[:1000], y_all[:1000], eps, steps=40)
                 else:
                     model.train()
                     with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ccdist_plugin.models import cnn3, cnn7, mlp
+from ccdist_plugin.soundness import briefly_trained  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,20 +51,3 @@ def small_models(seed: int = 0) -> dict[str, torch.nn.Module]:
             3, 16, 10, width=32, channels=(4, 4, 8, 8, 8), mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]
         ),
     }
-
-
-def briefly_trained(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 30):
-    """A few CC-IBP steps so that the network is not a random one (BN statistics move too)."""
-    from ccdist_plugin.losses import CCIBPLoss
-
-    loss_fn = CCIBPLoss(alpha=0.5)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (64,), generator=g)
-        out = loss_fn(model, x[idx], y[idx], eps)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    return model

@@ -16,58 +16,22 @@ from ccdist_plugin.bounds import (
     crown_margin_lower_bound,
     elided_margin_lower_bound,
     feature_bounds,
-    input_box,
     interval_bounds,
     margin_lower_bound,
     propagate_intervals,
     with_batch_statistics,
 )
 from ccdist_plugin.models import cnn3
+from ccdist_plugin.soundness import attacked_margins, sampled_extremes
 
 EPS = {"mlp": 0.05, "cnn3": 0.05, "cnn7": 0.01}
 SAMPLES = 400  # per input: 8 inputs x 400 = 3,200 sampled points per (model, state, mode)
 
 
 def sampled_margins(net: nn.Module, x, y, eps, n: int, seed: int = 0):
-    """Minimum over ``n`` uniform points of the ball ∩ [0,1] of z_j = f_y − f_j, and the worst
-    output box of the features."""
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = input_box(x, eps)
-    z_min = None
-    h_min = h_max = None
-    with torch.no_grad():
-        for _ in range(n):
-            xs = lo + (hi - lo) * torch.rand(x.shape, generator=g)
-            h = net.features(xs)
-            out = net.head(h)
-            z = out.gather(1, y.view(-1, 1)) - out
-            z_min = z if z_min is None else torch.minimum(z_min, z)
-            h_min = h if h_min is None else torch.minimum(h_min, h)
-            h_max = h if h_max is None else torch.maximum(h_max, h)
-    return z_min, h_min, h_max
-
-
-def pgd_margins(net: nn.Module, x, y, eps):
-    """z at PGD points attacking each class j ≠ y separately (margin objective on f_j − f_y)."""
-    z_min = torch.full((x.shape[0], net.num_classes), float("inf"))
-
-    class Pair(nn.Module):
-        """The two logits (f_y, f_j): PGD on its margin attacks the difference z_j."""
-
-        def __init__(self, j):
-            super().__init__()
-            self.j = j
-
-        def forward(self, v):
-            out = net(v)
-            return torch.stack([out.gather(1, y.view(-1, 1)).squeeze(1), out[:, self.j]], 1)
-
-    for j in range(net.num_classes):
-        x_adv = pgd_attack(Pair(j), x, torch.zeros_like(y), eps, steps=20, restarts=1, objective="margin")
-        with torch.no_grad():
-            out = net(x_adv)
-        z_min[:, j] = torch.minimum(z_min[:, j], (out.gather(1, y.view(-1, 1)) - out)[:, j])
-    return z_min
+    """Minimum over ``n`` uniform points of the ball of z_j = f_y − f_j, and the feature range."""
+    ext = sampled_extremes(net, x, y, eps, n, torch.Generator().manual_seed(seed))
+    return ext.z_min, ext.h_min, ext.h_max
 
 
 def _cases():
@@ -116,7 +80,7 @@ def test_ibp_and_crown_contain_sampled_and_pgd_points(state, name, mode, digits,
     h_lb, h_ub = feature_bounds(model, x, eps)
     z_ibp = margin_lower_bound(model, x, y, eps)
     z_samp, h_min, h_max = sampled_margins(reference_net, x, y, eps, SAMPLES)
-    z_pgd = pgd_margins(reference_net, x, y, eps)
+    z_pgd = attacked_margins(reference_net, x, y, eps)
     tol = 1e-5
     assert bool((h_lb <= h_min + tol).all()) and bool((h_max <= h_ub + tol).all())
     assert bool((z_ibp <= z_samp + tol).all()), "IBP margin bound above a sampled margin"
