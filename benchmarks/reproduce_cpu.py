@@ -10,8 +10,9 @@ Stages (all with the project's own code: ``Trainer``, ``bounds.certify``, ``atta
 1. CIFAR-10 JPEG subset (``../shared/data``; 10k train of which 1000 are held out for validation, 2k test),
    ε = 2/255, a narrow cnn3. A PGD-trained teacher (longer than the students), and CC-IBP students at
    α ∈ ``--alphas`` (seed 0). The α with the best *validation* CROWN-certified accuracy is selected.
-2. CC-IBP and CC-Dist (β = 5/w) at the selected α for ``--seeds`` seeds; a β sweep (seed 0,
-   β·w ∈ ``--beta-sweep``) evaluated on the validation split; sklearn digits (mlp) at ε = 0.1.
+2. CC-IBP and CC-Dist (β·w ∈ ``--main-betas``, default the paper's 5) at the selected α for ``--seeds``
+   seeds; a β sweep (seed 0, β·w ∈ ``--beta-sweep``) evaluated on the validation split;
+   sklearn digits (mlp) at ε = 0.1.
 3. Branch-and-bound (α,β-CROWN) on the first ``--bab-count`` test points of the teacher and of every
    CC-IBP / CC-Dist seed, when ``ABCROWN_DIR`` is set.
 4. ``docs/results/reproduce_cpu.{json,md}`` and the plots ``docs/img/beta_sweep.png``; then
@@ -171,11 +172,12 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
 
     out = Path(root) / job.name
     result_path = out / "result.json"
-    if result_path.is_file():
+    if result_path.is_file() and not _missing_splits(job, result_path):
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    _wait_or_lock(out / "running.lock", result_path)
-    if result_path.is_file():
+    if not result_path.is_file():
+        _wait_or_lock(out / "running.lock", result_path)
+    if result_path.is_file() and not _missing_splits(job, result_path):
         return json.loads(result_path.read_text())
     if job.kind == "cc_dist":  # the teacher may still be training in another process
         while not (Path(job.teacher).parent / "train_time.json").is_file():
@@ -239,14 +241,23 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
         "eps": eps,
         "width": model.feature_dim,
     }
-    if job.evaluate_val and data.val is not None:
+    if result_path.is_file():  # a finished run asked for a split it was not evaluated on: keep the rest
+        result = {**json.loads(result_path.read_text()), "job": dataclasses.asdict(job)}
+    if job.evaluate_val and data.val is not None and "val" not in result:
         xv, yv = _tensors(data.val)
         result["val"] = evaluate(model, xv, yv, eps, pgd_steps=10)
-    if job.evaluate_test:
+    if job.evaluate_test and "test" not in result:
         xt, yt = _tensors(data.test)
         result["test"] = evaluate(model, xt, yt, eps, pgd_steps=40)
     result_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _missing_splits(job: Job, result_path: Path) -> bool:
+    """Whether a finished run lacks an evaluation this job asks for (e.g. a β-sweep run, evaluated on
+    validation only, that became a main run evaluated on test)."""
+    done = json.loads(result_path.read_text())
+    return (job.evaluate_test and "test" not in done) or (job.evaluate_val and "val" not in done)
 
 
 def _wait_or_lock(lock: Path, done: Path, poll_s: float = 20.0) -> None:
@@ -350,6 +361,10 @@ def _machine() -> str:
     )
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -364,6 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--alphas", default="0.01,0.05", help="α candidates, chosen on validation")
     parser.add_argument("--beta-sweep", default="0,1,5,20,100", help="β·w values of the sweep (validation)")
+    parser.add_argument(
+        "--main-betas",
+        default="5",
+        help="β·w of the CC-Dist rows run with --seeds seeds (the paper's 5; add the value that the "
+        "validation sweep favours, e.g. 5,1)",
+    )
     parser.add_argument("--bab-count", type=int, default=100)
     parser.add_argument("--bab-timeout", type=float, default=30.0)
     parser.add_argument("--bab-seeds", type=int, default=1, help="seeds per method sent to α,β-CROWN")
@@ -377,8 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     root = str(Path(args.out))
     Path(root).mkdir(parents=True, exist_ok=True)
     started = time.time()
-    alphas = [float(a) for a in args.alphas.split(",")]
-    sweep = [float(b) for b in args.beta_sweep.split(",")]
+    alphas = _floats(args.alphas)
+    sweep = _floats(args.beta_sweep)
+    main_betas = _floats(args.main_betas)
     kw = dict(epochs=args.epochs, teacher_epochs=args.teacher_epochs, teacher_steps=args.teacher_steps)
     teacher_job = Job("teacher-s0", "cifar10-jpeg", "teacher", 0, **kw)
     teacher_ckpt = str(Path(root) / teacher_job.name / "checkpoint.pt")
@@ -426,15 +448,15 @@ def main(argv: list[str] | None = None) -> None:
         if not bab_on:
             log.warning("ABCROWN_DIR is not set: no branch-and-bound results")
 
-        def main_job(kind: str, seed: int) -> Job:
-            name = f"cc_ibp-a{a}-s{seed}" if kind == "cc_ibp" else f"cc_dist-a{a}-b5-s{seed}"
+        def main_job(kind: str, seed: int, bw: float = main_betas[0]) -> Job:
+            name = f"cc_ibp-a{a}-s{seed}" if kind == "cc_ibp" else f"cc_dist-a{a}-b{bw:g}-s{seed}"
             return Job(
                 name,
                 "cifar10-jpeg",
                 kind,
                 seed,
                 alpha=best_alpha,
-                beta_w=5.0,
+                beta_w=bw,
                 teacher=teacher_ckpt,
                 evaluate_val=seed == 0,
                 **kw,
@@ -443,15 +465,15 @@ def main(argv: list[str] | None = None) -> None:
         queue: list[tuple[str, Any]] = []
         if len(alphas) == 1:  # these need no teacher: start them while the teacher trains
             queue += [("train", main_job("cc_ibp", s)) for s in range(1, args.seeds)]
-        queue.append(("train", main_job("cc_dist", 0)))
+        queue += [("train", main_job("cc_dist", 0, bw)) for bw in main_betas]
         if bab_on:
             queue.append(("bab", f"cc_ibp-a{a}-s0"))
         for s in range(1, min(args.seeds, 2)):
             queue += [("train", main_job("cc_ibp", s))] * (len(alphas) > 1) + [
-                ("train", main_job("cc_dist", s))
+                ("train", main_job("cc_dist", s, bw)) for bw in main_betas
             ]
         for bw in sweep:
-            if bw not in (0.0, 5.0):
+            if bw != 0.0 and bw not in main_betas:
                 job = Job(
                     f"cc_dist-a{a}-b{bw:g}-s0",
                     "cifar10-jpeg",
@@ -465,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 queue.append(("train", job))
         if bab_on:
-            queue.append(("bab", f"cc_dist-a{a}-b5-s0"))
+            queue += [("bab", f"cc_dist-a{a}-b{bw:g}-s0") for bw in main_betas]
         if not args.skip_digits:
             dt = str(Path(root) / "digits-teacher-s0" / "checkpoint.pt")
             for s in range(args.seeds):
@@ -473,11 +495,12 @@ def main(argv: list[str] | None = None) -> None:
                     queue.append(("train", Job(f"digits-{kind}-s{s}", "digits", kind, s, 0.5, 5.0, dt)))
         for s in range(2, args.seeds):
             queue += [("train", main_job("cc_ibp", s))] * (len(alphas) > 1) + [
-                ("train", main_job("cc_dist", s))
+                ("train", main_job("cc_dist", s, bw)) for bw in main_betas
             ]
         if bab_on:
             for s in range(1, min(args.bab_seeds, args.seeds)):
-                queue += [("bab", f"cc_ibp-a{a}-s{s}"), ("bab", f"cc_dist-a{a}-b5-s{s}")]
+                queue += [("bab", f"cc_ibp-a{a}-s{s}")]
+                queue += [("bab", f"cc_dist-a{a}-b{bw:g}-s{s}") for bw in main_betas]
             if args.bab_teacher:
                 queue.append(("bab", teacher_job.name))
         futures = []
@@ -532,7 +555,10 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
     groups = {
         "PGD teacher": ["teacher-s0"],
         f"CC-IBP (α={a})": [f"cc_ibp-a{a}-s{s}" for s in range(args.seeds)],
-        f"CC-Dist (α={a}, β=5/w)": [f"cc_dist-a{a}-b5-s{s}" for s in range(args.seeds)],
+        **{
+            f"CC-Dist (α={a}, β={bw:g}/w)": [f"cc_dist-a{a}-b{bw:g}-s{s}" for s in range(args.seeds)]
+            for bw in _floats(args.main_betas)
+        },
     }
     lines = [
         "| method | seeds | standard | PGD-40 | IBP-cert | CROWN-cert | BaB-cert (first "
@@ -540,7 +566,7 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, names in groups.items():
-        rows = [results[n] for n in names if n in results]
+        rows = [results[n] for n in names if "test" in results.get(n, {})]
         tests = [r["test"] for r in rows]
         babs = [bab[n] for n in names if n in bab and "certified_accuracy" in bab[n]]
         bab_txt = _ms([b["certified_accuracy"] for b in babs]) + (f" (n={len(babs)})" if babs else "")
