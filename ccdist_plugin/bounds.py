@@ -119,45 +119,85 @@ def flat_layers(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
+class _TrainBatchNorm(torch.autograd.Function):
+    """``F.batch_norm`` in train mode that also returns the batch mean and 1/std it normalized with,
+    differentiable in all three outputs.
+
+    The interval bounds reuse the reference batch's statistics, and their gradients must reach the
+    reference batch (as they do through auto_LiRPA's IBP). One fused ``native_batch_norm`` call
+    computes the statistics, the normalized batch and the running-statistics update, where a
+    differentiable ``var_mean`` costs several times a whole BatchNorm on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        out, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_invstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [needs[0], needs[1], needs[2]]
+        )
+        if needs[0]:
+            # mean = Σx/n and invstd = (var + eps)^(-1/2) with var = Σ(x - mean)²/n, so
+            # ∂invstd/∂x = -invstd³ (x - mean)/n (the mean's own dependence cancels: Σ(x - mean) = 0):
+            # the statistics' gradient is a per-channel affine map of x.
+            n = x.numel() // x.shape[1]
+            slope = -grad_invstd * invstd.pow(3) / n
+            offset = grad_mean / n - slope * mean
+            view = (1, -1) + (1,) * (x.ndim - 2)
+            grad_x = grad_x.addcmul_(x, slope.view(view)).add_(offset.view(view))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The running-average factor ``bn.forward`` would use now, counting this batch (as it does)."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
 def _bn_scale_shift(
-    bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | None
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """Per-channel (scale, shift) of a BatchNorm as the forward pass applies it, and the batch
-    (mean, biased variance) when it normalizes with batch statistics (else None).
+    bn: nn.modules.batchnorm._BatchNorm, stats_input: Tensor | None, update_running_stats: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-channel (scale, shift) of a BatchNorm as the forward pass applies it, and, when it
+    normalizes with batch statistics, ``stats_input`` normalized (else None).
 
     Train mode (or no running statistics): the mean and biased variance of ``stats_input``
-    over all but the channel dimension (one ``var_mean`` pass, differentiable, as auto_LiRPA's
-    IBP does), exactly as ``F.batch_norm`` normalizes. Eval mode: the running statistics.
+    over all but the channel dimension, differentiably, exactly as ``F.batch_norm`` normalizes;
+    with ``update_running_stats`` the running statistics move as ``bn(stats_input)`` moves them.
+    Eval mode: the running statistics.
     """
-    batch_stats = None
+    normalized = None
     if bn.training or bn.running_mean is None:
         if stats_input is None:
             raise ValueError("BatchNorm in train mode needs a reference batch for its statistics")
-        dims = [d for d in range(stats_input.ndim) if d != 1]
-        var, mean = torch.var_mean(stats_input, dim=dims, unbiased=False)
-        batch_stats = (mean, var)
+        track = update_running_stats and bn.track_running_stats and bn.running_mean is not None
+        normalized, mean, invstd = _TrainBatchNorm.apply(
+            stats_input,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            _bn_momentum(bn) if track else 0.0,
+            bn.eps,
+        )
+        scale = invstd
     else:
-        mean, var = bn.running_mean, bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
+        mean = bn.running_mean
+        scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    return scale, shift, batch_stats
-
-
-@torch.no_grad()
-def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
-    """Move a train-mode BatchNorm's running statistics as its ``forward`` would on a batch with
-    this (mean, biased variance) over ``count`` values per channel: exponential average with
-    ``momentum`` (cumulative when None), unbiased variance. Saves normalizing the batch twice."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
-        return
-    bn.num_batches_tracked.add_(1)
-    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    bn.running_mean.lerp_(mean.detach(), factor)
-    bn.running_var.lerp_(var.detach() * (count / max(count - 1, 1)), factor)
+    return scale, shift, normalized
 
 
 def _channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -234,19 +274,17 @@ def propagate_intervals(
             centre = _affine(layer, centre)
             radius = _affine(layer, radius, weight=layer.weight.abs(), bias=False)
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            # train mode: the reference batch's statistics (or the centre's without a reference)
             stats_input = value if value is not None else centre
-            scale, shift, batch_stats = _bn_scale_shift(layer, stats_input)
+            scale, shift, normalized = _bn_scale_shift(layer, stats_input, update_running_stats)
             if value is not None:
-                value = torch.addcmul(
-                    _channel_view(shift, value.ndim), value, _channel_view(scale, value.ndim)
+                value = normalized if normalized is not None else layer(value)
+            if normalized is not None and value is None:
+                centre = normalized
+            else:
+                centre = torch.addcmul(
+                    _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
                 )
-                if update_running_stats and batch_stats is not None:
-                    _update_running_stats(
-                        layer, *batch_stats, count=stats_input.numel() // stats_input.shape[1]
-                    )
-            centre = torch.addcmul(
-                _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
-            )
             radius = radius * _channel_view(scale.abs(), radius.ndim)
             if keep_all:
                 result.channel_affine[index] = (scale, shift)
