@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", default="docs", help="where results/ and img/ go")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from ccdist_plugin.malloc import retain_freed_memory
+
+    retain_freed_memory()  # as the ccdist command does; the worker processes inherit it (fork)
     root = str(Path(args.out))
     Path(root).mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -352,7 +352,7 @@ def rss_child(loss_name: str, arch: str, steps: int) -> None:
     print(json.dumps({"peak_rss_kib": after, "before_steps_kib": before}))
 
 
-def bench_rss(arch: str, threads: int, rounds: int = 2) -> dict[str, Any]:
+def bench_rss(arch: str, threads: int, malloc_tuning: bool, rounds: int = 2) -> dict[str, Any]:
     """Peak RSS of CC-Dist vs CC-IBP steps, each in fresh subprocesses, alternated."""
     runs: dict[str, list[dict]] = {"CC-Dist": [], "CC-IBP": []}
     for _ in range(rounds):
@@ -366,6 +366,7 @@ def bench_rss(arch: str, threads: int, rounds: int = 2) -> dict[str, Any]:
                 name,
                 "--rss-arch",
                 arch,
+                "--malloc-tuning" if malloc_tuning else "--no-malloc-tuning",
             ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -424,7 +425,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Generated {m['date_utc']} UTC on {m['cpu']} ({m['logical_cpus']} logical CPUs, shared; "
         f"load average at start {m['load_average_at_start'][0]:.1f}), torch {m['torch']}, "
         f"torch.set_num_threads({result['threads']}), {result['repeats']} interleaved rounds, "
-        "median of per-round ratios.",
+        "median of per-round ratios; freed memory kept for reuse (`ccdist_plugin.malloc`): "
+        f"{'yes' if result.get('malloc_tuning') else 'no'}.",
         "",
         "| benchmark | ratio | goal |",
         "|---|---|---|",
@@ -466,12 +468,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-arch", default="cnn7", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--malloc-tuning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep freed memory for reuse, as the ccdist command does (ccdist_plugin.malloc)",
+    )
     parser.add_argument("--markdown-only", action="store_true", help="rewrite speed.md from speed.json")
     args = parser.parse_args(argv)
     if args.markdown_only:
         print(_write(json.loads((Path(args.out) / "speed.json").read_text()), Path(args.out)))
         return
     torch.set_num_threads(args.threads)
+    tuned = False
+    if args.malloc_tuning:
+        from ccdist_plugin.malloc import retain_freed_memory
+
+        tuned = retain_freed_memory()
     if args.rss_child:
         rss_child(args.rss_child, args.rss_arch, steps=2)
         return
@@ -481,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": _machine(),
         "threads": args.threads,
         "repeats": args.repeats,
+        "malloc_tuning": tuned,
         "argv": sys.argv[1:] if argv is None else argv,
     }
     sections = {
@@ -488,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps_cnn3": lambda: bench_steps("cnn3", args.repeats, x, y, data),
         "ibp_engine": lambda: bench_ibp_engine(args.repeats, x),
         "auto_lirpa": lambda: bench_vs_auto_lirpa(args.repeats, x, y),
-        "rss": lambda: bench_rss("cnn7", args.threads),
+        "rss": lambda: bench_rss("cnn7", args.threads, args.malloc_tuning),
     }
     unknown = only - set(sections)
     if unknown:
