@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -347,17 +346,12 @@ def _mean_time(rows: list[dict]) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ccdist_plugin.reports import machine_info
+
+    m = machine_info()
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs (shared with other jobs), torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.system()}"
+        f"{m['cpu']}, {m['logical_cpus']} logical CPUs (shared with other jobs), torch {m['torch']}, "
+        f"Python {m['python']}, {m['system']}"
     )
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -389,22 +388,9 @@ def bench_rss(arch: str, threads: int, malloc_tuning: bool, rounds: int = 2) -> 
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-    }
+    from ccdist_plugin.reports import machine_info
+
+    return {**machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 GOALS = {

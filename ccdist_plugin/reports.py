@@ -89,6 +89,29 @@ _REQUIRED_SETTINGS = ("eps", "pgd_steps", "pgd_step_rel", "pgd_restarts", "metho
 # --------------------------------------------------------------------------------------------
 
 
+def machine_info() -> dict[str, Any]:
+    """The CPU model, logical CPU count, load average, torch, Python and OS: what a benchmark or
+    results page states next to its figures."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "system": platform.system(),
+    }
+
+
 def code_version() -> dict[str, Any]:
     """Package version, git commit (and whether the tree had changes), torch and python versions."""
     import torch
@@ -490,6 +513,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_eps(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Accuracy (%) against ε from the records' ``eps_curve``: one panel per metric, one line per record."""
     curves = [r for r in records if r.get("eps_curve")]
@@ -520,12 +554,7 @@ def plot_accuracy_vs_eps(records: Sequence[dict[str, Any]], path: str | os.PathL
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(records: Sequence[dict[str, Any]], path: str | os.PathLike, param: str = "beta") -> Path:
@@ -568,9 +597,4 @@ def plot_sweep(records: Sequence[dict[str, Any]], path: str | os.PathLike, param
     ax.set_title(f"{param} sweep (ε = {', '.join(_eps_text(e) for e in eps)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
