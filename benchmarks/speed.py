@@ -165,10 +165,43 @@ def bench_steps(arch: str, repeats: int, x, y, data) -> dict[str, Any]:
         "PGD-AT / plain CE": paired_ratio(times, "PGD-AT (10 steps)", "plain CE"),
         "CC-Dist / plain CE": paired_ratio(times, "CC-Dist", "plain CE"),
     }
+    ratios.update(gemm_share(variants["CC-IBP"], variants["plain CE"]))
     if "loader batch (augmented)" in times:
         ratios["loader batch / CC-IBP step"] = paired_ratio(times, "loader batch (augmented)", "CC-IBP")
         ratios["loader batch / plain CE step"] = paired_ratio(times, "loader batch (augmented)", "plain CE")
     return {"ratios": ratios, "median_s": {k: statistics.median(v) for k, v in times.items()}}
+
+
+#: the matrix-multiply kernels of a CPU training step: convolutions forward and backward, linear layers
+_GEMM_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm", "aten::addmm", "aten::bmm")
+
+
+def gemm_share(
+    cc_ibp_step: Callable[[], None], plain_step: Callable[[], None], rounds: int = 3
+) -> dict[str, float]:
+    """Self CPU time of the matrix-multiply kernels in one CC-IBP step over that in one plain step
+    (``torch.profiler``, one step each, side by side; the round with the median ratio): the part of
+    the step-cost ratio that element-wise work cannot reduce. A CC-IBP step multiplies by every weight
+    11 times (attack: forward and input gradient; adversarial, centre and radius passes: forward, input
+    and weight gradients) where a plain step does 3, so this sits near 11/3 whatever the engine does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def split(step: Callable[[], None]) -> tuple[float, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in _GEMM_OPS)
+        return gemm, sum(e.self_cpu_time_total for e in events) - gemm
+
+    rounds = [(split(cc_ibp_step), split(plain_step)) for _ in range(rounds)]  # paired, median below
+    (cc_gemm, cc_other), (plain_gemm, plain_other) = min(
+        rounds, key=lambda r: abs(r[0][0] / r[1][0] - statistics.median(a[0] / b[0] for a, b in rounds))
+    )
+    return {
+        "CC-IBP / plain CE, matrix-multiply kernels only (profiler)": cc_gemm / plain_gemm,
+        "CC-IBP / plain CE, everything else (profiler)": cc_other / plain_other,
+        "CC-IBP step: matrix-multiply time / whole step (profiler)": cc_gemm / (cc_gemm + cc_other),
+    }
 
 
 def bench_ibp_engine(repeats: int, x) -> dict[str, Any]:
