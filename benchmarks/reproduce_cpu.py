@@ -355,6 +355,10 @@ def _machine() -> str:
     )
 
 
+def long_teacher_name(args: argparse.Namespace) -> str:
+    return f"teacher-e{args.long_teacher_epochs}-s0"
+
+
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
@@ -378,6 +382,12 @@ def main(argv: list[str] | None = None) -> None:
         default="5",
         help="β·w of the CC-Dist rows run with --seeds seeds (the paper's 5; add the value that the "
         "validation sweep favours, e.g. 5,1)",
+    )
+    parser.add_argument(
+        "--long-teacher-epochs",
+        type=int,
+        default=0,
+        help="also train a teacher for this many epochs and the CC-Dist rows again with it (0: off)",
     )
     parser.add_argument("--bab-count", type=int, default=100)
     parser.add_argument("--bab-timeout", type=float, default=30.0)
@@ -494,6 +504,21 @@ def main(argv: list[str] | None = None) -> None:
             queue += [("train", main_job("cc_ibp", s))] * (len(alphas) > 1) + [
                 ("train", main_job("cc_dist", s, bw)) for bw in main_betas
             ]
+        if args.long_teacher_epochs:  # does a better teacher help? (same students, a longer teacher)
+            long_teacher = Job(
+                long_teacher_name(args),
+                "cifar10-jpeg",
+                "teacher",
+                0,
+                **{**kw, "teacher_epochs": args.long_teacher_epochs},
+            )
+            queue.append(("train", long_teacher))
+            for s in range(args.seeds):
+                for bw in main_betas:
+                    job = main_job("cc_dist", s, bw)
+                    job.name = f"{job.name}-t{args.long_teacher_epochs}"
+                    job.teacher = str(Path(root) / long_teacher.name / "checkpoint.pt")
+                    queue.append(("train", job))
         if bab_on:
             for s in range(1, min(args.bab_seeds, args.seeds)):
                 queue += [("bab", f"cc_ibp-a{a}-s{s}")]
@@ -557,6 +582,13 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
             for bw in _floats(args.main_betas)
         },
     }
+    if getattr(args, "long_teacher_epochs", 0):
+        t = args.long_teacher_epochs
+        groups[f"PGD teacher, {t} epochs"] = [long_teacher_name(args)]
+        for bw in _floats(args.main_betas):
+            groups[f"CC-Dist (α={a}, β={bw:g}/w), {t}-epoch teacher"] = [
+                f"cc_dist-a{a}-b{bw:g}-s{s}-t{t}" for s in range(args.seeds)
+            ]
     lines = [
         "| method | seeds | standard | PGD-40 | IBP-cert | CROWN-cert | BaB-cert (first "
         f"{args.bab_count}) | train time (s) |",
