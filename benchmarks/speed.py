@@ -204,6 +204,31 @@ def gemm_share(
     }
 
 
+def bench_channels_last(repeats: int, x, y) -> dict[str, Any]:
+    """Plain and CC-IBP steps on CNN-7 with the network and batch in channels-last memory format vs the
+    default (NCHW): the issue asks to use it where it measurably helps."""
+    out: dict[str, Any] = {"ratios": {}, "median_s": {}}
+    variants = {}
+    for layout in ("NCHW", "channels_last"):
+        torch.manual_seed(0)
+        model = _arch("cnn7")
+        xs = x
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            xs = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
+        losses = _losses("cnn7")
+        variants[f"plain CE, {layout}"] = _step_fn(model, None, xs, y, optimizer)
+        variants[f"CC-IBP, {layout}"] = _step_fn(model, losses["CC-IBP"], xs, y, optimizer)
+    times = interleaved(variants, repeats)
+    for name in ("plain CE", "CC-IBP"):
+        out["ratios"][f"{name} step: channels_last / NCHW"] = paired_ratio(
+            times, f"{name}, channels_last", f"{name}, NCHW"
+        )
+    out["median_s"] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
 def bench_ibp_engine(repeats: int, x) -> dict[str, Any]:
     """Our IBP pass vs a plain forward pass on CNN-7, forward and forward+backward, both BN modes."""
     from ccdist_plugin.bounds import input_box, propagate_intervals
@@ -455,6 +480,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         ("steps_cnn3", "training step, cnn3 (32, 64; w=256), batch 128"),
         ("ibp_engine", "IBP engine, CNN-7, batch 128"),
         ("auto_lirpa", "vs auto_LiRPA"),
+        ("channels_last", "memory format, CNN-7, batch 128"),
         ("rss", "memory"),
     ):
         sec = result.get(section)
@@ -483,7 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds per group")
     parser.add_argument("--out", default="docs/results", help="folder for speed.json and speed.md")
     parser.add_argument(
-        "--only", default="rss,auto_lirpa,ibp_engine,steps_cnn3,steps_cnn7", help="comma-separated sections"
+        "--only",
+        default="rss,auto_lirpa,ibp_engine,steps_cnn3,steps_cnn7,channels_last",
+        help="comma-separated sections",
     )
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-arch", default="cnn7", help=argparse.SUPPRESS)
@@ -521,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps_cnn3": lambda: bench_steps("cnn3", args.repeats, x, y, data),
         "ibp_engine": lambda: bench_ibp_engine(args.repeats, x),
         "auto_lirpa": lambda: bench_vs_auto_lirpa(args.repeats, x, y),
+        "channels_last": lambda: bench_channels_last(args.repeats, x, y),
         "rss": lambda: bench_rss("cnn7", args.threads, args.malloc_tuning),
     }
     unknown = only - set(sections)
