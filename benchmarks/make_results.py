@@ -20,6 +20,8 @@ rerun them to regenerate this page:
 
 ```bash
 python benchmarks/speed.py                                   # → docs/results/speed.{json,md}
+python benchmarks/speed.py --no-malloc-tuning --only steps_cnn7,steps_cnn3,ibp_engine \
+    --out docs/results/no-malloc-tuning                      # the same without ccdist_plugin.malloc
 python benchmarks/reproduce_cpu.py --out runs/repro-cpu      # → docs/results/reproduce_cpu.*, docs/img/
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
         ("## Findings", "notes.md"),
         ("## Speed: ratios measured side by side", "speed.md"),
         ("## Science at CPU scale", "reproduce_cpu.md"),
+        ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
     ):
         path = docs / "results" / name
+        if name.startswith("no-malloc") and not path.is_file():
+            continue  # optional second speed run
         body = path.read_text() if path.is_file() else f"_not generated yet: {path} is missing_\n"
         parts.append(f"{title}\n\n{body}")
     (docs / "RESULTS.md").write_text("\n".join(parts))

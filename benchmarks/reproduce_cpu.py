@@ -394,7 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bab-seeds", type=int, default=1, help="seeds per method sent to α,β-CROWN")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--bab-teacher", action="store_true", help="also run BaB on the teacher")
-    parser.add_argument("--bab-only", default=None, help="comma-separated run names: only their BaB")
+    parser.add_argument(
+        "--bab-only",
+        default=None,
+        help="comma-separated run names: only their BaB, --workers at a time, in order",
+    )
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--docs", default="docs", help="where results/ and img/ go")
     args = parser.parse_args(argv)
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         names = args.bab_only.split(",")
-        with ThreadPoolExecutor(len(names)) as threads:
+        with ThreadPoolExecutor(min(len(names), args.workers)) as threads:  # --workers verifiers at once
             done = threads.map(
                 lambda n: run_bab(n, root, "cifar10-jpeg", CIFAR_EPS, args.bab_count, args.bab_timeout), names
             )
