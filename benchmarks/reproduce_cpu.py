@@ -321,6 +321,8 @@ def run_bab(name: str, root: str, dataset: str, eps: float, count: int, timeout_
         dataset_name=dataset,
         checkpoint_path=str(out / "checkpoint.pt"),
     )
+    # one thread per verifier process, like the training processes: --workers of them share the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
     res = run_verification(out / "bab", timeout_s=timeout_s, grace_s=30.0)
     summary = {k: v for k, v in dataclasses.asdict(res).items() if not isinstance(v, list)}
     summary["soundness_alarms"] = list(res.soundness_alarms)
