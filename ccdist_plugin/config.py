@@ -323,6 +323,10 @@ class TrainConfig:
         eps: target perturbation radius ε in pixel space (inputs in [0, 1]), e.g. 2/255.
         seed: seed of every random number generator (torch, numpy, python, data order).
         device: ``cpu``, ``cuda``, ``cuda:0``... (``auto``: cuda when available).
+        channels_last: keep the weights and the 4-D batches (and the teacher) in channels-last
+            memory format. Same results up to float rounding; on CPU a CNN-7 step (plain or CC-IBP)
+            took 0.94-0.95× the NCHW time (``python benchmarks/speed.py``, docs/RESULTS.md); off by
+            default because GPUs were not measured.
         data, model, loss, schedule, optim, teacher, log: the sections above.
     """
 
@@ -331,6 +335,7 @@ class TrainConfig:
     eps: float = 0.1
     seed: int = 0
     device: str = "auto"
+    channels_last: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -300,6 +300,10 @@ class Trainer:
         if teacher is None and config.teacher.checkpoint:
             teacher = config.teacher.checkpoint
         self.teacher = None if teacher is None else prepare_teacher(teacher, self.model, self.device)
+        if config.channels_last:  # a layout only: the same network, faster convolutions on CPU
+            self.model = self.model.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.loss = loss if loss is not None else build_loss(config, self.teacher)
         self.run_dir = Path(config.log.output_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
@@ -415,6 +419,8 @@ class Trainer:
             ):  # BatchNorm cannot train on one example; only a final remainder can be this small
                 log.info("skipping a final batch of %d example(s) in epoch %d", x.shape[0], epoch + 1)
                 continue
+            if cfg.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_schedule(epoch, b)
             for group in optimizer.param_groups:
                 group["lr"] = lr
