@@ -229,6 +229,51 @@ def bench_channels_last(repeats: int, x, y) -> dict[str, Any]:
     return out
 
 
+def allocator_child(kept: bool, repeats: int = 3) -> None:
+    """Time ``x + x`` on a CNN-7 activation (128×64×32×32) and plain / CC-IBP steps in this fresh
+    process, with ``retain_freed_memory`` applied or not; print medians as JSON."""
+    from ccdist_plugin.malloc import retain_freed_memory
+
+    if kept:
+        retain_freed_memory()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)
+    torch.manual_seed(0)
+    model = _arch("cnn7")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
+    act = torch.rand(128, 64, 32, 32)
+    work = {
+        "x + x": lambda: act + act,
+        "plain CE step": _step_fn(model, None, x, y, optimizer),
+        "CC-IBP step": _step_fn(model, _losses("cnn7")["CC-IBP"], x, y, optimizer),
+    }
+    times = interleaved(work, repeats)
+    print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+
+
+def bench_allocator(threads: int, rounds: int = 3) -> dict[str, Any]:
+    """``ccdist_plugin.malloc.retain_freed_memory`` on vs off, in fresh subprocesses alternated (glibc
+    keeps what a process's heap once held, so the two settings cannot be compared inside one process)."""
+    runs: dict[str, list[dict]] = {"kept": [], "default": []}
+    for _ in range(rounds):
+        for mode in runs:
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--allocator-child", mode]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    names = list(runs["kept"][0])
+    ratios = {
+        f"{name}: freed memory kept / glibc default (alternated processes)": statistics.median(
+            k[name] / d[name] for k, d in zip(runs["kept"], runs["default"], strict=True)
+        )
+        for name in names
+    }
+    for mode in runs:
+        ratios[f"CC-IBP / plain CE step, {mode} (alternated processes)"] = statistics.median(
+            r["CC-IBP step"] / r["plain CE step"] for r in runs[mode]
+        )
+    return {"ratios": ratios, "median_s": {m: [r for r in v] for m, v in runs.items()}}
+
+
 def bench_ibp_engine(repeats: int, x) -> dict[str, Any]:
     """Our IBP pass vs a plain forward pass on CNN-7, forward and forward+backward, both BN modes."""
     from ccdist_plugin.bounds import input_box, propagate_intervals
@@ -481,6 +526,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         ("ibp_engine", "IBP engine, CNN-7, batch 128"),
         ("auto_lirpa", "vs auto_LiRPA"),
         ("channels_last", "memory format, CNN-7, batch 128"),
+        ("allocator", "allocator (ccdist_plugin.malloc), CNN-7, batch 128"),
         ("rss", "memory"),
     ):
         sec = result.get(section)
@@ -510,11 +556,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/results", help="folder for speed.json and speed.md")
     parser.add_argument(
         "--only",
-        default="rss,auto_lirpa,ibp_engine,steps_cnn3,steps_cnn7,channels_last",
+        default="rss,auto_lirpa,ibp_engine,steps_cnn3,steps_cnn7,channels_last,allocator",
         help="comma-separated sections",
     )
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-arch", default="cnn7", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--allocator-child", choices=("kept", "default"), default=None, help=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--malloc-tuning",
         action=argparse.BooleanOptionalAction,
@@ -527,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
         print(_write(json.loads((Path(args.out) / "speed.json").read_text()), Path(args.out)))
         return
     torch.set_num_threads(args.threads)
+    if args.allocator_child:  # before the setting below: this child measures it
+        allocator_child(args.allocator_child == "kept")
+        return
     tuned = False
     if args.malloc_tuning:
         from ccdist_plugin.malloc import retain_freed_memory
@@ -550,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
         "ibp_engine": lambda: bench_ibp_engine(args.repeats, x),
         "auto_lirpa": lambda: bench_vs_auto_lirpa(args.repeats, x, y),
         "channels_last": lambda: bench_channels_last(args.repeats, x, y),
+        "allocator": lambda: bench_allocator(args.threads),
         "rss": lambda: bench_rss("cnn7", args.threads, args.malloc_tuning),
     }
     unknown = only - set(sections)
