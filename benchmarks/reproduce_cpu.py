@@ -31,8 +31,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -282,12 +284,37 @@ BAB_CPU_OVERRIDES = {
 }
 
 
+_EXPORT_LOCK = threading.Lock()
+
+
+def _export_for_bab(
+    model, x, y, out: Path, eps: float, count: int, timeout_s: float, template: str, dataset: str
+) -> None:
+    """ONNX + VNN-LIB of the first ``count`` points, with α,β-CROWN's CPU settings."""
+    from ccdist_plugin.export import export_instances
+
+    export_instances(
+        model,
+        (x, y),
+        out / "bab",
+        eps,
+        count=count,
+        timeout_s=timeout_s,
+        template=template,
+        # our IBP pre-check only: export's CROWN pre-check runs certify() in batches of 256, which for
+        # cnn3 on CIFAR needs ~19 GB (killed by the OOM killer here); α,β-CROWN bounds the root itself
+        methods=("ibp",),
+        config_overrides=dict(BAB_CPU_OVERRIDES),
+        dataset_name=dataset,
+        checkpoint_path=str(out / "checkpoint.pt"),
+    )
+
+
 def run_bab(name: str, root: str, dataset: str, eps: float, count: int, timeout_s: float) -> dict[str, Any]:
     """Export the first ``count`` test points of a run and verify them with α,β-CROWN."""
     torch.set_num_threads(1)
     from ccdist_plugin.checkpoint import load_model
     from ccdist_plugin.data import load_dataset
-    from ccdist_plugin.export import export_instances
     from ccdist_plugin.verify import run_verification
 
     out = Path(root) / name
@@ -306,21 +333,10 @@ def run_bab(name: str, root: str, dataset: str, eps: float, count: int, timeout_
         "teacher" if name.startswith("teacher") else ("cifar10" if dataset == "cifar10-jpeg" else "digits")
     )
     t0 = time.perf_counter()
-    export_instances(
-        model,
-        (x, y),
-        out / "bab",
-        eps,
-        count=count,
-        timeout_s=timeout_s,
-        template=template,
-        # our IBP pre-check only: export's CROWN pre-check runs certify() in batches of 256, which for
-        # cnn3 on CIFAR needs ~19 GB (killed by the OOM killer here); α,β-CROWN bounds the root itself
-        methods=("ibp",),
-        config_overrides=dict(BAB_CPU_OVERRIDES),
-        dataset_name=dataset,
-        checkpoint_path=str(out / "checkpoint.pt"),
-    )
+    with _EXPORT_LOCK:  # the ONNX exporter is not thread-safe: --bab-only runs several run_bab threads
+        if (out / "bab").is_dir() and not (out / "bab" / "instances.csv").is_file():
+            shutil.rmtree(out / "bab")  # an export that died half-way
+        _export_for_bab(model, x, y, out, eps, count, timeout_s, template, dataset)
     # one thread per verifier process, like the training processes: --workers of them share the cores
     os.environ["OMP_NUM_THREADS"] = "1"
     res = run_verification(out / "bab", timeout_s=timeout_s, grace_s=30.0)
@@ -574,6 +590,30 @@ def report_from_disk(root: str, alphas, sweep, args, wall_s: float) -> None:
     report(results, bab, best_alpha, alphas, sweep, args, wall_s)
 
 
+def _seed_table(groups: dict[str, list[str]], results: dict, bab: dict, bab_count: int) -> str:
+    """One row per method: mean ± std over the seeds found of the test metrics, BaB and train time."""
+    lines = [
+        "| method | seeds | standard | PGD-40 | IBP-cert | CROWN-cert | BaB-cert (first "
+        f"{bab_count}) | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, names in groups.items():
+        rows = [results[n] for n in names if "test" in results.get(n, {})]
+        tests = [r["test"] for r in rows]
+        babs = [bab[n] for n in names if n in bab and "certified_accuracy" in bab[n]]
+        bab_txt = _ms([b["certified_accuracy"] for b in babs]) + (f" (n={len(babs)})" if babs else "")
+        missing = sum(int(b.get("missing", 0)) for b in babs if b.get("partial"))
+        if missing:
+            bab_txt += f", partial: {missing} BaB instance(s) not run"
+        lines.append(
+            f"| {label} | {len(rows)} | {_ms([t['std'] for t in tests])} | "
+            f"{_ms([t['pgd40'] for t in tests])} | "
+            f"{_ms([t['ibp_cert'] for t in tests])} | {_ms([t['crown_cert'] for t in tests])} | {bab_txt} | "
+            f"{_mean_time(rows)} |"
+        )
+    return "\n".join(lines)
+
+
 def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None:
     """Write docs/results/reproduce_cpu.{json,md} and docs/img/beta_sweep.png."""
     docs = Path(args.docs)
@@ -595,26 +635,24 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
             groups[f"CC-Dist (α={a}, β={bw:g}/w), {t}-epoch teacher"] = [
                 f"cc_dist-a{a}-b{bw:g}-s{s}-t{t}" for s in range(args.seeds)
             ]
-    lines = [
-        "| method | seeds | standard | PGD-40 | IBP-cert | CROWN-cert | BaB-cert (first "
-        f"{args.bab_count}) | train time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for label, names in groups.items():
-        rows = [results[n] for n in names if "test" in results.get(n, {})]
-        tests = [r["test"] for r in rows]
-        babs = [bab[n] for n in names if n in bab and "certified_accuracy" in bab[n]]
-        bab_txt = _ms([b["certified_accuracy"] for b in babs]) + (f" (n={len(babs)})" if babs else "")
-        missing = sum(int(b.get("missing", 0)) for b in babs if b.get("partial"))
-        if missing:
-            bab_txt += f", partial: {missing} BaB instance(s) not run"
-        lines.append(
-            f"| {label} | {len(rows)} | {_ms([t['std'] for t in tests])} | "
-            f"{_ms([t['pgd40'] for t in tests])} | "
-            f"{_ms([t['ibp_cert'] for t in tests])} | {_ms([t['crown_cert'] for t in tests])} | {bab_txt} | "
-            f"{_mean_time(rows)} |"
-        )
-    main_table = "\n".join(lines)
+    main_table = _seed_table(groups, results, bab, args.bab_count)
+    other_alphas = []  # runs at the α that validation did not select, when several seeds of them exist
+    for al in alphas:
+        o = f"{al:g}"
+        other = {
+            f"CC-IBP (α={o})": [f"cc_ibp-a{o}-s{s}" for s in range(args.seeds)],
+            **{
+                f"CC-Dist (α={o}, β={bw:g}/w)": [f"cc_dist-a{o}-b{bw:g}-s{s}" for s in range(args.seeds)]
+                for bw in sorted({*_floats(args.main_betas), 5.0})
+            },
+        }
+        if al != best_alpha and sum("test" in results.get(n, {}) for n in other[f"CC-IBP (α={o})"]) >= 2:
+            other_alphas += [
+                f"#### α = {o} (not selected)",
+                "",
+                _seed_table(other, results, bab, args.bab_count),
+                "",
+            ]
     alpha_lines = [
         "| α | val standard | val PGD-10 | val IBP-cert | val CROWN-cert |",
         "|---|---|---|---|---|",
@@ -680,6 +718,7 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
         "attack 20 steps × 2 restarts after our PGD-50 × 3); misclassified, PGD-broken, timed-out and "
         "not-run points count as not certified. Train time: wall seconds of the run's process.",
         "",
+        *other_alphas,
         (
             "### α chosen on the validation split (1000 images carved from the 10k train set), CC-IBP seed 0"
             if len(alphas) > 1
