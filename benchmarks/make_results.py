@@ -22,6 +22,7 @@ rerun them to regenerate this page:
 python benchmarks/speed.py                                   # → docs/results/speed.{json,md}
 python benchmarks/speed.py --no-malloc-tuning --only steps_cnn7,steps_cnn3,ibp_engine \
     --out docs/results/no-malloc-tuning                      # the same without ccdist_plugin.malloc
+python benchmarks/speed.py --only allocator --out docs/results/allocator   # its effect, fresh processes
 python benchmarks/reproduce_cpu.py --out runs/repro-cpu      # → docs/results/reproduce_cpu.*, docs/img/
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
@@ -42,10 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         ("## Speed: ratios measured side by side", "speed.md"),
         ("## Science at CPU scale", "reproduce_cpu.md"),
         ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
+        ("## The allocator setting, in alternated fresh processes", "allocator/speed.md"),
     ):
         path = docs / "results" / name
-        if name.startswith("no-malloc") and not path.is_file():
-            continue  # optional second speed run
+        if "/" in name and not path.is_file():
+            continue  # optional extra speed runs
         body = path.read_text() if path.is_file() else f"_not generated yet: {path} is missing_\n"
         parts.append(f"{title}\n\n{body}")
     (docs / "RESULTS.md").write_text("\n".join(parts))
