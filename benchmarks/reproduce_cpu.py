@@ -632,9 +632,9 @@ def report(results, bab, best_alpha, alphas, sweep, args, wall_s: float) -> None
         t = args.long_teacher_epochs
         groups[f"PGD teacher, {t} epochs"] = [long_teacher_name(args)]
         for bw in _floats(args.main_betas):
-            groups[f"CC-Dist (α={a}, β={bw:g}/w), {t}-epoch teacher"] = [
-                f"cc_dist-a{a}-b{bw:g}-s{s}-t{t}" for s in range(args.seeds)
-            ]
+            names = [f"cc_dist-a{a}-b{bw:g}-s{s}-t{t}" for s in range(args.seeds)]
+            if any(n in results for n in names):  # a stage may have run one β only
+                groups[f"CC-Dist (α={a}, β={bw:g}/w), {t}-epoch teacher"] = names
     main_table = _seed_table(groups, results, bab, args.bab_count)
     other_alphas = []  # runs at the α that validation did not select, when several seeds of them exist
     for al in alphas:
