@@ -216,16 +216,15 @@ def average_gradients(params: Sequence[torch.Tensor], weight: float) -> None:
         offset += n
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """Whether ``value`` is finite on every rank (one scalar all-reduce; local check when not distributed).
+def all_finite(finite: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``finite`` holds on every rank (one scalar all-reduce; the local value when not distributed).
 
     Every rank gets the same answer, so a NaN on one rank stops all of them instead of leaving the
     others waiting in the next gradient all-reduce.
     """
-    finite = bool(torch.isfinite(value.detach()).all())
     if not is_active():
         return finite
-    flag = torch.tensor([0.0 if finite else 1.0], device=value.device)
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.SUM)
     return float(flag) == 0.0
 

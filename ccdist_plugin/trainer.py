@@ -426,11 +426,13 @@ class Trainer:
                 group["lr"] = lr
             eps_t = eps_schedule(epoch, b)
             self.model.train()
-            total, terms, logits = self._batch_loss(x, y, phase, eps_t)
-            if not distributed.all_finite(total):  # the same answer on every rank
+            total, term_tensors, logits = self._batch_loss(x, y, phase, eps_t)
+            # all logged terms reach the host in one copy: one device sync per step, not one per term
+            terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+            if not distributed.all_finite(math.isfinite(terms["loss"]), self.device):  # same on every rank
                 detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
-                    f"non-finite training loss ({float(total.detach())}) at epoch "
+                    f"non-finite training loss ({terms['loss']}) at epoch "
                     f"{epoch + 1}/{cfg.schedule.epochs}, "
                     f"batch {b + 1}/{nb} (eps_t={eps_t:.6g}, lr={lr:.3g}; terms: {detail}); stopping. "
                     f"The last good checkpoint is kept at {self.checkpoint_path}"
@@ -447,11 +449,12 @@ class Trainer:
             n_seen += bs
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value * bs
-            if logits is not None:
-                correct += int((logits.argmax(1) == y).sum())
+            if logits is not None:  # a device tensor: summed without a sync, read once per epoch
+                correct = correct + (logits.argmax(1) == y).sum()
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.3f}", eps=f"{eps_t:.4g}")
         bar.close()
+        correct = int(correct)
         sums, n_seen, correct = distributed.reduce_sums(sums, n_seen, correct, device=self.device)
         row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "eps": eps_t, "lr": lr}
         row.update({f"train_{k}": v / max(n_seen, 1) for k, v in sums.items()})
@@ -462,17 +465,17 @@ class Trainer:
 
     def _batch_loss(self, x, y, phase, eps_t):
         cfg = self.config
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
         logits = None
         if phase == "warmup":
             logits = self.model(x)
             total = F.cross_entropy(logits, y)
-            terms["clean_ce"] = float(total.detach())
+            terms["clean_ce"] = total.detach()
         else:
             out = self.loss(self.model, x, y, eps_t)
             total = out.loss
             for key, value in (out.terms or {}).items():
-                terms[key] = float(torch.as_tensor(value).detach().float().mean())
+                terms[key] = torch.as_tensor(value, device=total.device).detach().float().mean()
             if phase == "ramp" and cfg.optim.shi_lambda > 0:
                 stats = out.stats or {}
                 bounds = stats.get("preact_bounds") if eps_t > 0 else None
@@ -483,13 +486,13 @@ class Trainer:
                 reg = shi_regularizer(bounds, box[0], box[1], cfg.optim.shi_tau)
                 weight = cfg.optim.shi_lambda * (1.0 - eps_t / cfg.eps)
                 total = total + weight * reg.total
-                terms["shi_tightness"] = float(reg.tightness.detach())
-                terms["shi_relu"] = float(reg.relu_balance.detach())
+                terms["shi_tightness"] = reg.tightness.detach().float()
+                terms["shi_relu"] = reg.relu_balance.detach().float()
         if cfg.optim.l1 > 0:
             l1 = l1_penalty(self.model)
             total = total + cfg.optim.l1 * l1
-            terms["l1_norm"] = float(l1.detach())
-        terms["loss"] = float(total.detach())
+            terms["l1_norm"] = l1.detach().float()
+        terms["loss"] = total.detach().float()
         return total, terms, logits
 
     def _input_box(self, stats: dict, x: torch.Tensor, eps_t: float) -> tuple[torch.Tensor, torch.Tensor]:
