@@ -20,10 +20,12 @@ rerun them to regenerate this page:
 
 ```bash
 python benchmarks/speed.py                                   # → docs/results/speed.{json,md}
-python benchmarks/speed.py --no-malloc-tuning --only steps_cnn7,steps_cnn3,ibp_engine \
+python benchmarks/speed.py --no-malloc-tuning --only steps_cnn7,steps_cnn3,ibp_engine \\
     --out docs/results/no-malloc-tuning                      # the same without ccdist_plugin.malloc
 python benchmarks/speed.py --only allocator --out docs/results/allocator   # its effect, fresh processes
-python benchmarks/reproduce_cpu.py --out runs/repro-cpu      # → docs/results/reproduce_cpu.*, docs/img/
+python benchmarks/reproduce_cpu.py --out runs/repro-cpu --workers 2 --main-betas 5,1 --seeds 5 \\
+    --bab-seeds 5 --bab-teacher    # → docs/results/reproduce_cpu.*, docs/img/ (published run: in stages,
+                                   #   listed in benchmarks/README.md)
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
