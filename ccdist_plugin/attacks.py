@@ -71,14 +71,15 @@ def pgd_attack(
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]} inputs")
     lo, hi = input_box(x, eps)
     eps_t = _eps_tensor(eps, x)
-    if float(eps_t.max()) == 0:
+    if not isinstance(eps, Tensor) and float(eps) == 0:  # a tensor ε is not read back: no device sync
         return x.detach().clone()
     step = 0.25 * eps_t if step_size is None else _eps_tensor(step_size, x)
     was_training = model.training
     model.eval()
     try:
-        best_x = x.detach().clone()
-        best_score = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
+        if restarts > 1:  # the best point over the restarts, per example
+            best_x = x.detach().clone()
+            best_score = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
         for _ in range(restarts):
             if random_start:
                 u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
@@ -93,10 +94,11 @@ def pgd_attack(
                     score = attack_objective(logits, y, objective)
                     (grad,) = torch.autograd.grad(score.sum(), x_adv)
                 with torch.no_grad():
-                    if early_stop:
+                    update = step * grad.sign()
+                    if early_stop:  # misclassified examples stay where they are
                         active = active & (logits.argmax(1) == y)
-                    mask = active.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-                    x_adv = x_adv.detach() + mask * step * grad.sign()
+                        update = update * active.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+                    x_adv = x_adv.detach() + update
                     x_adv = torch.minimum(torch.maximum(x_adv, lo), hi)
                 if early_stop and not bool(active.any()):
                     break

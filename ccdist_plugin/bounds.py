@@ -126,7 +126,7 @@ class _TrainBatchNorm(torch.autograd.Function):
     The interval bounds reuse the reference batch's statistics, and their gradients must reach the
     reference batch (as they do through auto_LiRPA's IBP). One fused ``native_batch_norm`` call
     computes the statistics, the normalized batch and the running-statistics update, where a
-    differentiable ``var_mean`` costs several times a whole BatchNorm on CPU.
+    differentiable ``var_mean`` is a slow generic reduction on CPU.
     """
 
     @staticmethod

@@ -98,7 +98,7 @@ _threads_option = click.option(
     default=True,
     show_default=True,
     help="On Linux, keep freed memory for reuse (glibc mallopt): element-wise work on large CPU "
-    "tensors gets several times faster; see ccdist_plugin.malloc.",
+    "tensors and CC-IBP steps get faster (measured in docs/RESULTS.md); see ccdist_plugin.malloc.",
 )
 def main(malloc_tuning: bool) -> None:
     """CC-Dist: certified training with distillation from robust teachers."""

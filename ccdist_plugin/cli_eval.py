@@ -297,10 +297,7 @@ def eval_command(
         record = run_eval(checkpoint, out, settings, label=label, **common)
         records = [record]
         if compare_teacher is not None:
-            t_settings = dict(settings, bab_template=None if template is None else template)
-            teacher = run_eval(
-                compare_teacher, out / "teacher", t_settings, **{**common, "eps": record["eps"]}
-            )
+            teacher = run_eval(compare_teacher, out / "teacher", settings, **{**common, "eps": record["eps"]})
             records.append(teacher)
             table2 = reports.teacher_table(teacher, record)
             (out / "teacher_comparison.md").write_text(table2)

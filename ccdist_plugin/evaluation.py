@@ -336,11 +336,27 @@ def evaluate(
         result.metrics["standard_acc"] = _mean(correct)
 
         broken = torch.zeros(n, dtype=torch.bool)  # some attack found a counterexample
-        if s.attack != "none":
+
+        def attacked(desc: str, timing: str, attack) -> torch.Tensor:
+            """Robust accuracy mask under ``attack(slice) -> x_adv``, batch by batch; the points it breaks
+            are recorded in ``broken`` for the soundness cross-check."""
             t0 = time.perf_counter()
             robust = []
-            for sl in bar(f"PGD-{s.pgd_steps}"):
-                x_adv = pgd_attack(
+            for sl in bar(desc):
+                x_adv = attack(sl)
+                model.eval()
+                with torch.no_grad():
+                    robust.append(model(x_adv).argmax(1) == y[sl])
+            mask = torch.cat(robust) & correct
+            broken.logical_or_(correct & ~mask)
+            result.timings_s[timing] = time.perf_counter() - t0
+            return mask
+
+        if s.attack != "none":
+            pgd_robust = attacked(
+                f"PGD-{s.pgd_steps}",
+                "pgd",
+                lambda sl: pgd_attack(
                     model,
                     x[sl],
                     y[sl],
@@ -350,12 +366,8 @@ def evaluate(
                     random_start=True,
                     restarts=s.pgd_restarts,
                     generator=gen,
-                )
-                with torch.no_grad():
-                    robust.append(model(x_adv).argmax(1) == y[sl])
-            pgd_robust = torch.cat(robust) & correct
-            broken |= correct & ~pgd_robust
-            result.timings_s["pgd"] = time.perf_counter() - t0
+                ),
+            )
             result.per_example["pgd_robust"] = pgd_robust.tolist()
             result.metrics["pgd_acc"] = _mean(pgd_robust)
         else:
@@ -371,18 +383,13 @@ def evaluate(
             else:
                 name, version = found
                 say(f"AutoAttack ({name} {version}, version={s.autoattack_version}) ...")
-                t0 = time.perf_counter()
-                robust = []
-                for sl in bar(f"AutoAttack ({name})"):
-                    x_adv = autoattack_adversarial(
+                aa_robust = attacked(
+                    f"AutoAttack ({name})",
+                    "autoattack",
+                    lambda sl: autoattack_adversarial(
                         model, x[sl], y[sl], eps, name, s.autoattack_version, s.seed, s.batch_size
-                    )
-                    model.eval()
-                    with torch.no_grad():
-                        robust.append(model(x_adv).argmax(1) == y[sl])
-                aa_robust = torch.cat(robust) & correct
-                broken |= correct & ~aa_robust
-                result.timings_s["autoattack"] = time.perf_counter() - t0
+                    ),
+                )
                 result.per_example["aa_robust"] = aa_robust.tolist()
                 result.metrics["autoattack_acc"] = _mean(aa_robust)
                 result.autoattack = {
