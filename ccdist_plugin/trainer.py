@@ -190,10 +190,20 @@ def build_loss(config: TrainConfig, teacher: nn.Module | None = None):
 class _Batches:
     """Deterministic per-epoch batches over whatever the user passed."""
 
-    def __init__(self, data: Any, batch_size: int, shuffle: bool, augment: bool, seed: int, device):
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool,
+        seed: int,
+        device,
+        channels_last: bool = False,
+    ):
         from ccdist_plugin.data import ArrayDataset, BatchIterator
 
         self.device = device
+        self.channels_last = channels_last
         self.fingerprint: str | None = None
         self._loader = None
         self._dataset = None
@@ -235,6 +245,8 @@ class _Batches:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             source = DataLoader(self._dataset, self.batch_size, shuffle=self.shuffle, generator=gen)
         for x, y in source:
+            if self.channels_last and x.ndim == 4:  # moved and laid out in one copy
+                x = x.to(self.device, memory_format=torch.channels_last)
             yield x.to(self.device), y.to(self.device)
 
 
@@ -328,7 +340,9 @@ class Trainer:
         import random
 
         random.seed(cfg.seed)
-        batches = _Batches(train_data, cfg.optim.batch_size, True, cfg.data.augment, cfg.seed, self.device)
+        batches = _Batches(
+            train_data, cfg.optim.batch_size, True, cfg.data.augment, cfg.seed, self.device, cfg.channels_last
+        )
         nb = len(batches)
         if nb == 0:
             raise ValueError("training data is empty")
@@ -419,8 +433,6 @@ class Trainer:
             ):  # BatchNorm cannot train on one example; only a final remainder can be this small
                 log.info("skipping a final batch of %d example(s) in epoch %d", x.shape[0], epoch + 1)
                 continue
-            if cfg.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_schedule(epoch, b)
             for group in optimizer.param_groups:
                 group["lr"] = lr
