@@ -1,6 +1,6 @@
 """ℓ∞ PGD in pixel space (Madry et al. 2018), projected onto the ball ∩ [0, 1].
 
-The network is put in eval mode for the attack (BatchNorm uses running statistics, SPEC.md) and
+The network is put in eval mode for the attack (BatchNorm uses running statistics, docs/method.md) and
 restored afterwards; gradients are taken with respect to the input only, so no parameter
 gradient is accumulated.
 

@@ -249,7 +249,7 @@ def propagate_intervals(
     ``update_running_stats`` each train-mode BatchNorm's running statistics move exactly as
     ``module(reference)`` would move them (what a training step wants; the batch statistics are
     computed once for both); otherwise nothing in ``module`` is modified. This is how CC-IBP/CC-Dist get the
-    adversarial output and the IBP bounds in one pass (SPEC.md, "BatchNorm during training").
+    adversarial output and the IBP bounds in one pass (docs/method.md, "BatchNorm during training").
     Without a reference, a train-mode BatchNorm uses the statistics of the box centre.
 
     Args:
@@ -535,7 +535,7 @@ def _backward(
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
 
 
-@torch.no_grad()  # evaluation only (SPEC.md: CROWN is not used in training); keeps memory flat
+@torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def _native_crown(
     model: CertifiedNet,
     x: Tensor,

@@ -129,7 +129,7 @@ def presets_command() -> None:
 def train_teacher_command(
     config: str, overrides, quiet: bool, resume: bool, output_dir: str | None, threads: int | None
 ) -> None:
-    """Train a PGD adversarially-trained teacher (SPEC.md "Teacher")."""
+    """Train a PGD adversarially-trained teacher (docs/method.md "Teacher")."""
     _setup_logging(quiet)
     cfg = _resolve(config, overrides, quiet, output_dir)
     if cfg.role != "teacher":

@@ -63,7 +63,7 @@ class DataConfig:
         root: directory or file holding the data (``None``: the dataset's default location).
         val_split: fraction (0-1) or number (>= 1) of training examples held out for validation
             (0: no held-out split; the test split is then used for the per-epoch validation metrics).
-        augment: random crop/flip as the dataset's spec prescribes (SPEC.md "Data").
+        augment: random crop/flip as the dataset's spec prescribes (docs/method.md "Data").
         options: further reader options for ``load_dataset`` (e.g. ``{test_size: 300}`` for digits,
             ``{train_file: ..., test_file: ...}`` for cifar10-jpeg).
     """
@@ -101,7 +101,7 @@ class ModelConfig:
         depth: hidden layers of an mlp (``None``: default).
         batch_norm: BatchNorm after each hidden layer for cnn3/mlp (``None``: default; cnn7 always has it).
         activation: ``relu`` (or ``tanh``).
-        init: ``shi`` (Shi et al. 2021, SPEC.md) or ``default`` (PyTorch's).
+        init: ``shi`` (Shi et al. 2021, docs/method.md) or ``default`` (PyTorch's).
     """
 
     name: str = "cnn7"
@@ -189,7 +189,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Epochs and the ε schedule (SPEC.md "Student training").
+    """Epochs and the ε schedule (docs/method.md "Student training").
 
     Attributes:
         epochs: total training epochs.

@@ -3,7 +3,7 @@
 Every loss is a few lines on shared primitives: :func:`loss_inputs` runs, once per batch, the
 attack (network in eval mode), then one pass that carries the adversarial batch through the
 network in train mode *and* the IBP box through the same layers with the adversarial batch's
-BatchNorm statistics (SPEC.md, "BatchNorm during training"), and the teacher's clean features
+BatchNorm statistics (docs/method.md, "BatchNorm during training"), and the teacher's clean features
 without autograd. A loss then combines the resulting tensors:
 
 =====================  ======================================================================

@@ -9,7 +9,7 @@ Only standard ``torch.nn`` layers are used (auto_LiRPA parses those and crashes 
 BatchNorm-like modules); the normalization buffers are shaped (1, C, 1, 1), which α,β-CROWN accepts.
 
 Architectures:
-- :func:`cnn7`: the CNN-7 of Shi et al. (2021) used throughout the paper (SPEC.md, "Student training").
+- :func:`cnn7`: the CNN-7 of Shi et al. (2021) used throughout the paper (docs/method.md, "Student training").
 - :func:`cnn3`: two convolutions and one hidden dense layer, for fast CPU work.
 - :func:`mlp`: a small fully connected network.
 """
@@ -149,7 +149,7 @@ def cnn7(
     init: str = "shi",
     channels: Sequence[int] = (64, 64, 128, 128, 128),
 ) -> CertifiedNet:
-    """CNN-7 (SPEC.md): five 3×3 convolutions (stride 1, 1, 2, 1, 1; the fifth has stride 2 on
+    """CNN-7 (docs/method.md): five 3×3 convolutions (stride 1, 1, 2, 1, 1; the fifth has stride 2 on
     64×64 inputs), each followed by BatchNorm2d and the activation; Linear → ``width``, BatchNorm1d,
     activation; Linear → classes. ``channels`` may be narrowed for CPU experiments.
     """

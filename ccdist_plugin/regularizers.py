@@ -3,7 +3,7 @@
 :func:`shi_regularizer` is a pure function of the IBP pre-activation bounds that the losses already
 compute (``LossOutput.stats["preact_bounds"]``), so the trainer does not propagate bounds twice.
 :func:`ibp_preactivation_bounds` computes those bounds for any ``CertifiedNet`` when a loss does not
-provide them (a user's own loss, or ε = 0 batches, where SPEC.md asks for bounds at ε = 1e-6).
+provide them (a user's own loss, or ε = 0 batches, where docs/method.md asks for bounds at ε = 1e-6).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def shi_regularizer(
     input_ub: torch.Tensor,
     tau: float = 0.5,
 ) -> ShiRegularization:
-    """Shi et al. (2021, eq. 9-11) regularizer from IBP pre-activation bounds (SPEC.md).
+    """Shi et al. (2021, eq. 9-11) regularizer from IBP pre-activation bounds (docs/method.md).
 
     For each ReLU layer with pre-activation bounds [l, u] (shape (B, ...), any layout), with
     Δ = (u − l)/2, c = (u + l)/2, active neurons l > 0 and inactive u < 0, and E[·] the mean over

@@ -1,4 +1,4 @@
-"""ε and learning-rate schedules (SPEC.md "Student training" and "Teacher").
+"""ε and learning-rate schedules (docs/method.md "Student training" and "Teacher").
 
 All schedules are pure functions of the position in training (epoch and batch index, both counted
 from 0), so that a resumed run reproduces them exactly.

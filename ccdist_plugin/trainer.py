@@ -1,6 +1,6 @@
 """The training loop: PGD teachers and certified students (CC-Dist, CC-IBP, ...), one loop for all.
 
-The protocol (SPEC.md "Teacher" and "Student training") is configuration (:class:`TrainConfig`):
+The protocol (docs/method.md "Teacher" and "Student training") is configuration (:class:`TrainConfig`):
 
 - students: Shi et al. initialization (the model's constructor), ``warmup_epochs`` of clean
   cross-entropy (clean batch statistics), then the loss at the smoothed per-batch ε_t of
@@ -72,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ε used for the Shi regularizer's bounds on batches where the schedule gives ε_t = 0 (SPEC.md)
+#: ε used for the Shi regularizer's bounds on batches where the schedule gives ε_t = 0 (docs/method.md)
 REG_EPS_FLOOR = 1e-6
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -280,7 +280,7 @@ def _validation_tensors(data: Any, size: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Trainer:
-    """Train ``model`` with ``config`` (SPEC.md protocol); see the module docstring.
+    """Train ``model`` with ``config`` (docs/method.md protocol); see the module docstring.
 
     Args:
         model: a :class:`CertifiedNet` (already Shi-initialized by its constructor).
@@ -626,7 +626,7 @@ def train_teacher(
     val_data: Any = None,
     resume: bool | str | Path = False,
 ) -> FitResult:
-    """PGD adversarial training of a teacher (SPEC.md "Teacher"), e.g. with the ``cifar10-2-teacher`` preset.
+    """PGD adversarial training of a teacher (docs/method.md "Teacher"), e.g. with the ``cifar10-2-teacher`` preset.
 
     The config should use ``loss.method: pgd_at`` (PGD-10, step 0.25ε, random start), SGD with
     momentum 0.9 and the cyclic lr; a config with ``role: student`` is refused.

@@ -61,9 +61,8 @@ SUMMARY_NAME = "verification.json"
 TABLE_NAME = "verification.md"
 
 INSTALL_HELP = """α,β-CROWN was not found. Install it, then point ABCROWN_DIR at its complete_verifier folder:
-  # from the vendored copy (CPU; see ../shared/vendor/README.md):
-  bash ../shared/vendor/install.sh && source ~/.cache/abcrown-vendor/abcrown.env
-  # or from GitHub:
+  # from GitHub, at the commits this package is tested with (alpha-beta-CROWN 8250d5fbd530,
+  # auto_LiRPA 9d100ec07086; see docs/verification.md):
   git clone --recursive https://github.com/Verified-Intelligence/alpha-beta-CROWN.git
   pip install -e alpha-beta-CROWN/auto_LiRPA   # plus the packages in complete_verifier/requirements.txt
   export ABCROWN_DIR=$PWD/alpha-beta-CROWN/complete_verifier

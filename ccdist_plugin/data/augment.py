@@ -1,4 +1,4 @@
-"""Training-time augmentation (SPEC.md, "Data"): random crop with padding and horizontal flip, per batch."""
+"""Training-time augmentation (docs/method.md, "Data"): random crop with padding and horizontal flip, per batch."""
 
 from __future__ import annotations
 

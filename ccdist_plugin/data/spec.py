@@ -12,7 +12,7 @@ _PADDING_MODES = ("replicate", "constant")
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Static description of a dataset (SPEC.md, "Data").
+    """Static description of a dataset (docs/method.md, "Data").
 
     Attributes:
         name: registry name, e.g. ``"cifar10"``.
