@@ -626,7 +626,7 @@ def train_teacher(
     val_data: Any = None,
     resume: bool | str | Path = False,
 ) -> FitResult:
-    """PGD adversarial training of a teacher (docs/method.md "Teacher"), e.g. with the ``cifar10-2-teacher`` preset.
+    """PGD adversarial training of a teacher (docs/method.md "Teacher"), e.g. ``cifar10-2-teacher``.
 
     The config should use ``loss.method: pgd_at`` (PGD-10, step 0.25ε, random start), SGD with
     momentum 0.9 and the cyclic lr; a config with ``role: student`` is refused.

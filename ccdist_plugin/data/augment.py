@@ -1,4 +1,5 @@
-"""Training-time augmentation (docs/method.md, "Data"): random crop with padding and horizontal flip, per batch."""
+"""Training-time augmentation (docs/method.md, "Data"): random crop with padding and horizontal flip,
+per batch."""
 
 from __future__ import annotations
 
