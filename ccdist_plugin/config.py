@@ -173,6 +173,9 @@ class LossConfig:
         beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist).
         attack: the PGD attack inside the loss.
         options: further keyword arguments for the loss constructor (e.g. ``{lam: 0.4}`` for SABR).
+        distill_layer: where a teacher is distilled onto: ``features`` (the activations before the
+            head, the paper's default) or ``penultimate`` (the input of the penultimate affine layer,
+            appendix E.9; β then defaults to 2/w with w that layer's input width).
     """
 
     method: str = "cc_dist"
@@ -180,9 +183,14 @@ class LossConfig:
     beta: float | None = None
     attack: AttackConfig = field(default_factory=AttackConfig)
     options: dict = field(default_factory=dict)
+    distill_layer: str = "features"
 
     def __post_init__(self) -> None:
         _check(bool(self.method), f"loss.method must be {_METHOD_NOTE}")
+        _check(
+            self.distill_layer in ("features", "penultimate"),
+            f"loss.distill_layer must be 'features' or 'penultimate', got {self.distill_layer!r}",
+        )
         _check(0.0 <= self.alpha <= 1.0, f"loss.alpha must lie in [0, 1], got {self.alpha}")
         _check(self.beta is None or self.beta >= 0, f"loss.beta must be >= 0, got {self.beta}")
 

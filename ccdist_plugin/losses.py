@@ -30,13 +30,22 @@ Adding a loss: subclass :class:`RobustLoss` and write ``objective(inp) -> (loss,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.attacks import PGD
-from ccdist_plugin.bounds import _eps_tensor, elided_margin_lower_bound, input_box, propagate_intervals
+from ccdist_plugin.bounds import (
+    IntervalPropagation,
+    _eps_tensor,
+    elided_margin_lower_bound,
+    flat_layers,
+    input_box,
+    propagate_intervals,
+)
+from ccdist_plugin.latent import check_distill_layer, latent_features, propagate_split
 from ccdist_plugin.models import CertifiedNet, check_compatible
 
 __all__ = [
@@ -58,6 +67,10 @@ __all__ = [
     "CCDist0Loss",
     "CCDist1Loss",
     "LogitDistLoss",
+    "CrownIBPLoss",
+    "IBPRLoss",
+    "IBPRDistLoss",
+    "ramp_progress",
     "make_loss",
     "list_losses",
 ]
@@ -126,6 +139,18 @@ class LossInputs:
     input_ub: Tensor | None = None
     h_t: Tensor | None = None
     logits_t: Tensor | None = None
+    # the IBP pass itself (per-layer bounds, BatchNorm maps), when asked for with keep_all (CROWN-IBP)
+    ibp_record: IntervalPropagation | None = None
+    # the earlier feature space of appendix E.9 (input of the penultimate affine layer, flattened),
+    # when asked for with latent=True: student on x_adv, its IBP bounds, teacher on x
+    latent_adv: Tensor | None = None
+    latent_lb: Tensor | None = None
+    latent_ub: Tensor | None = None
+    latent_t: Tensor | None = None
+    # the network and the radius the inputs were computed for (losses that bound further or
+    # follow an ε-dependent schedule: CROWN-IBP, IBP-R)
+    model: CertifiedNet | None = None
+    eps: float | Tensor | None = None
 
 
 @dataclass
@@ -149,6 +174,8 @@ def loss_inputs(
     teacher: CertifiedNet | None = None,
     box: tuple[Tensor, Tensor] | None = None,
     x_adv: Tensor | None = None,
+    keep_all: bool = False,
+    latent: bool = False,
 ) -> LossInputs:
     """Attack, then one pass for the adversarial output and the IBP bounds, then the teacher.
 
@@ -157,6 +184,10 @@ def loss_inputs(
         need_bounds: compute IBP feature and margin bounds over the ball (or over ``box``).
         box: bounds over this (lower, upper) box instead of the ε-ball (SABR's small box).
         x_adv: a precomputed adversarial batch (skips the attack).
+        keep_all: keep the IBP pass's per-layer bounds and BatchNorm maps in ``ibp_record``.
+        latent: also return the earlier feature space of appendix E.9 (``latent_*``): the input of
+            the penultimate affine layer, with bounds from the same pass split at that layer
+            (:func:`ccdist_plugin.latent.propagate_split`; no layer is propagated twice).
     """
     if not isinstance(model, CertifiedNet):
         raise ValueError(f"expected a CertifiedNet, got {type(model).__name__}")
@@ -168,21 +199,37 @@ def loss_inputs(
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]} inputs")
     if x_adv is None:
         x_adv = attack(model, x, y, eps) if attack is not None else x
+    record = part = None
     if need_bounds:
         lo, hi = box if box is not None else input_box(x, eps)
-        prop = propagate_intervals(model.features, lo, hi, reference=x_adv, update_running_stats=True)
+        if latent:
+            part, prop = propagate_split(
+                model, lo, hi, reference=x_adv, keep_all=keep_all, update_running_stats=True
+            )
+        else:
+            prop = propagate_intervals(
+                model.features, lo, hi, reference=x_adv, keep_all=keep_all, update_running_stats=True
+            )
         h_adv, h_lb, h_ub, preact = prop.value, prop.lower, prop.upper, prop.preact_bounds
         z_lb = elided_margin_lower_bound(model.head, h_lb, h_ub, y)
+        record = prop if keep_all else None
     else:
         _eps_tensor(eps, x)  # validates eps
         lo = hi = h_lb = h_ub = z_lb = None
         preact = []
-        h_adv = model.features(x_adv)
+        if latent:
+            latent_value, h_adv = latent_features(model, x_adv)
+            part = IntervalPropagation(latent_value, latent_value, value=latent_value)
+        else:
+            h_adv = model.features(x_adv)
     logits_adv = model.head(h_adv)
-    h_t = logits_t = None
+    h_t = logits_t = latent_t = None
     if teacher is not None:
         with torch.no_grad():
-            h_t = teacher.features(x)
+            if latent:
+                latent_t, h_t = latent_features(teacher, x)
+            else:
+                h_t = teacher.features(x)
             logits_t = teacher.head(h_t)
     return LossInputs(
         x=x,
@@ -199,6 +246,13 @@ def loss_inputs(
         input_ub=hi,
         h_t=h_t,
         logits_t=logits_t,
+        ibp_record=record,
+        latent_adv=part.value.flatten(1) if part is not None else None,
+        latent_lb=part.lower.flatten(1) if part is not None and need_bounds else None,
+        latent_ub=part.upper.flatten(1) if part is not None and need_bounds else None,
+        latent_t=latent_t.flatten(1) if latent_t is not None else None,
+        model=model,
+        eps=eps,
     )
 
 
@@ -232,15 +286,25 @@ class RobustLoss:
     distill_alpha: float | None = 1.0
     #: default β as a multiple of 1/w.
     beta_per_width: float = 5.0
+    #: default β as a multiple of 1/w when distilling on the earlier feature space (appendix E.9:
+    #: 2/w, w the width of the penultimate affine layer's input).
+    latent_beta_per_width: float = 2.0
+    #: keep the IBP pass's per-layer record in ``LossInputs.ibp_record`` (CROWN-IBP needs it).
+    keeps_ibp_record: bool = False
 
     def __init__(
-        self, attack: PGD | None = None, teacher: nn.Module | None = None, beta: float | None = None
+        self,
+        attack: PGD | None = None,
+        teacher: nn.Module | None = None,
+        beta: float | None = None,
+        distill_layer: str = "features",
     ) -> None:
         self.attack = attack if attack is not None else PGD(steps=1, step_size=10.0)
         self.teacher = _prepare_teacher(teacher)
         if beta is not None and beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.beta = beta
+        self.distill_layer = check_distill_layer(distill_layer)
 
     @property
     def needs_teacher(self) -> bool:
@@ -252,12 +316,26 @@ class RobustLoss:
     def distillation(self, inp: LossInputs) -> Tensor:
         """β-free distillation term; default: R(α′) on the features (Proposition 3.2)."""
         a = self.alpha if self.distill_alpha is None else self.distill_alpha
-        lo = cc_combination(inp.h_adv, inp.h_lb, a)
-        hi = cc_combination(inp.h_adv, inp.h_ub, a)
-        return distillation_term(lo, hi, inp.h_t)
+        if self.distill_layer == "penultimate":
+            h_adv, h_lb, h_ub, h_t = inp.latent_adv, inp.latent_lb, inp.latent_ub, inp.latent_t
+        else:
+            h_adv, h_lb, h_ub, h_t = inp.h_adv, inp.h_lb, inp.h_ub, inp.h_t
+        if h_lb is None:  # a loss without bounds distils the adversarial features only, R(0)
+            h_lb = h_ub = h_adv
+        lo = cc_combination(h_adv, h_lb, a)
+        hi = cc_combination(h_adv, h_ub, a)
+        return distillation_term(lo, hi, h_t)
 
-    def resolved_beta(self, model: CertifiedNet) -> float:
-        return self.beta if self.beta is not None else self.beta_per_width / model.feature_dim
+    def resolved_beta(self, model: CertifiedNet, inp: LossInputs | None = None) -> float:
+        """β as given, else ``beta_per_width``/w (w the feature width), or with
+        ``distill_layer="penultimate"`` ``latent_beta_per_width``/w (w that layer's input width)."""
+        if self.beta is not None:
+            return self.beta
+        if self.distill_layer == "penultimate":
+            if inp is None or inp.latent_adv is None:
+                raise ValueError("the default β of distill_layer='penultimate' needs that layer's width")
+            return self.latent_beta_per_width / inp.latent_adv.shape[1]
+        return self.beta_per_width / model.feature_dim
 
     def box(self, inp_x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor] | None:
         return None
@@ -265,6 +343,7 @@ class RobustLoss:
     def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
         if self.teacher is not None:
             check_compatible(self.teacher, model)
+        latent = self.teacher is not None and self.distill_layer == "penultimate"
         attack = self.attack if self.needs_attack else None
         x_adv = attack(model, x, y, eps) if attack is not None else x
         inp = loss_inputs(
@@ -277,12 +356,20 @@ class RobustLoss:
             self.teacher,
             box=self.box(x, x_adv, eps),
             x_adv=x_adv,
+            keep_all=self.keeps_ibp_record,
+            latent=latent,
         )
+        if latent and inp.latent_adv.shape[1] != inp.latent_t.shape[1]:
+            raise ValueError(
+                "teacher and student are incompatible for distill_layer='penultimate': the input of the "
+                f"penultimate affine layer has width {inp.latent_t.shape[1]} in the teacher and "
+                f"{inp.latent_adv.shape[1]} in the student"
+            )
         loss, terms = self.objective(inp)
         if self.teacher is not None:
             r = self.distillation(inp)
             terms["distill"] = r
-            loss = loss + self.resolved_beta(model) * r
+            loss = loss + self.resolved_beta(model, inp) * r
         terms = {k: v.detach() for k, v in terms.items()}
         terms["loss"] = loss.detach()
         stats = {
@@ -324,8 +411,15 @@ class CCIBPLoss(RobustLoss):
 
     distill_alpha = None
 
-    def __init__(self, alpha: float, attack: PGD | None = None, teacher=None, beta=None) -> None:
-        super().__init__(attack, teacher, beta)
+    def __init__(
+        self,
+        alpha: float,
+        attack: PGD | None = None,
+        teacher=None,
+        beta=None,
+        distill_layer: str = "features",
+    ) -> None:
+        super().__init__(attack, teacher, beta, distill_layer)
         self.alpha = _check_alpha(alpha)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -358,8 +452,15 @@ class AdversarialLoss(CCIBPLoss):
 class MTLIBPLoss(RobustLoss):
     """MTL-IBP: α·CE(−z_lb) + (1−α)·CE(−z(x_adv)); with a teacher, + β R(1) (MTL-IBP-Dist)."""
 
-    def __init__(self, alpha: float, attack: PGD | None = None, teacher=None, beta=None) -> None:
-        super().__init__(attack, teacher, beta)
+    def __init__(
+        self,
+        alpha: float,
+        attack: PGD | None = None,
+        teacher=None,
+        beta=None,
+        distill_layer: str = "features",
+    ) -> None:
+        super().__init__(attack, teacher, beta, distill_layer)
         self.alpha = _check_alpha(alpha)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -380,8 +481,10 @@ class SABRLoss(RobustLoss):
     clamp(x_adv, x − ε + λε, x + ε − λε), intersected with [0, 1]; with a teacher, + β R(1) on
     the small box's feature bounds (SABR-Dist, appendix E.3)."""
 
-    def __init__(self, lam: float, attack: PGD | None = None, teacher=None, beta=None) -> None:
-        super().__init__(attack, teacher, beta)
+    def __init__(
+        self, lam: float, attack: PGD | None = None, teacher=None, beta=None, distill_layer: str = "features"
+    ) -> None:
+        super().__init__(attack, teacher, beta, distill_layer)
         if not 0.0 < lam <= 1.0:
             raise ValueError(f"lam must lie in (0, 1], got {lam}")
         self.lam = float(lam)
@@ -406,14 +509,21 @@ class CCDistLoss(CCIBPLoss):
         alpha: the convex-combination coefficient of CC-IBP and of R.
         beta: distillation weight (default 5/w, w the feature width).
         attack: the training attack (default: one step of 10ε from a uniform start).
+        distill_layer: ``"features"`` (the paper's default) or ``"penultimate"``: R(α) on the input
+            of the penultimate affine layer, β then 2/w with w that input's width (appendix E.9).
     """
 
     def __init__(
-        self, teacher: nn.Module, alpha: float, beta: float | None = None, attack: PGD | None = None
+        self,
+        teacher: nn.Module,
+        alpha: float,
+        beta: float | None = None,
+        attack: PGD | None = None,
+        distill_layer: str = "features",
     ):
         if teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher")
-        super().__init__(alpha, attack, teacher, beta)
+        super().__init__(alpha, attack, teacher, beta, distill_layer)
 
 
 class CCDist0Loss(CCDistLoss):
@@ -455,6 +565,230 @@ class LogitDistLoss(CCDistLoss):
         return t * t * kl
 
 
+# --------------------------------------------------------------------------------------------
+# CROWN-IBP and IBP-R (issue 16): schedules on the ε ramp
+# --------------------------------------------------------------------------------------------
+
+
+def ramp_progress(eps: float | Tensor, eps_target: float | None) -> float:
+    """How far the ε ramp is, ε/ε_target clipped to [0, 1] (1 without a target). A per-example ε
+    counts by its mean (the schedules below weigh whole batches)."""
+    if eps_target is None:
+        return 1.0
+    if eps_target <= 0:
+        raise ValueError(f"eps_target must be > 0, got {eps_target}")
+    value = float(eps.float().mean()) if isinstance(eps, Tensor) else float(eps)
+    return min(max(value / eps_target, 0.0), 1.0)
+
+
+def _linear(start: float, end: float, progress: float) -> float:
+    return start + (end - start) * progress
+
+
+def _clean_logits(model: CertifiedNet, x: Tensor) -> Tensor:
+    """The network's logits on ``x`` in its current mode, differentiable, without moving a train-mode
+    BatchNorm's running statistics (the training pass already moved them once this step): the
+    forward pass runs on copies of the buffers."""
+    state: dict[str, Tensor] = dict(model.named_parameters())
+    state.update({name: buf.clone() for name, buf in model.named_buffers()})
+    return torch.func.functional_call(model, state, (x,))
+
+
+class CrownIBPLoss(RobustLoss):
+    """CROWN-IBP training (Zhang et al. 2020, "Towards stable and efficient training of verifiably
+    robust neural networks", ICLR): CE(−z, y) on the mixed margin lower bound
+
+        z = b·z_CROWN-IBP + (1 − b)·z_IBP,   loss = κ·CE(f(x), y) + (1 − κ)·CE(−z, y),
+
+    where z_CROWN-IBP is one CROWN back-substitution from the output with the IBP pre-activation
+    bounds of the same pass (:mod:`ccdist_plugin.crown_ibp`, native, differentiable; train-mode
+    BatchNorm uses the clean batch's statistics for both bounds) and z_IBP the IBP bound with
+    last-layer elision. Both weights move linearly with the ε ramp, s = ε_t/ε_target:
+    b = crown_start → crown_end (1 → 0: CROWN-IBP bounds early, pure IBP at the target ε, as in
+    auto_LiRPA's training examples, which weigh the CROWN-IBP bound by (ε_max − ε_t)/ε_max) and
+    κ = kappa_start → kappa_end (0 → 0 by default, as in those examples; the paper also reports
+    κ = 1 → 0). While b = 0 the back-substitution is skipped. No attack is run. With a teacher,
+    β·R(1) on the IBP feature bounds is added (as for MTL-IBP-Dist, appendix E.3).
+
+    Args:
+        eps_target: the target ε of the ramp (the trainer passes the config's ``eps``).
+        crown_start, crown_end, kappa_start, kappa_end: the schedules above, each in [0, 1].
+        teacher, beta, distill_layer: distillation (see :class:`CCDistLoss`).
+    """
+
+    name: ClassVar[str] = "crown_ibp"
+    label: ClassVar[str] = "CROWN-IBP"
+    teacher_use: ClassVar[str] = "optional"
+    config_keys: ClassVar[tuple[str, ...]] = ("beta", "distill_layer")
+
+    needs_attack = False
+    keeps_ibp_record = True
+    distill_alpha = 1.0
+
+    def __init__(
+        self,
+        eps_target: float,
+        crown_start: float = 1.0,
+        crown_end: float = 0.0,
+        kappa_start: float = 0.0,
+        kappa_end: float = 0.0,
+        teacher: nn.Module | None = None,
+        beta: float | None = None,
+        distill_layer: str = "features",
+    ) -> None:
+        super().__init__(None, teacher, beta, distill_layer)
+        ramp_progress(0.0, eps_target)  # validates
+        self.eps_target = float(eps_target)
+        for key, value in (
+            ("crown_start", crown_start),
+            ("crown_end", crown_end),
+            ("kappa_start", kappa_start),
+            ("kappa_end", kappa_end),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} must lie in [0, 1], got {value}")
+        self.crown_start, self.crown_end = float(crown_start), float(crown_end)
+        self.kappa_start, self.kappa_end = float(kappa_start), float(kappa_end)
+
+    def weights(self, eps: float | Tensor) -> tuple[float, float]:
+        """(b, κ) at radius ``eps``."""
+        s = ramp_progress(eps, self.eps_target)
+        return _linear(self.crown_start, self.crown_end, s), _linear(self.kappa_start, self.kappa_end, s)
+
+    def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        from ccdist_plugin.crown_ibp import crown_ibp_from_propagation
+
+        b, kappa = self.weights(inp.eps)
+        z = inp.z_lb
+        terms: dict[str, Tensor] = {"ibp": margin_ce(inp.z_lb, inp.y)}
+        if b > 1e-5:  # no back-substitution once the schedule has reached pure IBP
+            model = inp.model
+            z_crown = crown_ibp_from_propagation(
+                flat_layers(model.features), model.head, inp.y, inp.input_lb, inp.input_ub, inp.ibp_record
+            )
+            z = b * z_crown + (1 - b) * inp.z_lb
+            terms["crown_ibp"] = margin_ce(z_crown, inp.y)
+        robust = margin_ce(z, inp.y)
+        terms["robust"] = robust
+        if kappa > 0:
+            clean = F.cross_entropy(inp.logits_adv, inp.y)  # no attack: logits_adv are the clean logits
+            terms["clean"] = clean
+            return kappa * clean + (1 - kappa) * robust, terms
+        return robust, terms
+
+
+class IBPRLoss(RobustLoss):
+    """IBP-R (De Palma et al. 2022, "IBP regularization for verified adversarial robustness via
+    branch-and-bound", ICML 2022 Workshop on Formal Verification of Machine Learning,
+    arXiv:2206.14772; the authors' code: github.com/alessandrodepalma/ibpr):
+
+        loss = (1 − κ)·CE(f(x), y) + κ·[CE(f(x_adv), y) + ρ·(1/L) Σ_l Σ_i [−l_i]₊ [u_i]₊],
+
+    an attack on the enlarged ball of radius λε (``attack.eps_factor`` = λ) plus a penalty on the
+    area of the triangle (Planet) relaxation of every unstable ReLU, with the IBP bounds (l, u)
+    computed over that same enlarged ball ∩ [0, 1]; averaged over the L bounded layers (every
+    activation's input and, as in the authors' code, the logits) and over the batch. κ ramps 0 → 1
+    with ε (s = ε_t/ε_target, the authors ramp both together linearly); the clean term runs the
+    network on x without moving the BatchNorm running statistics.
+
+    Settings and their source: the formulation (enlarged-ball attack, Planet-area regularizer over
+    IBP bounds, the natural-loss mix) is the paper's; the per-layer averaging, the inclusion of the
+    logit bounds and the optional masking of points the clean network misclassifies
+    (``mask_incorrect``, the code's ``--relu_stable_ub_mask``) follow the authors' code; the
+    defaults are their CIFAR-10 2/255 command (``--start_eps_factor 2.1 --train_att_n_steps 8
+    --train_att_step_size 0.25 --relu_stable 1e-4``; 8/255: λ = 1.7, ρ = 5e-3 with the mask).
+
+    With a teacher, β·R(0) is added (IBP-R-Dist, appendix E.3 of the CC-Dist paper; β = 5/w).
+
+    Args:
+        eps_target: the target ε of the ramp (None: κ = 1 throughout).
+        attack: the attack on the enlarged ball (default 8 steps of 0.25·2.1ε on 2.1ε).
+        reg_weight: ρ.
+        mask_incorrect: regularize only points the clean network classifies correctly.
+    """
+
+    name: ClassVar[str] = "ibp_r"
+    label: ClassVar[str] = "IBP-R"
+    teacher_use: ClassVar[str] = "optional"
+    config_keys: ClassVar[tuple[str, ...]] = ("attack", "beta", "distill_layer")
+
+    distill_alpha = 0.0
+
+    def __init__(
+        self,
+        eps_target: float | None = None,
+        attack: PGD | None = None,
+        reg_weight: float = 1e-4,
+        mask_incorrect: bool = False,
+        teacher: nn.Module | None = None,
+        beta: float | None = None,
+        distill_layer: str = "features",
+    ) -> None:
+        if attack is None:
+            attack = PGD(steps=8, step_size=0.25, eps_factor=2.1)
+        super().__init__(attack, teacher, beta, distill_layer)
+        ramp_progress(0.0, eps_target)  # validates
+        if reg_weight < 0:
+            raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
+        self.eps_target = None if eps_target is None else float(eps_target)
+        self.reg_weight = float(reg_weight)
+        self.mask_incorrect = bool(mask_incorrect)
+
+    def box(self, x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
+        # the regularizer's IBP bounds are over the attack's enlarged ball, as the authors compute them
+        return input_box(x, _eps_tensor(eps, x) * self.attack.eps_factor)
+
+    def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        kappa = ramp_progress(inp.eps, self.eps_target)
+        model = inp.model
+        centre, radius = (inp.h_ub + inp.h_lb) / 2, (inp.h_ub - inp.h_lb) / 2
+        logit_centre = model.head(centre)
+        logit_radius = F.linear(radius, model.head.weight.abs())
+        bounded = list(inp.preact_bounds) + [(logit_centre - logit_radius, logit_centre + logit_radius)]
+        areas = torch.stack([(F.relu(-lo) * F.relu(hi)).flatten(1).sum(1) for lo, hi in bounded])
+        per_example = areas.mean(0)
+        clean_logits = None
+        if kappa < 1:
+            clean_logits = _clean_logits(model, inp.x)
+        if self.mask_incorrect:
+            with torch.no_grad():
+                logits = clean_logits if clean_logits is not None else _clean_logits(model, inp.x)
+                correct = (logits.argmax(1) == inp.y).to(per_example.dtype)
+            per_example = per_example * correct
+        area = per_example.mean()
+        adv = F.cross_entropy(inp.logits_adv, inp.y)
+        terms = {"adv": adv, "relu_area": area}
+        loss = kappa * (adv + self.reg_weight * area)
+        if clean_logits is not None:
+            clean = F.cross_entropy(clean_logits, inp.y)
+            terms["clean"] = clean
+            loss = loss + (1 - kappa) * clean
+        return loss, terms
+
+
+class IBPRDistLoss(IBPRLoss):
+    """IBP-R-Dist (appendix E.3): IBP-R + β·R(0), the distance between the student's features on
+    the (enlarged-ball) adversarial input and the teacher's clean features; β = 5/w."""
+
+    name: ClassVar[str] = "ibp_r_dist"
+    label: ClassVar[str] = "IBP-R-Dist"
+    teacher_use: ClassVar[str] = "required"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        eps_target: float | None = None,
+        attack: PGD | None = None,
+        reg_weight: float = 1e-4,
+        mask_incorrect: bool = False,
+        beta: float | None = None,
+        distill_layer: str = "features",
+    ) -> None:
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher")
+        super().__init__(eps_target, attack, reg_weight, mask_incorrect, teacher, beta, distill_layer)
+
+
 _LOSSES: dict[str, type[RobustLoss]] = {
     "ce": CrossEntropyLoss,
     "ibp": IBPLoss,
@@ -467,6 +801,10 @@ _LOSSES: dict[str, type[RobustLoss]] = {
     "cc_dist0": CCDist0Loss,
     "cc_dist1": CCDist1Loss,
     "logit_dist": LogitDistLoss,
+    # issue 16
+    "crown_ibp": CrownIBPLoss,
+    "ibp_r": IBPRLoss,
+    "ibp_r_dist": IBPRDistLoss,
 }
 
 

@@ -167,6 +167,12 @@ def build_loss(config: TrainConfig, teacher: nn.Module | None = None):
         candidates["teacher"] = teacher
     if config.loss.beta is not None:
         candidates["beta"] = config.loss.beta
+    # losses with an ε-dependent schedule (CROWN-IBP, IBP-R) ramp towards the config's ε
+    candidates["eps_target"] = config.eps
+    if config.loss.distill_layer != "features":
+        if "distill_layer" not in params:
+            raise ValueError(f"loss.method {method!r} does not take loss.distill_layer")
+        candidates["distill_layer"] = config.loss.distill_layer
     kwargs = {k: v for k, v in candidates.items() if k in params}
     if teacher is not None and "teacher" not in params:
         log.warning("loss.method %r takes no teacher; the teacher is not used", method)

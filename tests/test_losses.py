@@ -216,6 +216,10 @@ def test_make_loss_registry_and_errors():
             kw = {"alpha": 0.5, "teacher": t}
         if name == "sabr":
             kw = {"lam": 0.4}
+        if name == "crown_ibp":
+            kw = {"eps_target": 2 * EPS}
+        if name == "ibp_r_dist":
+            kw = {"teacher": t}
         out = make_loss(name, **kw)(s, x, y, EPS)
         assert torch.isfinite(out.loss) and out.terms["loss"] == out.loss.detach()
     with pytest.raises(ValueError, match="unknown loss"):
