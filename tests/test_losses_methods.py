@@ -311,6 +311,11 @@ def test_crown_ibp_gradients_batchnorm_and_teacher():
     # β R(1): the default β is 5/w
     plain = CrownIBPLoss(eps_target=2 * EPS)(copy.deepcopy(ref), x, y, EPS)
     assert float(out.loss.detach()) > float(plain.loss.detach())
+    # the split pass (earlier feature space) gives CROWN-IBP the same record as the whole pass
+    early = CrownIBPLoss(eps_target=2 * EPS, teacher=teacher, distill_layer="penultimate")
+    out_early = early(copy.deepcopy(ref), x, y, EPS)
+    torch.testing.assert_close(out_early.terms["crown_ibp"], plain.terms["crown_ibp"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_early.terms["robust"], plain.terms["robust"], rtol=1e-5, atol=1e-5)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
