@@ -131,9 +131,11 @@ def crown_ibp_from_propagation(
             up_slope = torch.where(unstable, u / denom, (l >= 0).to(u.dtype))
             up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
             low_slope = torch.where(unstable, (u > -l).to(u.dtype), (l >= 0).to(u.dtype))
-            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-            bias = bias + (a_neg * up_icpt).flatten(2).sum(-1)
-            a = a_pos * low_slope + a_neg * up_slope
+            # a₊·low + a₋·up = a·low + a₋·(up − low); the intercepts by one batched product (no
+            # (B, k, n) temporary): fewer coefficient-sized tensors kept for the backward pass
+            a_neg = a.clamp(max=0)
+            bias = bias + torch.bmm(a_neg.flatten(2), up_icpt.flatten(1).unsqueeze(-1)).squeeze(-1)
+            a = a * low_slope + a_neg * (up_slope - low_slope)
         elif isinstance(layer, nn.Flatten):
             a = a.reshape(batch, rows, *shapes[i])
         elif isinstance(layer, nn.AvgPool2d):

@@ -18,10 +18,15 @@ without autograd. A loss then combines the resulting tensors:
 ``CCDist1Loss``        CC-IBP(α) + β R(1) (appendix E.2)
 ``LogitDistLoss``      CC-IBP(α) + T²β KL_T(−z_cc, −z_t), T = 20, β = 10⁴/w (equation 14)
 ``CrossEntropyLoss``   clean cross-entropy (warm-up)
+``CrownIBPLoss``       CE on b·z_CROWN-IBP + (1−b)·z_lb, b: 1 → 0 over the ε ramp (Zhang et al. 2020)
+``IBPRLoss``           CE(f(x_adv)) on the λε-ball + ρ·Planet areas over IBP bounds (De Palma et al. 2022)
+``IBPRDistLoss``       IBP-R + β R(0) (appendix E.3)
 =====================  ======================================================================
 
 MTL-IBP and SABR accept a teacher too: they then add β R(1) (appendix E.3, MTL-IBP-Dist and
-SABR-Dist; for SABR the bounds are the small box's).
+SABR-Dist; for SABR the bounds are the small box's); so does CROWN-IBP. With
+``distill_layer="penultimate"`` R is taken on the input of the penultimate affine layer instead of
+the features (appendix E.9; :mod:`ccdist_plugin.latent`).
 
 Adding a loss: subclass :class:`RobustLoss` and write ``objective(inp) -> (loss, terms)``; see
 ``docs/losses.md``.
