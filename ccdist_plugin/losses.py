@@ -741,7 +741,8 @@ class IBPRLoss(RobustLoss):
 
     def box(self, x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
         # the regularizer's IBP bounds are over the attack's enlarged ball, as the authors compute them
-        return input_box(x, _eps_tensor(eps, x) * self.attack.eps_factor)
+        radius = _eps_tensor(eps, x) * self.attack.eps_factor
+        return (x - radius).clamp(0.0, 1.0), (x + radius).clamp(0.0, 1.0)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         kappa = ramp_progress(inp.eps, self.eps_target)

@@ -357,6 +357,9 @@ def test_ibp_r_terms_match_their_definition():
     adv = F.cross_entropy(ref.head(prop.value), y)
     torch.testing.assert_close(out.terms["relu_area"], area.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss.detach(), (adv + 1e-2 * area).detach(), rtol=1e-5, atol=1e-5)
+    # a per-example ε: the same box, example by example
+    per_example = IBPRLoss()(copy.deepcopy(model), x, y, torch.full((x.shape[0],), EPS))
+    torch.testing.assert_close(per_example.stats["input_lb"], lo)
     # ρ = 0 and no ramp: plain adversarial training on the enlarged ball
     torch.manual_seed(3)
     plain = IBPRLoss(reg_weight=0.0)(copy.deepcopy(model), x, y, EPS)
