@@ -625,6 +625,9 @@ class CrownIBPLoss(RobustLoss):
     label: ClassVar[str] = "CROWN-IBP"
     teacher_use: ClassVar[str] = "optional"
     config_keys: ClassVar[tuple[str, ...]] = ("beta", "distill_layer")
+    option_keys: ClassVar[tuple[str, ...]] = ("crown_start", "crown_end", "kappa_start", "kappa_end")
+    #: takes ``eps_target``, the training run's ε (the trainer passes it)
+    ramp_target: ClassVar[bool] = True
 
     needs_attack = False
     keeps_ibp_record = True
@@ -716,6 +719,8 @@ class IBPRLoss(RobustLoss):
     label: ClassVar[str] = "IBP-R"
     teacher_use: ClassVar[str] = "optional"
     config_keys: ClassVar[tuple[str, ...]] = ("attack", "beta", "distill_layer")
+    option_keys: ClassVar[tuple[str, ...]] = ("reg_weight", "mask_incorrect")
+    ramp_target: ClassVar[bool] = True
 
     distill_alpha = 0.0
 
