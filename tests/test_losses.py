@@ -131,7 +131,7 @@ def test_adversarial_loss_is_pgd_cross_entropy():
     torch.manual_seed(5)
     x_adv = PGD(steps=3, step_size=0.25)(s, x, y, EPS)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(s(x_adv), y))
-    assert out.stats["preact_bounds"] == []  # no bounds were computed
+    assert out.stats.preact_bounds == []  # no bounds were computed
 
 
 @pytest.mark.parametrize("cls", [CCDistLoss, CCDist0Loss, CCDist1Loss, LogitDistLoss])
@@ -194,7 +194,7 @@ def test_batchnorm_protocol_adv_stats_one_forward_each():
         adv_logits = reference(x_adv)  # one train-mode forward on the adversarial batch
     torch.testing.assert_close(bn.running_mean, reference.features[2].running_mean)
     torch.testing.assert_close(bn.running_var, reference.features[2].running_var)
-    torch.testing.assert_close(out.stats["logits_adv"], adv_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.stats.logits_adv, adv_logits, rtol=1e-4, atol=1e-5)
     lo, hi = input_box(x, EPS)
     h_lb, _ = interval_bounds(reference.features, lo, hi, reference=x_adv)
     inp = loss_inputs(reference, x, y, EPS, None, True, t, x_adv=x_adv)
