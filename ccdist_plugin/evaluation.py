@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ccdist_plugin.attacks import pgd_attack
 from ccdist_plugin.bounds import certify, input_box
 from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.validate import check_batch
 
 __all__ = [
     "PGD_STEPS",
@@ -301,18 +302,9 @@ def evaluate(
         abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
         log: where one-line progress messages go (default: the module logger).
     """
-    if not isinstance(model, CertifiedNet):
-        raise ValueError(f"model must be a CertifiedNet, got {type(model).__name__}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(
-            f"inputs of shape {tuple(x.shape)} do not match the model's input {model.input_shape}"
-        )
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} inputs")
+    check_batch(model, x, y)  # model, shapes, label range, pixel range (ccdist_plugin.validate)
     if x.shape[0] == 0:
         raise ValueError("no test points to evaluate")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError("inputs must lie in [0, 1] (pixel space)")
     say = log or logger.info
     s = settings
     eps = float(s.eps)
