@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.models import CertifiedNet, Normalize
 from ccdist_plugin.validate import check_box, check_inputs, check_labels, check_model, check_pixel_range
 from ccdist_plugin.validate import eps_tensor as _eps_tensor
@@ -626,7 +626,7 @@ def crown_margin_lower_bound(
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
-            for sl in _batches(x.shape[0], per_batch):
+            for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
                 parts.append(_native_crown(model, x[sl], y[sl], e, intermediate, max_crown_elements, chunk))
             return torch.cat(parts)
@@ -656,11 +656,6 @@ class CertifyResult:
     def proved(self, tol: float = 0.0) -> Tensor:
         """(B, k) bool: which logit differences are proved positive."""
         return self.margin_lb > tol
-
-
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, min(s + size, n))
 
 
 @torch.no_grad()
@@ -694,7 +689,7 @@ def certify(
     net = copy.deepcopy(model).double().eval()
     x64, eps64 = x.double(), eps.double() if isinstance(eps, Tensor) else float(eps)
     parts, correct = [], []
-    for sl in _batches(x.shape[0], batch_size):
+    for sl in batch_slices(x.shape[0], batch_size):
         e = eps64[sl] if isinstance(eps64, Tensor) and eps64.ndim == 1 else eps64
         if method == "ibp":
             lb = margin_lower_bound(net, x64[sl], y[sl], e)

@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "load_preset",
     "list_presets",
+    "preset_description",
     "config_diff",
     "parse_override",
 ]
@@ -560,6 +561,14 @@ def _preset_dir() -> Path:
 def list_presets() -> list[str]:
     """Names of the packaged presets (``ccdist presets``)."""
     return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The one-line description a preset file opens with (its first ``#`` comment; "" without one)."""
+    if name not in list_presets():
+        raise ValueError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
+    first = (_preset_dir() / f"{name}.yaml").read_text().splitlines()[0]
+    return first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
 
 
 def load_preset(name: str) -> TrainConfig:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ccdist_plugin.attacks import pgd_attack
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import certify, input_box
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
@@ -235,9 +236,7 @@ def autoattack_adversarial(
         attack = module.AutoAttack(
             model, norm="Linf", eps=eps, version=version, n_classes=num_classes, seed=seed
         )
-        x_adv = torch.cat(
-            [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        )
+        x_adv = torch.cat([attack(x[sl], y[sl]) for sl in batch_slices(len(x), batch_size)])
     elif module_name == "pyautoattack":
         attack = module.AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
         _limit_targets(attack, targets)
@@ -269,10 +268,6 @@ def ibp_loss_from_margins(margin_lb: Tensor, y: Tensor) -> Tensor:
     """Per-example CE(−z̲, y), with z̲ the (B, k) lower bounds of f_y − f_j (entry y set to 0)."""
     z = margin_lb.scatter(1, y.view(-1, 1), 0.0)
     return F.cross_entropy(-z, y, reduction="none")
-
-
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _mean(flags: Tensor) -> float:
@@ -310,7 +305,7 @@ def evaluate(
     eps = float(s.eps)
     n = x.shape[0]
     result = EvalResult(count=n, eps=eps, settings=s)
-    batches = _batches(n, s.batch_size)
+    batches = batch_slices(n, s.batch_size)
     was_training = model.training
     model.eval()
     start_all = time.perf_counter()

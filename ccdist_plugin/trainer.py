@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ccdist_plugin import distributed
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -570,9 +571,7 @@ class Trainer:
 
         x, y = val[0].to(self.device), val[1].to(self.device)
         self.model.eval()
-        clean = float(
-            sum((self.model(x[s : s + 512]).argmax(1) == y[s : s + 512]).sum() for s in range(0, len(x), 512))
-        )
+        clean = float(sum((self.model(x[sl]).argmax(1) == y[sl]).sum() for sl in batch_slices(len(x), 512)))
         result = certify(self.model, x, y, self.config.eps, method="ibp")
         return {
             "val_clean_acc": clean / len(x),

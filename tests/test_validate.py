@@ -56,3 +56,13 @@ def test_eps_tensor_and_box():
     with pytest.raises(ValueError, match="differ in shape"):
         check_box(x, x[:2])
     check_pixel_range(torch.tensor([0.0, 1.0 + 1e-7]))  # rounding slack
+
+
+def test_batch_slices_cover_the_range_once():
+    from ccdist_plugin.batching import batch_slices
+
+    for n, size in ((0, 3), (5, 2), (6, 3), (1, 512)):
+        covered = [i for sl in batch_slices(n, size) for i in range(n)[sl]]
+        assert covered == list(range(n)) and all(sl.stop - sl.start <= size for sl in batch_slices(n, size))
+    with pytest.raises(ValueError, match="batch size"):
+        batch_slices(4, 0)
