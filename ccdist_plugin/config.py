@@ -167,11 +167,16 @@ class AttackConfig:
 class LossConfig:
     """The training loss.
 
+    Which fields a loss takes is the loss class's own description (``config_keys``,
+    ``option_keys``; ``ccdist_plugin.losses.RobustLoss.from_config``): a field it does not take must
+    keep its default here (or the value the loss implies, α = 1 for ``ibp``), else building the loss
+    is a ``ValueError`` naming the field.
+
     Attributes:
-        method: loss name, ``ccdist_plugin.losses.make_loss(method, ...)`` (``cc_dist``, ``cc_ibp``,
+        method: loss name, ``ccdist_plugin.losses.list_losses()`` (``cc_dist``, ``cc_ibp``,
             ``ibp``, ``pgd_at`` for PGD teachers, ``mtl_ibp``, ``exp_ibp``, ``sabr``, ...).
         alpha: convex-combination coefficient α of CC-IBP / CC-Dist (and MTL-IBP, Exp-IBP).
-        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist).
+        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist); only with a teacher.
         attack: the PGD attack inside the loss.
         options: further keyword arguments for the loss constructor (e.g. ``{lam: 0.4}`` for SABR).
     """
