@@ -485,7 +485,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.run_dir / "config.yaml")
-            self._write_metrics(history)
+            write_metrics(history, self.run_dir)
         writer = self._tensorboard() if main else None
         show = main and cfg.log.progress and sys.stderr.isatty()
         try:
@@ -497,7 +497,7 @@ class Trainer:
                     row.update(self._validate(val))
                 history.append(row)
                 if main:
-                    self._write_metrics(history)
+                    write_metrics(history, self.run_dir)
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
@@ -511,7 +511,7 @@ class Trainer:
                 writer.close()
         distributed.barrier()
         if cfg.log.plot and main:
-            self._plot(history)
+            plot_curves(history, self.run_dir / "curves.png")
         self.model.eval()
         return FitResult(self.model, history, self.run_dir, self.checkpoint_path)
 
@@ -599,18 +599,6 @@ class Trainer:
         if distributed.is_main_process():
             save_checkpoint(self.checkpoint_path, payload)
 
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "w") as fh:
-            for row in history:
-                fh.write(json.dumps(row) + "\n")
-        keys: list[str] = []
-        for row in history:
-            keys += [k for k in row if k not in keys]
-        with open(self.run_dir / "metrics.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(history)
-
     def _tensorboard(self):
         if not self.config.log.tensorboard:
             return None
@@ -621,43 +609,57 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _plot(self, history: list[dict[str, Any]]) -> None:
-        if not history:
-            return
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            log.debug("matplotlib is not installed; no curves.png")
-            return
-        fig = Figure(figsize=(12, 3.5))
-        FigureCanvasAgg(fig)
-        epochs = [r["epoch"] for r in history]
-        ax = fig.add_subplot(1, 3, 1)
-        for key in sorted(
-            {k for r in history for k in r if k.startswith("train_") and not k.endswith("acc")}
-        ):
-            ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key[6:])
-        ax.set_xlabel("epoch")
-        ax.set_yscale("symlog")
-        ax.set_title("training loss terms")
-        ax.legend(fontsize=6)
-        ax = fig.add_subplot(1, 3, 2)
-        for key in ("val_clean_acc", "val_ibp_cert_acc", "train_clean_acc"):
-            if any(key in r for r in history):
-                ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylim(0, 1)
-        ax.set_title("accuracy")
-        ax.legend(fontsize=6)
-        ax = fig.add_subplot(1, 3, 3)
-        ax.plot(epochs, [r["eps"] for r in history], label="ε (end of epoch)")
-        ax.set_xlabel("epoch")
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [r["lr"] for r in history], color="tab:red", label="lr")
-        ax.set_title("ε and lr (red)")
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "curves.png", dpi=100)
+
+def write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` in ``run_dir``: one row per epoch."""
+    with open(run_dir / "metrics.jsonl", "w") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(run_dir / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """``path`` (a PNG): the loss terms, the accuracies and ε/lr per epoch (needs matplotlib)."""
+    if not history:
+        return
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.debug("matplotlib is not installed; no curves.png")
+        return
+    fig = Figure(figsize=(12, 3.5))
+    FigureCanvasAgg(fig)
+    epochs = [r["epoch"] for r in history]
+    ax = fig.add_subplot(1, 3, 1)
+    for key in sorted({k for r in history for k in r if k.startswith("train_") and not k.endswith("acc")}):
+        ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key[6:])
+    ax.set_xlabel("epoch")
+    ax.set_yscale("symlog")
+    ax.set_title("training loss terms")
+    ax.legend(fontsize=6)
+    ax = fig.add_subplot(1, 3, 2)
+    for key in ("val_clean_acc", "val_ibp_cert_acc", "train_clean_acc"):
+        if any(key in r for r in history):
+            ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracy")
+    ax.legend(fontsize=6)
+    ax = fig.add_subplot(1, 3, 3)
+    ax.plot(epochs, [r["eps"] for r in history], label="ε (end of epoch)")
+    ax.set_xlabel("epoch")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r["lr"] for r in history], color="tab:red", label="lr")
+    ax.set_title("ε and lr (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _fmt(row: dict[str, Any]) -> str:
