@@ -382,3 +382,14 @@ def test_training_step_is_one_documented_function(digits, tmp_path):
         training_step(model, StubIBPLoss(nan_at=1), optimizer, x, y, 0.02, 1e-3, "constant", cfg)
     assert math.isnan(err.value.terms["loss"])
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters(), strict=True))
+
+
+def test_fit_checks_its_data_once(digits, tmp_path):
+    """Trainer.fit is a public entry point: data in 0-255 pixel units, or labels outside the classes,
+    are one clear error before any step (checked on the validation set and the first batch)."""
+    x, y = digits.train.tensors()
+    cfg = _cfg(tmp_path, "schedule.epochs=1", "schedule.ramp_up_epochs=0")
+    with pytest.raises(ValueError, match="pixel space"):
+        Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x * 255, y))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x, y), (x, y + 10))
