@@ -76,6 +76,7 @@ def propagate_split(
     reference: Tensor,
     keep_all: bool = False,
     update_running_stats: bool = False,
+    check: bool = True,
 ) -> tuple[IntervalPropagation, IntervalPropagation]:
     """IBP over ``model.features`` in two consecutive parts, split at the penultimate affine layer.
 
@@ -83,6 +84,7 @@ def propagate_split(
     earlier feature space, ``features`` those of the features, with the pre-activation bounds (and,
     with ``keep_all``, the per-layer bounds and BatchNorm maps, indexed as in the whole network) of
     both parts, as one :func:`propagate_intervals` over the whole features would return them.
+    ``check`` validates the input box (the second part's box is the first part's output).
     """
     layers = flat_layers(model.features)
     k = penultimate_index(model)
@@ -93,6 +95,7 @@ def propagate_split(
         reference=reference,
         keep_all=keep_all,
         update_running_stats=update_running_stats,
+        check=check,
     )
     second = propagate_intervals(
         nn.Sequential(*layers[k:]),
@@ -101,6 +104,7 @@ def propagate_split(
         reference=first.value,
         keep_all=keep_all,
         update_running_stats=update_running_stats,
+        check=False,
     )
     whole = IntervalPropagation(
         second.lower,

@@ -28,14 +28,18 @@ SABR-Dist; for SABR the bounds are the small box's); so does CROWN-IBP. With
 ``distill_layer="penultimate"`` R is taken on the input of the penultimate affine layer instead of
 the features (appendix E.9; :mod:`ccdist_plugin.latent`).
 
-Adding a loss: subclass :class:`RobustLoss` and write ``objective(inp) -> (loss, terms)``; see
-``docs/losses.md``.
+Every loss class describes itself (:class:`RobustLoss` class attributes ``name``, ``label``,
+``teacher_use``, ``config_keys``, ``option_keys``) and is registered in one table: the trainer builds
+it from a :class:`~ccdist_plugin.config.LossConfig` with :meth:`RobustLoss.from_config`, reports take
+its ``label``. Adding a loss: subclass :class:`RobustLoss`, set those attributes, write
+``objective(inp) -> (loss, terms)`` and decorate it with :func:`register_loss`; see ``docs/losses.md``.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +48,6 @@ from torch import Tensor, nn
 from ccdist_plugin.attacks import PGD
 from ccdist_plugin.bounds import (
     IntervalPropagation,
-    _eps_tensor,
     elided_margin_lower_bound,
     flat_layers,
     input_box,
@@ -52,9 +55,14 @@ from ccdist_plugin.bounds import (
 )
 from ccdist_plugin.latent import check_distill_layer, latent_features, propagate_split
 from ccdist_plugin.models import CertifiedNet, check_compatible
+from ccdist_plugin.validate import check_batch, check_model, eps_tensor
+
+if TYPE_CHECKING:
+    from ccdist_plugin.config import LossConfig
 
 __all__ = [
     "LossInputs",
+    "LossStats",
     "LossOutput",
     "loss_inputs",
     "margin_ce",
@@ -78,6 +86,10 @@ __all__ = [
     "ramp_progress",
     "make_loss",
     "list_losses",
+    "loss_class",
+    "register_loss",
+    "freeze_teacher",
+    "TEACHER_USES",
 ]
 
 
@@ -159,14 +171,31 @@ class LossInputs:
 
 
 @dataclass
+class LossStats:
+    """Tensors of a loss evaluation that other components reuse instead of recomputing them.
+
+    Attributes:
+        preact_bounds: IBP (lower, upper) bounds before every ReLU, for the Shi regularizer (empty when
+            the loss computed no bounds).
+        input_lb, input_ub: the pixel-space box those bounds were computed over (the ε-ball ∩ [0, 1],
+            or SABR's small box; None without bounds).
+        logits_adv: (B, k) detached logits on the adversarial batch (None when not computed).
+    """
+
+    preact_bounds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    input_lb: Tensor | None = None
+    input_ub: Tensor | None = None
+    logits_adv: Tensor | None = None
+
+
+@dataclass
 class LossOutput:
     """A scalar ``loss`` to backpropagate, its named ``terms`` (detached, for logging) and
-    ``stats`` (tensors other components reuse: ``preact_bounds`` for the Shi regularizer,
-    ``input_lb``/``input_ub``, ``logits_adv``)."""
+    ``stats`` (:class:`LossStats`: tensors other components reuse)."""
 
     loss: Tensor
     terms: dict[str, Tensor]
-    stats: dict
+    stats: LossStats = field(default_factory=LossStats)
 
 
 def loss_inputs(
@@ -187,21 +216,15 @@ def loss_inputs(
     Args:
         attack: the PGD run in eval mode (None: no attack, x_adv = x).
         need_bounds: compute IBP feature and margin bounds over the ball (or over ``box``).
-        box: bounds over this (lower, upper) box instead of the ε-ball (SABR's small box).
+        box: bounds over this (lower, upper) box instead of the ε-ball (SABR's small box); it must
+            satisfy lower <= upper (not re-checked: that would cost a device sync per training step).
         x_adv: a precomputed adversarial batch (skips the attack).
         keep_all: keep the IBP pass's per-layer bounds and BatchNorm maps in ``ibp_record``.
         latent: also return the earlier feature space of appendix E.9 (``latent_*``): the input of
             the penultimate affine layer, with bounds from the same pass split at that layer
             (:func:`ccdist_plugin.latent.propagate_split`; no layer is propagated twice).
     """
-    if not isinstance(model, CertifiedNet):
-        raise ValueError(f"expected a CertifiedNet, got {type(model).__name__}")
-    if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
-        raise ValueError(
-            f"input of shape {tuple(x.shape)} does not match the model's (B, {model.input_shape})"
-        )
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]} inputs")
+    check_batch(model, x, y, eps, values=False)  # per training step: shapes only, no device sync
     if x_adv is None:
         x_adv = attack(model, x, y, eps) if attack is not None else x
     record = part = None
@@ -209,17 +232,22 @@ def loss_inputs(
         lo, hi = box if box is not None else input_box(x, eps)
         if latent:
             part, prop = propagate_split(
-                model, lo, hi, reference=x_adv, keep_all=keep_all, update_running_stats=True
+                model, lo, hi, reference=x_adv, keep_all=keep_all, update_running_stats=True, check=False
             )
         else:
             prop = propagate_intervals(
-                model.features, lo, hi, reference=x_adv, keep_all=keep_all, update_running_stats=True
+                model.features,
+                lo,
+                hi,
+                reference=x_adv,
+                keep_all=keep_all,
+                update_running_stats=True,
+                check=False,
             )
         h_adv, h_lb, h_ub, preact = prop.value, prop.lower, prop.upper, prop.preact_bounds
         z_lb = elided_margin_lower_bound(model.head, h_lb, h_ub, y)
         record = prop if keep_all else None
     else:
-        _eps_tensor(eps, x)  # validates eps
         lo = hi = h_lb = h_ub = z_lb = None
         preact = []
         if latent:
@@ -266,12 +294,16 @@ def loss_inputs(
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare_teacher(teacher: nn.Module | None) -> CertifiedNet | None:
-    """Put the teacher in eval mode and freeze it: its features are read, never trained."""
-    if teacher is None:
-        return None
-    if not isinstance(teacher, CertifiedNet):
-        raise ValueError(f"teacher must be a CertifiedNet, got {type(teacher).__name__}")
+#: how a loss uses a teacher: never, when given (adds β·R), or always (distillation losses)
+TEACHER_USES = ("none", "optional", "required")
+#: the LossConfig fields a loss may take (``config_keys``); ``options`` holds the rest (``option_keys``)
+LOSS_CONFIG_FIELDS = ("alpha", "beta", "attack", "distill_layer")
+_UNSET = object()
+
+
+def freeze_teacher(teacher: nn.Module) -> CertifiedNet:
+    """The teacher in eval mode with gradients off: its features are read, never trained."""
+    teacher = check_model(teacher, "teacher")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -282,8 +314,28 @@ class RobustLoss:
     """Base class: computes :class:`LossInputs` once, lets the subclass combine them, and adds
     the distillation term β·R(distill_alpha) when a teacher is given.
 
-    Subclasses set ``needs_bounds``/``needs_attack`` and implement :meth:`objective`.
+    Subclasses set ``needs_bounds``/``needs_attack``, implement :meth:`objective` and describe
+    themselves with the class attributes below; their constructor takes exactly the keyword
+    arguments :meth:`arguments` lists (a test checks this for every registered loss).
     """
+
+    #: registry key (``loss.method``), e.g. ``"cc_dist"``
+    name: ClassVar[str] = ""
+    #: label in reports and tables, e.g. ``"CC-Dist"``
+    label: ClassVar[str] = ""
+    #: ``"none"``, ``"optional"`` (a teacher adds β·R) or ``"required"`` (:data:`TEACHER_USES`)
+    teacher_use: ClassVar[str] = "optional"
+    #: the :class:`~ccdist_plugin.config.LossConfig` fields the loss takes (of :data:`LOSS_CONFIG_FIELDS`)
+    config_keys: ClassVar[tuple[str, ...]] = ("beta", "attack")
+    #: the keys of ``loss.options`` it takes (further constructor arguments), and those it needs
+    option_keys: ClassVar[tuple[str, ...]] = ()
+    required_options: ClassVar[tuple[str, ...]] = ()
+    #: LossConfig values the loss implies without taking them (``ibp`` is CC-IBP at α = 1): a config
+    #: may state them
+    fixed_config: ClassVar[dict[str, Any]] = {}
+    #: the loss follows a schedule on the ε ramp and takes the run's target ε as ``eps_target``
+    #: (CROWN-IBP, IBP-R); :meth:`from_config` passes it
+    ramp_target: ClassVar[bool] = False
 
     needs_bounds: bool = True
     needs_attack: bool = True
@@ -305,15 +357,109 @@ class RobustLoss:
         distill_layer: str = "features",
     ) -> None:
         self.attack = attack if attack is not None else PGD(steps=1, step_size=10.0)
-        self.teacher = _prepare_teacher(teacher)
+        self.teacher = None if teacher is None else freeze_teacher(teacher)  # frozen here, once
         if beta is not None and beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.beta = beta
         self.distill_layer = check_distill_layer(distill_layer)
+        self._checked_student: weakref.ref | None = None  # the student the teacher was checked against
+
+    # ------------------------------------------------------------------ self-description
+    @classmethod
+    def arguments(cls) -> tuple[str, ...]:
+        """The constructor's keyword arguments: ``config_keys``, ``option_keys``, ``teacher``
+        unless ``teacher_use`` is ``"none"``, and ``eps_target`` with ``ramp_target``."""
+        teacher = () if cls.teacher_use == "none" else ("teacher",)
+        target = ("eps_target",) if cls.ramp_target else ()
+        return (*cls.config_keys, *cls.option_keys, *teacher, *target)
+
+    @classmethod
+    def config_arguments(cls, config: LossConfig, with_teacher: bool = False) -> dict[str, Any]:
+        """Constructor arguments from a :class:`~ccdist_plugin.config.LossConfig` (teacher excluded).
+
+        A field in ``config_keys`` is passed (β only when set); a field the loss does not take must
+        hold LossConfig's default (or the value the loss fixes, ``fixed_config``), else it is a
+        ``ValueError`` naming it. Values are compared, not whether they were written: a run's saved
+        config.yaml holds every field and must build the same loss as the command that wrote it, so
+        a value set to its default is accepted. β set without a teacher weighs nothing: an error too.
+        """
+        from ccdist_plugin.config import LossConfig
+
+        default = LossConfig()
+        kwargs: dict[str, Any] = {}
+        for key in LOSS_CONFIG_FIELDS:
+            value = getattr(config, key)
+            if key in cls.config_keys:
+                if key == "beta" and value is not None and not with_teacher:
+                    raise ValueError(
+                        f"loss.beta={value} weighs the distillation term, but loss {cls.name!r} has no "
+                        "teacher; give a teacher or unset loss.beta"
+                    )
+                if key == "attack":
+                    value = value.build()
+                if value is not None:
+                    kwargs[key] = value
+            elif value != getattr(default, key) and cls.fixed_config.get(key, _UNSET) != value:
+                shown = value if key != "attack" else "{...}"
+                takes = ", ".join("loss." + k for k in cls.config_keys) or "none of " + ", ".join(
+                    LOSS_CONFIG_FIELDS
+                )
+                raise ValueError(
+                    f"loss.{key}={shown} is not used by loss {cls.name!r} (it takes {takes}); "
+                    f"remove it or set it back to its default ({getattr(default, key)})"
+                )
+        unknown = sorted(set(config.options) - set(cls.option_keys))
+        if unknown:
+            accepted = ", ".join(cls.option_keys) or "none"
+            raise ValueError(
+                f"loss.options {unknown} are not taken by loss {cls.name!r} (its options: {accepted})"
+            )
+        missing = [k for k in cls.required_options if k not in config.options]
+        if missing:
+            raise ValueError(
+                f"loss {cls.name!r} needs {', '.join(missing)}: set it with loss.options "
+                f"(e.g. --set loss.options.{missing[0]}=...)"
+            )
+        kwargs.update(config.options)
+        return kwargs
+
+    @classmethod
+    def from_config(
+        cls, config: LossConfig, teacher: nn.Module | None = None, eps_target: float | None = None
+    ) -> RobustLoss:
+        """The loss a :class:`~ccdist_plugin.config.LossConfig` describes (see :meth:`config_arguments`),
+        distilling from ``teacher`` when given. A teacher the loss cannot use, or a missing one it
+        needs, is a ``ValueError``. ``eps_target`` (the run's ε) reaches losses with ``ramp_target``."""
+        if teacher is None and cls.teacher_use == "required":
+            raise ValueError(
+                f"loss.method {cls.name!r} distils from a teacher: pass teacher= to Trainer, --teacher CKPT "
+                "to `ccdist train`, or set teacher.checkpoint"
+            )
+        if teacher is not None and cls.teacher_use == "none":
+            raise ValueError(
+                f"loss.method {cls.name!r} takes no teacher; drop the teacher (or teacher.checkpoint) "
+                "or pick a loss that distils"
+            )
+        kwargs = cls.config_arguments(config, with_teacher=teacher is not None)
+        if teacher is not None:
+            kwargs["teacher"] = teacher
+        if cls.ramp_target and eps_target is not None:
+            kwargs["eps_target"] = eps_target
+        return cls(**kwargs)
 
     @property
     def needs_teacher(self) -> bool:
         return self.teacher is not None
+
+    def check_student(self, model: nn.Module) -> None:
+        """``ValueError`` unless the teacher can distil onto ``model`` (``check_compatible``). Checked
+        once per student: later calls with the same network return at once (no per-batch cost)."""
+        if self.teacher is None:
+            return
+        if self._checked_student is not None and self._checked_student() is model:
+            return
+        check_compatible(self.teacher, model)
+        self._checked_student = weakref.ref(model)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
@@ -346,8 +492,8 @@ class RobustLoss:
         return None
 
     def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
-        if self.teacher is not None:
-            check_compatible(self.teacher, model)
+        check_batch(model, x, y, eps, values=False)  # shapes and ε: no device sync per step
+        self.check_student(model)
         latent = self.teacher is not None and self.distill_layer == "penultimate"
         attack = self.attack if self.needs_attack else None
         x_adv = attack(model, x, y, eps) if attack is not None else x
@@ -377,16 +523,11 @@ class RobustLoss:
             loss = loss + self.resolved_beta(model, inp) * r
         terms = {k: v.detach() for k, v in terms.items()}
         terms["loss"] = loss.detach()
-        stats = {
-            "preact_bounds": inp.preact_bounds,
-            "input_lb": inp.input_lb,
-            "input_ub": inp.input_ub,
-            "logits_adv": inp.logits_adv.detach(),
-        }
+        stats = LossStats(inp.preact_bounds, inp.input_lb, inp.input_ub, inp.logits_adv.detach())
         return LossOutput(loss=loss, terms=terms, stats=stats)
 
     def __repr__(self) -> str:
-        fields = {k: v for k, v in vars(self).items() if k != "teacher"}
+        fields = {k: v for k, v in vars(self).items() if k not in ("teacher", "_checked_student")}
         fields["teacher"] = None if self.teacher is None else "CertifiedNet"
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
@@ -399,6 +540,11 @@ def _check_alpha(alpha: float) -> float:
 
 class CrossEntropyLoss(RobustLoss):
     """Clean cross-entropy (the warm-up epoch). ``eps`` is ignored."""
+
+    name = "ce"
+    label = "standard"
+    teacher_use = "none"
+    config_keys = ()
 
     needs_bounds = False
     needs_attack = False
@@ -413,6 +559,11 @@ class CrossEntropyLoss(RobustLoss):
 
 class CCIBPLoss(RobustLoss):
     """CC-IBP: CE(−[(1−α) z(x_adv) + α z_lb], y) (De Palma et al. 2024b; section 3.1)."""
+
+    name = "cc_ibp"
+    label = "CC-IBP"
+    teacher_use = "optional"
+    config_keys = ("alpha", "beta", "attack", "distill_layer")
 
     distill_alpha = None
 
@@ -435,6 +586,12 @@ class CCIBPLoss(RobustLoss):
 class IBPLoss(CCIBPLoss):
     """IBP training (Gowal et al. 2018): CC-IBP with α = 1; no attack is run."""
 
+    name = "ibp"
+    label = "IBP"
+    teacher_use = "none"
+    config_keys = ()
+    fixed_config = {"alpha": 1.0}
+
     needs_attack = False
 
     def __init__(self) -> None:
@@ -443,6 +600,12 @@ class IBPLoss(CCIBPLoss):
 
 class AdversarialLoss(CCIBPLoss):
     """PGD adversarial training: CC-IBP with α = 0; no bounds are computed. Used for teachers."""
+
+    name = "pgd_at"
+    label = "PGD teacher"
+    teacher_use = "none"
+    config_keys = ("attack",)
+    fixed_config = {"alpha": 0.0}
 
     needs_bounds = False
 
@@ -456,6 +619,11 @@ class AdversarialLoss(CCIBPLoss):
 
 class MTLIBPLoss(RobustLoss):
     """MTL-IBP: α·CE(−z_lb) + (1−α)·CE(−z(x_adv)); with a teacher, + β R(1) (MTL-IBP-Dist)."""
+
+    name = "mtl_ibp"
+    label = "MTL-IBP"
+    teacher_use = "optional"
+    config_keys = ("alpha", "beta", "attack", "distill_layer")
 
     def __init__(
         self,
@@ -476,6 +644,9 @@ class MTLIBPLoss(RobustLoss):
 class ExpIBPLoss(MTLIBPLoss):
     """Exp-IBP: L_IBP^α · L_adv^(1−α)."""
 
+    name = "exp_ibp"
+    label = "Exp-IBP"
+
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         l_ibp, l_adv = margin_ce(inp.z_lb, inp.y), margin_ce(inp.z_adv, inp.y)
         return l_ibp**self.alpha * l_adv ** (1 - self.alpha), {"ibp": l_ibp, "adv": l_adv}
@@ -486,6 +657,13 @@ class SABRLoss(RobustLoss):
     clamp(x_adv, x − ε + λε, x + ε − λε), intersected with [0, 1]; with a teacher, + β R(1) on
     the small box's feature bounds (SABR-Dist, appendix E.3)."""
 
+    name = "sabr"
+    label = "SABR"
+    teacher_use = "optional"
+    config_keys = ("beta", "attack", "distill_layer")
+    option_keys = ("lam",)
+    required_options = ("lam",)
+
     def __init__(
         self, lam: float, attack: PGD | None = None, teacher=None, beta=None, distill_layer: str = "features"
     ) -> None:
@@ -495,7 +673,7 @@ class SABRLoss(RobustLoss):
         self.lam = float(lam)
 
     def box(self, x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
-        eps_t = _eps_tensor(eps, x)
+        eps_t = eps_tensor(eps, x)
         small = self.lam * eps_t
         centre = torch.minimum(torch.maximum(x_adv, x - eps_t + small), x + eps_t - small)
         return (centre - small).clamp(0, 1), (centre + small).clamp(0, 1)
@@ -518,6 +696,11 @@ class CCDistLoss(CCIBPLoss):
             of the penultimate affine layer, β then 2/w with w that input's width (appendix E.9).
     """
 
+    name = "cc_dist"
+    label = "CC-Dist"
+    teacher_use = "required"
+    config_keys = ("alpha", "beta", "attack", "distill_layer")
+
     def __init__(
         self,
         teacher: nn.Module,
@@ -534,11 +717,17 @@ class CCDistLoss(CCIBPLoss):
 class CCDist0Loss(CCDistLoss):
     """CC-IBP(α) + β·R(0): distils the adversarial features only (appendix E.2)."""
 
+    name = "cc_dist0"
+    label = "CC-Dist0"
+
     distill_alpha = 0.0
 
 
 class CCDist1Loss(CCDistLoss):
     """CC-IBP(α) + β·R(1): distils the IBP feature bounds only (appendix E.2)."""
+
+    name = "cc_dist1"
+    label = "CC-Dist1"
 
     distill_alpha = 1.0
 
@@ -549,6 +738,11 @@ class LogitDistLoss(CCDistLoss):
     The teacher's logit differences z_t are taken on the clean input. Softmax is invariant to
     the shift between logits and −z, so this is Hinton et al.'s distillation on logits.
     """
+
+    name = "logit_dist"
+    label = "Logit-Dist"
+    config_keys = ("alpha", "beta", "attack")  # distils logits: no distill_layer
+    option_keys = ("temperature",)
 
     beta_per_width = 1e4
 
@@ -635,7 +829,7 @@ class CrownIBPLoss(RobustLoss):
 
     def __init__(
         self,
-        eps_target: float,
+        eps_target: float | None = None,
         crown_start: float = 1.0,
         crown_end: float = 0.0,
         kappa_start: float = 0.0,
@@ -645,6 +839,8 @@ class CrownIBPLoss(RobustLoss):
         distill_layer: str = "features",
     ) -> None:
         super().__init__(None, teacher, beta, distill_layer)
+        if eps_target is None:
+            raise ValueError("crown_ibp needs eps_target, the target ε of the ramp (the trainer passes eps)")
         ramp_progress(0.0, eps_target)  # validates
         self.eps_target = float(eps_target)
         for key, value in (
@@ -746,7 +942,7 @@ class IBPRLoss(RobustLoss):
 
     def box(self, x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
         # the regularizer's IBP bounds are over the attack's enlarged ball, as the authors compute them
-        radius = _eps_tensor(eps, x) * self.attack.eps_factor
+        radius = eps_tensor(eps, x) * self.attack.eps_factor
         return (x - radius).clamp(0.0, 1.0), (x + radius).clamp(0.0, 1.0)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -800,23 +996,43 @@ class IBPRDistLoss(IBPRLoss):
         super().__init__(eps_target, attack, reg_weight, mask_incorrect, teacher, beta, distill_layer)
 
 
-_LOSSES: dict[str, type[RobustLoss]] = {
-    "ce": CrossEntropyLoss,
-    "ibp": IBPLoss,
-    "pgd_at": AdversarialLoss,
-    "cc_ibp": CCIBPLoss,
-    "mtl_ibp": MTLIBPLoss,
-    "exp_ibp": ExpIBPLoss,
-    "sabr": SABRLoss,
-    "cc_dist": CCDistLoss,
-    "cc_dist0": CCDist0Loss,
-    "cc_dist1": CCDist1Loss,
-    "logit_dist": LogitDistLoss,
-    # issue 16
-    "crown_ibp": CrownIBPLoss,
-    "ibp_r": IBPRLoss,
-    "ibp_r_dist": IBPRDistLoss,
-}
+#: the one registry of losses: ``loss.method`` name -> class (:func:`register_loss` adds to it)
+_LOSSES: dict[str, type[RobustLoss]] = {}
+
+
+def register_loss(cls: type[RobustLoss]) -> type[RobustLoss]:
+    """Add a :class:`RobustLoss` subclass to the registry under ``cls.name`` (usable as a decorator);
+    its self-description is checked here, so a malformed loss fails at import, not in a run."""
+    if not (isinstance(cls, type) and issubclass(cls, RobustLoss)) or not cls.name or not cls.label:
+        raise ValueError(f"{cls!r} must be a RobustLoss subclass with a name and a label")
+    if cls.name in _LOSSES and _LOSSES[cls.name] is not cls:
+        raise ValueError(f"loss name {cls.name!r} is already registered by {_LOSSES[cls.name].__name__}")
+    if cls.teacher_use not in TEACHER_USES:
+        raise ValueError(f"{cls.__name__}.teacher_use must be one of {TEACHER_USES}, got {cls.teacher_use!r}")
+    bad = [k for k in cls.config_keys if k not in LOSS_CONFIG_FIELDS]
+    if bad:
+        raise ValueError(f"{cls.__name__}.config_keys {bad} are not LossConfig fields {LOSS_CONFIG_FIELDS}")
+    _LOSSES[cls.name] = cls
+    return cls
+
+
+for _cls in (
+    CrossEntropyLoss,
+    IBPLoss,
+    AdversarialLoss,
+    CCIBPLoss,
+    MTLIBPLoss,
+    ExpIBPLoss,
+    SABRLoss,
+    CCDistLoss,
+    CCDist0Loss,
+    CCDist1Loss,
+    LogitDistLoss,
+    CrownIBPLoss,
+    IBPRLoss,
+    IBPRDistLoss,
+):
+    register_loss(_cls)
 
 
 def list_losses() -> list[str]:
@@ -824,17 +1040,28 @@ def list_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
-def make_loss(name: str, **kwargs) -> RobustLoss:
-    """Build a loss by name with its constructor's keyword arguments, e.g.
-    ``make_loss("cc_dist", teacher=t, alpha=0.01)``. An argument the loss does not take is a
-    ``ValueError`` naming it and the accepted ones."""
-    import inspect
+def loss_class(name: str) -> type[RobustLoss]:
+    """The registered loss class called ``name`` (its ``label``, ``teacher_use``...); an unknown name
+    is a ``ValueError`` suggesting the nearest one."""
+    import difflib
 
     if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; available: {', '.join(list_losses())}")
-    cls = _LOSSES[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        close = difflib.get_close_matches(name, list(_LOSSES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown loss {name!r}{hint} (available: {', '.join(list_losses())})")
+    return _LOSSES[name]
+
+
+def make_loss(name: str, **kwargs) -> RobustLoss:
+    """Build a loss by name with its constructor's keyword arguments, e.g.
+    ``make_loss("cc_dist", teacher=t, alpha=0.01)``. An argument the loss does not take
+    (:meth:`RobustLoss.arguments`) is a ``ValueError`` naming it and the accepted ones."""
+    cls = loss_class(name)
+    accepted = cls.arguments()
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"loss {name!r} takes {accepted}, not {unknown}")
+        raise ValueError(f"loss {name!r} takes {list(accepted)}, not {unknown}")
+    missing = [k for k in cls.required_options if k not in kwargs]
+    if missing:
+        raise ValueError(f"loss {name!r} needs {', '.join(missing)}")
     return cls(**kwargs)
