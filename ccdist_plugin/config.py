@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "load_preset",
     "list_presets",
+    "preset_path",
     "config_diff",
     "parse_override",
 ]
@@ -380,6 +381,8 @@ class TrainConfig:
                 data = yaml.safe_load(path.read_text())
             except yaml.YAMLError as err:
                 raise ValueError(f"{path}: invalid YAML: {err}") from err
+            if data is None:  # all defaults would only fail later, confusingly
+                raise ValueError(f"config file {str(path)!r} is empty; start from a preset (ccdist presets)")
         else:
             data = yaml.safe_load(str(path_or_text))
         if data is None:
@@ -555,6 +558,11 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def _preset_dir() -> Path:
     return Path(__file__).resolve().parent / "presets"
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a packaged preset."""
+    return _preset_dir() / f"{name}.yaml"
 
 
 def list_presets() -> list[str]:

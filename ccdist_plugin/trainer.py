@@ -22,6 +22,7 @@ Outputs in ``config.log.output_dir``: ``config.yaml`` (resolved), ``checkpoint.p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -42,11 +43,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ccdist_plugin import distributed
 from ccdist_plugin.checkpoint import (
     capture_rng_state,
+    check_finite_state,
     check_resumable,
     load_checkpoint,
     load_model,
     restore_rng_state,
     save_checkpoint,
+    state_sha256,
 )
 from ccdist_plugin.config import TrainConfig
 from ccdist_plugin.models import CertifiedNet, check_compatible, create_model
@@ -68,6 +71,7 @@ __all__ = [
     "resolve_device",
     "prepare_teacher",
     "build_loss",
+    "check_examples",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,6 +136,7 @@ def prepare_teacher(
     """Load (when a path), check against the student (``check_compatible``), move, eval mode, freeze."""
     if isinstance(teacher, (str, Path)):
         teacher = load_model(teacher, map_location="cpu")
+    check_finite_state(teacher, "teacher")
     check_compatible(teacher, student)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
@@ -199,9 +204,11 @@ class _Batches:
         seed: int,
         device,
         channels_last: bool = False,
+        num_classes: int | None = None,
     ):
         from ccdist_plugin.data import ArrayDataset, BatchIterator
 
+        self.num_classes = num_classes  # labels and pixels of user-given data are checked (arrays: at load)
         self.device = device
         self.channels_last = channels_last
         self.fingerprint: str | None = None
@@ -209,7 +216,9 @@ class _Batches:
         self._dataset = None
         self._iterator = None
         if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            check_examples(data[0], data[1], num_classes, "training data")
             data = TensorDataset(*data)
+            self.num_classes = None  # checked once, as a whole
         if isinstance(data, ArrayDataset):
             self.fingerprint = data.fingerprint()
             self._iterator = BatchIterator(data, batch_size, shuffle, augment, seed, False, device)
@@ -245,9 +254,30 @@ class _Batches:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             source = DataLoader(self._dataset, self.batch_size, shuffle=self.shuffle, generator=gen)
         for x, y in source:
+            if self.num_classes is not None and self._iterator is None:  # a user's Dataset / DataLoader
+                check_examples(x, y, self.num_classes, "a training batch")
             if self.channels_last and x.ndim == 4:  # moved and laid out in one copy
                 x = x.to(self.device, memory_format=torch.channels_last)
             yield x.to(self.device), y.to(self.device)
+
+
+def check_examples(x: torch.Tensor, y: torch.Tensor, num_classes: int | None, what: str) -> None:
+    """``ValueError`` unless the pixels are finite and in [0, 1] and the labels are integers in
+    [0, num_classes): bad data fails here, not as an IndexError or a NaN loss deep in a step."""
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{what}: labels must be integers (class indices), got dtype {y.dtype}")
+    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{what}: labels must lie in [0, {num_classes}) for this {num_classes}-class network, "
+            f"got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    if x.is_floating_point() and x.numel():
+        finite = torch.isfinite(x)
+        if not finite.all():
+            raise ValueError(f"{what}: {int((~finite).sum())} pixel value(s) are NaN or inf")
+        if float(x.min()) < 0.0 or float(x.max()) > 1.0:
+            low, high = float(x.min()), float(x.max())
+            raise ValueError(f"{what}: pixels must lie in [0, 1] (pixel space), got [{low:.4g}, {high:.4g}]")
 
 
 def _validation_tensors(data: Any, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -312,6 +342,8 @@ class Trainer:
         if teacher is None and config.teacher.checkpoint:
             teacher = config.teacher.checkpoint
         self.teacher = None if teacher is None else prepare_teacher(teacher, self.model, self.device)
+        # what a resumed run compares: the teacher's weights, wherever its file now lives
+        self.teacher_sha256 = None if self.teacher is None else state_sha256(self.teacher)
         if config.channels_last:  # a layout only: the same network, faster convolutions on CPU
             self.model = self.model.to(memory_format=torch.channels_last)
             if self.teacher is not None:
@@ -321,7 +353,13 @@ class Trainer:
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
 
     # ----------------------------------------------------------------------------------- public
-    def fit(self, train_data: Any, val_data: Any = None, resume: bool | str | Path = False) -> FitResult:
+    def fit(
+        self,
+        train_data: Any,
+        val_data: Any = None,
+        resume: bool | str | Path = False,
+        allow_teacher_change: bool = False,
+    ) -> FitResult:
         """Train for ``config.schedule.epochs`` epochs.
 
         Args:
@@ -329,11 +367,21 @@ class Trainer:
             val_data: optional validation examples for the per-epoch clean / IBP-certified accuracy
                 (the first ``config.log.val_size``).
             resume: ``True`` to continue from ``<output_dir>/checkpoint.pt``, or a checkpoint path. The
-                checkpoint must come from the same config (apart from logging/device) and dataset.
+                checkpoint must come from the same config (apart from logging/device) and dataset,
+                and the same teacher weights (the file may have moved).
+            allow_teacher_change: resume towards a teacher whose weights differ from the checkpoint's.
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+            RunFolderLockedError: another live process is training into the same output folder.
         """
+        from ccdist_plugin.runlock import run_folder_lock
+
+        owner = run_folder_lock(self.run_dir) if distributed.is_main_process() else contextlib.nullcontext()
+        with owner:  # the run owns its folder (and removes stale temporary files in it)
+            return self._fit(train_data, val_data, resume, allow_teacher_change)
+
+    def _fit(self, train_data: Any, val_data: Any, resume: bool | str | Path, allow_teacher_change: bool):
         cfg = self.config
         torch.manual_seed(cfg.seed + distributed.rank())  # under torchrun: distinct attack noise per rank
         np.random.seed(cfg.seed % 2**32)
@@ -341,7 +389,14 @@ class Trainer:
 
         random.seed(cfg.seed)
         batches = _Batches(
-            train_data, cfg.optim.batch_size, True, cfg.data.augment, cfg.seed, self.device, cfg.channels_last
+            train_data,
+            cfg.optim.batch_size,
+            True,
+            cfg.data.augment,
+            cfg.seed,
+            self.device,
+            cfg.channels_last,
+            num_classes=getattr(self.model, "num_classes", None),
         )
         nb = len(batches)
         if nb == 0:
@@ -370,12 +425,14 @@ class Trainer:
                 params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
             )
         val = _validation_tensors(val_data, cfg.log.val_size)
+        if val is not None:
+            check_examples(val[0], val[1], getattr(self.model, "num_classes", None), "validation data")
 
         start_epoch, global_step, history = 0, 0, []
         if resume:
             path = self.checkpoint_path if resume is True else Path(resume)
             payload = load_checkpoint(path, map_location=self.device)
-            check_resumable(payload, cfg, batches.fingerprint)
+            check_resumable(payload, cfg, batches.fingerprint, self.teacher_sha256, allow_teacher_change)
             self.model.load_state_dict(payload["model_state"])
             optimizer.load_state_dict(payload["optimizer_state"])
             start_epoch, global_step = int(payload["epoch"]), int(payload["global_step"])
@@ -447,7 +504,7 @@ class Trainer:
                     f"non-finite training loss ({terms['loss']}) at epoch "
                     f"{epoch + 1}/{cfg.schedule.epochs}, "
                     f"batch {b + 1}/{nb} (eps_t={eps_t:.6g}, lr={lr:.3g}; terms: {detail}); stopping. "
-                    f"The last good checkpoint is kept at {self.checkpoint_path}"
+                    + _last_checkpoint_note(self.checkpoint_path)
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -547,6 +604,7 @@ class Trainer:
             "dataset_fingerprint": fingerprint,
             "rng": capture_rng_state(),
             "history": history,
+            "teacher_sha256": self.teacher_sha256,
         }
         rng_ranks = distributed.gather_objects(payload["rng"])  # every rank's generators (collective)
         if len(rng_ranks) > 1:
@@ -613,6 +671,13 @@ class Trainer:
         ax.set_title("ε and lr (red)")
         fig.tight_layout()
         fig.savefig(self.run_dir / "curves.png", dpi=100)
+
+
+def _last_checkpoint_note(path: Path) -> str:
+    """Where a stopped run can be continued from (or that nothing was saved yet)."""
+    if path.is_file():
+        return f"The last good checkpoint is kept at {path} (continue with --resume after fixing the cause)"
+    return f"No checkpoint was written yet (none at {path}); nothing to resume from"
 
 
 def _fmt(row: dict[str, Any]) -> str:
