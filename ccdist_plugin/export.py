@@ -508,8 +508,10 @@ def export_instances(
     x, y = x.to(device), y.to(device)
     try:
         torch.manual_seed(seed)
+        from ccdist_plugin.evaluation import predicted_class  # non-finite outputs are never correct
+
         with torch.no_grad():
-            pred = model(x).argmax(1)
+            pred = predicted_class(model(x))
         from ccdist_plugin.bounds import certify
 
         margins: dict[str, Tensor] = {}

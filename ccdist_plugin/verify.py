@@ -232,7 +232,12 @@ def _load_export(export_dir: Path) -> tuple[dict[str, Any], list[list[str]]]:
         raise ValueError(
             f"{export_dir} is not an export directory: {MANIFEST_NAME} is missing (run ccdist export)"
         )
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:  # garbled or truncated: nothing in it can be trusted
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}); export again (ccdist export)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("points"), list):
+        raise ValueError(f"{manifest_path} is not an export manifest (no list of points); export again")
     csv_path = export_dir / CSV_NAME
     rows = (
         [line.split(",") for line in csv_path.read_text().splitlines() if line.strip()]
