@@ -29,6 +29,8 @@ __all__ = [
     "parse_overrides",
     "setup_logging",
     "data_not_found",
+    "checkpoint_dataset",
+    "checkpoint_eps",
     "load_checkpoint_and_model",
     "quote_command",
     "invoked_command",
@@ -154,6 +156,32 @@ def data_not_found(err: Exception, hint: str) -> Exception:
     from ccdist_plugin.data import DatasetNotFoundError
 
     return DatasetNotFoundError(str(err).replace("set CCDIST_DATA or pass root=", f"pass {hint}"))
+
+
+def checkpoint_eps(cfg: dict[str, Any], given: float | None) -> float:
+    """``--eps`` when given, else the radius the checkpoint was trained for."""
+    if given is not None:
+        return given
+    if cfg.get("eps") is None:
+        raise ValueError("the checkpoint names no eps: pass --eps")
+    return parse_eps(str(cfg["eps"]), "the checkpoint's eps")
+
+
+def checkpoint_dataset(cfg: dict[str, Any], data_name: str | None, data_root: str | None):
+    """``(name, root, datasets)``: the dataset a checkpoint was trained on (its config's ``data``
+    section, with its options, so that the test split is the same), or ``--data`` / ``--data-root``."""
+    from ccdist_plugin.data import DatasetNotFoundError, load_dataset
+
+    data_cfg = cfg.get("data") or {}
+    name = data_name or data_cfg.get("name")
+    if not name:
+        raise ValueError("the checkpoint names no dataset: pass --data")
+    root = data_root if data_root is not None else data_cfg.get("root")
+    options = dict(data_cfg.get("options") or {}) if name == data_cfg.get("name") else {}
+    try:
+        return name, root, load_dataset(name, root, **options)
+    except DatasetNotFoundError as err:
+        raise data_not_found(err, "--data-root DIR (or export CCDIST_DATA=DIR)") from err
 
 
 def setup_logging(quiet: bool) -> None:

@@ -22,7 +22,8 @@ import click
 
 from ccdist_plugin import reports
 from ccdist_plugin.cli.common import (
-    data_not_found,
+    checkpoint_dataset,
+    checkpoint_eps,
     load_checkpoint_and_model,
     parse_eps,
     parse_float_list,
@@ -36,28 +37,13 @@ logger = logging.getLogger(__name__)
 
 #: multiples of ε at which ``ccdist eval`` draws the accuracy-vs-ε curve by default
 DEFAULT_CURVE = "0,0.5,1,1.5,2"
-#: how the data folder is named on these commands' line (in "dataset not found" errors)
-DATA_ROOT_HINT = "--data-root DIR (or export CCDIST_DATA=DIR)"
 _PARAM_KEYS = {"beta": "loss.beta", "alpha": "loss.alpha"}
 
 
 def _test_points(
     cfg: dict[str, Any], data_name: str | None, data_root: str | None, start: int, count: int | None
 ):
-    from ccdist_plugin.data import load_dataset
-
-    data_cfg = cfg.get("data") or {}
-    name = data_name or data_cfg.get("name")
-    if not name:
-        raise ValueError("the checkpoint names no dataset: pass --data")
-    root = data_root if data_root is not None else data_cfg.get("root")
-    options = dict(data_cfg.get("options") or {}) if name == data_cfg.get("name") else {}
-    from ccdist_plugin.data import DatasetNotFoundError
-
-    try:
-        data = load_dataset(name, root, **options)
-    except DatasetNotFoundError as err:
-        raise data_not_found(err, DATA_ROOT_HINT) from err
+    name, root, data = checkpoint_dataset(cfg, data_name, data_root)
     n = len(data.test)
     if start < 0 or start >= n:
         raise ValueError(f"--start {start} is outside the test set (0..{n - 1})")
@@ -97,10 +83,7 @@ def run_eval(
 
     payload, model = load_checkpoint_and_model(checkpoint)
     cfg = payload.get("config") or {}
-    if eps is None:
-        if cfg.get("eps") is None:
-            raise ValueError("the checkpoint names no eps: pass --eps")
-        eps = float(cfg["eps"])
+    eps = checkpoint_eps(cfg, eps)
     x, y, data_info = _test_points(cfg, data_name, data_root, start, count)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ import sys
 import click
 
 from ccdist_plugin.cli.common import (
-    data_not_found,
+    checkpoint_dataset,
+    checkpoint_eps,
     load_checkpoint_and_model,
     parse_eps,
     parse_overrides,
@@ -22,8 +23,6 @@ from ccdist_plugin.cli.common import (
 )
 
 __all__ = ["export_command", "verify_command"]
-
-DATA_ROOT_HINT = "--data-root DIR (or export CCDIST_DATA=DIR)"
 
 
 @click.command("export")
@@ -99,7 +98,6 @@ def export_command(
     overrides,
 ):
     """Export a checkpoint and test points as ONNX + VNN-LIB for α,β-CROWN."""
-    from ccdist_plugin.data import DatasetNotFoundError, load_dataset
     from ccdist_plugin.export import DATASET_TEMPLATES, export_instances
 
     setup_logging(False)
@@ -112,22 +110,10 @@ def export_command(
         cfg_overrides["general.device"] = abcrown_device
     payload, model = load_checkpoint_and_model(checkpoint)
     cfg = payload.get("config") or {}
-    name = data_name or (cfg.get("data") or {}).get("name")
-    if not name:
-        raise ValueError("the checkpoint names no dataset: pass --data")
-    root = data_root if data_root is not None else (cfg.get("data") or {}).get("root")
-    if eps_given is not None:
-        eps = eps_given
-    elif cfg.get("eps") is not None:
-        eps = parse_eps(str(cfg["eps"]), "the checkpoint's eps")
-    else:
-        raise ValueError("the checkpoint names no eps: pass --eps")
+    eps = checkpoint_eps(cfg, eps_given)
+    name, _, data = checkpoint_dataset(cfg, data_name, data_root)
     if template is None:
         template = "teacher" if cfg.get("role") == "teacher" else DATASET_TEMPLATES.get(name, "digits")
-    try:
-        data = load_dataset(name, root)
-    except DatasetNotFoundError as err:
-        raise data_not_found(err, DATA_ROOT_HINT) from err
     result = export_instances(
         model,
         data.test,
