@@ -128,25 +128,25 @@ def run_folder_lock(folder: str | os.PathLike, command: str | None = None) -> It
 def _acquire(path: Path, folder: Path) -> int:
     for _ in range(10):  # the file may be replaced between open and lock; retry then
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        flocked = False
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                flocked = True
             except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                raise _locked(folder, _read_info(path)) from None
-        else:  # pragma: no cover - no flock: trust a recorded pid on this host that is alive
+                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise _locked(folder, _read_info(path)) from None
+                # a file system without flock (some network mounts): fall back to the recorded pid
+                log.warning("%s: file locking unsupported (%s); checking the recorded pid", path, err)
+        if not flocked:  # a recorded pid on this host that is alive, or any on another host, holds it
             holder = _read_info(path)
             pid = holder.get("pid")
-            if (
-                isinstance(pid, int)
-                and pid != os.getpid()
-                and holder.get("hostname") == socket.gethostname()
-                and _pid_alive(pid)
-            ):
+            here = holder.get("hostname") == socket.gethostname()
+            if isinstance(pid, int) and pid != os.getpid() and (not here or _pid_alive(pid)):
                 os.close(fd)
-                raise _locked(folder, holder)
+                hint = "" if here else f" (if that run has ended, delete {path})"
+                raise RunFolderLockedError(str(_locked(folder, holder)) + hint)
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -134,6 +134,27 @@ def test_stale_lock_and_temporaries_of_a_killed_run_are_cleaned(tmp_path):
     assert (run / "notes.txt").read_text() == "mine" and load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
+def test_lock_without_flock_checks_the_recorded_pid(tmp_path, monkeypatch):
+    import socket
+
+    from ccdist_plugin import runlock
+
+    monkeypatch.setattr(runlock, "fcntl", None)  # a file system without flock
+    (tmp_path / ".ccdist.lock").write_text(
+        json.dumps({"pid": os.getppid(), "hostname": socket.gethostname(), "command": "ccdist train X"})
+    )
+    with pytest.raises(runlock.RunFolderLockedError, match=f"pid {os.getppid()} .*ccdist train X"):
+        with runlock.run_folder_lock(tmp_path):
+            pass
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    (tmp_path / ".ccdist.lock").write_text(
+        json.dumps({"pid": int(ended.stdout), "hostname": socket.gethostname()})
+    )
+    with runlock.run_folder_lock(tmp_path, command="mine"):
+        assert json.loads((tmp_path / ".ccdist.lock").read_text())["command"] == "mine"
+    assert not (tmp_path / ".ccdist.lock").exists()
+
+
 def test_replaced_teacher_is_refused_on_resume_and_moved_teacher_accepted(tmp_path, teacher, student):
     run = tmp_path / "run"
     run.mkdir()
