@@ -27,6 +27,7 @@ __all__ = [
     "parse_eps",
     "parse_float_list",
     "parse_overrides",
+    "parse_names",
     "setup_logging",
     "data_not_found",
     "checkpoint_dataset",
@@ -132,6 +133,11 @@ def parse_eps(text: str, what: str = "eps", upper: float | None = 1.0) -> float:
 def parse_float_list(text: str, what: str) -> list[float]:
     """Comma-separated numbers or fractions (``"0,0.5,1"``, ``"1/255,2/255"``), each >= 0."""
     return [parse_eps(v, what=what, upper=None) for v in text.split(",") if v.strip()]
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"ibp, crown"`` → ``("ibp", "crown")`` (empty items dropped)."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 def parse_overrides(

@@ -27,6 +27,7 @@ from ccdist_plugin.cli.common import (
     load_checkpoint_and_model,
     parse_eps,
     parse_float_list,
+    parse_names,
     parse_overrides,
     setup_logging,
 )
@@ -232,7 +233,7 @@ def eval_command(
         pgd_steps=pgd_steps,
         pgd_step_rel=pgd_step_rel,
         pgd_restarts=pgd_restarts,
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        methods=parse_names(methods),
         crown_intermediate=crown_intermediate,
         seed=seed,
         bab=bab,
