@@ -162,14 +162,18 @@ def check_resumable(
     teacher_sha256: str | None = None,
     allow_teacher_change: bool = False,
 ) -> None:
-    """Refuse (``ValueError`` naming the differences) to resume a checkpoint written by a different
-    config (apart from :data:`RESUME_IGNORED_KEYS`), on a different dataset, or (unless
-    ``allow_teacher_change``) with a teacher whose weights differ from the ones it was trained
-    towards. The teacher is compared by :func:`state_sha256`, not by path: the same teacher moved
-    to another file is accepted; another network at the same path is refused."""
+    """Refuse (``ValueError`` naming the differences) to resume a checkpoint whose weights are not
+    all finite, or that was written by a different config (apart from :data:`RESUME_IGNORED_KEYS`),
+    on a different dataset, or (unless ``allow_teacher_change``) towards another teacher.
+
+    The teacher is compared by :func:`state_sha256`, not by path: the same teacher moved to another
+    file is accepted; another network at the same path is refused.
+    """
     saved = payload.get("config")
     if saved is None:
         raise ValueError("checkpoint holds no config; it cannot be resumed")
+    if isinstance(payload.get("model_state"), dict):  # a diverged network would only give a NaN loss
+        check_finite_state(payload["model_state"], "checkpoint to resume")
     saved_teacher = payload.get("teacher_sha256")
     ignore = RESUME_IGNORED_KEYS
     if saved_teacher is not None or teacher_sha256 is None or allow_teacher_change:
