@@ -432,3 +432,39 @@ def test_version():
 
     result = ccdist("--version")
     assert result.exit_code == 0 and result.output.strip() == f"ccdist {__version__}"
+
+
+@pytest.mark.slow
+def test_real_sigint_in_a_training_process(tmp_path):
+    """A real SIGINT (not a simulated KeyboardInterrupt): exit 130, the resume hint, the lock released."""
+    import signal
+    import time
+
+    run = tmp_path / "a run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ccdist_plugin.cli",
+        *TEACHER,
+        "--set",
+        "schedule.epochs=200",
+        "--output-dir",
+        run,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"last checkpoint is kept at {run / 'checkpoint.pt'}" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].strip().endswith("--resume")
+    assert shlex.quote(str(run)) in err and not (run / ".ccdist.lock").exists()
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
