@@ -303,6 +303,9 @@ def test_training_faults_give_one_line(case, fragment, tmp_path, monkeypatch):
         assert "CCDIST_DATA" in error_line(result) and "pass root=" not in result.output
     debug = ccdist("--debug", *args)
     assert debug.exit_code != 0 and debug.exception is not None  # --debug: the exception itself
+    if case == "unknown model":
+        after = ccdist(*args, "--debug")
+        assert type(after.exception) is type(debug.exception)
 
 
 def test_output_folder_not_writable(tmp_path, monkeypatch):

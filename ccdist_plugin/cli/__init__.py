@@ -11,7 +11,8 @@
 
 Modules: :mod:`.common` (ε parsing, KEY=VALUE overrides, logging, checkpoint loading, one-line
 errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.verification`. Expected failures print one
-``error: ...`` line and exit with status 2; ``ccdist --debug ...`` shows tracebacks.
+``error: ...`` line and exit with status 2; ``--debug`` (before or after the command) shows
+tracebacks.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = ["main"]
 @click.pass_context
 def main(ctx: click.Context, debug: bool, malloc_tuning: bool) -> None:
     """CC-Dist: certified training with distillation from robust teachers."""
-    ctx.meta["ccdist.debug"] = debug
+    ctx.meta["ccdist.debug"] = debug or ctx.meta.get("ccdist.debug", False)
     if malloc_tuning:
         from ccdist_plugin.malloc import retain_freed_memory
 

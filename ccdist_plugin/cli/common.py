@@ -79,6 +79,9 @@ class CcdistGroup(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["ccdist.argv"] = list(args)  # for "resume with:" hints
+        if "--debug" in args[1:]:  # also accepted after the command: `ccdist train ... --debug`
+            ctx.meta["ccdist.debug"] = True
+            args = [args[0], *(a for a in args[1:] if a != "--debug")]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
