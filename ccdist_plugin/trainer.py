@@ -377,8 +377,15 @@ class Trainer:
         """
         from ccdist_plugin.runlock import run_folder_lock
 
-        owner = run_folder_lock(self.run_dir) if distributed.is_main_process() else contextlib.nullcontext()
-        with owner:  # the run owns its folder (and removes stale temporary files in it)
+        with contextlib.ExitStack() as owner:  # the run owns its folder (and clears stale temporaries)
+            failure = None
+            if distributed.is_main_process():
+                try:
+                    owner.enter_context(run_folder_lock(self.run_dir))
+                except (ValueError, OSError) as err:
+                    failure = err
+            if not distributed.all_finite(failure is None, self.device):  # under torchrun: all stop
+                raise failure or ValueError(f"rank 0 could not take the run folder {self.run_dir}")
             return self._fit(train_data, val_data, resume, allow_teacher_change)
 
     def _fit(self, train_data: Any, val_data: Any, resume: bool | str | Path, allow_teacher_change: bool):
