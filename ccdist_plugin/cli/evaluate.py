@@ -325,15 +325,8 @@ def _needs_teacher(cfg) -> bool:
     """Whether the config's loss distils from a teacher (the loss class says so)."""
     from ccdist_plugin import losses
 
-    cls = losses._LOSSES.get(cfg.loss.method)
-    if cls is None:
-        return False
-    if hasattr(cls, "teacher_use"):
-        return cls.teacher_use == "required"
-    import inspect  # until every loss describes itself
-
-    p = inspect.signature(cls.__init__).parameters.get("teacher")
-    return p is not None and p.default is inspect.Parameter.empty
+    method = cfg.loss.method
+    return method in losses.list_losses() and losses.loss_class(method).teacher_use == "required"
 
 
 def _epochs_done(checkpoint: Path) -> int:

@@ -116,12 +116,10 @@ _threads_option = click.option(
 @click.command("presets")
 def presets_command() -> None:
     """List the packaged configurations (use them with --config NAME)."""
-    from ccdist_plugin.config import preset_path
+    from ccdist_plugin.config import preset_description
 
     for name in list_presets():
-        first = preset_path(name).read_text().splitlines()[0]
-        note = first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
-        click.echo(f"{name:24s} {note}")
+        click.echo(f"{name:24s} {preset_description(name)}")
 
 
 @click.command("train-teacher")
