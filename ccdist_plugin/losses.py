@@ -895,12 +895,16 @@ class IBPRLoss(RobustLoss):
     with ε (s = ε_t/ε_target, the authors ramp both together linearly); the clean term runs the
     network on x without moving the BatchNorm running statistics.
 
-    Settings and their source: the formulation (enlarged-ball attack, Planet-area regularizer over
-    IBP bounds, the natural-loss mix) is the paper's; the per-layer averaging, the inclusion of the
-    logit bounds and the optional masking of points the clean network misclassifies
-    (``mask_incorrect``, the code's ``--relu_stable_ub_mask``) follow the authors' code; the
-    defaults are their CIFAR-10 2/255 command (``--start_eps_factor 2.1 --train_att_n_steps 8
-    --train_att_step_size 0.25 --relu_stable 1e-4``; 8/255: λ = 1.7, ρ = 5e-3 with the mask).
+    Settings and their source: the paper (abstract and method) gives the scheme, an attack on an
+    enlarged domain plus an inexpensive IBP-based regularizer of the gap between the verification
+    problem and its relaxation; the exact terms follow the authors' training code: the Planet-area
+    form [−l]₊[u]₊ over the IBP bounds of the enlarged ball, averaged over the bounded layers (every
+    activation's input and the logits) and the batch, the κ mix with the clean loss, and the optional
+    masking of points the clean network misclassifies (``mask_incorrect``, ``--relu_stable_ub_mask``).
+    The defaults are the authors' CIFAR-10 2/255 command (``--start_eps_factor 2.1
+    --train_att_n_steps 8 --train_att_step_size 0.25 --relu_stable 1e-4``; for 8/255 they use
+    λ = 1.7, ρ = 5e-3 with the mask). Their schedules are linear in the epoch; here κ follows the
+    run's ε schedule.
 
     With a teacher, β·R(0) is added (IBP-R-Dist, appendix E.3 of the CC-Dist paper; β = 5/w).
 
