@@ -465,3 +465,30 @@ def test_clean_teacher_presets():
 
     diff = config_diff(student, paper, ignore=("name", "log", "teacher"))
     assert diff == [f"loss.beta: {student.loss.beta!r} != None"], diff
+
+
+def test_crown_ibp_through_average_pooling():
+    torch.manual_seed(0)
+    features = nn.Sequential(
+        Normalize([0.5], [0.25]),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 16),
+        nn.ReLU(),
+    )
+    model = CertifiedNet(features, nn.Linear(16, 10), (1, 8, 8), {"name": "pooled"}).eval()
+    x, y = batch(n=8)
+    ibp, lb = crown_ibp_margin_bounds(model, x, y, EPS)
+    assert_never_violated(model, x, y, EPS, lb.detach(), samples=60)
+    assert bool((lb >= ibp - 1e-5).any())
+    lb.sum().backward()  # the pooling transpose is differentiable
+    assert model.features[1].weight.grad is not None
+    try:
+        from ccdist_plugin.bounds import _auto_lirpa_margin
+
+        ref = _auto_lirpa_margin(model, x, y, EPS, "CROWN-IBP")
+    except ImportError:
+        return
+    torch.testing.assert_close(lb.detach(), ref.detach(), rtol=1e-4, atol=1e-4)
