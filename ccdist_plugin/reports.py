@@ -166,8 +166,11 @@ def checkpoint_info(
         cls.teacher_use == "required"
         or (cls.teacher_use == "optional" and (cfg.get("teacher") or {}).get("checkpoint"))
     )
-    if beta is None and feature_dim and distilled:
-        beta = cls.beta_per_width / feature_dim  # the loss's default β (5/w for CC-Dist, 10⁴/w Logit-Dist)
+    # the loss's default β (5/w for CC-Dist, 10⁴/w Logit-Dist); on the earlier feature space it is
+    # 2/w′ with w′ that layer's width, which the checkpoint's config does not state: left unresolved
+    on_features = loss.get("distill_layer", "features") == "features"
+    if beta is None and feature_dim and distilled and on_features:
+        beta = cls.beta_per_width / feature_dim
     return {
         "path": str(path),
         "sha256": file_sha256(path),
