@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import sys
 import threading
@@ -431,15 +432,39 @@ def _missing_splits(job: Job, result_path: Path) -> bool:
 
 def _wait_or_lock(lock: Path, done: Path, poll_s: float = 20.0) -> None:
     """Take ``lock`` (another process of this script may be running the same job: then wait for
-    ``done``). A lock older than 3 hours is considered stale."""
+    ``done``). The lock names its process and host: a lock of a dead process on this host is stale at once
+    (a killed run resumes without waiting); one from another host is stale after 3 hours without change."""
+    me = f"{os.getpid()} {socket.gethostname()}"
     while True:
         try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
             return
         except FileExistsError:
-            if done.is_file() or time.time() - lock.stat().st_mtime > 3 * 3600:
+            if done.is_file():
                 return
+            if _stale(lock):
+                lock.unlink(missing_ok=True)
+                continue
             time.sleep(poll_s)
+
+
+def _stale(lock: Path) -> bool:
+    try:
+        owner = lock.read_text().split()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if len(owner) == 2 and owner[1] == socket.gethostname():
+        try:
+            os.kill(int(owner[0]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            pass
+        return False
+    return age > 3 * 3600  # an old-format lock or another host's
 
 
 #: α,β-CROWN settings for CPU: our export already ran PGD-50 × 3 restarts on every point it sends, so the
@@ -513,9 +538,11 @@ def run_bab(
     )
     t0 = time.perf_counter()
     with _EXPORT_LOCK:  # the ONNX exporter is not thread-safe: --bab-only runs several run_bab threads
-        if (out / "bab").is_dir() and not (out / "bab" / "instances.csv").is_file():
+        finished = (out / "bab" / "manifest.json").is_file() and (out / "bab" / "instances.csv").is_file()
+        if (out / "bab").is_dir() and not finished:
             shutil.rmtree(out / "bab")  # an export that died half-way
-        _export_for_bab(model, x, y, out, eps, count, timeout_s, template, dataset, device)
+        if not finished:  # an interrupted verification resumes on the same export (its verdicts kept)
+            _export_for_bab(model, x, y, out, eps, count, timeout_s, template, dataset, device)
     # one thread per verifier process, like the training processes: --workers of them share the cores
     os.environ["OMP_NUM_THREADS"] = "1"
     res = run_verification(out / "bab", timeout_s=timeout_s, grace_s=30.0)

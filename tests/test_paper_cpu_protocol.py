@@ -5,6 +5,7 @@ the whole pipeline except α,β-CROWN, then the analysis with stand-in BaB verdi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -173,3 +174,21 @@ def test_smoke_whole_pipeline_then_analysis(tmp_path, monkeypatch):
     (root / names["cc_ibp"][1] / "checkpoint.pt").write_bytes(b"retrained")
     with pytest.raises(ValueError, match="another checkpoint"):
         rc.report_paper_cpu(str(root), plan, docs)
+
+
+def test_lock_of_a_killed_run_is_taken_over_at_once(tmp_path):
+    """A run killed mid-training leaves its lock: the next invocation must resume it, not wait hours."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock, done = tmp_path / "running.lock", tmp_path / "result.json"
+    lock.write_text(f"{dead.pid} {socket.gethostname()}")
+    assert rc._stale(lock)
+    rc._wait_or_lock(lock, done, poll_s=60.0)  # returns at once, holding the lock
+    assert lock.read_text().split()[0] == str(os.getpid()) and not rc._stale(lock)
+    lock.write_text(f"{os.getpid()} another-host")  # another host's fresh lock: live until 3 hours old
+    assert not rc._stale(lock)
+    os.utime(lock, (0, 0))
+    assert rc._stale(lock)
