@@ -18,6 +18,12 @@ Stages (all with the project's own code: ``Trainer``, ``bounds.certify``, ``atta
 4. ``docs/results/reproduce_cpu.{json,md}`` and the plots ``docs/img/beta_sweep.png``; then
    ``python benchmarks/make_results.py`` assembles ``docs/RESULTS.md``.
 
+``--protocol paper-cpu`` (issue 17) runs instead the paper's CIFAR-10 2/255 protocol at CPU scale
+(``PAPER_CPU``: the narrow CNN-7 of the ``cifar10-jpeg-cpu`` preset, the 8-step 2.1ε training attack,
+24 epochs, a 30-epoch PGD-10 teacher, α and β chosen on validation, 5 paired seeds, BaB on 200 points
+at 60 s) in resumable stages (``--until``), and reports it with the pre-registered paired analysis of
+``paired_analysis.py`` (``docs/results/paper_cpu.{json,md}``); ``--dataset digits`` is its smoke-test size.
+
 Per model, on the test split: standard accuracy, PGD-40 accuracy (step ε/4, one random start),
 IBP-certified accuracy, and CROWN-certified accuracy (``certify(method="crown", intermediate="ibp")``:
 CROWN back-substitution of the margins with IBP intermediate bounds, because the native CROWN with CROWN
