@@ -192,3 +192,31 @@ def test_lock_of_a_killed_run_is_taken_over_at_once(tmp_path):
     assert not rc._stale(lock)
     os.utime(lock, (0, 0))
     assert rc._stale(lock)
+
+
+@pytest.mark.slow  # trains 4 epochs in a subprocess, kills it, resumes
+def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    root = tmp_path / "runs"
+    job = "rc.Job('cc_ibp-a0.5-s0', 'digits', 'cc_ibp', 0, 0.5, epochs=4, protocol='paper-cpu')"
+    code = f"import sys; sys.path.insert(0, {str(Path(rc.__file__).parent)!r}); import reproduce_cpu as rc; "
+    code += f"rc.run_job({job}, {str(root)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    run = root / "cc_ibp-a0.5-s0"
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (run / "train_time.json").is_file():
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    # the next invocation takes over the dead process's lock and continues from the saved epoch
+    res = rc.run_job(
+        rc.Job("cc_ibp-a0.5-s0", "digits", "cc_ibp", 0, 0.5, epochs=4, protocol="paper-cpu"), str(root)
+    )
+    assert json.loads((run / "train_time.json").read_text())["resumed"] is True
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 5)) and "test" in res
