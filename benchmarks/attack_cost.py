@@ -158,7 +158,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"jobs; load average at start {m['load_average_at_start'][0]:.1f}), torch {m['torch']}, "
         f"torch.set_num_threads(1), `nice`, {result['repeats']} interleaved rounds timed in process CPU "
         "seconds, median of per-round ratios. Narrow CNN-7 (16, 16, 32, 32, 32; w = 128), batch 128, "
-        "32×32, ε = 2/255.",
+        f"32×32, ε = 2/255; inputs: {result['images']}.",
         "",
         "| ratio (side by side) | value |",
         "|---|---|",
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     retain_freed_memory()  # as the ccdist command and reproduce_cpu.py do
     from reproduce_cpu import PAPER_CPU
 
-    x, y, _ = _batch(BATCH)
+    x, y, data = _batch(BATCH)
     res = measure(args.repeats, x, y)
     xe, ye, _ = _batch(250)
     eval_s = time_evaluation(xe, ye) / 250
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         "argv": sys.argv[1:] if argv is None else argv,
         "machine": _machine(),
         "repeats": args.repeats,
+        "images": "CIFAR-10 JPEG train images" if data is not None else "uniform noise (dataset not found)",
         **res,
         "eval_s_per_point": eval_s,
         "plan": PAPER_CPU,
