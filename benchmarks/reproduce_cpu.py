@@ -376,7 +376,9 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     else:
         model = build_student(cfg, data.spec) if job.protocol == "paper-cpu" else _unseeded(cfg, data.spec)
         t0 = time.perf_counter()
-        trainer = Trainer(model, cfg, teacher=job.teacher if job.kind == "cc_dist" else None, loss=loss)
+        # paper-cpu: the Trainer builds the config's loss with this teacher; a loss object carries its own
+        teacher = job.teacher if loss is None and job.kind == "cc_dist" else None
+        trainer = Trainer(model, cfg, teacher=teacher, loss=loss)
         resume = job.protocol == "paper-cpu" and ckpt.is_file()  # killed mid-run: continue from its epoch
         fit = trainer.fit(data.train, data.val, resume=resume)
         train_s = time.perf_counter() - t0
