@@ -49,8 +49,9 @@ def check_crown_ibp_layers(layers: list[nn.Module]) -> None:
         if isinstance(layer, nn.Dropout) and not layer.training:
             continue
         raise UnsupportedLayerError(
-            f"CROWN-IBP (native) cannot bound layer {layer!r}: supported are Linear, Conv2d, BatchNorm, "
-            "ReLU, Normalize, Flatten, AvgPool2d, Identity and eval-mode Dropout"
+            f"CROWN-IBP (native) cannot bound a {type(layer).__name__} layer: supported are Linear, Conv2d, "
+            "BatchNorm, ReLU, Normalize, Flatten, AvgPool2d, Identity and eval-mode Dropout (train other "
+            "networks with an IBP-based loss, e.g. cc_ibp or cc_dist)"
         )
 
 
