@@ -330,6 +330,19 @@ def test_crown_ibp_refuses_layers_it_cannot_bound():
     with pytest.raises(UnsupportedLayerError, match="CROWN-IBP"):
         CrownIBPLoss(eps_target=2 * EPS)(model, x, y, EPS)
 
+    class Block(nn.Module):  # a user's block: whatever bounds its IBP, CROWN-IBP refuses it by name
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(64, 16)
+
+        def forward(self, v):
+            return torch.relu(self.linear(v))
+
+    features = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), Block())
+    custom = CertifiedNet(features, nn.Linear(16, 10), (1, 8, 8), {"name": "custom"})
+    with pytest.raises(UnsupportedLayerError, match="Block"):
+        CrownIBPLoss(eps_target=2 * EPS)(custom, x, y, EPS)
+
 
 # ------------------------------------------------------------------------------ IBP-R
 
