@@ -730,6 +730,11 @@ class _Job:
     write_error: list[str] = field(default_factory=list)
 
 
+def _write_verdict_bytes(fd: int, data: bytes) -> int:
+    """The one write of a verdict line (a seam for the tests' full-disk fault)."""
+    return os.write(fd, data)
+
+
 def _append_record(path: Path, rec: InstanceResult) -> None:
     """Append one verdict line and fsync it; one ``write`` call, so concurrent appenders
     (``O_APPEND``) never interleave inside a line."""
@@ -742,7 +747,7 @@ def _append_record(path: Path, rec: InstanceResult) -> None:
     data = line.encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if os.write(fd, data) != len(data):
+        if _write_verdict_bytes(fd, data) != len(data):
             raise OSError(errno.ENOSPC, f"short write of a verdict to {path}")
         os.fsync(fd)
     finally:
