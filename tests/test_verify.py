@@ -51,7 +51,8 @@ class ABCROWN:
         args = self.args
         name = os.path.basename(args.vnnlib_path)
         with open(os.path.join(HERE, "calls.txt"), "a") as f:
-            f.write(" ".join([name, "timeout=" + str(args.timeout), *self.rest, "pid=%d" % os.getpid()]) + "\n")
+            words = [name, "timeout=" + str(args.timeout), *self.rest, "pid=%d" % os.getpid()]
+            f.write(" ".join(words) + "\n")
         b = json.load(open(os.path.join(HERE, "behaviour.json"))).get(name, "unsat")
         if b.startswith("slow_"):  # slow_<seconds>_<result>
             _, seconds, b = b.split("_")
