@@ -12,11 +12,16 @@ An export directory holds everything α,β-CROWN needs, in VNN-COMP layout:
   the negated robustness property, a disjunction over ``j ≠ y`` of ``Y_j ≥ Y_y``, without the logit
   differences our own IBP/CROWN bounds already proved (``drop_proven``; appendix D.3 of the paper).
 - ``instances.csv``: VNN-COMP rows ``model.onnx,vnnlib/point_<i>.vnnlib,<timeout>`` (no header).
-- ``manifest.json``: model and data provenance, ε, normalization, and the pre-filter outcome of
-  every point: ``misclassified`` (clean prediction wrong), ``pre-certified`` (every difference
-  proved by IBP/CROWN), ``attacked`` (PGD found a counterexample), ``bab`` (sent to α,β-CROWN).
+- ``manifest.json``: model and data provenance, ε, normalization, a fresh export id, the sha256 of
+  ``model.onnx`` and of every VNN-LIB file, and the pre-filter outcome of every point:
+  ``misclassified`` (clean prediction wrong), ``pre-certified`` (every difference proved by
+  IBP/CROWN), ``attacked`` (PGD found a counterexample), ``bab`` (sent to α,β-CROWN). A verdict
+  counts only when it carries this export id and these hashes (:mod:`ccdist_plugin.verify`).
 - ``abcrown.yaml``: the α,β-CROWN template (``abcrown_configs/<name>.yaml``) with absolute paths
   filled in; ``python abcrown.py --config <dir>/abcrown.yaml`` verifies every instance.
+
+Exporting into a folder that holds verdicts of an earlier export moves them to
+``verify.stale-<UTC time>/`` first: a re-export always starts a fresh verification.
 
 The cascade follows the paper's verifier (IBP, CROWN, PGD, then branch-and-bound); see
 ``docs/verification.md``.

@@ -671,9 +671,8 @@ class _PersistentVerifier:
         hello = json.loads(line) if line else {}
         if not hello.get("ready"):
             self.close()
-            why = (
-                "did not start in time" if line is None else hello.get("detail", "").strip().splitlines()[-1:]
-            )
+            detail = str(hello.get("detail", "")).strip().splitlines()
+            why = "it did not start in time" if line is None else (detail[-1] if detail else "no reason")
             raise _WorkerGone(f"worker {self.name} could not import α,β-CROWN: {why}; log {log}")
         logger.info("verifier worker %s ready (α,β-CROWN imported in %.1f s)", self.name, hello["import_s"])
 
@@ -1242,7 +1241,7 @@ def verify_command(export_dir, abcrown_dir, shard, timeout_s, grace_s, merge, re
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if merge:
-            result = merge_shards(export_dir)
+            result = merge_shards(export_dir, budget_s=timeout_s)
         else:
             result = run_verification(
                 export_dir,

@@ -376,3 +376,18 @@ def test_dead_shard_is_reported_missing_per_shard(tmp_path):
     assert merged.missing == [0, 2] and merged.missing_by_shard["shard_0_of_2"] == [0, 2]
     assert merged.missing_by_shard["shard_1_of_2"] == [] and merged.certified == 2
     assert "Missing per shard" in merged.table()
+
+
+def test_worker_that_cannot_import_the_verifier_falls_back_to_processes(tmp_path):
+    export = make_export(tmp_path, ["bab"] * 2)
+    fake = tmp_path / "script_only"
+    fake.mkdir()
+    (fake / "abcrown.py").write_text(
+        "import sys\n"
+        "if __name__ != '__main__':\n"
+        "    raise ImportError('this verifier only runs as a script')\n"
+        "args = sys.argv[1:]\n"
+        "open(args[args.index('--results_file') + 1], 'w').write('unsat\\n')\n"
+    )
+    res = run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert res.certified == 2 and {r["mode"] for r in res.instances} == {"process"}
