@@ -78,6 +78,12 @@ def test_reexport_over_verdicts_starts_a_fresh_verification(tmp_path):
     out = tmp_path / "export"
     first = export_instances(model_a, (x, y), out, 0.05, methods=("ibp",), attack_steps=0, timeout_s=5)
     assert first.num_instances > 0
+    integrity = check_export(out)  # a genuine export passes its own integrity check
+    assert (
+        integrity.excluded == {}
+        and integrity.problems == []
+        and len(integrity.instances) == first.num_instances
+    )
     res_a = run_verification(out, abcrown_dir=fake, python=sys.executable)
     assert res_a.counts["safe"] == first.num_instances
 
