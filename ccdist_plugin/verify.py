@@ -50,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -567,6 +567,7 @@ def run_instance(
     hard_limit_s: float = 900.0,
     python: str | None = None,
     extra_args: Sequence[str] = (),
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> tuple[str, float, int | None, bool, str]:
     """Run α,β-CROWN on one instance in a new process of its own process group.
 
@@ -591,6 +592,8 @@ def run_instance(
         proc = subprocess.Popen(
             cmd, cwd=work_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        if on_start is not None:
+            on_start(proc)
         try:
             rc: int | None = proc.wait(timeout=hard_limit_s)
         except subprocess.TimeoutExpired:
@@ -623,8 +626,15 @@ class _WorkerGone(RuntimeError):
 class _PersistentVerifier:
     """One long-lived ``abcrown_worker.py --serve`` process (its own process group)."""
 
-    def __init__(self, abcrown_dir: Path, python: str | None, work_root: Path, name: str) -> None:
-        self.abcrown_dir, self.python, self.name = abcrown_dir, python, name
+    def __init__(
+        self,
+        abcrown_dir: Path,
+        python: str | None,
+        work_root: Path,
+        name: str,
+        on_start: Callable[[subprocess.Popen], None] | None = None,
+    ) -> None:
+        self.abcrown_dir, self.python, self.name, self.on_start = abcrown_dir, python, name, on_start
         self.work_root = work_root
         self.proc: subprocess.Popen | None = None
         self._buffer = b""
@@ -661,6 +671,8 @@ class _PersistentVerifier:
             env=env,
             start_new_session=True,
         )
+        if self.on_start is not None:
+            self.on_start(self.proc)
         self._buffer = b""
         self.starts += 1
         try:
@@ -727,6 +739,12 @@ class _Job:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     write_error: list[str] = field(default_factory=list)
+    #: every verifier process started, so that an interrupted run kills them at once
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def started(self, proc: subprocess.Popen) -> None:
+        with self.write_lock:
+            self.processes[:] = [p for p in self.processes if p.poll() is None] + [proc]
 
 
 def _write_verdict_bytes(fd: int, data: bytes) -> int:
@@ -753,8 +771,11 @@ def _append_record(path: Path, rec: InstanceResult) -> None:
         os.close(fd)
 
 
-def _run_one(job: _Job, r: int, point: dict[str, Any], verifier: _PersistentVerifier | None, worker: str):
-    """Verify instance ``r``; returns its record and whether the persistent worker failed on it."""
+def _run_one(
+    job: _Job, r: int, point: dict[str, Any], verifier: _PersistentVerifier | None, worker: str
+) -> tuple[InstanceResult | None, bool]:
+    """Verify instance ``r``; returns its record (None when the run was interrupted) and whether
+    the persistent worker failed on it."""
     vnnlib = job.export / point["vnnlib"]
     vnnlib_sha = file_sha256(vnnlib)
     work_dir = job.export / VERIFY_DIR / "work" / f"instance_{r:06d}"
@@ -795,6 +816,8 @@ def _run_one(job: _Job, r: int, point: dict[str, Any], verifier: _PersistentVeri
             else:
                 verdict = "error"
                 detail = f"α,β-CROWN raised: {detail.strip().splitlines()[-1] if detail.strip() else '?'}"
+    if not verdict and worker_failed and job.stop.is_set():
+        return None, worker_failed  # the run was interrupted: no verdict, the instance stays missing
     if not verdict:
         mode = "process" if verifier is None else "worker+retry"
         verdict, seconds, rc, killed, detail = run_instance(
@@ -807,6 +830,7 @@ def _run_one(job: _Job, r: int, point: dict[str, Any], verifier: _PersistentVeri
             hard_limit_s=job.hard_limit,
             python=job.python,
             extra_args=job.extra_args,
+            on_start=job.started,
         )
     rec = InstanceResult(
         instance=r,
@@ -831,10 +855,9 @@ def _run_one(job: _Job, r: int, point: dict[str, Any], verifier: _PersistentVeri
 
 
 def _worker_loop(job: _Job, tasks: queue.Queue, worker: str, persistent: bool) -> None:
+    work_root = job.export / VERIFY_DIR / "work"
     verifier = (
-        _PersistentVerifier(job.abcrown, job.python, job.export / VERIFY_DIR / "work", worker)
-        if persistent
-        else None
+        _PersistentVerifier(job.abcrown, job.python, work_root, worker, job.started) if persistent else None
     )
     crashes = 0
     try:
@@ -850,6 +873,8 @@ def _worker_loop(job: _Job, tasks: queue.Queue, worker: str, persistent: bool) -
                     logger.warning("%s; running one α,β-CROWN process per instance instead", err)
                     verifier = None
             rec, failed = _run_one(job, r, point, verifier, worker)
+            if rec is None:
+                return
             crashes = crashes + 1 if failed else 0
             if verifier is not None and crashes >= MAX_WORKER_CRASHES:
                 logger.warning(
@@ -866,7 +891,7 @@ def _worker_loop(job: _Job, tasks: queue.Queue, worker: str, persistent: bool) -
                     "instance %d (test point %d): %s in %.1f s", r, rec.index, rec.verdict, rec.time_s
                 )
             with job.write_lock:
-                if job.stop.is_set():
+                if job.write_error:  # the disk is full: the run is stopping
                     return
                 try:
                     _append_record(job.results_path, rec)
@@ -989,7 +1014,11 @@ def run_verification(
             while t.is_alive():
                 t.join(0.2)
     except BaseException:
-        job.stop.set()  # each worker thread kills its verifier's process group on the way out
+        job.stop.set()
+        with job.write_lock:
+            running = list(job.processes)
+        for proc in running:  # interrupted: no verifier outlives the run
+            _kill_group(proc)
         for t in threads:
             t.join(5)
         raise
