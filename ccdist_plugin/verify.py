@@ -777,7 +777,9 @@ def _run_one(
     """Verify instance ``r``; returns its record (None when the run was interrupted) and whether
     the persistent worker failed on it."""
     vnnlib = job.export / point["vnnlib"]
-    vnnlib_sha = file_sha256(vnnlib)
+    # what is verified, hashed when it is verified: a file swapped during the run cannot borrow the
+    # manifest's hash (the record would not match and would be ignored)
+    vnnlib_sha, onnx_sha = file_sha256(vnnlib), file_sha256(job.onnx)
     work_dir = job.export / VERIFY_DIR / "work" / f"instance_{r:06d}"
     work_dir.mkdir(parents=True, exist_ok=True)
     attempts, worker_failed, mode = 1, False, "process"
@@ -832,6 +834,9 @@ def _run_one(
             extra_args=job.extra_args,
             on_start=job.started,
         )
+    if (file_sha256(vnnlib), file_sha256(job.onnx)) != (vnnlib_sha, onnx_sha):
+        verdict = "error"
+        detail = f"{job.onnx.name} or {point['vnnlib']} changed while it was verified: verdict discarded"
     rec = InstanceResult(
         instance=r,
         index=int(point["index"]),
@@ -843,7 +848,7 @@ def _run_one(
         shard=job.shard_name,
         finished=time.time(),
         export_id=job.manifest["export_id"],
-        onnx_sha256=job.manifest["onnx_sha256"],
+        onnx_sha256=onnx_sha,
         vnnlib_sha256=vnnlib_sha,
         eps=job.manifest["eps"],
         budget_s=job.budget_s,

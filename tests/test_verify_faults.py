@@ -397,3 +397,13 @@ def test_worker_that_cannot_import_the_verifier_falls_back_to_processes(tmp_path
     )
     res = run_verification(export, abcrown_dir=fake, python=sys.executable)
     assert res.certified == 2 and {r["mode"] for r in res.instances} == {"process"}
+
+
+def test_model_swapped_during_the_run_is_never_counted(tmp_path):
+    export = make_export(tmp_path, ["bab"] * 3)
+    fake = make_fake_abcrown(tmp_path, {"point_000100.vnnlib": "swap_model"})
+    res = run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert res.certified == 0 and res.counts["error"] == 1 and res.counts["excluded"] == 2
+    assert "changed while it was verified" in res.instances[0]["detail"]
+    assert sum("another model" in r["reason"] for r in res.ignored_records) == 2
+    assert "not the exported model" in res.integrity_problems[0]
