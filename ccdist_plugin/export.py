@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -531,12 +530,13 @@ def _point_record(
     return record
 
 
-def set_aside_verdicts(out_dir: str | os.PathLike) -> Path | None:
+def set_aside_verdicts(out_dir: str | os.PathLike, old_manifest: str | None = None) -> Path | None:
     """Move the verdicts of an earlier export in ``out_dir`` to ``verify.stale-<UTC time>/``.
 
     A re-export rewrites the model, the csv and the VNN-LIB files; verdicts about the old ones
-    must never be read as verdicts about the new ones. Returns the folder they went to (None when
-    there was nothing to move).
+    must never be read as verdicts about the new ones. ``old_manifest`` (the earlier
+    ``manifest.json`` text, when it was already overwritten) is kept beside them. Returns the
+    folder they went to (None when there was nothing to move).
     """
     out = Path(out_dir)
     names = ["verify", "verification.json", "verification.md", RESULTS_NAME]
@@ -548,7 +548,9 @@ def set_aside_verdicts(out_dir: str | os.PathLike) -> Path | None:
     stale.mkdir()
     for n in present:
         os.replace(out / n, stale / n)
-    if (out / MANIFEST_NAME).is_file():
+    if old_manifest is not None:
+        (stale / MANIFEST_NAME).write_text(old_manifest)
+    elif (out / MANIFEST_NAME).is_file():
         os.replace(out / MANIFEST_NAME, stale / MANIFEST_NAME)
     logger.warning(
         "%s held verdicts of an earlier export: moved to %s (a re-export starts a fresh verification)",
@@ -585,10 +587,12 @@ def export_instances(
     (without the differences our bounds proved when ``drop_proven``) and one row of
     ``instances.csv``.
 
-    Exporting into a folder that holds verdicts of an earlier export moves them aside first
-    (:func:`set_aside_verdicts`), so a re-export always starts a fresh verification. The manifest
-    gets a new export id and the sha256 of the ONNX model and of every VNN-LIB file, which every
-    verdict must match to be counted.
+    The manifest records the sha256 of the ONNX model and of every VNN-LIB file, and an export id
+    that is a hash of everything verified (model, ε, budget, points, outcomes, properties); every
+    verdict must match them to be counted. Exporting into a folder that holds verdicts of another
+    export moves them aside (:func:`set_aside_verdicts`): such a re-export starts a fresh
+    verification. Exporting the very same thing again (same id) keeps them, so an interrupted
+    ``ccdist eval --bab`` resumes.
 
     Args:
         model: a :class:`CertifiedNet` (pixel-space input, ``Normalize`` first).
@@ -634,7 +638,7 @@ def export_instances(
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stale = set_aside_verdicts(out)
+    old_manifest = (out / MANIFEST_NAME).read_text() if (out / MANIFEST_NAME).is_file() else None
     _clear_vnnlib(out / VNNLIB_DIR)
     was_training = model.training
     model.eval()
@@ -663,9 +667,16 @@ def export_instances(
         o: sum(p["outcome"] == o for p in points)
         for o in ("misclassified", "pre-certified", "attacked", "bab")
     }
+    onnx_sha256 = file_sha256(onnx_path)
+    export_id = _export_id(onnx_sha256, eps, timeout_s, points)
+    stale = None
+    if _manifest_export_id(old_manifest) != export_id:
+        stale = set_aside_verdicts(out, old_manifest)
+    elif (out / "verify").is_dir():
+        logger.info("%s: the same export as before (id %s): its verdicts stay valid", out, export_id[:12])
     manifest = {
         "format": "ccdist-export/2",
-        "export_id": uuid.uuid4().hex,
+        "export_id": export_id,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
         "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
@@ -681,7 +692,7 @@ def export_instances(
         "num_classes": k,
         "normalization": {"mean": mean, "std": std},
         "onnx": ONNX_NAME,
-        "onnx_sha256": file_sha256(onnx_path),
+        "onnx_sha256": onnx_sha256,
         "onnx_max_abs_diff": max_diff,
         "instances_csv": CSV_NAME,
         "abcrown_config": CONFIG_NAME,
@@ -706,6 +717,25 @@ def export_instances(
     return ExportResult(
         out, onnx_path, csv_path, manifest_path, config_path, points, counts, max_diff, alarms, stale
     )
+
+
+def _export_id(onnx_sha256: str, eps: float, timeout_s: float, points: list[dict[str, Any]]) -> str:
+    """A hash of everything a verdict depends on: equal ids mean the very same verification job."""
+    fields = ("index", "label", "outcome", "instance", "vnnlib", "vnnlib_sha256", "pgd_broken")
+    content = {
+        "onnx_sha256": onnx_sha256,
+        "eps": repr(float(eps)),
+        "timeout_s": repr(float(timeout_s)),
+        "points": [[p.get(k) for k in fields] for p in points],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest_export_id(text: str | None) -> str | None:
+    try:
+        return json.loads(text).get("export_id") if text else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def _clear_vnnlib(folder: Path) -> None:

@@ -87,6 +87,13 @@ def test_reexport_over_verdicts_starts_a_fresh_verification(tmp_path):
     res_a = run_verification(out, abcrown_dir=fake, python=sys.executable)
     assert res_a.counts["safe"] == first.num_instances
 
+    # the very same export again (e.g. an interrupted `ccdist eval --bab` rerun): verdicts kept
+    again = export_instances(model_a, (x, y), out, 0.05, methods=("ibp",), attack_steps=0, timeout_s=5)
+    assert again.stale_dir is None
+    n_calls = len(calls(fake))
+    assert run_verification(out, abcrown_dir=fake, python=sys.executable).certified == res_a.certified
+    assert len(calls(fake)) == n_calls
+
     model_b = _tiny_model(1)
     second = export_instances(model_b, (x, y), out, 0.3, methods=("ibp",), attack_steps=0, timeout_s=5)
     assert second.stale_dir is not None and (second.stale_dir / "verify").is_dir()
