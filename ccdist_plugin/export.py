@@ -63,6 +63,7 @@ __all__ = [
     "write_abcrown_config",
     "export_instances",
     "set_aside_verdicts",
+    "export_id_of",
     "PrefilterResult",
 ]
 
@@ -668,7 +669,7 @@ def export_instances(
         for o in ("misclassified", "pre-certified", "attacked", "bab")
     }
     onnx_sha256 = file_sha256(onnx_path)
-    export_id = _export_id(onnx_sha256, eps, timeout_s, points)
+    export_id = export_id_of(onnx_sha256, eps, timeout_s, points)
     stale = None
     if _manifest_export_id(old_manifest) != export_id:
         stale = set_aside_verdicts(out, old_manifest)
@@ -719,8 +720,9 @@ def export_instances(
     )
 
 
-def _export_id(onnx_sha256: str, eps: float, timeout_s: float, points: list[dict[str, Any]]) -> str:
-    """A hash of everything a verdict depends on: equal ids mean the very same verification job."""
+def export_id_of(onnx_sha256: str, eps: float, timeout_s: float, points: list[dict[str, Any]]) -> str:
+    """The export id: a hash of everything a verdict depends on (equal ids: the very same
+    verification job). :mod:`ccdist_plugin.verify` recomputes it to detect an edited manifest."""
     fields = ("index", "label", "outcome", "instance", "vnnlib", "vnnlib_sha256", "pgd_broken")
     content = {
         "onnx_sha256": onnx_sha256,

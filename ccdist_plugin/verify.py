@@ -57,7 +57,7 @@ from typing import Any
 
 import click
 
-from ccdist_plugin.export import CONFIG_NAME, CSV_NAME, MANIFEST_NAME, ONNX_NAME
+from ccdist_plugin.export import CONFIG_NAME, CSV_NAME, MANIFEST_NAME, ONNX_NAME, export_id_of
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
 
 __all__ = [
@@ -378,6 +378,14 @@ def _load_manifest(export_dir: Path) -> dict[str, Any]:
         raise ValueError(
             f"{manifest_path} has no export id or model hash: it was written by an older ccdist export, "
             "whose verdicts cannot be tied to the model they are about. Export again (ccdist export)."
+        )
+    content_id = export_id_of(
+        manifest["onnx_sha256"], manifest["eps"], manifest.get("timeout_s", 600.0), manifest["points"]
+    )
+    if content_id != manifest["export_id"]:
+        raise ValueError(
+            f"{manifest_path} was edited after the export (its export id does not match its content): "
+            "nothing in it can be trusted. Export again (ccdist export)."
         )
     return manifest
 

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from ccdist_plugin.export import export_id_of
 from ccdist_plugin.fileio import file_sha256
 from ccdist_plugin.verify import (
     VerificationResult,
@@ -100,9 +100,12 @@ def calls(fake: Path) -> list[str]:
     return p.read_text().splitlines() if p.exists() else []
 
 
-def make_export(root: Path, outcomes: list[str], sent: list[bool] | None = None, **flags) -> Path:
+def make_export(
+    root: Path, outcomes: list[str], sent: list[bool] | None = None, flags: dict[int, dict] | None = None
+) -> Path:
     """A synthetic export directory: one point per outcome; ``sent[i]``: point i has an instance
     (default: only ``bab`` points). ``flags`` maps point positions to extra manifest fields."""
+    flags = flags or {}
     out = root / "export"
     (out / "vnnlib").mkdir(parents=True)
     sent = sent or [o == "bab" for o in outcomes]
@@ -132,7 +135,6 @@ def make_export(root: Path, outcomes: list[str], sent: list[bool] | None = None,
     (out / "instances.csv").write_text("".join(r + "\n" for r in rows))
     (out / "abcrown.yaml").write_text("general:\n  device: cpu\n")
     manifest = {
-        "export_id": uuid.uuid4().hex,
         "onnx": "model.onnx",
         "onnx_sha256": file_sha256(out / "model.onnx"),
         "eps": 0.1,
@@ -140,6 +142,7 @@ def make_export(root: Path, outcomes: list[str], sent: list[bool] | None = None,
         "methods": ["ibp", "crown"],
         "points": points,
     }
+    manifest["export_id"] = export_id_of(manifest["onnx_sha256"], 0.1, 5.0, points)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 

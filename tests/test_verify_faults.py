@@ -158,6 +158,17 @@ def test_an_export_without_ids_is_refused(tmp_path):
         summarize(export)
 
 
+def test_an_edited_manifest_is_refused(tmp_path):
+    """The export id is a hash of the manifest's content: e.g. an attacked point relabelled
+    pre-certified would be counted without any proof."""
+    export = make_export(tmp_path, ["bab", "attacked"])
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["points"][1]["outcome"] = "pre-certified"
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="edited after the export"):
+        summarize(export)
+
+
 @pytest.mark.parametrize("tamper", ["vnnlib", "csv_row", "model"])
 def test_tampered_exports_are_excluded_with_the_reason(tmp_path, tamper):
     export = make_export(tmp_path, ["bab"] * 4 + ["pre-certified"])
@@ -194,10 +205,7 @@ def test_pre_certified_point_broken_by_our_pgd_is_an_alarm(tmp_path):
     record = _point_record(0, 42, 0, pre, ("ibp",), 3)
     assert record["outcome"] == "pre-certified" and "PGD found a counterexample" in record["soundness_alarm"]
 
-    export = make_export(tmp_path, ["pre-certified", "pre-certified"])
-    manifest = json.loads((export / "manifest.json").read_text())
-    manifest["points"][0]["pgd_broken"] = True
-    (export / "manifest.json").write_text(json.dumps(manifest))
+    export = make_export(tmp_path, ["pre-certified", "pre-certified"], flags={0: {"pgd_broken": True}})
     res = summarize(export)
     assert res.certified == 1 and res.counts["alarm"] == 1 and len(res.soundness_alarms) == 1
 
