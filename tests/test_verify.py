@@ -101,10 +101,15 @@ def calls(fake: Path) -> list[str]:
 
 
 def make_export(
-    root: Path, outcomes: list[str], sent: list[bool] | None = None, flags: dict[int, dict] | None = None
+    root: Path,
+    outcomes: list[str],
+    sent: list[bool] | None = None,
+    flags: dict[int, dict] | None = None,
+    eps: float = 0.1,
 ) -> Path:
-    """A synthetic export directory: one point per outcome; ``sent[i]``: point i has an instance
-    (default: only ``bab`` points). ``flags`` maps point positions to extra manifest fields."""
+    """A synthetic export directory at radius ``eps``: one point per outcome; ``sent[i]``: point i
+    has an instance (default: only ``bab`` points). ``flags`` maps point positions to extra manifest
+    fields. (The export id is a hash of the content: edit a manifest only through these arguments.)"""
     flags = flags or {}
     out = root / "export"
     (out / "vnnlib").mkdir(parents=True)
@@ -137,12 +142,12 @@ def make_export(
     manifest = {
         "onnx": "model.onnx",
         "onnx_sha256": file_sha256(out / "model.onnx"),
-        "eps": 0.1,
+        "eps": eps,
         "timeout_s": 5.0,
         "methods": ["ibp", "crown"],
         "points": points,
     }
-    manifest["export_id"] = export_id_of(manifest["onnx_sha256"], 0.1, 5.0, points)
+    manifest["export_id"] = export_id_of(manifest["onnx_sha256"], eps, 5.0, points)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
