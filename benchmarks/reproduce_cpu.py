@@ -1175,7 +1175,11 @@ def report_from_disk(root: str, alphas, sweep, args, wall_s: float) -> None:
         if name not in bab and (export / "instances.csv").is_file():
             from ccdist_plugin.verify import merge_shards
 
-            res = merge_shards(export)
+            try:
+                res = merge_shards(export)
+            except ValueError as err:  # e.g. an export written before verdicts carried export ids
+                log.warning("%s: BaB results not used: %s", name, err)
+                continue
             bab[name] = {k: v for k, v in dataclasses.asdict(res).items() if not isinstance(v, list)}
             bab[name]["partial"] = True
             bab[name]["missing"] = len(res.missing)
