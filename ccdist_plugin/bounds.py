@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,10 +45,13 @@ __all__ = [
     "CROWN_INTERMEDIATE",
     "resolve_crown_intermediate",
     "check_supported_layer",
+    "CERT_TOL",
     "CertifyResult",
     "certify",
+    "batch_slices",
     "flat_layers",
     "with_batch_statistics",
+    "training_restorer",
 ]
 
 _MONOTONE = (nn.ReLU, nn.Tanh)
@@ -130,6 +133,22 @@ def _conv_pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
 def _monotone(layer: nn.Module, t: Tensor) -> Tensor:
     """The activation, never in place (an ``inplace=True`` ReLU would overwrite stored bounds)."""
     return torch.relu(t) if isinstance(layer, nn.ReLU) else torch.tanh(t)
+
+
+def training_restorer(module: nn.Module) -> Callable[[], None]:
+    """A function that puts every submodule of ``module`` back in the train/eval mode it has now.
+
+    ``module.train(was_training)`` is not that: it sets every submodule to one flag, so a
+    BatchNorm frozen in eval mode inside a training network, or the layers shared with
+    ``model.without_normalization()`` (a new ``nn.Sequential``, in train mode), would change.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+
+    def restore() -> None:
+        for m, flag in flags:
+            m.training = flag
+
+    return restore
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,7 +801,7 @@ def crown_margin_lower_bound(
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
-            for sl in _batches(x.shape[0], per_batch):
+            for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
                 parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
             return torch.cat(parts)
@@ -814,9 +833,17 @@ class CertifyResult:
         return self.margin_lb > tol
 
 
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, min(s + size, n))
+#: A logit difference counts as proved when its float64 lower bound exceeds this: far above the
+#: float64 rounding of these sums, so rounding cannot turn an uncertified point into a certified
+#: one. The one tolerance of every certificate (bounds, evaluation, export).
+CERT_TOL = 1e-6
+
+
+def batch_slices(n: int, size: int) -> list[slice]:
+    """``slice`` objects cutting ``n`` items into consecutive batches of at most ``size``."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -826,7 +853,7 @@ def certify(
     y: Tensor,
     eps: float | Tensor,
     method: str = "ibp",
-    tol: float = 1e-6,
+    tol: float = CERT_TOL,
     batch_size: int = 256,
     **crown_kwargs,
 ) -> CertifyResult:
@@ -835,8 +862,7 @@ def certify(
     The bounds are computed in float64 on a float64 copy of the network (the original is not
     touched), so that rounding cannot turn an uncertified point into a certified one; a logit
     difference counts as proved only when its float64 lower bound exceeds ``tol`` (default
-    1e-6, far above float64 rounding of these sums). This certifies the network in exact
-    arithmetic, as α,β-CROWN does.
+    :data:`CERT_TOL`). This certifies the network in exact arithmetic, as α,β-CROWN does.
 
     Args:
         method: ``"ibp"`` or ``"crown"`` (extra keyword arguments go to
@@ -850,7 +876,7 @@ def certify(
     net = copy.deepcopy(model).double().eval()
     x64, eps64 = x.double(), eps.double() if isinstance(eps, Tensor) else float(eps)
     parts, correct = [], []
-    for sl in _batches(x.shape[0], batch_size):
+    for sl in batch_slices(x.shape[0], batch_size):
         e = eps64[sl] if isinstance(eps64, Tensor) and eps64.ndim == 1 else eps64
         if method == "ibp":
             lb = margin_lower_bound(net, x64[sl], y[sl], e)

@@ -43,6 +43,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ccdist_plugin.bounds import CERT_TOL, training_restorer
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
 from ccdist_plugin.models import CertifiedNet
 
@@ -60,10 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: A logit difference counts as proved by our bounds when its float64 lower bound exceeds this
-#: (the same tolerance :func:`ccdist_plugin.bounds.certify` uses for its decisions).
-CERT_TOL = 1e-6
 
 #: File names inside an export directory.
 ONNX_NAME = "model.onnx"
@@ -256,7 +253,7 @@ def export_onnx(
         raise ValueError(f"test_inputs have shape {tuple(test_inputs.shape)}, expected (N, {shape[1:]})")
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = module.training
+    restore_modes = training_restorer(module)  # per layer: the layers may be shared with a train-mode net
     module.eval()
     try:
         dummy = torch.zeros(shape, device=device)
@@ -289,7 +286,7 @@ def export_onnx(
                 max_diff = max(max_diff, float(np.abs(got - ref).max()))
                 scale = max(scale, float(np.abs(ref).max()))
     finally:
-        module.train(was_training)
+        restore_modes()
     if not max_diff <= atol * scale:
         raise ExportError(
             f"ONNX export of {path} differs from PyTorch by {max_diff:.3g} > {atol:g} × {scale:.3g} "
@@ -405,29 +402,6 @@ def _select_points(data: Any, start: int, count: int | None) -> tuple[list[int],
     return idx, xs, ys
 
 
-def _pgd_counterexamples(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int
-) -> tuple[Tensor, Tensor]:
-    """(N,) bool: PGD found an input in the ball ∩ [0,1] that the model misclassifies; and the
-    (N,) smallest margin min_j z_j found (float64)."""
-    from ccdist_plugin.attacks import pgd_attack
-
-    x_adv = pgd_attack(model, x, y, eps, steps=steps, restarts=restarts, objective="margin").detach()
-    in_ball = ((x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-6) & (x_adv.flatten(1).amin(1) >= 0)
-    in_ball &= x_adv.flatten(1).amax(1) <= 1
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(x_adv)
-    model.train(was_training)
-    z = logits.gather(1, y.view(-1, 1)) - logits
-    z = z.double().scatter(1, y.view(-1, 1), float("inf"))
-    broken = (logits.argmax(1) != y) & in_ball
-    if bool((~in_ball).any()):
-        logger.warning("PGD returned %d points outside the ball; ignored", int((~in_ball).sum()))
-    return broken, z.amin(1)
-
-
 def export_instances(
     model: CertifiedNet,
     data: Any,
@@ -498,25 +472,24 @@ def export_instances(
         raise ValueError(f"test points have shape {tuple(x.shape[1:])} but the model takes {input_shape}")
     if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
         raise ValueError(f"labels must lie in [0, {model.num_classes}), got [{int(y.min())}, {int(y.max())}]")
-    was_training = model.training
+    restore_modes = training_restorer(model)
     model.eval()
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     try:
         torch.manual_seed(seed)
-        with torch.no_grad():
-            pred = model(x).argmax(1)
-        from ccdist_plugin.bounds import certify
+        from ccdist_plugin.attacks import PGD
+        from ccdist_plugin.evaluation import prefilter
 
-        margins: dict[str, Tensor] = {}
-        for m in methods:
-            margins[m] = certify(model, x, y, eps, method=m, tol=CERT_TOL).margin_lb.cpu()
-        if attack_steps > 0:
-            broken, adv_margin = _pgd_counterexamples(model, x, y, eps, attack_steps, attack_restarts)
-            broken, adv_margin = broken.cpu(), adv_margin.cpu()
-        else:
-            broken = torch.zeros(len(indices), dtype=torch.bool)
-            adv_margin = torch.full((len(indices),), float("nan"), dtype=torch.float64)
+        # the IBP → CROWN → PGD cascade shared with `ccdist eval` (one rule for both paths)
+        attack = (
+            PGD(steps=attack_steps, restarts=attack_restarts, objective="margin")
+            if attack_steps > 0
+            else None
+        )
+        pre = prefilter(model, x, y, eps, methods=methods, attack=attack, tol=CERT_TOL)
+        pred = pre.prediction
+        margins, broken, adv_margin = pre.margin_lb, pre.broken, pre.adv_margin
 
         mean = model.normalize.mean.flatten().tolist()
         std = model.normalize.std.flatten().tolist()
@@ -524,13 +497,13 @@ def export_instances(
         onnx_path = out / ONNX_NAME
         max_diff = export_onnx(model.without_normalization(), onnx_path, input_shape, test_inputs=x_norm[:16])
     finally:
-        model.train(was_training)
+        restore_modes()
 
     k = model.num_classes
     points: list[dict[str, Any]] = []
     rows: list[tuple[str, str, str]] = []
     for pos, idx in enumerate(indices):
-        label, correct = int(y[pos]), bool(pred[pos] == y[pos])
+        label, correct = int(y[pos]), bool(pre.correct[pos])
         proved = {m: (margins[m][pos] > CERT_TOL) for m in methods}
         any_proved = torch.zeros(k, dtype=torch.bool)
         for p in proved.values():
@@ -547,6 +520,7 @@ def export_instances(
             "proved": [j for j in others if bool(any_proved[j])],
             "pgd_broken": bool(broken[pos]),
             "pgd_margin": float(adv_margin[pos]),
+            "prefilter_status": pre.status[pos],
         }
         pre_certified = correct and all(bool(any_proved[j]) for j in others)
         if not correct:
@@ -618,6 +592,8 @@ def export_instances(
         "drop_proven": bool(drop_proven),
         "verify_all": bool(verify_all),
         "methods": list(methods),
+        # CROWN's intermediate bounds: "crown" (full CROWN) or "ibp" (CROWN-IBP); None without CROWN
+        "crown_intermediate": pre.crown_intermediate,
         "attack": {"steps": attack_steps, "restarts": attack_restarts, "objective": "margin"},
         "cert_tol": CERT_TOL,
         "counts": counts,
