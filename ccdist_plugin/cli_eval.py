@@ -21,11 +21,14 @@ from typing import Any
 import click
 
 from ccdist_plugin import reports
+from ccdist_plugin.attacks import EVAL_PGD
 
 __all__ = ["eval_command", "compare_command", "sweep_command", "run_eval", "parse_eps"]
 
 logger = logging.getLogger(__name__)
 
+#: the figures of an accuracy-vs-ε curve point
+_CURVE_KEYS = ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc")
 #: multiples of ε at which ``ccdist eval`` draws the accuracy-vs-ε curve by default
 DEFAULT_CURVE = "0,0.5,1,1.5,2"
 #: α,β-CROWN template per dataset (teachers use ``teacher``), as ``ccdist export``
@@ -150,9 +153,7 @@ def run_eval(
         else:
             curve_settings = EvalSettings(**_curve_kwargs(settings, e))
             m = evaluate(model, x, y, curve_settings, progress=progress).metrics
-        points.append(
-            {"eps": e, **{k: m.get(k) for k in ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc")}}
-        )
+        points.append({"eps": e, **{k: m.get(k) for k in _CURVE_KEYS}})
     record = reports.make_record(result, info, data_info, label=name, eps_curve=points)
     reports.write_json(record, out / "eval.json")
     (out / "eval.md").write_text(reports.eval_table([record]))
@@ -205,13 +206,29 @@ def _bab_overrides(items: tuple[str, ...]) -> dict[str, Any]:
     show_default=True,
     help="autoattack: PGD-40 and AutoAttack (when an implementation is importable)",
 )
-@click.option("--pgd-steps", default=40, show_default=True)
 @click.option(
-    "--pgd-step", "pgd_step_text", default="2.5/40", show_default=True, help="PGD step as a multiple of ε"
+    "--pgd-steps",
+    default=EVAL_PGD.steps,
+    show_default=True,
+    help="default: the evaluation attack (docs/evaluation.md)",
 )
-@click.option("--pgd-restarts", default=1, show_default=True)
+@click.option(
+    "--pgd-step",
+    "pgd_step_text",
+    default=f"{EVAL_PGD.step_size:g}",
+    show_default=True,
+    help="PGD step as a multiple of ε",
+)
+@click.option("--pgd-restarts", default=EVAL_PGD.restarts, show_default=True)
 @click.option("--methods", default="ibp,crown", show_default=True, help="certification by our bounds")
-@click.option("--crown-intermediate", type=click.Choice(["crown", "ibp"]), default="crown", show_default=True)
+@click.option(
+    "--crown-intermediate",
+    type=click.Choice(["auto", "crown", "ibp"]),
+    default="auto",
+    show_default=True,
+    help="CROWN's intermediate bounds: crown (full CROWN: crown_cert_acc), ibp (CROWN-IBP: "
+    "crown_ibp_cert_acc), auto (full CROWN where affordable, else CROWN-IBP; the record says which)",
+)
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
 @click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
