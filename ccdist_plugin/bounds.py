@@ -88,10 +88,10 @@ def check_supported_layer(layer: nn.Module) -> None:
     What the engines read of each layer is what ``forward`` computes, except in these cases,
     which are refused: a subclass of a standard layer that overrides ``forward``; a forward
     pre-hook (e.g. the old ``torch.nn.utils.weight_norm``, which recomputes the weight there);
-    a Conv2d padding mode unknown to ``F.pad``; an eval-mode BatchNorm without running
-    statistics (``track_running_stats=False``: it normalizes every batch with that batch's
-    statistics, so its output at one point depends on the rest of the batch and no
-    certificate about a point holds).
+    a Flatten over the batch dimension; a Conv2d padding mode unknown to ``F.pad``; an
+    eval-mode BatchNorm without running statistics (``track_running_stats=False``: it
+    normalizes every batch with that batch's statistics, so its output at one point depends on
+    the rest of the batch and no certificate about a point holds).
     """
     for base, forwards in _KNOWN_FORWARDS:
         if isinstance(layer, base) and type(layer).forward not in forwards:
@@ -105,6 +105,8 @@ def check_supported_layer(layer: nn.Module) -> None:
             "input or weights where the bounds cannot see it; remove the hook (weight_norm: "
             "torch.nn.utils.remove_weight_norm, or the parametrizations API) first"
         )
+    if isinstance(layer, nn.Flatten) and layer.start_dim == 0:
+        raise UnsupportedLayerError(f"{layer!r} flattens the batch dimension: the bounds are per example")
     if isinstance(layer, nn.Conv2d) and layer.padding_mode not in _PAD_MODES:
         raise UnsupportedLayerError(f"Conv2d padding_mode {layer.padding_mode!r} is not supported: {layer!r}")
     if (

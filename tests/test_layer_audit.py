@@ -263,6 +263,14 @@ def test_a_forward_pre_hook_is_refused():
         margin_lower_bound(net, x, y, 0.01)
 
 
+def test_flatten_over_the_batch_is_refused():
+    net = _conv_net(nn.Conv2d(C, 4, 3, padding=1)).eval()
+    net.features[3] = nn.Flatten(start_dim=0)
+    x, y = _points()
+    with pytest.raises(UnsupportedLayerError, match="batch dimension"):
+        margin_lower_bound(net, x, y, 0.01)
+
+
 def test_dropout_in_train_mode_is_refused():
     net = _conv_net(nn.Conv2d(C, 4, 3, padding=1), extra=(nn.Dropout(0.5),)).train()
     x, y = _points()
