@@ -229,6 +229,13 @@ def _bab_overrides(items: tuple[str, ...]) -> dict[str, Any]:
     help="CROWN's intermediate bounds: crown (full CROWN: crown_cert_acc), ibp (CROWN-IBP: "
     "crown_ibp_cert_acc), auto (full CROWN where affordable, else CROWN-IBP; the record says which)",
 )
+@click.option(
+    "--crown-backend",
+    type=click.Choice(["native", "auto_lirpa"]),
+    default="native",
+    show_default=True,
+    help="auto_lirpa: auto_LiRPA's CROWN (faster full CROWN on CNN-7; needs auto_LiRPA)",
+)
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
 @click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
@@ -266,6 +273,7 @@ def eval_command(
     pgd_restarts,
     methods,
     crown_intermediate,
+    crown_backend,
     bab,
     bab_count,
     bab_timeout,
@@ -292,6 +300,7 @@ def eval_command(
             pgd_restarts=pgd_restarts,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             crown_intermediate=crown_intermediate,
+            crown_backend=crown_backend,
             seed=seed,
             bab=bab,
             bab_count=bab_count,

@@ -103,6 +103,8 @@ class EvalSettings:
         methods: certification methods, a subset of ``("ibp", "crown")``.
         crown_intermediate: intermediate bounds of CROWN: ``"crown"`` (full CROWN), ``"ibp"``
             (CROWN-IBP) or ``"auto"`` (full CROWN where affordable, else CROWN-IBP; recorded).
+        crown_backend: ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN, faster for full
+            CROWN on convolutional networks; needs auto_LiRPA installed).
         tol: certification tolerance (see :data:`CERT_TOL`).
         seed: seed of the attacks' random starts.
         bab: run branch-and-bound (α,β-CROWN) on the first ``bab_count`` points.
@@ -119,6 +121,7 @@ class EvalSettings:
     autoattack_version: str = "standard"
     methods: tuple[str, ...] = ("ibp", "crown")
     crown_intermediate: str = "auto"
+    crown_backend: str = "native"
     tol: float = CERT_TOL
     seed: int = 0
     bab: bool = False
@@ -147,6 +150,8 @@ class EvalSettings:
             raise ValueError(
                 f"crown_intermediate must be 'crown', 'ibp' or 'auto', got {self.crown_intermediate!r}"
             )
+        if self.crown_backend not in ("native", "auto_lirpa"):
+            raise ValueError(f"crown_backend must be 'native' or 'auto_lirpa', got {self.crown_backend!r}")
         if self.bab_count < 1 or self.bab_timeout_s <= 0:
             raise ValueError(
                 f"bab_count must be >= 1 and bab_timeout_s > 0, got {self.bab_count}, {self.bab_timeout_s}"
@@ -366,9 +371,10 @@ def _certify_all(
     batches: list[slice],
     progress: bool,
     crown_intermediate: str,
+    crown_backend: str,
 ) -> Tensor:
     """(N, k) float64 margin lower bounds of ``method`` (entry y is +inf), batch by batch."""
-    kwargs = {"intermediate": crown_intermediate} if method == "crown" else {}
+    kwargs = {"intermediate": crown_intermediate, "backend": crown_backend} if method == "crown" else {}
     name = {"ibp": "IBP", "crown": "CROWN" if crown_intermediate == "crown" else "CROWN-IBP"}[method]
     parts = [
         certify(
@@ -423,6 +429,7 @@ def prefilter(
     methods: Sequence[str] = ("ibp", "crown"),
     attack: PGD | None = EVAL_PGD,
     crown_intermediate: str = "auto",
+    crown_backend: str = "native",
     tol: float = CERT_TOL,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
@@ -443,6 +450,7 @@ def prefilter(
         attack: the PGD attack (default :data:`ccdist_plugin.attacks.EVAL_PGD`; None: no attack).
         crown_intermediate: ``"crown"``, ``"ibp"`` (CROWN-IBP) or ``"auto"`` (see
             :func:`ccdist_plugin.bounds.resolve_crown_intermediate`).
+        crown_backend: ``"native"`` or ``"auto_lirpa"``.
         generator: random starts of the attack.
     """
     bad = [m for m in methods if m not in ("ibp", "crown")]
@@ -462,7 +470,9 @@ def prefilter(
             m: _timed(
                 timings,
                 m,
-                lambda m=m: _certify_all(model, x, y, eps, m, tol, batches, progress, resolved or "ibp"),
+                lambda m=m: _certify_all(
+                    model, x, y, eps, m, tol, batches, progress, resolved or "ibp", crown_backend
+                ),
             )
             for m in ("ibp", "crown")
             if m in methods
@@ -703,6 +713,7 @@ def evaluate(
         methods=s.methods,
         attack=s.pgd,
         crown_intermediate=s.crown_intermediate,
+        crown_backend=s.crown_backend,
         tol=s.tol,
         batch_size=s.batch_size,
         generator=torch.Generator().manual_seed(s.seed),

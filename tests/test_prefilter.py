@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import requires_auto_lirpa
 
 from ccdist_plugin import evaluation
 from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD
@@ -119,3 +120,21 @@ def test_the_evaluation_attack_is_stated_in_the_record():
     assert d["attack_source"] == EVAL_PGD_SOURCE
     other = evaluate(model, x, y, EvalSettings(eps=0.01, pgd_steps=5), progress=False).to_dict()["settings"]
     assert other["attack_source"].startswith("custom")
+
+
+@requires_auto_lirpa
+@pytest.mark.autolirpa
+def test_the_auto_lirpa_crown_backend_gives_the_same_certificates():
+    model = _model()
+    x, y = _digits_like(16)
+    for kind in ("crown", "ibp"):
+        ours = evaluate(model, x, y, EvalSettings(eps=0.003, crown_intermediate=kind), progress=False)
+        theirs = evaluate(
+            model,
+            x,
+            y,
+            EvalSettings(eps=0.003, crown_intermediate=kind, crown_backend="auto_lirpa"),
+            progress=False,
+        )
+        name = "crown_certified" if kind == "crown" else "crown_ibp_certified"
+        assert ours.per_example[name] == theirs.per_example[name]
