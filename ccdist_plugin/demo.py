@@ -68,7 +68,7 @@ class DemoResult:
         from ccdist_plugin.attacks import EVAL_PGD, describe_pgd
 
         lines.append(
-            f"PGD-40: {describe_pgd(EVAL_PGD)}; {crown_col}: CROWN with "
+            f"attack: {describe_pgd(EVAL_PGD)}; {crown_col}: CROWN with "
             + ("CROWN" if kinds == {"crown"} else "IBP" if kinds == {"ibp"} else "mixed")
             + " intermediate bounds"
         )
