@@ -45,15 +45,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD, describe_pgd
-from ccdist_plugin.bounds import (
-    CERT_TOL,
-    batch_slices,
-    certify,
-    input_box,
-    resolve_crown_intermediate,
-    training_restorer,
-)
+from ccdist_plugin.batching import batch_slices
+from ccdist_plugin.bounds import CERT_TOL, certify, input_box, resolve_crown_intermediate, training_restorer
 from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.validate import check_batch
 
 __all__ = [
     "PGD_STEPS",
@@ -282,9 +277,7 @@ def autoattack_adversarial(
         attack = module.AutoAttack(
             model, norm="Linf", eps=eps, version=version, n_classes=num_classes, seed=seed
         )
-        x_adv = torch.cat(
-            [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        )
+        x_adv = torch.cat([attack(x[sl], y[sl]) for sl in batch_slices(len(x), batch_size)])
     elif module_name == "pyautoattack":
         attack = module.AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
         _limit_targets(attack, targets)
@@ -663,18 +656,9 @@ def _record_bab(
 
 
 def _check_eval_inputs(model: CertifiedNet, x: Tensor, y: Tensor) -> None:
-    if not isinstance(model, CertifiedNet):
-        raise ValueError(f"model must be a CertifiedNet, got {type(model).__name__}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(
-            f"inputs of shape {tuple(x.shape)} do not match the model's input {model.input_shape}"
-        )
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} inputs")
+    check_batch(model, x, y)  # model, shapes, label range, pixel range (ccdist_plugin.validate)
     if x.shape[0] == 0:
         raise ValueError("no test points to evaluate")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError("inputs must lie in [0, 1] (pixel space)")
 
 
 def evaluate(
