@@ -21,6 +21,7 @@ An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,15 @@ _KNOWN_FORWARDS: tuple[tuple[type, tuple], ...] = (
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
+@functools.cache  # a property of the class alone; called for every layer of every bound
+def _overridden_base(cls: type) -> str | None:
+    """The standard layer whose ``forward`` ``cls`` inherits from but overrides, else None."""
+    for base, forwards in _KNOWN_FORWARDS:
+        if issubclass(cls, base) and cls.forward not in forwards:
+            return base.__name__
+    return None
+
+
 def check_supported_layer(layer: nn.Module) -> None:
     """Raise :class:`UnsupportedLayerError` naming ``layer`` when an engine would misread it.
 
@@ -95,12 +105,12 @@ def check_supported_layer(layer: nn.Module) -> None:
     normalizes every batch with that batch's statistics, so its output at one point depends on
     the rest of the batch and no certificate about a point holds).
     """
-    for base, forwards in _KNOWN_FORWARDS:
-        if isinstance(layer, base) and type(layer).forward not in forwards:
-            raise UnsupportedLayerError(
-                f"{type(layer).__name__} overrides {base.__name__}.forward; the bounds would describe "
-                f"{base.__name__}, not this layer: {layer!r}"
-            )
+    base = _overridden_base(type(layer))
+    if base is not None:
+        raise UnsupportedLayerError(
+            f"{type(layer).__name__} overrides {base}.forward; the bounds would describe {base}, not this "
+            f"layer: {layer!r}"
+        )
     if layer._forward_pre_hooks:
         raise UnsupportedLayerError(
             f"layer {layer!r} has a forward pre-hook (e.g. torch.nn.utils.weight_norm), which can change its "
