@@ -65,6 +65,7 @@ __all__ = [
     "autoattack_adversarial",
     "evaluate",
     "ibp_loss_from_margins",
+    "predicted_class",
 ]
 
 logger = logging.getLogger(__name__)
@@ -345,13 +346,19 @@ class PrefilterResult:
         return {s: self.status.count(s) for s in STATUSES}
 
 
+def predicted_class(logits: Tensor) -> Tensor:
+    """The argmax class per row, or -1 (never a label) where any logit is NaN or inf: a
+    non-finite output is never a correct prediction (argmax would pick a NaN's index)."""
+    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), -1)
+
+
 def _bar(batches: list[slice], desc: str, progress: bool):
     return tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
 
 
 @torch.no_grad()
 def _clean_predictions(model: nn.Module, x: Tensor, batches: list[slice], progress: bool) -> Tensor:
-    return torch.cat([model(x[sl]).argmax(1).cpu() for sl in _bar(batches, "standard", progress)])
+    return torch.cat([predicted_class(model(x[sl])).cpu() for sl in _bar(batches, "standard", progress)])
 
 
 def _certify_all(
@@ -402,7 +409,7 @@ def _attack_all(
         with torch.no_grad():
             logits = model(x_adv)
         z = (logits.gather(1, yb.view(-1, 1)) - logits).double().scatter(1, yb.view(-1, 1), float("inf"))
-        broken.append(((logits.argmax(1) != yb) & in_ball).cpu())
+        broken.append(((predicted_class(logits) != yb) & in_ball).cpu())
         adv_margin.append(z.amin(1).cpu())
     return torch.cat(broken), torch.cat(adv_margin)
 
@@ -608,7 +615,7 @@ def _record_autoattack(
             )
             model.eval()
             with torch.no_grad():
-                robust.append((model(x_adv).argmax(1) == y[sl]).cpu())
+                robust.append((predicted_class(model(x_adv)) == y[sl]).cpu())
     finally:
         restore_modes()
     aa_robust = torch.cat(robust) & pre.correct
