@@ -21,7 +21,9 @@ An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +46,15 @@ __all__ = [
     "elided_margin_lower_bound",
     "margin_lower_bound",
     "crown_margin_lower_bound",
+    "CROWN_INTERMEDIATE",
+    "resolve_crown_intermediate",
+    "check_supported_layer",
+    "CERT_TOL",
     "CertifyResult",
     "certify",
     "flat_layers",
     "with_batch_statistics",
+    "training_restorer",
 ]
 
 _MONOTONE = (nn.ReLU, nn.Tanh)
@@ -58,6 +65,104 @@ _PASSTHROUGH = (nn.Identity, nn.Dropout)
 
 class UnsupportedLayerError(TypeError):
     """Raised when a bound is asked for through a layer this module cannot bound soundly."""
+
+
+#: the standard layers the engines know, each with the ``forward`` they assume: a subclass that
+#: overrides ``forward`` computes something else, and is refused rather than bounded as its parent
+_KNOWN_FORWARDS: tuple[tuple[type, tuple], ...] = (
+    (nn.Linear, (nn.Linear.forward,)),
+    (nn.Conv2d, (nn.Conv2d.forward,)),
+    # SyncBatchNorm (distributed training) equals BatchNorm in eval mode; see distributed.py for train mode
+    (nn.modules.batchnorm._BatchNorm, (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)),
+    (nn.ReLU, (nn.ReLU.forward,)),
+    (nn.Tanh, (nn.Tanh.forward,)),
+    (nn.Flatten, (nn.Flatten.forward,)),
+    (nn.AvgPool2d, (nn.AvgPool2d.forward,)),
+    (nn.Identity, (nn.Identity.forward,)),
+    (nn.Dropout, (nn.Dropout.forward,)),
+)
+#: F.pad's mode for each Conv2d padding_mode
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@functools.cache  # a property of the class alone; called for every layer of every bound
+def _overridden_base(cls: type) -> str | None:
+    """The standard layer whose ``forward`` ``cls`` inherits from but overrides, else None."""
+    for base, forwards in _KNOWN_FORWARDS:
+        if issubclass(cls, base) and cls.forward not in forwards:
+            return base.__name__
+    return None
+
+
+def check_supported_layer(layer: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` naming ``layer`` when an engine would misread it.
+
+    What the engines read of each layer is what ``forward`` computes, except in these cases,
+    which are refused: a subclass of a standard layer that overrides ``forward``; a forward
+    pre-hook (e.g. the old ``torch.nn.utils.weight_norm``, which recomputes the weight there);
+    a Flatten over the batch dimension; a Conv2d padding mode unknown to ``F.pad``; an
+    eval-mode BatchNorm without running statistics (``track_running_stats=False``: it
+    normalizes every batch with that batch's statistics, so its output at one point depends on
+    the rest of the batch and no certificate about a point holds).
+    """
+    base = _overridden_base(type(layer))
+    if base is not None:
+        raise UnsupportedLayerError(
+            f"{type(layer).__name__} overrides {base}.forward; the bounds would describe {base}, not this "
+            f"layer: {layer!r}"
+        )
+    if layer._forward_pre_hooks:
+        raise UnsupportedLayerError(
+            f"layer {layer!r} has a forward pre-hook (e.g. torch.nn.utils.weight_norm), which can change its "
+            "input or weights where the bounds cannot see it; remove the hook (weight_norm: "
+            "torch.nn.utils.remove_weight_norm, or the parametrizations API) first"
+        )
+    if isinstance(layer, nn.Flatten) and layer.start_dim == 0:
+        raise UnsupportedLayerError(f"{layer!r} flattens the batch dimension: the bounds are per example")
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode not in _PAD_MODES:
+        raise UnsupportedLayerError(f"Conv2d padding_mode {layer.padding_mode!r} is not supported: {layer!r}")
+    if (
+        isinstance(layer, nn.modules.batchnorm._BatchNorm)
+        and not layer.training
+        and (layer.running_mean is None or layer.running_var is None)
+    ):
+        raise UnsupportedLayerError(
+            f"{layer!r} has no running statistics (track_running_stats=False), so in eval mode it "
+            "normalizes each batch with that batch's own statistics: the network's output at a point "
+            "depends on the other points of its batch and cannot be certified"
+        )
+
+
+def _conv_pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding that ``layer`` applies, for ``F.pad``."""
+    if isinstance(layer.padding, str):  # "same" or "valid"
+        if layer.padding == "valid":
+            return (0, 0, 0, 0)
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    ph, pw = layer.padding
+    return (pw, pw, ph, ph)
+
+
+def _monotone(layer: nn.Module, t: Tensor) -> Tensor:
+    """The activation, never in place (an ``inplace=True`` ReLU would overwrite stored bounds)."""
+    return torch.relu(t) if isinstance(layer, nn.ReLU) else torch.tanh(t)
+
+
+def training_restorer(module: nn.Module) -> Callable[[], None]:
+    """A function that puts every submodule of ``module`` back in the train/eval mode it has now.
+
+    ``module.train(was_training)`` is not that: it sets every submodule to one flag, so a
+    BatchNorm frozen in eval mode inside a training network, or the layers shared with
+    ``model.without_normalization()`` (a new ``nn.Sequential``, in train mode), would change.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+
+    def restore() -> None:
+        for m, flag in flags:
+            m.training = flag
+
+    return restore
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +320,12 @@ def _affine(layer: nn.Module, x: Tensor, weight: Tensor | None = None, bias: boo
     b = layer.bias if bias else None
     if isinstance(layer, nn.Linear):
         return F.linear(x, w, b)
-    return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if layer.padding_mode == "zeros":
+        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    # Padding as its own step, as Conv2d.forward does: replicate/reflect/circular padding copies
+    # input entries (a non-negative 0/1 linear map), so the centre and the radius are padded alike.
+    x = F.pad(x, _conv_pads(layer), mode=_PAD_MODES[layer.padding_mode])
+    return F.conv2d(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
 
 
 def propagate_intervals(
@@ -253,6 +363,7 @@ def propagate_intervals(
     value = reference
     result = IntervalPropagation(lower, upper)
     for index, layer in enumerate(flat_layers(module)):
+        check_supported_layer(layer)
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             if value is not None:
                 value = layer(value)
@@ -287,8 +398,8 @@ def propagate_intervals(
             lb, ub = centre - radius, centre + radius
             result.preact_bounds.append((lb, ub))
             if value is not None:
-                value = layer(value)
-            lb, ub = layer(lb), layer(ub)
+                value = _monotone(layer, value)
+            lb, ub = _monotone(layer, lb), _monotone(layer, ub)
             # Midpoint and half-width in two passes (lerp is one fused op).
             centre = torch.lerp(lb, ub, 0.5)
             radius = ub - centre
@@ -416,15 +527,39 @@ def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
 # --------------------------------------------------------------------------------------------
 
 
-def _input_shapes(layers: list[nn.Module], x: Tensor) -> list[torch.Size]:
-    """Shape (without batch) of the input of every layer, from a one-example forward pass."""
-    shapes = []
-    with torch.no_grad():
-        v = x[:1]
-        for layer in layers:
-            shapes.append(v.shape[1:])
-            v = layer(v)
-    return shapes
+def _input_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
+    """Shape (without batch) of the input of every layer of ``features``.
+
+    From an interval pass on the first example, which changes nothing in the model (a forward
+    pass would move a train-mode BatchNorm's running statistics, and BatchNorm1d in train mode
+    refuses a batch of one).
+    """
+    first = x[:1]
+    ibp = propagate_intervals(features, first, first, keep_all=True)
+    return [first.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds[:-1]]
+
+
+def _conv_transpose(layer: nn.Conv2d, a: Tensor, in_shape: torch.Size) -> Tensor:
+    """The adjoint of ``layer``'s linear part applied to coefficients ``a`` (N, C_out, H', W'):
+    the transposed convolution onto the padded input, then the adjoint of the padding."""
+    left, right, top, bottom = _conv_pads(layer)
+    height, width = in_shape[-2] + top + bottom, in_shape[-1] + left + right
+    reach = [layer.dilation[d] * (layer.kernel_size[d] - 1) + 1 for d in range(2)]
+    # rows/columns of the padded input that no window reaches (stride remainder) get coefficient 0
+    extra = (
+        height - ((a.shape[-2] - 1) * layer.stride[0] + reach[0]),
+        width - ((a.shape[-1] - 1) * layer.stride[1] + reach[1]),
+    )
+    padded = F.conv_transpose2d(a, layer.weight, None, layer.stride, 0, extra, layer.groups, layer.dilation)
+    if layer.padding_mode == "zeros":
+        return padded[..., top : top + in_shape[-2], left : left + in_shape[-1]]
+    # reflect/replicate/circular padding copies inputs: its adjoint adds each padded entry's
+    # coefficient back onto the input it copies (the vector-Jacobian product of F.pad)
+    with torch.enable_grad():
+        probe = torch.zeros(a.shape[0], *in_shape, dtype=a.dtype, device=a.device, requires_grad=True)
+        out = F.pad(probe, (left, right, top, bottom), mode=_PAD_MODES[layer.padding_mode])
+        (grad,) = torch.autograd.grad(out, probe, padded)
+    return grad
 
 
 def _backward(
@@ -444,6 +579,7 @@ def _backward(
     """
     for i in range(len(layers) - 1, -1, -1):
         layer = layers[i]
+        check_supported_layer(layer)
         b, m = a.shape[:2]
         if isinstance(layer, nn.Linear):
             if layer.bias is not None:
@@ -452,25 +588,7 @@ def _backward(
         elif isinstance(layer, nn.Conv2d):
             if layer.bias is not None:
                 bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
-            in_shape = shapes[i]
-            flat = a.reshape(b * m, *a.shape[2:])
-            out_h = (
-                (flat.shape[-2] - 1) * layer.stride[0]
-                - 2 * layer.padding[0]
-                + layer.dilation[0] * (layer.kernel_size[0] - 1)
-                + 1
-            )
-            out_w = (
-                (flat.shape[-1] - 1) * layer.stride[1]
-                - 2 * layer.padding[1]
-                + layer.dilation[1] * (layer.kernel_size[1] - 1)
-                + 1
-            )
-            pad = (in_shape[-2] - out_h, in_shape[-1] - out_w)
-            flat = F.conv_transpose2d(
-                flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups, layer.dilation
-            )
-            a = flat.reshape(b, m, *in_shape)
+            a = _conv_transpose(layer, a.reshape(b * m, *a.shape[2:]), shapes[i]).reshape(b, m, *shapes[i])
         elif isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
             scale, shift = bn_affine[i]
             view = (1, 1, -1) + (1,) * (a.ndim - 3)
@@ -504,23 +622,56 @@ def _backward(
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
 
 
+#: how CROWN obtains the pre-activation bounds of its ReLU relaxations
+CROWN_INTERMEDIATE = ("crown", "ibp", "auto")
+
+
+def _crown_costs(model: CertifiedNet) -> list[int]:
+    """Per ReLU after the first (the first's bounds are exact from IBP): the coefficients one
+    example's back-substitution holds, 2 × its neurons × the largest layer below it."""
+    x = torch.full(
+        (1, *model.input_shape), 0.5, dtype=model.head.weight.dtype, device=model.head.weight.device
+    )
+    layers = flat_layers(model.features)
+    shapes = _input_shapes(model.features, x)
+    relus = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
+    costs = []
+    for i in relus[1:]:
+        costs.append(2 * math.prod(shapes[i]) * max(math.prod(shape) for shape in shapes[:i]))
+    return costs
+
+
+def resolve_crown_intermediate(
+    model: CertifiedNet, intermediate: str = "auto", max_crown_elements: int = 2**23
+) -> str:
+    """What ``intermediate`` means for ``model``: ``"crown"`` (CROWN, every pre-activation
+    bound by back-substitution) or ``"ibp"`` (CROWN-IBP, every one from IBP).
+
+    ``"auto"`` is CROWN when every back-substitution holds at most ``max_crown_elements``
+    coefficients per example (digits-size networks), else CROWN-IBP (every CIFAR-size CNN-7
+    layer is above it: full CROWN there costs minutes per point on a CPU). Report the result
+    under its own name: a CROWN-IBP certificate is not a CROWN one.
+    """
+    if intermediate not in CROWN_INTERMEDIATE:
+        raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
+    if intermediate != "auto":
+        return intermediate
+    model = _as_certified_net(model)
+    return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
+
+
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def _native_crown(
-    model: CertifiedNet,
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    intermediate: str,
-    max_crown_elements: int,
-    chunk: int,
+    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
 ) -> Tensor:
+    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds."""
     layers = flat_layers(model.features)
     lo, hi = input_box(x, eps)
     ibp = propagate_intervals(model.features, lo, hi, reference=x, keep_all=True)
-    shapes = _input_shapes(layers, x)
+    shapes = [x.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds[:-1]]
     bn_affine = ibp.channel_affine
     preact: dict[int, tuple[Tensor, Tensor]] = {}
-    seen_activation = False
+    bsz = x.shape[0]
     for i, layer in enumerate(layers):
         if isinstance(layer, nn.Tanh):
             raise UnsupportedLayerError(
@@ -529,27 +680,29 @@ def _native_crown(
         if not isinstance(layer, nn.ReLU):
             continue
         l, u = ibp.layer_bounds[i - 1] if i > 0 else (lo, hi)
-        n = l[0].numel()
         # Before the first activation the network is affine and IBP is exact per neuron.
-        upstream = max(math.prod(shape) for shape in shapes[:i])
-        affordable = 2 * n * upstream <= max_crown_elements
-        if intermediate == "crown" and seen_activation and affordable:
-            bsz = x.shape[0]
-            lows, ups = [], []
-            eye = torch.eye(n, dtype=x.dtype, device=x.device)
-            for s in range(0, n, chunk):
-                rows = eye[s : s + chunk].reshape(-1, *l.shape[1:])
+        if intermediate == "crown" and preact:
+            # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
+            # stable neuron's relaxation is exact, so its bounds change nothing downstream.
+            unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
+            largest = max(math.prod(shape) for shape in shapes[:i])
+            # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
+            rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
+            l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
+            for s in range(0, unstable.numel(), rows_per_pass):
+                idx = unstable[s : s + rows_per_pass]
+                rows = x.new_zeros(idx.numel(), l[0].numel())
+                rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
+                rows = rows.reshape(-1, *l.shape[1:])
                 spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
                 bound = _backward(
                     layers[:i], shapes, preact, spec, x.new_zeros(bsz, spec.shape[1]), bn_affine, lo, hi
                 )
-                half = rows.shape[0]
-                lows.append(bound[:, :half])
-                ups.append(-bound[:, half:])
-            l = torch.maximum(l, torch.cat(lows, 1).view_as(l))
-            u = torch.minimum(u, torch.cat(ups, 1).view_as(u))
+                half = idx.numel()
+                l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
+                u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
+            l, u = l_flat.view_as(l), u_flat.view_as(u)
         preact[i] = (l, u)
-        seen_activation = True
     w_diff, b_diff = elision_matrix(model.head, y)
     return _backward(layers, shapes, preact, w_diff, b_diff, bn_affine, lo, hi)
 
@@ -562,6 +715,14 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
             "backend='auto_lirpa' needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
             "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
         ) from exc
+    dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.dilation) != (1, 1)]
+    if dilated and method != "IBP":
+        # measured with auto_LiRPA 9d100ec: its CROWN bound through a dilated convolution lies
+        # above margins found by sampling (tests/test_layer_audit.py); the native backend is sound
+        raise UnsupportedLayerError(
+            f"auto_LiRPA's {method} is unsound through dilated convolutions ({dilated[0]!r}); "
+            "use backend='native'"
+        )
     lo, hi = input_box(x, eps)
     # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
     # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
@@ -583,7 +744,7 @@ def crown_margin_lower_bound(
     x: Tensor,
     y: Tensor,
     eps: float | Tensor,
-    intermediate: str = "crown",
+    intermediate: str = "auto",
     backend: str = "native",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
@@ -591,46 +752,44 @@ def crown_margin_lower_bound(
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
     Args:
-        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained.
-            ``"ibp"``: from IBP (CROWN-IBP, Zhang et al. 2020). ``"crown"``: by back-substitution
-            for every layer whose back-substitution holds at most ``max_crown_elements``
-            coefficients per example (2 × its neurons × the largest layer below it), intersected
-            with IBP so never looser; IBP for larger layers (the convolutions and first dense layer
-            of CIFAR-size networks would take gigabytes and minutes per batch). Small networks
-            (digits, the tests) thus get full CROWN; for full CROWN on large ones use
-            ``backend="auto_lirpa"``.
+        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained
+            (:func:`resolve_crown_intermediate` says which one ``"auto"`` picks for a model).
+            ``"crown"``: by back-substitution for every layer, intersected with IBP so never
+            looser (CROWN, Zhang et al. 2018): costly on CIFAR-size networks (memory stays
+            bounded: neurons and examples are processed in chunks). ``"ibp"``: from IBP
+            (CROWN-IBP, Zhang et al. 2020). ``"auto"``: ``"crown"`` when every back-substitution
+            holds at most ``max_crown_elements`` coefficients per example, else ``"ibp"``.
         backend: ``"native"`` (this module, ReLU networks) or ``"auto_lirpa"`` (auto_LiRPA's
-            ``compute_bounds(method="CROWN")`` with the elision matrix as C).
-        chunk: neurons bounded per back-substitution batch (memory knob).
+            ``compute_bounds(method="CROWN" or "CROWN-IBP")`` with the elision matrix as C).
+        chunk: the most neurons bounded per back-substitution batch (memory knob).
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
-    without autograd (the result carries no gradient).
+    without autograd (the result carries no gradient). The model is not modified.
     """
     model = _as_certified_net(model)
     _check_input(model, x)
     _check_labels(model, x, y)
-    if intermediate not in ("crown", "ibp"):
-        raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
+    kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
     if backend == "auto_lirpa":
-        return _auto_lirpa_margin(model, x, y, eps, "CROWN" if intermediate == "crown" else "CROWN-IBP")
+        return _auto_lirpa_margin(model, x, y, eps, "CROWN" if kind == "crown" else "CROWN-IBP")
     if backend != "native":
         raise ValueError(f"backend must be 'native' or 'auto_lirpa', got {backend!r}")
     # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
     # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.
     if not model.training and x.shape[0] > 1:
-        largest = max(math.prod(s) for s in _input_shapes(flat_layers(model.features), x))
-        rows = max(min(2 * chunk, max_crown_elements // largest), model.num_classes)
+        largest = max(math.prod(s) for s in _input_shapes(model.features, x))
+        rows = max(2 * chunk if kind == "crown" else 0, model.num_classes)
         per_batch = max(1, _CROWN_BUDGET // (rows * largest))
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
             for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
-                parts.append(_native_crown(model, x[sl], y[sl], e, intermediate, max_crown_elements, chunk))
+                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
             return torch.cat(parts)
-    return _native_crown(model, x, y, eps, intermediate, max_crown_elements, chunk)
+    return _native_crown(model, x, y, eps, kind, chunk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,6 +817,12 @@ class CertifyResult:
         return self.margin_lb > tol
 
 
+#: A logit difference counts as proved when its float64 lower bound exceeds this: far above the
+#: float64 rounding of these sums, so rounding cannot turn an uncertified point into a certified
+#: one. The one tolerance of every certificate (bounds, evaluation, export).
+CERT_TOL = 1e-6
+
+
 @torch.no_grad()
 def certify(
     model: CertifiedNet,
@@ -665,7 +830,7 @@ def certify(
     y: Tensor,
     eps: float | Tensor,
     method: str = "ibp",
-    tol: float = 1e-6,
+    tol: float = CERT_TOL,
     batch_size: int = 256,
     **crown_kwargs,
 ) -> CertifyResult:
@@ -674,8 +839,7 @@ def certify(
     The bounds are computed in float64 on a float64 copy of the network (the original is not
     touched), so that rounding cannot turn an uncertified point into a certified one; a logit
     difference counts as proved only when its float64 lower bound exceeds ``tol`` (default
-    1e-6, far above float64 rounding of these sums). This certifies the network in exact
-    arithmetic, as α,β-CROWN does.
+    :data:`CERT_TOL`). This certifies the network in exact arithmetic, as α,β-CROWN does.
 
     Args:
         method: ``"ibp"`` or ``"crown"`` (extra keyword arguments go to

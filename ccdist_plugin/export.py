@@ -40,15 +40,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
 
+from ccdist_plugin.bounds import CERT_TOL, training_restorer
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
 from ccdist_plugin.models import CertifiedNet
+
+if TYPE_CHECKING:  # evaluation imports this module lazily; only the annotation is needed here
+    from ccdist_plugin.evaluation import PrefilterResult
 
 __all__ = [
     "ExportError",
@@ -63,14 +67,9 @@ __all__ = [
     "export_instances",
     "set_aside_verdicts",
     "export_id_of",
-    "PrefilterResult",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: A logit difference counts as proved by our bounds when its float64 lower bound exceeds this
-#: (the same tolerance :func:`ccdist_plugin.bounds.certify` uses for its decisions).
-CERT_TOL = 1e-6
 
 #: File names inside an export directory.
 ONNX_NAME = "model.onnx"
@@ -267,7 +266,7 @@ def export_onnx(
         raise ValueError(f"test_inputs have shape {tuple(test_inputs.shape)}, expected (N, {shape[1:]})")
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = module.training
+    restore_modes = training_restorer(module)  # per layer: the layers may be shared with a train-mode net
     module.eval()
     try:
         dummy = torch.zeros(shape, device=device)
@@ -300,7 +299,7 @@ def export_onnx(
                 max_diff = max(max_diff, float(np.abs(got - ref).max()))
                 scale = max(scale, float(np.abs(ref).max()))
     finally:
-        module.train(was_training)
+        restore_modes()
     if not max_diff <= atol * scale:
         raise ExportError(
             f"ONNX export of {path} differs from PyTorch by {max_diff:.3g} > {atol:g} × {scale:.3g} "
@@ -421,114 +420,44 @@ def _select_points(data: Any, start: int, count: int | None) -> tuple[list[int],
     return idx, xs, ys
 
 
-def _pgd_counterexamples(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int
-) -> tuple[Tensor, Tensor]:
-    """(N,) bool: PGD found an input in the ball ∩ [0,1] that the model misclassifies; and the
-    (N,) smallest margin min_j z_j found (float64)."""
-    from ccdist_plugin.attacks import pgd_attack
-
-    x_adv = pgd_attack(model, x, y, eps, steps=steps, restarts=restarts, objective="margin").detach()
-    in_ball = ((x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-6) & (x_adv.flatten(1).amin(1) >= 0)
-    in_ball &= x_adv.flatten(1).amax(1) <= 1
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(x_adv)
-    model.train(was_training)
-    z = logits.gather(1, y.view(-1, 1)) - logits
-    z = z.double().scatter(1, y.view(-1, 1), float("inf"))
-    broken = (logits.argmax(1) != y) & in_ball
-    if bool((~in_ball).any()):
-        logger.warning("PGD returned %d points outside the ball; ignored", int((~in_ball).sum()))
-    return broken, z.amin(1)
-
-
-@dataclass
-class PrefilterResult:
-    """The cheap part of the verification cascade on a batch of N test points.
-
-    Attributes:
-        prediction: (N,) clean predictions.
-        margins: per bound method, (N, K) float64 lower bounds of the logit differences
-            z_j = logit_y − logit_j (the label's own entry is not used).
-        pgd_broken: (N,) bool: PGD found a misclassified input in the ball ∩ [0, 1].
-        pgd_margin: (N,) float64: the smallest min_j z_j PGD found (NaN without an attack).
-    """
-
-    prediction: Tensor
-    margins: dict[str, Tensor]
-    pgd_broken: Tensor
-    pgd_margin: Tensor
-
-
-def _prefilter(
-    model: CertifiedNet,
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    methods: Sequence[str],
-    attack_steps: int,
-    attack_restarts: int,
-) -> PrefilterResult:
-    """Clean prediction, our IBP/CROWN margin bounds, then PGD, on a model in eval mode.
-
-    This is where the shared IBP → CROWN → PGD pre-filter of ``ccdist_plugin.evaluation`` plugs
-    in (one function for ``evaluate`` and the export); until then it calls the same building
-    blocks (``bounds.certify`` and ``attacks.pgd_attack``).
-    """
-    from ccdist_plugin.bounds import certify
-    from ccdist_plugin.evaluation import predicted_class  # non-finite outputs are never correct
-
-    with torch.no_grad():
-        pred = predicted_class(model(x))
-    margins = {m: certify(model, x, y, eps, method=m, tol=CERT_TOL).margin_lb.cpu() for m in methods}
-    if attack_steps > 0:
-        broken, adv_margin = _pgd_counterexamples(model, x, y, eps, attack_steps, attack_restarts)
-        broken, adv_margin = broken.cpu(), adv_margin.cpu()
-    else:
-        broken = torch.zeros(x.shape[0], dtype=torch.bool)
-        adv_margin = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
-    return PrefilterResult(pred.cpu(), margins, broken, adv_margin)
-
-
 def _point_record(
-    pos: int, index: int, label: int, pre: PrefilterResult, methods: Sequence[str], k: int
+    pos: int, index: int, label: int, pre: PrefilterResult, methods: Sequence[str]
 ) -> dict[str, Any]:
     """One point's manifest record and its pre-filter outcome (the first that applies):
-    ``misclassified``, ``pre-certified``, ``attacked``, else ``bab``."""
-    correct = bool(pre.prediction[pos] == label)
-    proved = {m: (pre.margins[m][pos] > CERT_TOL) for m in methods}
-    any_proved = torch.zeros(k, dtype=torch.bool)
-    for p in proved.values():
-        any_proved |= p
-    any_proved[label] = False
+    ``misclassified``, ``pre-certified``, ``attacked``, else ``bab``.
+
+    The decisions are those of :func:`ccdist_plugin.evaluation.prefilter` (one rule for
+    ``ccdist eval`` and the export); this only lays them out for the manifest.
+    """
+    status = pre.status[pos]
+    k = pre.proved.shape[1]
     others = [j for j in range(k) if j != label]
     record: dict[str, Any] = {
         "index": index,
         "label": label,
         "prediction": int(pre.prediction[pos]),
-        "correct": correct,
-        **{f"{m}_certified": bool(correct and bool(proved[m][others].all())) for m in methods},
-        **{f"{m}_margin_lb": float(pre.margins[m][pos][others].min()) for m in methods},
-        "proved": [j for j in others if bool(any_proved[j])],
-        "pgd_broken": bool(pre.pgd_broken[pos]),
-        "pgd_margin": float(pre.pgd_margin[pos]),
+        "correct": bool(pre.correct[pos]),
+        **{f"{m}_certified": bool(pre.certified[m][pos]) for m in methods},
+        **{f"{m}_margin_lb": float(pre.margin_lb[m][pos][others].min()) for m in methods},
+        "proved": [j for j in others if bool(pre.proved[pos, j])],
+        "pgd_broken": bool(pre.broken[pos]),
+        "pgd_margin": float(pre.adv_margin[pos]),
+        "prefilter_status": status,
     }
-    pre_certified = correct and all(bool(any_proved[j]) for j in others)
-    if not correct:
+    if status == "misclassified":
         outcome = "misclassified"
-    elif pre_certified:
+    elif status in ("certified_ibp", "certified_crown"):
         outcome = "pre-certified"
-        if record["pgd_broken"]:
-            # our bounds and our attack disagree: a bug in one of them. The point stays
-            # pre-certified in the manifest (what the bounds said) and is never counted as certified.
-            record["soundness_alarm"] = (
-                f"test point {index} (label {label}): certified by our {'/'.join(methods).upper()} "
-                "bounds but our PGD found a counterexample"
-            )
-            logger.error("SOUNDNESS ALARM: %s", record["soundness_alarm"])
-    elif record["pgd_broken"]:
+    elif status == "alarm":
+        # our bounds and our attack disagree: a bug in one of them. The point stays
+        # pre-certified in the manifest (what the bounds said) and is never counted as certified.
+        outcome = "pre-certified"
+        record["soundness_alarm"] = (
+            f"test point {index} (label {label}): certified by our {'/'.join(methods).upper()} "
+            "bounds but our PGD found a counterexample"
+        )
+        logger.error("SOUNDNESS ALARM: %s", record["soundness_alarm"])
+    elif status == "attacked":
         outcome = "attacked"
     else:
         outcome = "bab"
@@ -646,24 +575,34 @@ def export_instances(
     out.mkdir(parents=True, exist_ok=True)
     old_manifest = (out / MANIFEST_NAME).read_text() if (out / MANIFEST_NAME).is_file() else None
     _clear_vnnlib(out / VNNLIB_DIR)
-    was_training = model.training
+    restore_modes = training_restorer(model)
     model.eval()
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     try:
         torch.manual_seed(seed)
-        pre = _prefilter(model, x, y, eps, methods, attack_steps, attack_restarts)
+        from ccdist_plugin.attacks import PGD
+        from ccdist_plugin.evaluation import prefilter
+
+        # the IBP → CROWN → PGD cascade shared with `ccdist eval` (one rule for both paths)
+        attack = (
+            PGD(steps=attack_steps, restarts=attack_restarts, objective="margin")
+            if attack_steps > 0
+            else None
+        )
+        pre = prefilter(model, x, y, eps, methods=methods, attack=attack, tol=CERT_TOL)
         mean = model.normalize.mean.flatten().tolist()
         std = model.normalize.std.flatten().tolist()
         x_norm = ((x - model.normalize.mean) / model.normalize.std).detach().cpu()
         onnx_path = out / ONNX_NAME
         max_diff = export_onnx(model.without_normalization(), onnx_path, input_shape, test_inputs=x_norm[:16])
     finally:
-        model.train(was_training)
+        restore_modes()
 
     k = model.num_classes
-    points = [_point_record(pos, idx, int(y[pos]), pre, methods, k) for pos, idx in enumerate(indices)]
+    points = [_point_record(pos, idx, int(y[pos]), pre, methods) for pos, idx in enumerate(indices)]
     rows = _write_vnnlib_files(out, points, x.cpu(), eps, mean, std, k, drop_proven, verify_all, timeout_s)
+
     csv_path = out / CSV_NAME
     with open(csv_path, "w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
@@ -707,6 +646,8 @@ def export_instances(
         "drop_proven": bool(drop_proven),
         "verify_all": bool(verify_all),
         "methods": list(methods),
+        # CROWN's intermediate bounds: "crown" (full CROWN) or "ibp" (CROWN-IBP); None without CROWN
+        "crown_intermediate": pre.crown_intermediate,
         "attack": {"steps": attack_steps, "restarts": attack_restarts, "objective": "margin"},
         "cert_tol": CERT_TOL,
         "counts": counts,

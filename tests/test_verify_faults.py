@@ -196,13 +196,23 @@ def test_tampered_exports_are_excluded_with_the_reason(tmp_path, tamper):
 
 def test_pre_certified_point_broken_by_our_pgd_is_an_alarm(tmp_path):
     """The export/verify path raises the same alarm as evaluate: bounds and attack disagree."""
-    from ccdist_plugin.export import PrefilterResult, _point_record
+    from ccdist_plugin.evaluation import PrefilterResult
+    from ccdist_plugin.export import _point_record
 
     margins = torch.full((1, 3), 1.0, dtype=torch.float64)
-    pre = PrefilterResult(
-        torch.tensor([0]), {"ibp": margins}, torch.tensor([True]), torch.tensor([-0.5], dtype=torch.float64)
+    pre = PrefilterResult(  # what evaluation.prefilter returns when bounds and attack disagree
+        status=["alarm"],
+        prediction=torch.tensor([0]),
+        correct=torch.tensor([True]),
+        margin_lb={"ibp": margins},
+        proved=torch.tensor([[False, True, True]]),
+        certified={"ibp": torch.tensor([True])},
+        broken=torch.tensor([True]),
+        adv_margin=torch.tensor([-0.5], dtype=torch.float64),
+        crown_intermediate=None,
+        timings_s={},
     )
-    record = _point_record(0, 42, 0, pre, ("ibp",), 3)
+    record = _point_record(0, 42, 0, pre, ("ibp",))
     assert record["outcome"] == "pre-certified" and "PGD found a counterexample" in record["soundness_alarm"]
 
     export = make_export(tmp_path, ["pre-certified", "pre-certified"], flags={0: {"pgd_broken": True}})
