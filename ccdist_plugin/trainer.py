@@ -289,10 +289,20 @@ class Trainer:
             ``config.teacher.checkpoint``). It is checked against the student, put in eval mode and frozen.
         loss: any callable ``loss(model, x, y, eps) -> LossOutput`` (default: ``config.loss.method``).
 
-    Example::
+    Example (a CC-Dist student needs a teacher: a network of the same feature width, or a checkpoint
+    path; a freshly initialized one stands in here for the PGD teacher of :func:`train_teacher`)::
 
-        trainer = Trainer(create_model("cnn3", in_channels=1, input_size=8), load_preset("digits"))
-        result = trainer.fit(data.train, data.test)
+        >>> from ccdist_plugin.config import load_preset
+        >>> from ccdist_plugin.data import load_dataset
+        >>> from ccdist_plugin.trainer import Trainer, build_model
+        >>> data = load_dataset("digits")
+        >>> short = ["schedule.epochs=2", "schedule.ramp_up_epochs=1", "optim.lr_decay_epochs=[]"]
+        >>> config = load_preset("digits").override([*short, "log.output_dir=runs/s"])  # loss: cc_dist
+        >>> teacher = build_model(load_preset("digits-teacher"), data.spec)
+        >>> trainer = Trainer(build_model(config, data.spec), config, teacher=teacher)
+        >>> result = trainer.fit(data.train, data.test)
+        >>> len(result.history), result.checkpoint.name
+        (2, 'checkpoint.pt')
     """
 
     def __init__(

@@ -4,8 +4,8 @@ docs/verification.md: `ccdist export ...` then `ccdist verify ...`).
 Run from the repository root:
     python examples/03_export_verify.py [CHECKPOINT] [--count N]
 Without a checkpoint it first trains a CC-IBP student on scikit-learn's digits (about a minute
-on CPU). α,β-CROWN runs when ABCROWN_DIR points at it (bash ../shared/vendor/install.sh, then
-source ~/.cache/abcrown-vendor/abcrown.env); otherwise the script reports our own IBP/CROWN
+on CPU). α,β-CROWN runs when ABCROWN_DIR points at it (installed as in docs/verification.md,
+"Install"); otherwise the script reports our own IBP/CROWN
 results and the install steps.
 """
 
