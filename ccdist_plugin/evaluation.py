@@ -37,11 +37,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ccdist_plugin.attacks import pgd_attack
 from ccdist_plugin.bounds import certify, input_box
 from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.progress import progress_bar
 
 __all__ = [
     "PGD_STEPS",
@@ -295,7 +295,7 @@ def evaluate(
     Args:
         model: the network (put in eval mode; its training flag is restored afterwards).
         settings: an :class:`EvalSettings`.
-        progress: show tqdm progress bars.
+        progress: progress bars on a terminal, one log line per metric elsewhere.
         bab_dir: export directory for α,β-CROWN (required when ``settings.bab``).
         checkpoint_path, dataset_name: provenance recorded in the export manifest.
         abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
@@ -325,7 +325,7 @@ def evaluate(
     gen = torch.Generator().manual_seed(s.seed)
 
     def bar(desc: str):
-        return tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
+        return progress_bar(batches, desc=desc, enabled=progress, done=say)
 
     try:
         t0 = time.perf_counter()

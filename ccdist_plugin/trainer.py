@@ -27,7 +27,6 @@ import inspect
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from ccdist_plugin.checkpoint import (
 )
 from ccdist_plugin.config import TrainConfig
 from ccdist_plugin.models import CertifiedNet, check_compatible, create_model
+from ccdist_plugin.progress import progress_bar
 from ccdist_plugin.regularizers import (
     ibp_preactivation_bounds,
     l1_penalty,
@@ -399,7 +399,7 @@ class Trainer:
             cfg.to_yaml(self.run_dir / "config.yaml")
             self._write_metrics(history)
         writer = self._tensorboard() if main else None
-        show = main and cfg.log.progress and sys.stderr.isatty()
+        show = main and cfg.log.progress  # a bar only on a terminal (progress_bar); log lines per epoch
         try:
             for epoch in range(start_epoch, cfg.schedule.epochs):
                 row, global_step = self._train_epoch(
@@ -429,14 +429,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- internals
     def _train_epoch(self, epoch, batches, nb, eps_schedule, lr_schedule, optimizer, global_step, show):
-        from tqdm.auto import tqdm
-
         cfg = self.config
         phase = eps_schedule.phase(epoch)
         sums: dict[str, float] = {}
         n_seen, correct, eps_t, lr = 0, 0, 0.0, 0.0
         start = time.perf_counter()
-        bar = tqdm(total=nb, disable=not show, leave=False, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
+        bar = progress_bar(total=nb, enabled=show, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         for b, (x, y) in enumerate(batches.epoch(epoch)):
             if (
                 x.shape[0] < 2
