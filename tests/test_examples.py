@@ -25,6 +25,7 @@ def test_python_example_runs(script, tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setattr(sys, "argv", [str(script)])
     threads = torch.get_num_threads()
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ccdist_plugin")  # whatever an earlier test (a --quiet CLI) set
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as stop:  # 03_export_verify exits 2 with the install steps when α,β-CROWN is absent
