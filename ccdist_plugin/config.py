@@ -41,11 +41,15 @@ __all__ = [
     "load_config",
     "load_preset",
     "list_presets",
+    "preset_description",
     "config_diff",
     "parse_override",
 ]
 
 _METHOD_NOTE = "a name registered in ccdist_plugin.losses (list_losses())"
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check(condition: bool, message: str) -> None:
@@ -166,11 +170,16 @@ class AttackConfig:
 class LossConfig:
     """The training loss.
 
+    Which fields a loss takes is the loss class's own description (``config_keys``,
+    ``option_keys``; ``ccdist_plugin.losses.RobustLoss.from_config``): a field it does not take must
+    keep its default here (or the value the loss implies, α = 1 for ``ibp``), else building the loss
+    is a ``ValueError`` naming the field.
+
     Attributes:
-        method: loss name, ``ccdist_plugin.losses.make_loss(method, ...)`` (``cc_dist``, ``cc_ibp``,
+        method: loss name, ``ccdist_plugin.losses.list_losses()`` (``cc_dist``, ``cc_ibp``,
             ``ibp``, ``pgd_at`` for PGD teachers, ``mtl_ibp``, ``exp_ibp``, ``sabr``, ...).
         alpha: convex-combination coefficient α of CC-IBP / CC-Dist (and MTL-IBP, Exp-IBP).
-        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist).
+        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist); only with a teacher.
         attack: the PGD attack inside the loss.
         options: further keyword arguments for the loss constructor (e.g. ``{lam: 0.4}`` for SABR).
     """
@@ -263,6 +272,8 @@ class OptimConfig:
             f"optim.lr_schedule must be 'step', 'cyclic' or 'constant', got {self.lr_schedule!r}",
         )
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        # a float32 network cannot take a step this large: its weights would become inf at once
+        _check(self.lr <= _FLOAT32_MAX, f"optim.lr must be finite and <= 3.4e38 (float32), got {self.lr}")
         _check(self.batch_size >= 1, f"optim.batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
         _check(self.l1 >= 0, "optim.l1 must be >= 0")
@@ -380,6 +391,8 @@ class TrainConfig:
                 data = yaml.safe_load(path.read_text())
             except yaml.YAMLError as err:
                 raise ValueError(f"{path}: invalid YAML: {err}") from err
+            if data is None:  # all defaults would only fail later, confusingly
+                raise ValueError(f"config file {str(path)!r} is empty; start from a preset (ccdist presets)")
         else:
             data = yaml.safe_load(str(path_or_text))
         if data is None:
@@ -560,6 +573,14 @@ def _preset_dir() -> Path:
 def list_presets() -> list[str]:
     """Names of the packaged presets (``ccdist presets``)."""
     return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The one-line description a preset file opens with (its first ``#`` comment; "" without one)."""
+    if name not in list_presets():
+        raise ValueError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
+    first = (_preset_dir() / f"{name}.yaml").read_text().splitlines()[0]
+    return first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
 
 
 def load_preset(name: str) -> TrainConfig:

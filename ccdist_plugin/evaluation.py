@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.attacks import pgd_attack
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import certify, input_box
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.progress import progress_bar
+from ccdist_plugin.validate import check_batch
 
 __all__ = [
     "PGD_STEPS",
@@ -54,6 +56,7 @@ __all__ = [
     "autoattack_adversarial",
     "evaluate",
     "ibp_loss_from_margins",
+    "predicted_class",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,9 +237,7 @@ def autoattack_adversarial(
         attack = module.AutoAttack(
             model, norm="Linf", eps=eps, version=version, n_classes=num_classes, seed=seed
         )
-        x_adv = torch.cat(
-            [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        )
+        x_adv = torch.cat([attack(x[sl], y[sl]) for sl in batch_slices(len(x), batch_size)])
     elif module_name == "pyautoattack":
         attack = module.AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
         _limit_targets(attack, targets)
@@ -270,8 +271,10 @@ def ibp_loss_from_margins(margin_lb: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(-z, y, reduction="none")
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def predicted_class(logits: Tensor) -> Tensor:
+    """The argmax class per row, or -1 (never a label) where any logit is NaN or inf: a
+    non-finite output is never a correct prediction (argmax would pick a NaN's index)."""
+    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), -1)
 
 
 def _mean(flags: Tensor) -> float:
@@ -301,24 +304,15 @@ def evaluate(
         abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
         log: where one-line progress messages go (default: the module logger).
     """
-    if not isinstance(model, CertifiedNet):
-        raise ValueError(f"model must be a CertifiedNet, got {type(model).__name__}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(
-            f"inputs of shape {tuple(x.shape)} do not match the model's input {model.input_shape}"
-        )
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} inputs")
+    check_batch(model, x, y)  # model, shapes, label range, pixel range (ccdist_plugin.validate)
     if x.shape[0] == 0:
         raise ValueError("no test points to evaluate")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError("inputs must lie in [0, 1] (pixel space)")
     say = log or logger.info
     s = settings
     eps = float(s.eps)
     n = x.shape[0]
     result = EvalResult(count=n, eps=eps, settings=s)
-    batches = _batches(n, s.batch_size)
+    batches = batch_slices(n, s.batch_size)
     was_training = model.training
     model.eval()
     start_all = time.perf_counter()
@@ -330,7 +324,7 @@ def evaluate(
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            correct = torch.cat([model(x[sl]).argmax(1) == y[sl] for sl in bar("standard")])
+            correct = torch.cat([predicted_class(model(x[sl])) == y[sl] for sl in bar("standard")])
         result.timings_s["standard"] = time.perf_counter() - t0
         result.per_example["correct"] = correct.tolist()
         result.metrics["standard_acc"] = _mean(correct)
@@ -346,7 +340,7 @@ def evaluate(
                 x_adv = attack(sl)
                 model.eval()
                 with torch.no_grad():
-                    robust.append(model(x_adv).argmax(1) == y[sl])
+                    robust.append(predicted_class(model(x_adv)) == y[sl])
             mask = torch.cat(robust) & correct
             broken.logical_or_(correct & ~mask)
             result.timings_s[timing] = time.perf_counter() - t0
