@@ -136,9 +136,8 @@ def _read(name: str, root: str | os.PathLike | None, options: dict[str, Any]):
             return reader(directory, **options), directory
         except DatasetNotFoundError:
             continue
-    raise not_found(
-        name, searched, "no root given; pass root= (--set data.root=FOLDER) or set CCDIST_DATA=FOLDER"
-    )
+    # the command line rewrites "set CCDIST_DATA or pass root=" into its option (cli.common.data_not_found)
+    raise not_found(name, searched, "no root given; set CCDIST_DATA or pass root=")
 
 
 def load_dataset(
