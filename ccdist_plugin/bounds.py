@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ccdist_plugin.models import CertifiedNet, Normalize
+from ccdist_plugin.models import CertifiedNet, Normalize, Residual
 
 __all__ = [
     "UnsupportedLayerError",
@@ -45,6 +45,8 @@ __all__ = [
     "CertifyResult",
     "certify",
     "flat_layers",
+    "native_unsupported_layer",
+    "check_boundable",
     "with_batch_statistics",
 ]
 
@@ -52,10 +54,22 @@ _MONOTONE = (nn.ReLU, nn.Tanh)
 #: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
 _CROWN_BUDGET = 2**26
 _PASSTHROUGH = (nn.Identity, nn.Dropout)
+#: leaf layers the native engine bounds (Conv2d with zero padding, Dropout in eval mode only)
+_NATIVE_IBP = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.modules.batchnorm._BatchNorm,
+    Normalize,
+    *_MONOTONE,
+    nn.Flatten,
+    nn.AvgPool2d,
+    *_PASSTHROUGH,
+)
 
 
-class UnsupportedLayerError(TypeError):
-    """Raised when a bound is asked for through a layer this module cannot bound soundly."""
+class UnsupportedLayerError(TypeError, ValueError):
+    """Raised when a bound is asked for through a layer no engine can bound soundly (the message
+    names it). A ``ValueError`` too: it reports a model the user passed in."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +248,158 @@ def _affine(layer: nn.Module, x: Tensor, weight: Tensor | None = None, bias: boo
     return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
+@dataclass(frozen=True)
+class _Node:
+    """One step of a network's computation graph: ``layer`` applied to node ``inputs[0]``, or (``layer``
+    None, two inputs) the sum of two nodes, a :class:`Residual`'s join. Node 0 is the input."""
+
+    layer: nn.Module | None
+    inputs: tuple[int, ...]
+
+
+def _graph(module: nn.Module) -> list[_Node]:
+    """The computation graph of a network built of ``nn.Sequential``, :class:`Residual` and leaf
+    layers, in topological order (every node after its inputs); any other module is one leaf node."""
+    nodes = [_Node(None, ())]
+
+    def walk(m: nn.Module, src: int) -> int:
+        if isinstance(m, CertifiedNet):
+            return walk(m.head, walk(m.features, src))
+        if isinstance(m, nn.Sequential):
+            for child in m:
+                src = walk(child, src)
+            return src
+        if isinstance(m, Residual):
+            branch, shortcut = walk(m.branch, src), walk(m.shortcut, src)
+            nodes.append(_Node(None, (branch, shortcut)))
+            return len(nodes) - 1
+        nodes.append(_Node(m, (src,)))
+        return len(nodes) - 1
+
+    walk(module, 0)
+    return nodes
+
+
+def _native_ibp_supports(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Conv2d):
+        return layer.padding_mode == "zeros"  # _affine pads with zeros
+    if isinstance(layer, nn.Dropout):
+        return not layer.training
+    return isinstance(layer, _NATIVE_IBP)
+
+
+def native_unsupported_layer(module: nn.Module) -> nn.Module | None:
+    """The first layer of ``module`` the native engine cannot bound (None when it bounds them all)."""
+    for node in _graph(module)[1:]:
+        if node.layer is not None and not _native_ibp_supports(node.layer):
+            return node.layer
+    return None
+
+
+def _ibp_layer(
+    layer: nn.Module,
+    centre: Tensor,
+    radius: Tensor,
+    value: Tensor | None,
+    index: int,
+    result: IntervalPropagation,
+    keep_all: bool,
+    update_running_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One leaf layer of IBP in centre/radius form (and of the reference's forward pass)."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        if value is not None:
+            value = layer(value)
+        return _affine(layer, centre), _affine(layer, radius, weight=layer.weight.abs(), bias=False), value
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        # train mode: the reference batch's statistics (or the centre's without a reference)
+        stats_input = value if value is not None else centre
+        scale, shift, normalized = _bn_scale_shift(layer, stats_input, update_running_stats)
+        if value is not None:
+            value = normalized if normalized is not None else layer(value)
+        if normalized is not None and value is None:
+            centre = normalized
+        else:
+            view = centre.ndim
+            centre = torch.addcmul(_channel_view(shift, view), centre, _channel_view(scale, view))
+        radius = radius * _channel_view(scale.abs(), radius.ndim)
+        if keep_all:
+            result.channel_affine[index] = (scale, shift)
+        return centre, radius, value
+    if isinstance(layer, Normalize):
+        if keep_all:
+            result.channel_affine[index] = ((1 / layer.std).flatten(), (-layer.mean / layer.std).flatten())
+        return layer(centre), radius / layer.std.abs(), None if value is None else layer(value)
+    if isinstance(layer, _MONOTONE):
+        lb, ub = centre - radius, centre + radius
+        result.preact_bounds.append((lb, ub))
+        if value is not None:
+            value = layer(value)
+        lb, ub = layer(lb), layer(ub)
+        # Midpoint and half-width in two passes (lerp is one fused op).
+        centre = torch.lerp(lb, ub, 0.5)
+        return centre, ub - centre, value
+    if isinstance(layer, (nn.Flatten, nn.AvgPool2d)):
+        # Flatten moves entries; average pooling is a non-negative linear map: the centre maps
+        # through it, so does the radius.
+        return layer(centre), layer(radius), None if value is None else layer(value)
+    if isinstance(layer, _PASSTHROUGH) and _native_ibp_supports(layer):
+        return centre, radius, value
+    raise _unsupported(layer)
+
+
+def _unsupported(layer: nn.Module) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"no sound interval bound for layer {layer!r} in the native engine: supported are Linear, Conv2d "
+        "(zero padding), BatchNorm1d/2d, ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity, Dropout in "
+        "eval mode, and nn.Sequential / Residual of these; other layers go through backend='auto_lirpa'"
+    )
+
+
+def _native_intervals(
+    module: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    reference: Tensor | None,
+    keep_all: bool,
+    update_running_stats: bool,
+) -> IntervalPropagation:
+    nodes = _graph(module)
+    unsupported = native_unsupported_layer(module)
+    if unsupported is not None:  # checked before any work, so nothing is half-updated
+        raise _unsupported(unsupported)
+    uses = [0] * len(nodes)
+    for node in nodes:
+        for i in node.inputs:
+            uses[i] += 1
+    result = IntervalPropagation(lower, upper)
+    states: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {
+        0: ((upper + lower) / 2, (upper - lower) / 2, reference)
+    }
+    if bool((states[0][1] < 0).any()):
+        raise ValueError("lower > upper somewhere: not a valid box")
+    for index in range(1, len(nodes)):
+        node = nodes[index]
+        if node.layer is None:  # a residual join: the intervals add, centre + centre, radius + radius
+            (c1, r1, v1), (c2, r2, v2) = states[node.inputs[0]], states[node.inputs[1]]
+            state = (c1 + c2, r1 + r2, None if v1 is None or v2 is None else v1 + v2)
+        else:
+            centre, radius, value = states[node.inputs[0]]
+            state = _ibp_layer(
+                node.layer, centre, radius, value, index - 1, result, keep_all, update_running_stats
+            )
+        for i in node.inputs:  # free what no later node reads
+            uses[i] -= 1
+            if uses[i] == 0:
+                del states[i]
+        states[index] = state
+        if keep_all:
+            result.layer_bounds.append((state[0] - state[1], state[0] + state[1]))
+    centre, radius, value = states[len(nodes) - 1]
+    result.lower, result.upper, result.value = centre - radius, centre + radius, value
+    return result
+
+
 def propagate_intervals(
     module: nn.Module,
     lower: Tensor,
@@ -241,6 +407,7 @@ def propagate_intervals(
     reference: Tensor | None = None,
     keep_all: bool = False,
     update_running_stats: bool = False,
+    backend: str = "auto",
 ) -> IntervalPropagation:
     """IBP through ``module``, optionally running the forward pass of a reference batch alongside.
 
@@ -252,81 +419,71 @@ def propagate_intervals(
     adversarial output and the IBP bounds in one pass (docs/method.md, "BatchNorm during training").
     Without a reference, a train-mode BatchNorm uses the statistics of the box centre.
 
+    A :class:`Residual` adds its two branches' intervals (centre + centre, radius + radius); both
+    branches see the same input box and the same reference batch.
+
     Args:
         module: a layer, ``nn.Sequential`` or :class:`CertifiedNet`.
         lower, upper: (B, ...) input bounds with ``lower <= upper``.
         reference: optional (B′, ...) batch propagated by the plain forward pass.
-        keep_all: also return the bounds after every layer and the BatchNorm affine maps.
+        keep_all: also return the bounds after every graph node and the BatchNorm affine maps
+            (native engine only).
         update_running_stats: see above.
+        backend: ``"native"`` (this module: ``nn.Sequential`` / :class:`Residual` of the layers
+            listed in :class:`UnsupportedLayerError`'s message), ``"auto_lirpa"`` (auto_LiRPA's IBP
+            with the same train-mode BatchNorm semantics: ``ccdist_plugin.lirpa``), or ``"auto"``:
+            native when it supports every layer, auto_LiRPA otherwise.
+
+    Raises:
+        UnsupportedLayerError: naming the layer, when the chosen engine(s) cannot bound it.
     """
     if lower.shape != upper.shape:
         raise ValueError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
-    centre = (upper + lower) / 2
-    radius = (upper - lower) / 2
-    if bool((radius < 0).any()):
-        raise ValueError("lower > upper somewhere: not a valid box")
-    value = reference
-    result = IntervalPropagation(lower, upper)
-    for index, layer in enumerate(flat_layers(module)):
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            if value is not None:
-                value = layer(value)
-            centre = _affine(layer, centre)
-            radius = _affine(layer, radius, weight=layer.weight.abs(), bias=False)
-        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            # train mode: the reference batch's statistics (or the centre's without a reference)
-            stats_input = value if value is not None else centre
-            scale, shift, normalized = _bn_scale_shift(layer, stats_input, update_running_stats)
-            if value is not None:
-                value = normalized if normalized is not None else layer(value)
-            if normalized is not None and value is None:
-                centre = normalized
-            else:
-                centre = torch.addcmul(
-                    _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
-                )
-            radius = radius * _channel_view(scale.abs(), radius.ndim)
-            if keep_all:
-                result.channel_affine[index] = (scale, shift)
-        elif isinstance(layer, Normalize):
-            if value is not None:
-                value = layer(value)
-            centre = layer(centre)
-            radius = radius / layer.std.abs()
-            if keep_all:
-                result.channel_affine[index] = (
-                    (1 / layer.std).flatten(),
-                    (-layer.mean / layer.std).flatten(),
-                )
-        elif isinstance(layer, _MONOTONE):
-            lb, ub = centre - radius, centre + radius
-            result.preact_bounds.append((lb, ub))
-            if value is not None:
-                value = layer(value)
-            lb, ub = layer(lb), layer(ub)
-            # Midpoint and half-width in two passes (lerp is one fused op).
-            centre = torch.lerp(lb, ub, 0.5)
-            radius = ub - centre
-        elif isinstance(layer, nn.Flatten):
-            if value is not None:
-                value = layer(value)
-            centre, radius = layer(centre), layer(radius)
-        elif isinstance(layer, nn.AvgPool2d):
-            # A non-negative linear map: the centre maps through it, so does the radius.
-            if value is not None:
-                value = layer(value)
-            centre, radius = layer(centre), layer(radius)
-        elif isinstance(layer, _PASSTHROUGH) and not (isinstance(layer, nn.Dropout) and layer.training):
-            pass
-        else:
-            raise UnsupportedLayerError(
-                f"no sound interval bound for layer {layer!r}: supported are Linear, Conv2d, BatchNorm1d/2d, "
-                "ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity and Dropout in eval mode"
-            )
+    if backend not in ("auto", "native", "auto_lirpa"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    if backend == "auto_lirpa" or (backend == "auto" and native_unsupported_layer(module) is not None):
         if keep_all:
-            result.layer_bounds.append((centre - radius, centre + radius))
-    result.lower, result.upper, result.value = centre - radius, centre + radius, value
-    return result
+            raise ValueError("keep_all needs the native engine, and this network has layers it cannot bound")
+        from ccdist_plugin.lirpa import LirpaUnsupportedError, lirpa_intervals
+
+        try:
+            lo, hi, value, preact = lirpa_intervals(module, lower, upper, reference, update_running_stats)
+        except LirpaUnsupportedError as exc:
+            raise _neither(module, exc) from exc
+        return IntervalPropagation(lo, hi, value, preact)
+    return _native_intervals(module, lower, upper, reference, keep_all, update_running_stats)
+
+
+def _neither(module: nn.Module, exc: Exception) -> UnsupportedLayerError:
+    layer = native_unsupported_layer(module)
+    native = "" if layer is None else f"the native engine does not support layer {layer!r}, and "
+    return UnsupportedLayerError(f"no engine can bound this network: {native}{exc}")
+
+
+def check_boundable(model: CertifiedNet) -> str:
+    """The engine that bounds ``model.features``: ``"native"`` when it supports every layer, else
+    ``"auto_lirpa"`` after checking that auto_LiRPA traces and bounds it.
+
+    Raises:
+        UnsupportedLayerError: neither engine can bound a layer (the message names it).
+    """
+    from ccdist_plugin.lirpa import LirpaUnsupportedError, check_lirpa_boundable
+
+    model = _as_certified_net(model)
+    if native_unsupported_layer(model.features) is None:
+        return "native"
+    first = next(iter(model.parameters()), None)
+    example = torch.zeros(
+        2,
+        *model.input_shape,
+        dtype=torch.float32 if first is None else first.dtype,
+        device=None if first is None else first.device,
+    )
+    try:
+        check_lirpa_boundable(model.features, example)
+    except LirpaUnsupportedError as exc:
+        raise _neither(model.features, exc) from exc
+    return "auto_lirpa"
 
 
 def with_batch_statistics(model: nn.Module, reference: Tensor) -> nn.Module:
@@ -447,89 +604,124 @@ def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
 # --------------------------------------------------------------------------------------------
 
 
-def _input_shapes(layers: list[nn.Module], x: Tensor) -> list[torch.Size]:
-    """Shape (without batch) of the input of every layer, from a one-example forward pass."""
-    shapes = []
+def _node_shapes(nodes: list[_Node], x: Tensor) -> list[torch.Size]:
+    """Output shape (without batch) of every graph node, from a one-example pass that leaves
+    BatchNorm out (it keeps the shape), so no layer's state is touched."""
+    values: list[Tensor] = []
     with torch.no_grad():
-        v = x[:1]
-        for layer in layers:
-            shapes.append(v.shape[1:])
-            v = layer(v)
-    return shapes
+        for node in nodes:
+            if not node.inputs:
+                v = x[:1]
+            elif node.layer is None:
+                v = values[node.inputs[0]] + values[node.inputs[1]]
+            elif isinstance(node.layer, nn.modules.batchnorm._BatchNorm):
+                v = values[node.inputs[0]]
+            else:
+                v = node.layer(values[node.inputs[0]])
+            values.append(v)
+    return [v.shape[1:] for v in values]
+
+
+def _linear_adjoint(layer: nn.Module, a: Tensor, in_shape: torch.Size) -> Tensor:
+    """``a`` pulled back through a bias-free linear layer (a · layer(z) = (layerᵀ a) · z) by autograd."""
+    b, m = a.shape[:2]
+    with torch.enable_grad():
+        z = a.new_zeros(b * m, *in_shape, requires_grad=True)
+        out = layer(z)
+        (grad,) = torch.autograd.grad(out, z, grad_outputs=a.reshape(b * m, *out.shape[1:]))
+    return grad.reshape(b, m, *in_shape)
+
+
+def _backward_layer(
+    layer: nn.Module,
+    a: Tensor,
+    bias: Tensor,
+    in_shape: torch.Size,
+    preact: tuple[Tensor, Tensor] | None,
+    affine: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed)."""
+    b, m = a.shape[:2]
+    if isinstance(layer, nn.Linear):
+        if layer.bias is not None:
+            bias = bias + a @ layer.bias
+        return a @ layer.weight, bias
+    if isinstance(layer, nn.Conv2d):
+        if layer.bias is not None:
+            bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
+        flat = a.reshape(b * m, *a.shape[2:])
+        out_size = [
+            (flat.shape[d] - 1) * layer.stride[k]
+            - 2 * layer.padding[k]
+            + layer.dilation[k] * (layer.kernel_size[k] - 1)
+            + 1
+            for k, d in enumerate((-2, -1))
+        ]
+        pad = (in_shape[-2] - out_size[0], in_shape[-1] - out_size[1])
+        flat = F.conv_transpose2d(
+            flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups, layer.dilation
+        )
+        return flat.reshape(b, m, *in_shape), bias
+    if isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
+        scale, shift = affine
+        view = (1, 1, -1) + (1,) * (a.ndim - 3)
+        return a * scale.view(view), bias + (a * shift.view(view)).flatten(2).sum(-1)
+    if isinstance(layer, nn.ReLU):
+        l, u = preact
+        l, u = l.unsqueeze(1), u.unsqueeze(1)
+        active, inactive = l >= 0, u <= 0
+        unstable = ~(active | inactive)
+        denom = torch.where(unstable, u - l, torch.ones_like(u))
+        chord = torch.where(unstable, u / denom, torch.zeros_like(u))
+        up_slope = torch.where(active, torch.ones_like(u), chord)
+        up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
+        low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
+        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+        return a_pos * low_slope + a_neg * up_slope, bias + (a_neg * up_icpt).flatten(2).sum(-1)
+    if isinstance(layer, nn.Flatten):
+        return a.reshape(b, m, *in_shape), bias
+    if isinstance(layer, nn.AvgPool2d):
+        return _linear_adjoint(layer, a, in_shape), bias
+    if isinstance(layer, _PASSTHROUGH) and _native_ibp_supports(layer):
+        return a, bias
+    raise UnsupportedLayerError(
+        f"native CROWN does not support {layer!r}; use method='ibp' or backend='auto_lirpa'"
+    )
 
 
 def _backward(
-    layers: list[nn.Module],
+    nodes: list[_Node],
+    start: int,
     shapes: list[torch.Size],
     preact: dict[int, tuple[Tensor, Tensor]],
+    affine: dict[int, tuple[Tensor, Tensor]],
     a: Tensor,
     bias: Tensor,
-    bn_affine: dict[int, tuple[Tensor, Tensor]],
     lo: Tensor,
     hi: Tensor,
 ) -> Tensor:
-    """Lower bound of ``a · layers(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
+    """Lower bound of ``a · node_start(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
 
-    ``a`` is (B, m, *output shape) and ``bias`` (B, m); ``preact[i]`` are the bounds of the input
-    of activation layer i. Returns (B, m).
+    ``a`` is (B, m, *shape of node ``start``) and ``bias`` (B, m); ``preact[n]`` are the bounds of
+    the input of activation node n and ``affine[n]`` the (scale, shift) of BatchNorm/Normalize node
+    n. Nodes are visited in reverse topological order; at a residual join the coefficients go to
+    both branches and add up where the branches meet again. Returns (B, m).
     """
-    for i in range(len(layers) - 1, -1, -1):
-        layer = layers[i]
-        b, m = a.shape[:2]
-        if isinstance(layer, nn.Linear):
-            if layer.bias is not None:
-                bias = bias + a @ layer.bias
-            a = a @ layer.weight
-        elif isinstance(layer, nn.Conv2d):
-            if layer.bias is not None:
-                bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
-            in_shape = shapes[i]
-            flat = a.reshape(b * m, *a.shape[2:])
-            out_h = (
-                (flat.shape[-2] - 1) * layer.stride[0]
-                - 2 * layer.padding[0]
-                + layer.dilation[0] * (layer.kernel_size[0] - 1)
-                + 1
-            )
-            out_w = (
-                (flat.shape[-1] - 1) * layer.stride[1]
-                - 2 * layer.padding[1]
-                + layer.dilation[1] * (layer.kernel_size[1] - 1)
-                + 1
-            )
-            pad = (in_shape[-2] - out_h, in_shape[-1] - out_w)
-            flat = F.conv_transpose2d(
-                flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups, layer.dilation
-            )
-            a = flat.reshape(b, m, *in_shape)
-        elif isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
-            scale, shift = bn_affine[i]
-            view = (1, 1, -1) + (1,) * (a.ndim - 3)
-            bias = bias + (a * shift.view(view)).flatten(2).sum(-1)
-            a = a * scale.view(view)
-        elif isinstance(layer, nn.ReLU):
-            l, u = preact[i]
-            l, u = l.unsqueeze(1), u.unsqueeze(1)
-            active, inactive = l >= 0, u <= 0
-            unstable = ~(active | inactive)
-            denom = torch.where(unstable, u - l, torch.ones_like(u))
-            up_slope = torch.where(
-                active, torch.ones_like(u), torch.where(unstable, u / denom, torch.zeros_like(u))
-            )
-            up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
-            low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
-            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-            bias = bias + (a_neg * up_icpt).flatten(2).sum(-1)
-            a = a_pos * low_slope + a_neg * up_slope
-        elif isinstance(layer, nn.Flatten):
-            a = a.reshape(b, m, *shapes[i])
-        elif isinstance(layer, _PASSTHROUGH):
-            pass
+    coeffs = {start: a}
+    for n in range(start, 0, -1):
+        if n not in coeffs:
+            continue
+        a, node = coeffs.pop(n), nodes[n]
+        if node.layer is None:
+            targets = [(i, a) for i in node.inputs]
         else:
-            raise UnsupportedLayerError(
-                f"native CROWN does not support {layer!r}; use method='ibp' or backend='auto_lirpa'"
+            a, bias = _backward_layer(
+                node.layer, a, bias, shapes[node.inputs[0]], preact.get(n), affine.get(n)
             )
-    a_flat = a.flatten(2)
+            targets = [(node.inputs[0], a)]
+        for i, part in targets:
+            coeffs[i] = coeffs[i] + part if i in coeffs else part
+    a_flat = coeffs.pop(0).flatten(2)
     centre = ((hi + lo) / 2).flatten(1).unsqueeze(-1)
     radius = ((hi - lo) / 2).flatten(1).unsqueeze(-1)
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
@@ -545,44 +737,45 @@ def _native_crown(
     max_crown_elements: int,
     chunk: int,
 ) -> Tensor:
-    layers = flat_layers(model.features)
+    nodes = _graph(model.features)
     lo, hi = input_box(x, eps)
-    ibp = propagate_intervals(model.features, lo, hi, reference=x, keep_all=True)
-    shapes = _input_shapes(layers, x)
-    bn_affine = ibp.channel_affine
+    ibp = _native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
+    shapes = [x.shape[1:]] + [bound[0].shape[1:] for bound in ibp.layer_bounds]
+    affine = {n + 1: scale_shift for n, scale_shift in ibp.channel_affine.items()}
     preact: dict[int, tuple[Tensor, Tensor]] = {}
     seen_activation = False
-    for i, layer in enumerate(layers):
-        if isinstance(layer, nn.Tanh):
+    for n, node in enumerate(nodes):
+        if isinstance(node.layer, nn.Tanh):
             raise UnsupportedLayerError(
                 "native CROWN supports ReLU networks; use backend='auto_lirpa' for tanh"
             )
-        if not isinstance(layer, nn.ReLU):
+        if not isinstance(node.layer, nn.ReLU):
             continue
-        l, u = ibp.layer_bounds[i - 1] if i > 0 else (lo, hi)
-        n = l[0].numel()
-        # Before the first activation the network is affine and IBP is exact per neuron.
-        upstream = max(math.prod(shape) for shape in shapes[:i])
-        affordable = 2 * n * upstream <= max_crown_elements
+        src = node.inputs[0]
+        l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
+        size = l[0].numel()
+        # Before the first activation the network is affine (every node there precedes it).
+        upstream = max(math.prod(shape) for shape in shapes[: src + 1])
+        affordable = 2 * size * upstream <= max_crown_elements
         if intermediate == "crown" and seen_activation and affordable:
             bsz = x.shape[0]
             lows, ups = [], []
-            eye = torch.eye(n, dtype=x.dtype, device=x.device)
-            for s in range(0, n, chunk):
+            eye = torch.eye(size, dtype=x.dtype, device=x.device)
+            for s in range(0, size, chunk):
                 rows = eye[s : s + chunk].reshape(-1, *l.shape[1:])
                 spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
                 bound = _backward(
-                    layers[:i], shapes, preact, spec, x.new_zeros(bsz, spec.shape[1]), bn_affine, lo, hi
+                    nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
                 )
                 half = rows.shape[0]
                 lows.append(bound[:, :half])
                 ups.append(-bound[:, half:])
             l = torch.maximum(l, torch.cat(lows, 1).view_as(l))
             u = torch.minimum(u, torch.cat(ups, 1).view_as(u))
-        preact[i] = (l, u)
+        preact[n] = (l, u)
         seen_activation = True
     w_diff, b_diff = elision_matrix(model.head, y)
-    return _backward(layers, shapes, preact, w_diff, b_diff, bn_affine, lo, hi)
+    return _backward(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
 
 
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
@@ -651,7 +844,7 @@ def crown_margin_lower_bound(
     # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.
     if not model.training and x.shape[0] > 1:
-        largest = max(math.prod(s) for s in _input_shapes(flat_layers(model.features), x))
+        largest = max(math.prod(s) for s in _node_shapes(_graph(model.features), x))
         rows = max(min(2 * chunk, max_crown_elements // largest), model.num_classes)
         per_batch = max(1, _CROWN_BUDGET // (rows * largest))
         if x.shape[0] > per_batch:
