@@ -21,6 +21,7 @@ An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -356,6 +357,14 @@ def _unsupported(layer: nn.Module) -> UnsupportedLayerError:
     )
 
 
+def _join(
+    a: tuple[Tensor, Tensor, Tensor | None], b: tuple[Tensor, Tensor, Tensor | None]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A residual join: the intervals add (centre + centre, radius + radius), as do the values."""
+    (c1, r1, v1), (c2, r2, v2) = a, b
+    return c1 + c2, r1 + r2, None if v1 is None or v2 is None else v1 + v2
+
+
 def _native_intervals(
     module: nn.Module,
     lower: Tensor,
@@ -380,9 +389,8 @@ def _native_intervals(
         raise ValueError("lower > upper somewhere: not a valid box")
     for index in range(1, len(nodes)):
         node = nodes[index]
-        if node.layer is None:  # a residual join: the intervals add, centre + centre, radius + radius
-            (c1, r1, v1), (c2, r2, v2) = states[node.inputs[0]], states[node.inputs[1]]
-            state = (c1 + c2, r1 + r2, None if v1 is None or v2 is None else v1 + v2)
+        if node.layer is None:
+            state = _join(states[node.inputs[0]], states[node.inputs[1]])
         else:
             centre, radius, value = states[node.inputs[0]]
             state = _ibp_layer(
@@ -789,16 +797,29 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
     lo, hi = input_box(x, eps)
     # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
     # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
-    net = copy.deepcopy(model)
-    bounded = BoundedModule(net, x, device=x.device, verbose=False)
-    bounded.train(model.training)
-    bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
     ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)
     k = model.num_classes
     eye = torch.eye(k, dtype=x.dtype, device=x.device)
     c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y - e_j
-    lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False)
+    # auto_LiRPA's default "patches" mode for convolutions fails on some graphs (max-pooling after
+    # a residual sum, seen at commit 9d100ec07086); the dense "matrix" mode is the fallback.
+    for conv_mode in ("patches", "matrix"):
+        # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
+        # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
+        net = copy.deepcopy(model)
+        bounded = BoundedModule(net, x, device=x.device, verbose=False, bound_opts={"conv_mode": conv_mode})
+        bounded.train(model.training)
+        bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
+        try:
+            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False)
+            break
+        except RuntimeError as exc:
+            if conv_mode == "matrix":
+                raise
+            logging.getLogger(__name__).info(
+                "auto_LiRPA %s failed in patches mode (%s); using matrix", method, exc
+            )
     return lb
 
 
@@ -808,7 +829,7 @@ def crown_margin_lower_bound(
     y: Tensor,
     eps: float | Tensor,
     intermediate: str = "crown",
-    backend: str = "native",
+    backend: str = "auto",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
 ) -> Tensor:
@@ -823,8 +844,12 @@ def crown_margin_lower_bound(
             of CIFAR-size networks would take gigabytes and minutes per batch). Small networks
             (digits, the tests) thus get full CROWN; for full CROWN on large ones use
             ``backend="auto_lirpa"``.
-        backend: ``"native"`` (this module, ReLU networks) or ``"auto_lirpa"`` (auto_LiRPA's
-            ``compute_bounds(method="CROWN")`` with the elision matrix as C).
+        backend: ``"native"`` (this module: ReLU networks of ``nn.Sequential`` and
+            :class:`Residual` blocks, whose join sums the two branches' back-substituted
+            coefficients), ``"auto_lirpa"`` (auto_LiRPA's ``compute_bounds(method="CROWN")`` with
+            the elision matrix as C), or ``"auto"``: native when it supports every layer (as for
+            every built-in model, residual ones included), auto_LiRPA otherwise (networks made
+            with ``CertifiedNet.wrap`` of other layers).
         chunk: neurons bounded per back-substitution batch (memory knob).
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
@@ -836,10 +861,12 @@ def crown_margin_lower_bound(
     _check_labels(model, x, y)
     if intermediate not in ("crown", "ibp"):
         raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
+    if backend not in ("auto", "native", "auto_lirpa"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    if backend == "auto":
+        backend = "native" if native_unsupported_layer(model.features) is None else "auto_lirpa"
     if backend == "auto_lirpa":
         return _auto_lirpa_margin(model, x, y, eps, "CROWN" if intermediate == "crown" else "CROWN-IBP")
-    if backend != "native":
-        raise ValueError(f"backend must be 'native' or 'auto_lirpa', got {backend!r}")
     # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
     # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.

@@ -84,7 +84,15 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
         was_training = module.training
         module.eval()
         try:
-            bounded = bounded_module_cls(module, example[:2].detach(), device=example.device, verbose=False)
+            bounded = bounded_module_cls(
+                module,
+                example[:2].detach(),
+                device=example.device,
+                verbose=False,
+                # auto_LiRPA otherwise sets requires_grad of the (shared) parameters to its train/eval
+                # mode on every forward pass, which would freeze a model after an eval-mode bound
+                bound_opts={"param": {"auto_requires_grad": False}},
+            )
         except Exception as exc:
             raise LirpaUnsupportedError(f"auto_LiRPA cannot trace {type(module).__name__}: {exc}") from exc
         finally:

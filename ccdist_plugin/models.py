@@ -132,8 +132,9 @@ class CertifiedNet(nn.Module):
         return self.head(self.features(x))
 
     def without_normalization(self) -> nn.Sequential:
-        """The same network without its :class:`Normalize` layer (shares parameters)."""
-        return nn.Sequential(*list(self.features)[1:], self.head)
+        """The same network without its :class:`Normalize` layer (shares parameters and the
+        train/eval mode, so that restoring the copy's mode restores the network's)."""
+        return nn.Sequential(*list(self.features)[1:], self.head).train(self.training)
 
     @classmethod
     def wrap(
