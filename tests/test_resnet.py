@@ -378,3 +378,55 @@ def test_residual_net_onnx_matches_pytorch(tmp_path, trained_prn, digits):
         got = sess.run(None, {name: x[i : i + 1].numpy()})[0]
         want = model.without_normalization()(x[i : i + 1]).detach().numpy()
         assert float(abs(got - want).max()) <= 1e-5 * max(1.0, float(abs(want).max()))
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def test_prn18_presets_carry_the_papers_settings():
+    from ccdist_plugin.config import load_preset
+
+    teacher, student, ccibp = (load_preset(f"cifar10-2-prn18{s}") for s in ("-teacher", "", "-ccibp"))
+    base = load_preset("cifar10-2")
+    for cfg in (teacher, student, ccibp):
+        assert cfg.model.name == "preact_resnet18" and cfg.model.init == "shi" and cfg.data.name == "cifar10"
+        assert cfg.eps == base.eps
+    # E.8: teacher 30 epochs with l1 5e-6; student β = 5/w, the cifar10-2 schedule and α
+    assert teacher.role == "teacher" and teacher.loss.method == "pgd_at"
+    assert teacher.schedule.epochs == 30 and teacher.optim.l1 == 5e-6
+    assert (student.loss.method, student.loss.beta, student.teacher.preset) == (
+        "cc_dist",
+        None,
+        "cifar10-2-prn18-teacher",
+    )
+    assert (ccibp.loss.method, ccibp.teacher.preset) == ("cc_ibp", None)
+    for cfg in (student, ccibp):
+        assert cfg.schedule == base.schedule and cfg.optim == base.optim
+        assert cfg.loss.alpha == base.loss.alpha and cfg.loss.attack == base.loss.attack
+    # E.5: a PreActResNet18 teacher (30 epochs, l1 5e-5) for a CNN-7 student with α = 3e-3, l1 5e-5
+    t_tiny, s_tiny = load_preset("tinyimagenet-1-prn18-teacher"), load_preset("tinyimagenet-1-prn18")
+    assert t_tiny.model.name == "preact_resnet18" and s_tiny.model.name == "cnn7"
+    assert (t_tiny.schedule.epochs, t_tiny.optim.l1) == (30, 5e-5)
+    assert (s_tiny.loss.method, s_tiny.loss.alpha, s_tiny.optim.l1) == ("cc_dist", 3e-3, 5e-5)
+    assert s_tiny.teacher.preset == "tinyimagenet-1-prn18-teacher"
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("cifar10-2-prn18-teacher", "cifar10-2-prn18"),
+        ("tinyimagenet-1-prn18-teacher", "tinyimagenet-1-prn18"),
+    ],
+)
+def test_prn18_preset_teachers_fit_their_students(pair):
+    from ccdist_plugin.config import load_preset
+    from ccdist_plugin.data import dataset_spec
+    from ccdist_plugin.trainer import build_model
+
+    teacher_cfg, student_cfg = (load_preset(name) for name in pair)
+    spec = dataset_spec(student_cfg.data.name)
+    teacher, student = build_model(teacher_cfg, spec), build_model(student_cfg, spec)
+    assert teacher.feature_dim == student.feature_dim == 512
+    check_compatible(teacher, student)  # feature width, input shape, classes, normalization
