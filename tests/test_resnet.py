@@ -430,3 +430,70 @@ def test_prn18_preset_teachers_fit_their_students(pair):
     teacher, student = build_model(teacher_cfg, spec), build_model(student_cfg, spec)
     assert teacher.feature_dim == student.feature_dim == 512
     check_compatible(teacher, student)  # feature width, input shape, classes, normalization
+
+
+def _abcrown_dir() -> str:
+    import os
+    from pathlib import Path
+
+    d = os.environ.get("ABCROWN_DIR")
+    if not d or not (Path(d) / "abcrown.py").is_file():
+        pytest.skip(
+            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (bash ../shared/vendor/install.sh)"
+        )
+    return d
+
+
+@pytest.mark.abcrown
+def test_real_abcrown_verifies_a_residual_net(tmp_path, digits):
+    """A small residual net on digits, trained briefly, 5 test points exported (ONNX with the residual
+    additions + VNN-LIB) and all sent to α,β-CROWN: no error, no soundness alarm, every point our
+    CROWN certifies comes back safe, every point PGD broke does not."""
+    abcrown = _abcrown_dir()
+    from ccdist_plugin.bounds import certify
+    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.verify import VerificationResult, run_verification
+
+    x, y = digits
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    features = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        Residual(block),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 16),
+        nn.ReLU(),
+    )
+    model = CertifiedNet.wrap(features, nn.Linear(16, 10), (1, 8, 8), mean=[0.3], std=[0.4])
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for _ in range(4):
+        for b in torch.randperm(1500).split(100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    model.eval()
+    xs, ys, eps = x[1500:1505], y[1500:1505], 0.02
+    export = export_instances(
+        model, (xs, ys), tmp_path / "export", eps, timeout_s=20, methods=("ibp",), verify_all=True
+    )
+    res = run_verification(
+        export.out_dir,
+        abcrown_dir=abcrown,
+        grace_s=60,
+        extra_args=["--pgd_restarts", "2", "--pgd_steps", "20"],
+    )
+    assert isinstance(res, VerificationResult) and res.abcrown_ran
+    assert not res.soundness_alarms, res.soundness_alarms
+    verdicts = {r["index"]: r["verdict"] for r in res.instances}
+    assert len(verdicts) == 5 and "error" not in verdicts.values(), res.instances
+    crown = certify(model, xs, ys, eps, method="crown").certified
+    for pos, p in enumerate(export.points):
+        v = verdicts[p["index"]]
+        if p["ibp_certified"] or bool(crown[pos]):
+            assert v == "safe", p
+        if p["pgd_broken"] or not p["correct"]:
+            assert v != "safe", p
+    assert sum(v == "safe" for v in verdicts.values()) >= 1
