@@ -12,10 +12,17 @@ Everything here is a pure function of a module and tensors, batch-first, in pixe
   bounds on the features h(x′) and on the logit differences z = f_y − f_j, with the difference
   folded into the head (equation 10 of the paper).
 - :func:`crown_margin_lower_bound` — CROWN back-substitution (Zhang et al. 2018) for evaluation,
-  optionally through auto_LiRPA (``backend="auto_lirpa"``) as the reference implementation.
+  native or through auto_LiRPA (``backend="auto_lirpa"``, the reference implementation).
 - :func:`certify` — float-safe certified decisions (float64).
 
 An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound is never returned.
+
+Residual networks are bounded natively: the engines walk ``nn.Sequential`` and :class:`Residual`
+blocks as a graph; at a residual join IBP adds the branches' intervals (centre + centre,
+radius + radius) and CROWN's back-substitution sends the coefficients down both branches and adds
+them where the branches meet. Any other module (e.g. a network with its own ``forward``, wrapped
+with ``CertifiedNet.wrap``) is bounded through auto_LiRPA (``ccdist_plugin.lirpa``), with the same
+BatchNorm semantics; a layer neither engine bounds raises :class:`UnsupportedLayerError`.
 """
 
 from __future__ import annotations
@@ -123,7 +130,8 @@ def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
 
 
 def flat_layers(module: nn.Module) -> list[nn.Module]:
-    """The leaf layers of a (possibly nested) ``nn.Sequential`` / :class:`CertifiedNet`, in order."""
+    """The leaf layers of a (possibly nested) ``nn.Sequential`` / :class:`CertifiedNet`, in order (a
+    :class:`Residual` block is one entry: the bound engines walk it as a graph)."""
     if isinstance(module, CertifiedNet):
         return flat_layers(module.features) + [module.head]
     if isinstance(module, nn.Sequential):
@@ -228,9 +236,11 @@ class IntervalPropagation:
         value: the module's output on the reference batch (None when no reference was given).
         preact_bounds: (lower, upper) of the input of every activation, in order (for the
             Shi et al. regularizer and for CROWN's relaxations).
-        layer_bounds: (lower, upper) after every layer, when ``keep_all`` was set.
-        channel_affine: layer index → per-channel (scale, shift) of every BatchNorm and
-            Normalize layer as this pass applied it, when ``keep_all`` was set.
+        layer_bounds: (lower, upper) after every node of the network's graph, when ``keep_all``
+            was set: for a sequential network, after every layer of :func:`flat_layers`; a
+            :class:`Residual` contributes its branch's layers, then its shortcut's, then the sum.
+        channel_affine: index into ``layer_bounds`` → per-channel (scale, shift) of every
+            BatchNorm and Normalize layer as this pass applied it, when ``keep_all`` was set.
     """
 
     lower: Tensor
