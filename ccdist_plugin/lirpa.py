@@ -42,6 +42,8 @@ class _Traced:
     dtype: torch.dtype
     device: torch.device
     shape: tuple[int, ...]
+    #: buffers auto_LiRPA baked into its graph as constants (not refreshed): their values at tracing
+    frozen: dict[str, Tensor]
 
 
 # Tracing a network costs as much as many training steps, so the traced graph is kept per module
@@ -71,6 +73,7 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
     params = tuple(id(p) for p in module.parameters())
     first = next(iter(module.parameters()), example)
     shape = tuple(example.shape[1:])
+    buffers = dict(module.named_buffers())
     cached = _TRACED.get(module)
     if not (
         cached is not None
@@ -78,6 +81,7 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
         and cached.dtype == first.dtype
         and cached.device == first.device
         and cached.shape == shape
+        and all(torch.equal(buffers[name], value) for name, value in cached.frozen.items())
     ):
         # Trace in eval mode on two examples: tracing runs forward passes, which must not move
         # a train-mode BatchNorm's running statistics.
@@ -97,10 +101,17 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
             raise LirpaUnsupportedError(f"auto_LiRPA cannot trace {type(module).__name__}: {exc}") from exc
         finally:
             module.train(was_training)
-        cached = _Traced(bounded, params, first.dtype, first.device, shape)
+        refreshed = {
+            getattr(node, "ori_name", None) for node in bounded.nodes() if type(node).__name__ == "BoundBuffers"
+        }
+        frozen = {
+            name: value.detach().clone()
+            for name, value in buffers.items()
+            if name not in refreshed and not name.endswith("num_batches_tracked")
+        }
+        cached = _Traced(bounded, params, first.dtype, first.device, shape, frozen)
         _TRACED[module] = cached
     bounded = cached.bounded
-    buffers = dict(module.named_buffers())
     with torch.no_grad():
         for node in bounded.nodes():
             name = getattr(node, "ori_name", None)
