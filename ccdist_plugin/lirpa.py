@@ -102,7 +102,9 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
         finally:
             module.train(was_training)
         refreshed = {
-            getattr(node, "ori_name", None) for node in bounded.nodes() if type(node).__name__ == "BoundBuffers"
+            getattr(node, "ori_name", None)
+            for node in bounded.nodes()
+            if type(node).__name__ == "BoundBuffers"
         }
         frozen = {
             name: value.detach().clone()
