@@ -192,7 +192,7 @@ class CertifiedNet(nn.Module):
             std=None if std is None else list(std),
         )
         net = cls(nn.Sequential(normalize, features), head, shape, arch)
-        was_training = net.training
+        was_training = features.training  # the wrapped network keeps the mode features had
         try:
             net.eval()  # a shape probe must not move BatchNorm running statistics
             with torch.no_grad():
