@@ -230,7 +230,7 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     else:
         model = build_model(cfg, data.spec)
         t0 = time.perf_counter()
-        trainer = Trainer(model, cfg, teacher=job.teacher if job.kind == "cc_dist" else None, loss=loss)
+        trainer = Trainer(model, cfg, loss=loss)  # the loss object carries the teacher
         fit = trainer.fit(data.train, data.val)
         train_s = time.perf_counter() - t0
         (out / "train_time.json").write_text(json.dumps({"train_s": train_s}))

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ccdist_plugin.bounds import _eps_tensor, input_box
+from ccdist_plugin.bounds import input_box
+from ccdist_plugin.validate import eps_tensor
 
 __all__ = ["pgd_attack", "PGD", "attack_objective"]
 
@@ -70,10 +71,10 @@ def pgd_attack(
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]} inputs")
     lo, hi = input_box(x, eps)
-    eps_t = _eps_tensor(eps, x)
+    eps_t = eps_tensor(eps, x)
     if not isinstance(eps, Tensor) and float(eps) == 0:  # a tensor ε is not read back: no device sync
         return x.detach().clone()
-    step = 0.25 * eps_t if step_size is None else _eps_tensor(step_size, x)
+    step = 0.25 * eps_t if step_size is None else eps_tensor(step_size, x)
     was_training = model.training
     model.eval()
     try:

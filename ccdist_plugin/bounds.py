@@ -30,14 +30,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.models import CertifiedNet, Normalize, Residual
+from ccdist_plugin.validate import check_box, check_inputs, check_labels, check_model, check_pixel_range
+from ccdist_plugin.validate import eps_tensor as _eps_tensor
 
 __all__ = [
     "UnsupportedLayerError",
@@ -85,20 +87,6 @@ class UnsupportedLayerError(TypeError, ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _eps_tensor(eps: float | Tensor, x: Tensor) -> Tensor:
-    """ε as a tensor broadcastable against ``x`` (scalar, or one value per example)."""
-    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    if eps_t.ndim == 1:
-        if eps_t.shape[0] != x.shape[0]:
-            raise ValueError(f"eps has {eps_t.shape[0]} entries but the batch has {x.shape[0]} examples")
-        eps_t = eps_t.view(-1, *([1] * (x.ndim - 1)))
-    elif eps_t.ndim != 0:
-        raise ValueError(f"eps must be a scalar or a (B,) tensor, got shape {tuple(eps_t.shape)}")
-    if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return eps_t
-
-
 def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     """The ℓ∞ ball of radius ``eps`` around ``x`` intersected with the pixel box [0, 1].
 
@@ -115,11 +103,7 @@ def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     """
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
-        raise ValueError(
-            f"x must lie in pixel space [0, 1] (got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
-            "normalization belongs inside the model (Normalize)"
-        )
+    check_pixel_range(x)
     eps_t = _eps_tensor(eps, x)
     return (x - eps_t).clamp(0.0, 1.0), (x + eps_t).clamp(0.0, 1.0)
 
@@ -395,8 +379,6 @@ def _native_intervals(
     states: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {
         0: ((upper + lower) / 2, (upper - lower) / 2, reference)
     }
-    if bool((states[0][1] < 0).any()):
-        raise ValueError("lower > upper somewhere: not a valid box")
     for index in range(1, len(nodes)):
         node = nodes[index]
         if node.layer is None:
@@ -425,6 +407,7 @@ def propagate_intervals(
     reference: Tensor | None = None,
     keep_all: bool = False,
     update_running_stats: bool = False,
+    check: bool = True,
     backend: str = "auto",
 ) -> IntervalPropagation:
     """IBP through ``module``, optionally running the forward pass of a reference batch alongside.
@@ -447,6 +430,8 @@ def propagate_intervals(
         keep_all: also return the bounds after every graph node and the BatchNorm affine maps
             (native engine only).
         update_running_stats: see above.
+        check: verify ``lower <= upper`` (one device sync); the training step passes False for the
+            boxes it builds itself (ε-ball ∩ [0, 1], SABR's box), valid by construction.
         backend: ``"native"`` (this module: ``nn.Sequential`` / :class:`Residual` of the layers
             listed in :class:`UnsupportedLayerError`'s message), ``"auto_lirpa"`` (auto_LiRPA's IBP
             with the same train-mode BatchNorm semantics: ``ccdist_plugin.lirpa``), or ``"auto"``:
@@ -455,7 +440,9 @@ def propagate_intervals(
     Raises:
         UnsupportedLayerError: naming the layer, when the chosen engine(s) cannot bound it.
     """
-    if lower.shape != upper.shape:
+    if check:
+        check_box(lower, upper)
+    elif lower.shape != upper.shape:
         raise ValueError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
     if backend not in ("auto", "native", "auto_lirpa"):
         raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
@@ -545,27 +532,11 @@ def interval_bounds(
     return out.lower, out.upper
 
 
-def _as_certified_net(model: nn.Module) -> CertifiedNet:
-    if not isinstance(model, CertifiedNet):
-        raise ValueError(
-            f"expected a CertifiedNet (features + affine head), got {type(model).__name__}; "
-            "build models with ccdist_plugin.models"
-        )
-    return model
-
-
-def _check_input(model: CertifiedNet, x: Tensor) -> None:
-    if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
-        raise ValueError(
-            f"input of shape {tuple(x.shape)} does not match the model's input shape (B, {model.input_shape})"
-        )
+_as_certified_net, _check_input = check_model, check_inputs  # the one set of checks (validate.py)
 
 
 def _check_labels(model: CertifiedNet, x: Tensor, y: Tensor) -> None:
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]} inputs")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
-        raise ValueError(f"labels must lie in [0, {model.num_classes}); got [{int(y.min())}, {int(y.max())}]")
+    check_labels(x, y, model.num_classes)
 
 
 def feature_bounds(
@@ -887,7 +858,7 @@ def crown_margin_lower_bound(
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
-            for sl in _batches(x.shape[0], per_batch):
+            for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
                 parts.append(_native_crown(model, x[sl], y[sl], e, intermediate, max_crown_elements, chunk))
             return torch.cat(parts)
@@ -917,11 +888,6 @@ class CertifyResult:
     def proved(self, tol: float = 0.0) -> Tensor:
         """(B, k) bool: which logit differences are proved positive."""
         return self.margin_lb > tol
-
-
-def _batches(n: int, size: int) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, min(s + size, n))
 
 
 @torch.no_grad()
@@ -955,7 +921,7 @@ def certify(
     net = copy.deepcopy(model).double().eval()
     x64, eps64 = x.double(), eps.double() if isinstance(eps, Tensor) else float(eps)
     parts, correct = [], []
-    for sl in _batches(x.shape[0], batch_size):
+    for sl in batch_slices(x.shape[0], batch_size):
         e = eps64[sl] if isinstance(eps64, Tensor) and eps64.ndim == 1 else eps64
         if method == "ibp":
             lb = margin_lower_bound(net, x64[sl], y[sl], e)

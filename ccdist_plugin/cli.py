@@ -111,12 +111,10 @@ def main(malloc_tuning: bool) -> None:
 @main.command("presets")
 def presets_command() -> None:
     """List the packaged configurations (use them with --config NAME)."""
-    from ccdist_plugin.config import _preset_dir
+    from ccdist_plugin.config import preset_description
 
     for name in list_presets():
-        first = (_preset_dir() / f"{name}.yaml").read_text().splitlines()[0]
-        note = first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
-        click.echo(f"{name:24s} {note}")
+        click.echo(f"{name:24s} {preset_description(name)}")
 
 
 @main.command("train-teacher")

@@ -368,15 +368,10 @@ def compare_command(runs, out_dir, group_by, sweep_param):
 
 
 def _needs_teacher(cfg) -> bool:
-    import inspect
-
     from ccdist_plugin import losses
 
-    cls = losses._LOSSES.get(cfg.loss.method)
-    if cls is None:
-        return False
-    p = inspect.signature(cls.__init__).parameters.get("teacher")
-    return p is not None and p.default is inspect.Parameter.empty
+    method = cfg.loss.method
+    return method in losses.list_losses() and losses.loss_class(method).teacher_use == "required"
 
 
 @click.command("sweep")

@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "load_preset",
     "list_presets",
+    "preset_description",
     "config_diff",
     "parse_override",
 ]
@@ -167,11 +168,16 @@ class AttackConfig:
 class LossConfig:
     """The training loss.
 
+    Which fields a loss takes is the loss class's own description (``config_keys``,
+    ``option_keys``; ``ccdist_plugin.losses.RobustLoss.from_config``): a field it does not take must
+    keep its default here (or the value the loss implies, α = 1 for ``ibp``), else building the loss
+    is a ``ValueError`` naming the field.
+
     Attributes:
-        method: loss name, ``ccdist_plugin.losses.make_loss(method, ...)`` (``cc_dist``, ``cc_ibp``,
+        method: loss name, ``ccdist_plugin.losses.list_losses()`` (``cc_dist``, ``cc_ibp``,
             ``ibp``, ``pgd_at`` for PGD teachers, ``mtl_ibp``, ``exp_ibp``, ``sabr``, ...).
         alpha: convex-combination coefficient α of CC-IBP / CC-Dist (and MTL-IBP, Exp-IBP).
-        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist).
+        beta: distillation weight β (``None``: the loss's default, 5/w for CC-Dist); only with a teacher.
         attack: the PGD attack inside the loss.
         options: further keyword arguments for the loss constructor (e.g. ``{lam: 0.4}`` for SABR).
     """
@@ -561,6 +567,14 @@ def _preset_dir() -> Path:
 def list_presets() -> list[str]:
     """Names of the packaged presets (``ccdist presets``)."""
     return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The one-line description a preset file opens with (its first ``#`` comment; "" without one)."""
+    if name not in list_presets():
+        raise ValueError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
+    first = (_preset_dir() / f"{name}.yaml").read_text().splitlines()[0]
+    return first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
 
 
 def load_preset(name: str) -> TrainConfig:

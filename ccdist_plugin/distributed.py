@@ -55,6 +55,7 @@ __all__ = [
     "DistInfo",
     "env_info",
     "init_from_env",
+    "setup",
     "cleanup",
     "is_active",
     "rank",
@@ -160,6 +161,22 @@ def init_from_env(device: torch.device | str, timeout_s: float = 1800.0) -> bool
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.info("rank %d/%d joined the %s process group", info.rank, info.world_size, backend)
     return True
+
+
+def setup(model: nn.Module, device: torch.device | str) -> tuple[nn.Module, torch.device]:
+    """Everything a training process does before its first step, in one call: pick this rank's
+    device (:func:`local_device`), join the torchrun process group (:func:`init_from_env`), move
+    ``model`` there and give every rank rank 0's weights (:func:`broadcast_module`). Without
+    torchrun it only moves the model.
+
+    Returns:
+        ``(model, device)``.
+    """
+    device = local_device(device)
+    init_from_env(device)
+    model = model.to(device)
+    broadcast_module(model)
+    return model, device
 
 
 def cleanup() -> None:

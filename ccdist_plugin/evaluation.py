@@ -40,8 +40,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ccdist_plugin.attacks import pgd_attack
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import certify, input_box
 from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.validate import check_batch
 
 __all__ = [
     "PGD_STEPS",
@@ -234,9 +236,7 @@ def autoattack_adversarial(
         attack = module.AutoAttack(
             model, norm="Linf", eps=eps, version=version, n_classes=num_classes, seed=seed
         )
-        x_adv = torch.cat(
-            [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        )
+        x_adv = torch.cat([attack(x[sl], y[sl]) for sl in batch_slices(len(x), batch_size)])
     elif module_name == "pyautoattack":
         attack = module.AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
         _limit_targets(attack, targets)
@@ -270,10 +270,6 @@ def ibp_loss_from_margins(margin_lb: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(-z, y, reduction="none")
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def _mean(flags: Tensor) -> float:
     return float(flags.double().mean()) if flags.numel() else float("nan")
 
@@ -301,24 +297,15 @@ def evaluate(
         abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
         log: where one-line progress messages go (default: the module logger).
     """
-    if not isinstance(model, CertifiedNet):
-        raise ValueError(f"model must be a CertifiedNet, got {type(model).__name__}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(
-            f"inputs of shape {tuple(x.shape)} do not match the model's input {model.input_shape}"
-        )
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} inputs")
+    check_batch(model, x, y)  # model, shapes, label range, pixel range (ccdist_plugin.validate)
     if x.shape[0] == 0:
         raise ValueError("no test points to evaluate")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError("inputs must lie in [0, 1] (pixel space)")
     say = log or logger.info
     s = settings
     eps = float(s.eps)
     n = x.shape[0]
     result = EvalResult(count=n, eps=eps, settings=s)
-    batches = _batches(n, s.batch_size)
+    batches = batch_slices(n, s.batch_size)
     was_training = model.training
     model.eval()
     start_all = time.perf_counter()

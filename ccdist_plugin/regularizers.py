@@ -1,7 +1,7 @@
 """Regularizers of certified training: Shi et al. (2021) IBP regularizer and ℓ1 on weights.
 
 :func:`shi_regularizer` is a pure function of the IBP pre-activation bounds that the losses already
-compute (``LossOutput.stats["preact_bounds"]``), so the trainer does not propagate bounds twice.
+compute (``LossOutput.stats.preact_bounds``), so the trainer does not propagate bounds twice.
 :func:`ibp_preactivation_bounds` computes those bounds for any ``CertifiedNet`` when a loss does not
 provide them (a user's own loss, or ε = 0 batches, where docs/method.md asks for bounds at ε = 1e-6).
 """

@@ -144,22 +144,6 @@ def code_version() -> dict[str, Any]:
     return out
 
 
-_METHOD_LABELS = {
-    "cc_dist": "CC-Dist",
-    "cc_ibp": "CC-IBP",
-    "ibp": "IBP",
-    "adversarial": "PGD teacher",
-    "pgd_at": "PGD teacher",
-    "mtl_ibp": "MTL-IBP",
-    "exp_ibp": "Exp-IBP",
-    "sabr": "SABR",
-    "cc_dist0": "CC-Dist0",
-    "cc_dist1": "CC-Dist1",
-    "logit_dist": "Logit-Dist",
-    "ce": "standard",
-}
-
-
 def checkpoint_info(
     path: str | os.PathLike, payload: dict[str, Any] | None = None, feature_dim: int | None = None
 ) -> dict[str, Any]:
@@ -176,12 +160,13 @@ def checkpoint_info(
     times = [row.get("time_s") for row in history if isinstance(row, dict)]
     times = [t for t in times if isinstance(t, (int, float))]
     beta = loss.get("beta")
-    if (
-        beta is None
-        and feature_dim
-        and loss.get("method") in ("cc_dist", "cc_dist0", "cc_dist1", "logit_dist")
-    ):
-        beta = 5.0 / feature_dim  # the documented default β = 5/w
+    cls = _loss_class(loss.get("method"))
+    distilled = cls is not None and (
+        cls.teacher_use == "required"
+        or (cls.teacher_use == "optional" and (cfg.get("teacher") or {}).get("checkpoint"))
+    )
+    if beta is None and feature_dim and distilled:
+        beta = cls.beta_per_width / feature_dim  # the loss's default β (5/w for CC-Dist, 10⁴/w Logit-Dist)
     return {
         "path": str(path),
         "sha256": file_sha256(path),
@@ -196,12 +181,21 @@ def checkpoint_info(
     }
 
 
+def _loss_class(method: Any):
+    """The registered loss class of ``method`` (None when not registered)."""
+    from ccdist_plugin.losses import list_losses, loss_class
+
+    return loss_class(method) if method in list_losses() else None
+
+
 def default_label(info: dict[str, Any]) -> str:
-    """A table label from a checkpoint's loss method (``CC-Dist``, ``CC-IBP``, ``PGD teacher``...)."""
+    """A table label from a checkpoint's loss method: the loss class's ``label`` (``CC-Dist``,
+    ``CC-IBP``, ``PGD teacher``...); a teacher without a recorded method is a PGD teacher."""
     method = info.get("method")
-    if info.get("role") == "teacher" and method in (None, "adversarial", "pgd_at"):
+    if info.get("role") == "teacher" and method is None:
         return "PGD teacher"
-    return _METHOD_LABELS.get(method, str(method or info.get("name") or "model"))
+    cls = _loss_class(method)
+    return cls.label if cls is not None else str(method or info.get("name") or "model")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ The protocol (docs/method.md "Teacher" and "Student training") is configuration 
   cyclic learning rate, no warm-up and no ramp.
 
 Any loss object ``loss(model, x, y, eps) -> LossOutput(loss, terms, stats)`` works, so a user can pass
-their own; the config's ``loss.method`` otherwise picks a registered one. Training data may be a
+their own; the config's ``loss.method`` otherwise picks a registered one, built from ``config.loss``
+by the loss class itself (:meth:`~ccdist_plugin.losses.RobustLoss.from_config`). What one training
+step does is :func:`training_step`. Training data may be a
 ``ccdist_plugin.data`` dataset (fast deterministic batches), a ``BatchIterator``, any torch
 ``Dataset`` or ``DataLoader`` yielding ``(x, y)`` with x in pixel space [0, 1], or a tuple of tensors.
 
@@ -23,7 +25,6 @@ Outputs in ``config.log.output_dir``: ``config.yaml`` (resolved), ``checkpoint.p
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ccdist_plugin import distributed
+from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -49,7 +51,8 @@ from ccdist_plugin.checkpoint import (
     save_checkpoint,
 )
 from ccdist_plugin.config import TrainConfig
-from ccdist_plugin.models import CertifiedNet, check_compatible, create_model
+from ccdist_plugin.losses import LossStats, loss_class
+from ccdist_plugin.models import CertifiedNet, create_model
 from ccdist_plugin.regularizers import (
     ibp_preactivation_bounds,
     l1_penalty,
@@ -57,6 +60,7 @@ from ccdist_plugin.regularizers import (
     shi_regularizer,
 )
 from ccdist_plugin.schedules import EpsSchedule, LRSchedule
+from ccdist_plugin.validate import check_batch
 
 __all__ = [
     "Trainer",
@@ -66,8 +70,10 @@ __all__ = [
     "build_model",
     "load_data",
     "resolve_device",
-    "prepare_teacher",
+    "load_teacher",
     "build_loss",
+    "training_step",
+    "build_optimizer",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,7 +84,15 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the epoch and batch."""
+    """The training loss became NaN or infinite; the message names the epoch and batch.
+
+    Attributes:
+        terms: the step's logged terms (host floats), when known.
+    """
+
+    def __init__(self, message: str, terms: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.terms = terms or {}
 
 
 @dataclass
@@ -126,62 +140,25 @@ def build_model(config: TrainConfig, spec) -> CertifiedNet:
     )
 
 
-def prepare_teacher(
-    teacher: nn.Module | str | Path, student: nn.Module, device: torch.device
+def load_teacher(
+    teacher: nn.Module | str | Path, device: torch.device, channels_last: bool = False
 ) -> CertifiedNet:
-    """Load (when a path), check against the student (``check_compatible``), move, eval mode, freeze."""
+    """The teacher network (loaded when a checkpoint path) on ``device`` (channels-last when asked).
+
+    Freezing it (eval mode, no gradients) and checking it against the student is the loss's part
+    (:class:`~ccdist_plugin.losses.RobustLoss`), done once there.
+    """
     if isinstance(teacher, (str, Path)):
         teacher = load_model(teacher, map_location="cpu")
-    check_compatible(teacher, student)
-    teacher = teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    teacher = teacher.to(device)
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
 
 
 def build_loss(config: TrainConfig, teacher: nn.Module | None = None):
-    """The loss object named by ``config.loss.method`` (``ccdist_plugin.losses.make_loss``).
-
-    Among teacher, alpha, beta and attack, only the arguments the loss's constructor takes are
-    passed (a teacher only when given, β only when set); ``config.loss.options`` are passed as given.
-    """
-    import difflib
-
-    from ccdist_plugin import losses
-
-    method = config.loss.method
-    known = losses.list_losses()
-    if method not in known:
-        close = difflib.get_close_matches(method, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown loss.method {method!r}{hint} (available: {', '.join(known)})")
-    params = inspect.signature(losses._LOSSES[method].__init__).parameters
-    teacher_param = params.get("teacher")
-    if teacher is None and teacher_param is not None and teacher_param.default is inspect.Parameter.empty:
-        raise ValueError(
-            f"loss.method {method!r} distils from a teacher: pass teacher= to Trainer, --teacher CKPT to "
-            "`ccdist train`, or set teacher.checkpoint"
-        )
-    candidates: dict[str, Any] = {"alpha": config.loss.alpha, "attack": config.loss.attack.build()}
-    if teacher is not None:
-        candidates["teacher"] = teacher
-    if config.loss.beta is not None:
-        candidates["beta"] = config.loss.beta
-    kwargs = {k: v for k, v in candidates.items() if k in params}
-    if teacher is not None and "teacher" not in params:
-        log.warning("loss.method %r takes no teacher; the teacher is not used", method)
-    kwargs.update(config.loss.options)
-    missing = [
-        name
-        for name, p in params.items()
-        if name != "self" and p.default is inspect.Parameter.empty and name not in kwargs
-    ]
-    if missing:
-        raise ValueError(
-            f"loss.method {method!r} needs {', '.join(missing)}: set it with loss.options "
-            f"(e.g. --set loss.options.{missing[0]}=...)"
-        )
-    return losses.make_loss(method, **kwargs)
+    """The loss ``config.loss.method`` names, built from ``config.loss`` by the loss class
+    (:meth:`~ccdist_plugin.losses.RobustLoss.from_config`): a config value the loss does not take,
+    a teacher it cannot use or a missing one it needs is a ``ValueError`` naming it."""
+    return loss_class(config.loss.method).from_config(config.loss, teacher)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -276,6 +253,138 @@ def _validation_tensors(data: Any, size: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(xs)[:size], torch.cat(ys)[:size]
 
 
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam or SGD with momentum (``config.optim``) over the trainable parameters."""
+    opt = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def _schedules(config: TrainConfig, batches_per_epoch: int) -> tuple[EpsSchedule, LRSchedule]:
+    sched, opt, nb = config.schedule, config.optim, batches_per_epoch
+    eps = EpsSchedule(
+        config.eps, sched.warmup_epochs, sched.ramp_up_epochs, nb, sched.eps_mid, sched.eps_beta
+    )
+    lr = LRSchedule(
+        opt.lr_schedule,
+        opt.lr,
+        sched.epochs,
+        nb,
+        tuple(opt.lr_decay_epochs),
+        opt.lr_decay_factor,
+    )
+    return eps, lr
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    torch.manual_seed(seed + distributed.rank())  # under torchrun: distinct attack noise per rank
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------ one step
+
+
+def training_step(
+    model: nn.Module,
+    loss: Any,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_t: float,
+    lr: float,
+    phase: str,
+    config: TrainConfig,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """What one training step does (docs/method.md "Student training"):
+
+    1. the learning rate ``lr`` into every parameter group, ``model`` in train mode;
+    2. the objective (:func:`step_objective`): clean cross-entropy in the warm-up phase, else
+       ``loss(model, x, y, eps_t)`` plus, during the ramp, the Shi regularizer weighted
+       λ(1 − ε_t/ε); plus the ℓ1 penalty;
+    3. the logged terms reach the host in one copy (one device sync per step, not one per term);
+       a non-finite loss on any rank raises :class:`NonFiniteLossError` before any update;
+    4. backward, the gradient averaged over the torchrun ranks (weighted by their examples),
+       norm clipping, the optimizer step.
+
+    Returns:
+        ``(terms, logits)``: the logged terms as floats, and the clean logits in the warm-up
+        (for the training accuracy; None otherwise).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    total, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config)
+    terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+    if not distributed.all_finite(math.isfinite(terms["loss"]), total.device):  # same on every rank
+        raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    distributed.average_gradients(list(model.parameters()), x.shape[0])
+    if config.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    return terms, logits
+
+
+def step_objective(
+    model: nn.Module,
+    loss: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_t: float,
+    phase: str,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """The scalar a step minimizes, its detached terms and the warm-up's clean logits (see
+    :func:`training_step`)."""
+    terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
+    logits = None
+    if phase == "warmup":
+        logits = model(x)
+        total = F.cross_entropy(logits, y)
+        terms["clean_ce"] = total.detach()
+    else:
+        out = loss(model, x, y, eps_t)
+        total = out.loss
+        for key, value in (out.terms or {}).items():
+            terms[key] = torch.as_tensor(value, device=total.device).detach().float().mean()
+        if phase == "ramp" and config.optim.shi_lambda > 0:
+            stats = getattr(out, "stats", None)
+            stats = stats if isinstance(stats, LossStats) else LossStats()  # a user's loss may have none
+            if stats.preact_bounds and eps_t > 0:
+                bounds, box = stats.preact_bounds, _normalized_box(model, stats, x, eps_t)
+            else:
+                bounds, box = ibp_preactivation_bounds(model, x, max(eps_t, REG_EPS_FLOOR))
+            reg = shi_regularizer(bounds, box[0], box[1], config.optim.shi_tau)
+            weight = config.optim.shi_lambda * (1.0 - eps_t / config.eps)
+            total = total + weight * reg.total
+            terms["shi_tightness"] = reg.tightness.detach().float()
+            terms["shi_relu"] = reg.relu_balance.detach().float()
+    if config.optim.l1 > 0:
+        l1 = l1_penalty(model)
+        total = total + config.optim.l1 * l1
+        terms["l1_norm"] = l1.detach().float()
+    terms["loss"] = total.detach().float()
+    return total, terms, logits
+
+
+def _normalized_box(
+    model: nn.Module, stats: LossStats, x: torch.Tensor, eps_t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized input box the loss's bounds were computed over (SABR's small box, say); by
+    default the ε_t-ball ∩ [0, 1]."""
+    if stats.input_lb is None or stats.input_ub is None:
+        return normalized_input_box(model, x, eps_t)
+    lo, hi = stats.input_lb, stats.input_ub
+    norm = getattr(model, "normalize", None)
+    return (norm(lo), norm(hi)) if norm is not None else (lo, hi)
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 
@@ -285,9 +394,11 @@ class Trainer:
     Args:
         model: a :class:`CertifiedNet` (already Shi-initialized by its constructor).
         config: the run's :class:`TrainConfig`.
-        teacher: a teacher network or checkpoint path, for distillation losses (default:
-            ``config.teacher.checkpoint``). It is checked against the student, put in eval mode and frozen.
-        loss: any callable ``loss(model, x, y, eps) -> LossOutput`` (default: ``config.loss.method``).
+        teacher: a teacher network or checkpoint path for the config's loss (default:
+            ``config.teacher.checkpoint``). The loss freezes it and checks it against the student.
+        loss: any callable ``loss(model, x, y, eps) -> LossOutput`` (default: the loss
+            ``config.loss`` describes). A loss object carries its own teacher, so ``teacher`` must
+            then be None.
 
     Example::
 
@@ -305,20 +416,29 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
-        self.device = distributed.local_device(resolve_device(config.device))
-        distributed.init_from_env(self.device)  # under torchrun: join the process group
-        self.model = model.to(self.device)
-        distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights
-        if teacher is None and config.teacher.checkpoint:
-            teacher = config.teacher.checkpoint
-        self.teacher = None if teacher is None else prepare_teacher(teacher, self.model, self.device)
+        # under torchrun: this rank's device, the process group, rank 0's weights
+        self.model, self.device = distributed.setup(model, resolve_device(config.device))
         if config.channels_last:  # a layout only: the same network, faster convolutions on CPU
             self.model = self.model.to(memory_format=torch.channels_last)
-            if self.teacher is not None:
-                self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.loss = loss if loss is not None else build_loss(config, self.teacher)
+        if loss is None:
+            teacher = teacher if teacher is not None else config.teacher.checkpoint
+            if teacher is not None:
+                teacher = load_teacher(teacher, self.device, config.channels_last)
+            loss = build_loss(config, teacher)
+        elif teacher is not None:
+            raise ValueError(
+                "pass teacher= only for the config's loss; a loss object (loss=) carries its own teacher"
+            )
+        if hasattr(loss, "check_student"):  # fail now, not at the first ramp batch
+            loss.check_student(self.model)
+        self.loss = loss
         self.run_dir = Path(config.log.output_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+
+    @property
+    def teacher(self) -> CertifiedNet | None:
+        """The loss's (frozen) teacher, or None."""
+        return getattr(self.loss, "teacher", None)
 
     # ----------------------------------------------------------------------------------- public
     def fit(self, train_data: Any, val_data: Any = None, resume: bool | str | Path = False) -> FitResult:
@@ -335,42 +455,20 @@ class Trainer:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
         """
         cfg = self.config
-        torch.manual_seed(cfg.seed + distributed.rank())  # under torchrun: distinct attack noise per rank
-        np.random.seed(cfg.seed % 2**32)
-        import random
-
-        random.seed(cfg.seed)
+        _seed_everything(cfg.seed)
         batches = _Batches(
             train_data, cfg.optim.batch_size, True, cfg.data.augment, cfg.seed, self.device, cfg.channels_last
         )
         nb = len(batches)
         if nb == 0:
             raise ValueError("training data is empty")
-        eps_schedule = EpsSchedule(
-            cfg.eps,
-            cfg.schedule.warmup_epochs,
-            cfg.schedule.ramp_up_epochs,
-            nb,
-            cfg.schedule.eps_mid,
-            cfg.schedule.eps_beta,
-        )
-        lr_schedule = LRSchedule(
-            cfg.optim.lr_schedule,
-            cfg.optim.lr,
-            cfg.schedule.epochs,
-            nb,
-            tuple(cfg.optim.lr_decay_epochs),
-            cfg.optim.lr_decay_factor,
-        )
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.optim.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(
-                params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-            )
+        eps_schedule, lr_schedule = _schedules(cfg, nb)
+        optimizer = build_optimizer(cfg, self.model)
         val = _validation_tensors(val_data, cfg.log.val_size)
+        if val is not None:  # checked once here; the training batches at their first step
+            check_batch(self.model, val[0], val[1])
 
+        self._checked_data = False
         start_epoch, global_step, history = 0, 0, []
         if resume:
             path = self.checkpoint_path if resume is True else Path(resume)
@@ -387,7 +485,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.run_dir / "config.yaml")
-            self._write_metrics(history)
+            write_metrics(history, self.run_dir)
         writer = self._tensorboard() if main else None
         show = main and cfg.log.progress and sys.stderr.isatty()
         try:
@@ -399,7 +497,7 @@ class Trainer:
                     row.update(self._validate(val))
                 history.append(row)
                 if main:
-                    self._write_metrics(history)
+                    write_metrics(history, self.run_dir)
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
@@ -413,7 +511,7 @@ class Trainer:
                 writer.close()
         distributed.barrier()
         if cfg.log.plot and main:
-            self._plot(history)
+            plot_curves(history, self.run_dir / "curves.png")
         self.model.eval()
         return FitResult(self.model, history, self.run_dir, self.checkpoint_path)
 
@@ -428,34 +526,24 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(total=nb, disable=not show, leave=False, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         for b, (x, y) in enumerate(batches.epoch(epoch)):
-            if (
-                x.shape[0] < 2
-            ):  # BatchNorm cannot train on one example; only a final remainder can be this small
+            if x.shape[0] < 2:  # BatchNorm cannot train on one example (only a final remainder is this small)
                 log.info("skipping a final batch of %d example(s) in epoch %d", x.shape[0], epoch + 1)
                 continue
-            lr = lr_schedule(epoch, b)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            eps_t = eps_schedule(epoch, b)
-            self.model.train()
-            total, term_tensors, logits = self._batch_loss(x, y, phase, eps_t)
-            # all logged terms reach the host in one copy: one device sync per step, not one per term
-            terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
-            if not distributed.all_finite(math.isfinite(terms["loss"]), self.device):  # same on every rank
-                detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+            if not self._checked_data:  # shapes, labels and pixel range of the data: once per fit
+                check_batch(self.model, x, y)
+                self._checked_data = True
+            lr, eps_t = lr_schedule(epoch, b), eps_schedule(epoch, b)
+            try:
+                terms, logits = training_step(self.model, self.loss, optimizer, x, y, eps_t, lr, phase, cfg)
+            except NonFiniteLossError as err:
+                detail = ", ".join(f"{k}={v:.4g}" for k, v in err.terms.items())
                 raise NonFiniteLossError(
-                    f"non-finite training loss ({terms['loss']}) at epoch "
+                    f"non-finite training loss ({err.terms.get('loss')}) at epoch "
                     f"{epoch + 1}/{cfg.schedule.epochs}, "
                     f"batch {b + 1}/{nb} (eps_t={eps_t:.6g}, lr={lr:.3g}; terms: {detail}); stopping. "
-                    f"The last good checkpoint is kept at {self.checkpoint_path}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            # torchrun: mean gradient over the global batch (ranks weighted by their examples)
-            distributed.average_gradients(list(self.model.parameters()), x.shape[0])
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+                    f"The last good checkpoint is kept at {self.checkpoint_path}",
+                    err.terms,
+                ) from None
             global_step += 1
             bs = x.shape[0]
             n_seen += bs
@@ -475,47 +563,6 @@ class Trainer:
         row["time_s"] = time.perf_counter() - start
         return row, global_step
 
-    def _batch_loss(self, x, y, phase, eps_t):
-        cfg = self.config
-        terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
-        logits = None
-        if phase == "warmup":
-            logits = self.model(x)
-            total = F.cross_entropy(logits, y)
-            terms["clean_ce"] = total.detach()
-        else:
-            out = self.loss(self.model, x, y, eps_t)
-            total = out.loss
-            for key, value in (out.terms or {}).items():
-                terms[key] = torch.as_tensor(value, device=total.device).detach().float().mean()
-            if phase == "ramp" and cfg.optim.shi_lambda > 0:
-                stats = out.stats or {}
-                bounds = stats.get("preact_bounds") if eps_t > 0 else None
-                if bounds:
-                    box = self._input_box(stats, x, eps_t)
-                else:
-                    bounds, box = ibp_preactivation_bounds(self.model, x, max(eps_t, REG_EPS_FLOOR))
-                reg = shi_regularizer(bounds, box[0], box[1], cfg.optim.shi_tau)
-                weight = cfg.optim.shi_lambda * (1.0 - eps_t / cfg.eps)
-                total = total + weight * reg.total
-                terms["shi_tightness"] = reg.tightness.detach().float()
-                terms["shi_relu"] = reg.relu_balance.detach().float()
-        if cfg.optim.l1 > 0:
-            l1 = l1_penalty(self.model)
-            total = total + cfg.optim.l1 * l1
-            terms["l1_norm"] = l1.detach().float()
-        terms["loss"] = total.detach().float()
-        return total, terms, logits
-
-    def _input_box(self, stats: dict, x: torch.Tensor, eps_t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalized input box the loss's bounds were computed over (SABR's small box, say);
-        by default the ε_t-ball ∩ [0, 1]."""
-        lo, hi = stats.get("input_lb"), stats.get("input_ub")
-        if lo is None or hi is None:
-            return normalized_input_box(self.model, x, eps_t)
-        norm = getattr(self.model, "normalize", None)
-        return (norm(lo), norm(hi)) if norm is not None else (lo, hi)
-
     @torch.no_grad()
     def _validate(self, val) -> dict[str, float]:
         if val is None:
@@ -524,9 +571,7 @@ class Trainer:
 
         x, y = val[0].to(self.device), val[1].to(self.device)
         self.model.eval()
-        clean = float(
-            sum((self.model(x[s : s + 512]).argmax(1) == y[s : s + 512]).sum() for s in range(0, len(x), 512))
-        )
+        clean = float(sum((self.model(x[sl]).argmax(1) == y[sl]).sum() for sl in batch_slices(len(x), 512)))
         result = certify(self.model, x, y, self.config.eps, method="ibp")
         return {
             "val_clean_acc": clean / len(x),
@@ -554,18 +599,6 @@ class Trainer:
         if distributed.is_main_process():
             save_checkpoint(self.checkpoint_path, payload)
 
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "w") as fh:
-            for row in history:
-                fh.write(json.dumps(row) + "\n")
-        keys: list[str] = []
-        for row in history:
-            keys += [k for k in row if k not in keys]
-        with open(self.run_dir / "metrics.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(history)
-
     def _tensorboard(self):
         if not self.config.log.tensorboard:
             return None
@@ -576,43 +609,57 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _plot(self, history: list[dict[str, Any]]) -> None:
-        if not history:
-            return
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            log.debug("matplotlib is not installed; no curves.png")
-            return
-        fig = Figure(figsize=(12, 3.5))
-        FigureCanvasAgg(fig)
-        epochs = [r["epoch"] for r in history]
-        ax = fig.add_subplot(1, 3, 1)
-        for key in sorted(
-            {k for r in history for k in r if k.startswith("train_") and not k.endswith("acc")}
-        ):
-            ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key[6:])
-        ax.set_xlabel("epoch")
-        ax.set_yscale("symlog")
-        ax.set_title("training loss terms")
-        ax.legend(fontsize=6)
-        ax = fig.add_subplot(1, 3, 2)
-        for key in ("val_clean_acc", "val_ibp_cert_acc", "train_clean_acc"):
-            if any(key in r for r in history):
-                ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylim(0, 1)
-        ax.set_title("accuracy")
-        ax.legend(fontsize=6)
-        ax = fig.add_subplot(1, 3, 3)
-        ax.plot(epochs, [r["eps"] for r in history], label="ε (end of epoch)")
-        ax.set_xlabel("epoch")
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [r["lr"] for r in history], color="tab:red", label="lr")
-        ax.set_title("ε and lr (red)")
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "curves.png", dpi=100)
+
+def write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` in ``run_dir``: one row per epoch."""
+    with open(run_dir / "metrics.jsonl", "w") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(run_dir / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """``path`` (a PNG): the loss terms, the accuracies and ε/lr per epoch (needs matplotlib)."""
+    if not history:
+        return
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.debug("matplotlib is not installed; no curves.png")
+        return
+    fig = Figure(figsize=(12, 3.5))
+    FigureCanvasAgg(fig)
+    epochs = [r["epoch"] for r in history]
+    ax = fig.add_subplot(1, 3, 1)
+    for key in sorted({k for r in history for k in r if k.startswith("train_") and not k.endswith("acc")}):
+        ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key[6:])
+    ax.set_xlabel("epoch")
+    ax.set_yscale("symlog")
+    ax.set_title("training loss terms")
+    ax.legend(fontsize=6)
+    ax = fig.add_subplot(1, 3, 2)
+    for key in ("val_clean_acc", "val_ibp_cert_acc", "train_clean_acc"):
+        if any(key in r for r in history):
+            ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracy")
+    ax.legend(fontsize=6)
+    ax = fig.add_subplot(1, 3, 3)
+    ax.plot(epochs, [r["eps"] for r in history], label="ε (end of epoch)")
+    ax.set_xlabel("epoch")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r["lr"] for r in history], color="tab:red", label="lr")
+    ax.set_title("ε and lr (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _fmt(row: dict[str, Any]) -> str:

@@ -1,14 +1,18 @@
-"""Shared fixtures: small networks (random and briefly trained) and the digits data."""
+"""Shared fixtures: small networks (random and briefly trained), the digits data and a fast training
+config (the trainer's and the losses' tests share them)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from ccdist_plugin.config import TrainConfig
 from ccdist_plugin.models import cnn3, cnn7, mlp
 from ccdist_plugin.soundness import briefly_trained  # noqa: F401  (tests import it from here)
 
@@ -51,3 +55,49 @@ def small_models(seed: int = 0) -> dict[str, torch.nn.Module]:
             3, 16, 10, width=32, channels=(4, 4, 8, 8, 8), mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    """``ccdist_plugin.data``'s digits, cut to 256 training and 64 test examples (``.train``,
+    ``.test``, ``.spec``): four batches of 64 per epoch."""
+    pytest.importorskip("sklearn")
+    from ccdist_plugin.data import load_dataset
+
+    data = load_dataset("digits")
+    return SimpleNamespace(
+        train=data.train.subset(np.arange(256)), test=data.test.subset(np.arange(64)), spec=data.spec
+    )
+
+
+def tiny_cnn3(spec=None, seed: int = 0, width: int = 16) -> torch.nn.Module:
+    """A CNN-3 of feature width ``width`` for 8×8 digits (normalized as ``spec`` says, when given)."""
+    torch.manual_seed(seed)
+    norm = {} if spec is None else {"mean": list(spec.mean), "std": list(spec.std)}
+    return cnn3(1, 8, 10, width=width, channels=(4, 8), **norm)
+
+
+def fast_config(tmp_path: Path, *overrides: str) -> TrainConfig:
+    """A 3-epoch digits run of :func:`tiny_cnn3` (warm-up, ramp, constant ε) writing to
+    ``tmp_path/run`` without progress bars, TensorBoard or plots; ``overrides`` as ``--set``."""
+    base = [
+        "device=cpu",
+        "eps=0.05",
+        "data.name=digits",
+        "model.name=cnn3",
+        "model.width=16",
+        "model.channels=[4, 8]",
+        "schedule.epochs=3",
+        "schedule.warmup_epochs=1",
+        "schedule.ramp_up_epochs=1",
+        "optim.batch_size=64",
+        "optim.lr=1e-3",
+        "optim.lr_decay_epochs=[2]",
+        "optim.l1=1e-5",
+        "log.val_size=64",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.plot=false",
+        f"log.output_dir={tmp_path / 'run'}",
+    ]
+    return TrainConfig().override(base + list(overrides))

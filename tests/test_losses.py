@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ccdist_plugin.attacks import PGD
 from ccdist_plugin.bounds import elided_margin_lower_bound, feature_bounds, input_box, interval_bounds
 from ccdist_plugin.losses import (
+    TEACHER_USES,
     AdversarialLoss,
     CCDist0Loss,
     CCDist1Loss,
@@ -19,12 +20,15 @@ from ccdist_plugin.losses import (
     CCIBPLoss,
     IBPLoss,
     LogitDistLoss,
+    LossStats,
     cc_combination,
     distillation_term,
     list_losses,
+    loss_class,
     loss_inputs,
     make_loss,
     margin_ce,
+    register_loss,
 )
 from ccdist_plugin.models import cnn3, mlp
 
@@ -131,7 +135,7 @@ def test_adversarial_loss_is_pgd_cross_entropy():
     torch.manual_seed(5)
     x_adv = PGD(steps=3, step_size=0.25)(s, x, y, EPS)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(s(x_adv), y))
-    assert out.stats["preact_bounds"] == []  # no bounds were computed
+    assert out.stats.preact_bounds == []  # no bounds were computed
 
 
 @pytest.mark.parametrize("cls", [CCDistLoss, CCDist0Loss, CCDist1Loss, LogitDistLoss])
@@ -194,7 +198,7 @@ def test_batchnorm_protocol_adv_stats_one_forward_each():
         adv_logits = reference(x_adv)  # one train-mode forward on the adversarial batch
     torch.testing.assert_close(bn.running_mean, reference.features[2].running_mean)
     torch.testing.assert_close(bn.running_var, reference.features[2].running_var)
-    torch.testing.assert_close(out.stats["logits_adv"], adv_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.stats.logits_adv, adv_logits, rtol=1e-4, atol=1e-5)
     lo, hi = input_box(x, EPS)
     h_lb, _ = interval_bounds(reference.features, lo, hi, reference=x_adv)
     inp = loss_inputs(reference, x, y, EPS, None, True, t, x_adv=x_adv)
@@ -250,3 +254,90 @@ def test_sabr_box_is_inside_the_ball_and_distills_small_box_bounds():
     assert bool(((hi - lo) <= 2 * 0.3 * EPS + 1e-6).all())
     out = sabr(s, x, y, EPS)
     assert "distill" in out.terms
+
+
+# --------------------------------------------------------------------------------------------
+# Self-description, the teacher path, typed stats
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_every_loss_describes_itself_and_its_constructor_matches(name):
+    """The description is what the trainer builds from: the constructor takes exactly
+    ``arguments()`` (config_keys, option_keys, teacher unless teacher_use is "none")."""
+    import inspect
+
+    cls = loss_class(name)
+    assert cls.name == name and cls.label and cls.teacher_use in TEACHER_USES
+    params = {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
+    assert params == set(cls.arguments()), (name, params, cls.arguments())
+    labels = [loss_class(n).label for n in list_losses()]
+    assert len(set(labels)) == len(labels)  # a report row names one loss
+
+
+def test_register_loss_refuses_a_malformed_description():
+    class Nameless(CCIBPLoss):
+        name = ""
+
+    class BadTeacherUse(CCIBPLoss):
+        name, label, teacher_use = "bad_teacher_use", "Bad", "sometimes"
+
+    class BadKey(CCIBPLoss):
+        name, label, config_keys = "bad_key", "Bad", ("alpha", "lam")
+
+    for cls, message in ((Nameless, "name and a label"), (BadTeacherUse, "teacher_use"), (BadKey, "lam")):
+        with pytest.raises(ValueError, match=message):
+            register_loss(cls)
+    with pytest.raises(ValueError, match="already registered"):
+
+        class Clash(CCIBPLoss):
+            name, label = "cc_ibp", "Clash"
+
+        register_loss(Clash)
+    assert loss_class("cc_ibp") is CCIBPLoss
+
+
+def test_teacher_is_frozen_once_and_checked_once_per_student(monkeypatch):
+    """check_compatible ran on every batch before; now once per student (a new student is checked)."""
+    import ccdist_plugin.losses as losses_module
+
+    s, t = pair()
+    calls = []
+    real = losses_module.check_compatible
+    monkeypatch.setattr(losses_module, "check_compatible", lambda a, b: calls.append(b) or real(a, b))
+    loss = CCDistLoss(t, alpha=0.5)
+    assert not t.training and all(not p.requires_grad for p in t.parameters())
+    x, y = batch()
+    for _ in range(3):
+        loss(s, x, y, EPS)
+    assert calls == [s]
+    wide = mlp(1, 8, 10, width=32, depth=2)
+    with pytest.raises(ValueError, match="feature width"):
+        loss(wide, x, y, EPS)
+    assert calls == [s, wide]
+
+
+def test_loss_stats_are_typed():
+    s, t = pair()
+    x, y = batch()
+    out = make_loss("cc_dist", teacher=t, alpha=0.5)(s, x, y, EPS)
+    assert isinstance(out.stats, LossStats)
+    assert len(out.stats.preact_bounds) == 2 and out.stats.logits_adv.shape == (x.shape[0], 10)
+    lo, hi = input_box(x, EPS)
+    assert torch.equal(out.stats.input_lb, lo) and torch.equal(out.stats.input_ub, hi)
+    assert not out.stats.logits_adv.requires_grad
+
+
+def test_the_training_step_does_not_recheck_its_own_box(monkeypatch):
+    """The loss builds its boxes valid by construction: propagate_intervals' lower <= upper check (a
+    device sync) is skipped there, and kept for boxes a user passes in."""
+    import ccdist_plugin.bounds as bounds_module
+
+    calls = []
+    monkeypatch.setattr(bounds_module, "check_box", lambda lo, hi: calls.append(1))
+    s, _ = pair()
+    x, y = batch()
+    make_loss("cc_ibp", alpha=0.5)(s, x, y, EPS)
+    assert calls == []
+    interval_bounds(s.features, *input_box(x, EPS))
+    assert calls == [1]

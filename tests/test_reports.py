@@ -184,6 +184,22 @@ def test_checkpoint_info_resolves_default_beta(tmp_path):
     assert reports.default_label({"role": "teacher", "method": "pgd_at"}) == "PGD teacher"
 
 
+def test_labels_and_default_beta_come_from_the_loss_class(tmp_path):
+    """No parallel label table: every registered loss's row label is its class's ``label``, and the
+    default β recorded is the class's (10⁴/w for Logit-Dist, not 5/w)."""
+    from ccdist_plugin.losses import list_losses, loss_class
+
+    for name in list_losses():
+        assert reports.default_label({"role": "student", "method": name}) == loss_class(name).label
+    assert reports.default_label({"role": "student", "method": "my_loss"}) == "my_loss"
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"abc")
+    payload = {"role": "student", "config": {"loss": {"method": "logit_dist", "beta": None}}}
+    assert reports.checkpoint_info(path, payload, feature_dim=100)["params"]["beta"] == pytest.approx(100.0)
+    no_teacher = {"role": "student", "config": {"loss": {"method": "cc_ibp", "beta": None}}}
+    assert reports.checkpoint_info(path, no_teacher, feature_dim=100)["params"]["beta"] is None
+
+
 def test_compare_command(tmp_path):
     from ccdist_plugin.cli import main
 

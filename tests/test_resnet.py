@@ -320,7 +320,7 @@ def test_cc_dist_trains_a_wrapped_model_through_auto_lirpa(digits):
     assert all(p.grad is None for p in teacher.parameters())
     assert int(bn.num_batches_tracked) == int(expected.num_batches_tracked) + 1
     assert not torch.equal(bn.running_mean, expected.running_mean)  # moved by the training pass
-    assert len(out.stats["preact_bounds"]) >= 3  # auto_LiRPA's ReLU inputs, for the Shi regularizer
+    assert len(out.stats.preact_bounds) >= 3  # auto_LiRPA's ReLU inputs, for the Shi regularizer
 
 
 class CumSum(nn.Module):

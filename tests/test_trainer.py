@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fast_config, tiny_cnn3
 
 import ccdist_plugin.checkpoint as ckpt_module
 from ccdist_plugin.bounds import margin_lower_bound
 from ccdist_plugin.checkpoint import load_checkpoint, load_model, save_checkpoint
 from ccdist_plugin.config import TrainConfig
+from ccdist_plugin.losses import loss_class
 from ccdist_plugin.models import cnn3
 from ccdist_plugin.trainer import NonFiniteLossError, Trainer, build_model, train_teacher
 
@@ -22,38 +24,12 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn")
-    from ccdist_plugin.data import load_dataset
-
-    data = load_dataset("digits")
-    return SimpleNamespace(
-        train=data.train.subset(np.arange(256)), test=data.test.subset(np.arange(64)), spec=data.spec
-    )
+def digits(digits_data):
+    return digits_data
 
 
 def _cfg(tmp_path, *overrides: str) -> TrainConfig:
-    base = [
-        "device=cpu",
-        "eps=0.05",
-        "data.name=digits",
-        "model.name=cnn3",
-        "model.width=16",
-        "model.channels=[4, 8]",
-        "schedule.epochs=3",
-        "schedule.warmup_epochs=1",
-        "schedule.ramp_up_epochs=1",
-        "optim.batch_size=64",
-        "optim.lr=1e-3",
-        "optim.lr_decay_epochs=[2]",
-        "optim.l1=1e-5",
-        "log.val_size=64",
-        "log.progress=false",
-        "log.tensorboard=false",
-        "log.plot=false",
-        f"log.output_dir={tmp_path / 'run'}",
-    ]
-    return TrainConfig().override(base + list(overrides))
+    return fast_config(tmp_path, *overrides)
 
 
 class StubIBPLoss:
@@ -74,21 +50,11 @@ class StubIBPLoss:
         loss = F.cross_entropy(-z_lb, y)
         if self.nan_at is not None and self.calls == self.nan_at:
             loss = loss * float("nan")
-        return SimpleNamespace(loss=loss, terms={"ibp_ce": loss.detach()}, stats={})
-
-
-def _losses_available() -> bool:
-    try:
-        import ccdist_plugin.attacks  # noqa: F401
-        import ccdist_plugin.losses  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return SimpleNamespace(loss=loss, terms={"ibp_ce": loss.detach()}, stats=None)
 
 
 def _model(spec, seed=0):
-    torch.manual_seed(seed)
-    return cnn3(1, 8, 10, width=16, channels=(4, 8), mean=list(spec.mean), std=list(spec.std))
+    return tiny_cnn3(spec, seed)
 
 
 def test_fit_writes_run_outputs(digits, tmp_path):
@@ -148,9 +114,6 @@ class _Interrupting:
 
 @pytest.mark.parametrize("kind", ["stub", "cc_ibp"])
 def test_resume_is_bit_identical(kind, digits, tmp_path):
-    if kind == "cc_ibp" and not _losses_available():
-        pytest.skip("ccdist_plugin.losses not available yet")
-
     def make_loss(cfg):
         if kind == "stub":
             return StubIBPLoss()
@@ -263,23 +226,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
 
 
 def test_teacher_is_checked_loaded_and_frozen(digits, tmp_path):
-    cfg = _cfg(tmp_path, "schedule.epochs=1", "schedule.ramp_up_epochs=0")
+    """One path: Trainer(teacher=...) or teacher.checkpoint -> the config's loss, which freezes the
+    teacher and checks it against the student when the trainer is built."""
+    cfg = _cfg(tmp_path, "schedule.epochs=1", "schedule.ramp_up_epochs=0")  # loss.method: cc_dist
     student = _model(digits.spec)
     wide = cnn3(1, 8, 10, width=32, channels=(4, 8))
     with pytest.raises(ValueError, match="feature width: teacher 32 vs student 16"):
-        Trainer(student, cfg, teacher=wide, loss=StubIBPLoss())
+        Trainer(student, cfg, teacher=wide)
     other_norm = cnn3(1, 8, 10, width=16, channels=(4, 8), mean=[0.3], std=[0.2])
     with pytest.raises(ValueError, match="normalization"):
-        Trainer(student, cfg, teacher=other_norm, loss=StubIBPLoss())
+        Trainer(student, cfg, teacher=other_norm)
     Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit(digits.train)
     teacher_path = tmp_path / "run" / "checkpoint.pt"
-    trainer = Trainer(
-        student, cfg.override([f"log.output_dir={tmp_path / 's'}"]), teacher=teacher_path, loss=StubIBPLoss()
-    )
-    assert not trainer.teacher.training
-    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    for trainer in (
+        Trainer(student, cfg.override([f"log.output_dir={tmp_path / 's'}"]), teacher=teacher_path),
+        Trainer(student, cfg.override([f"teacher.checkpoint={teacher_path}", f"log.output_dir={tmp_path}"])),
+    ):
+        assert trainer.teacher is trainer.loss.teacher and not trainer.teacher.training
+        assert all(not p.requires_grad for p in trainer.teacher.parameters())
     with pytest.raises(ValueError, match="does not exist"):
-        Trainer(student, cfg, teacher=tmp_path / "missing.pt", loss=StubIBPLoss())
+        Trainer(student, cfg, teacher=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="carries its own teacher"):
+        Trainer(student, cfg, teacher=teacher_path, loss=StubIBPLoss())
 
 
 def test_train_teacher_needs_teacher_config(digits, tmp_path):
@@ -289,8 +257,6 @@ def test_train_teacher_needs_teacher_config(digits, tmp_path):
 
 # ------------------------------------------------------------------------------- registered losses
 
-
-needs_losses = pytest.mark.skipif(not _losses_available(), reason="ccdist_plugin.losses not available yet")
 
 METHODS = [
     "cc_dist",
@@ -304,14 +270,11 @@ METHODS = [
     "cc_dist1",
     "logit_dist",
 ]
-NEEDS_TEACHER = {"cc_dist", "cc_dist0", "cc_dist1", "logit_dist"}
 OPTIONS = {"sabr": ["loss.options={lam: 0.5}"]}
 
 
 @pytest.fixture(scope="module")
 def digits_teacher(digits, tmp_path_factory):
-    if not _losses_available():
-        pytest.skip("ccdist_plugin.losses not available yet")
     tmp = tmp_path_factory.mktemp("teacher")
     cfg = _cfg(
         tmp,
@@ -330,13 +293,8 @@ def digits_teacher(digits, tmp_path_factory):
     return train_teacher(_model(digits.spec), cfg, digits.train).checkpoint
 
 
-@needs_losses
 @pytest.mark.parametrize("method", METHODS)
 def test_short_run_per_method_reduces_loss_and_certifies(method, digits, digits_teacher, tmp_path):
-    from ccdist_plugin.losses import list_losses
-
-    if method not in list_losses():
-        pytest.skip(f"loss {method!r} is not registered")
     cfg = _cfg(
         tmp_path,
         f"loss.method={method}",
@@ -350,7 +308,7 @@ def test_short_run_per_method_reduces_loss_and_certifies(method, digits, digits_
         "log.val_size=64",
         *OPTIONS.get(method, []),
     )
-    teacher = digits_teacher if method in NEEDS_TEACHER else None
+    teacher = digits_teacher if loss_class(method).teacher_use == "required" else None
     result = Trainer(_model(digits.spec), cfg, teacher=teacher).fit(digits.train, digits.test)
     losses_per_epoch = [r["train_loss"] for r in result.history]
     assert losses_per_epoch[-1] < losses_per_epoch[0], losses_per_epoch
@@ -360,7 +318,6 @@ def test_short_run_per_method_reduces_loss_and_certifies(method, digits, digits_
         assert result.history[-1]["val_clean_acc"] > 0.3
 
 
-@needs_losses
 def test_loss_construction_errors(digits, tmp_path):
     with pytest.raises(ValueError, match="distils from a teacher"):
         Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=cc_dist"))
@@ -368,3 +325,71 @@ def test_loss_construction_errors(digits, tmp_path):
         Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=sabr"))
     with pytest.raises(ValueError, match="did you mean 'cc_ibp'"):
         Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=ccibp"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # values a loss does not take were silently dropped before
+        (
+            ["loss.method=sabr", "loss.options={lam: 0.5}", "loss.alpha=0.3"],
+            r"loss.alpha=0.3 is not used by loss 'sabr'",
+        ),
+        (["loss.method=ibp", "loss.alpha=0.3"], r"loss.alpha=0.3 is not used by loss 'ibp'"),
+        (["loss.method=ibp", "loss.attack.steps=5"], r"loss.attack=\{...\} is not used by loss 'ibp'"),
+        (["loss.method=cc_ibp", "loss.beta=0.1"], r"loss.beta=0.1 weighs the distillation term"),
+        (["loss.method=cc_ibp", "loss.options={lam: 0.5}"], r"loss.options \['lam'\] are not taken"),
+    ],
+)
+def test_a_config_value_the_loss_does_not_take_is_an_error(digits, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(_model(digits.spec), _cfg(tmp_path, *overrides))
+
+
+def test_default_and_implied_values_are_accepted(digits, tmp_path):
+    """The rule compares values (a saved config.yaml holds every field): a default, or the value the
+    loss implies (α = 1 for IBP, α = 0 for PGD), passes; so do every packaged preset's values."""
+    from ccdist_plugin.config import list_presets, load_preset
+
+    for overrides in (["loss.method=ibp", "loss.alpha=1.0"], ["loss.method=pgd_at", "loss.alpha=0"]):
+        Trainer(_model(digits.spec), _cfg(tmp_path, *overrides))
+    teacher = _model(digits.spec)
+    for name in list_presets():
+        cfg = load_preset(name)
+        cls = loss_class(cfg.loss.method)
+        cls.config_arguments(cfg.loss, with_teacher=cls.teacher_use != "none")  # raises on a stray value
+    with pytest.raises(ValueError, match="takes no teacher"):
+        Trainer(_model(digits.spec), _cfg(tmp_path, "loss.method=ibp"), teacher=teacher)
+
+
+def test_training_step_is_one_documented_function(digits, tmp_path):
+    """``training_step`` alone: the step moves the weights and returns the logged terms as floats; a
+    NaN loss raises before the update."""
+    from ccdist_plugin.trainer import build_loss, build_optimizer, training_step
+
+    cfg = _cfg(tmp_path, "loss.method=cc_ibp")
+    model = _model(digits.spec)
+    x, y = (torch.as_tensor(t) for t in digits.train.tensors())
+    x, y = x[:32], y[:32]
+    optimizer = build_optimizer(cfg, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    terms, logits = training_step(model, build_loss(cfg), optimizer, x, y, 0.02, 1e-3, "ramp", cfg)
+    assert logits is None and {"loss", "cc_ibp", "shi_tightness", "l1_norm"} <= set(terms)
+    assert all(isinstance(v, float) for v in terms.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    frozen = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError) as err:
+        training_step(model, StubIBPLoss(nan_at=1), optimizer, x, y, 0.02, 1e-3, "constant", cfg)
+    assert math.isnan(err.value.terms["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters(), strict=True))
+
+
+def test_fit_checks_its_data_once(digits, tmp_path):
+    """Trainer.fit is a public entry point: data in 0-255 pixel units, or labels outside the classes,
+    are one clear error before any step (checked on the validation set and the first batch)."""
+    x, y = digits.train.tensors()
+    cfg = _cfg(tmp_path, "schedule.epochs=1", "schedule.ramp_up_epochs=0")
+    with pytest.raises(ValueError, match="pixel space"):
+        Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x * 255, y))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x, y), (x, y + 10))
