@@ -196,7 +196,12 @@ class CertifiedNet(nn.Module):
         try:
             net.eval()  # a shape probe must not move BatchNorm running statistics
             with torch.no_grad():
-                probe = features(normalize(torch.zeros(2, *shape)))
+                first = next(iter(features.parameters()), None)
+                zeros = torch.zeros(2, *shape)
+                if first is not None:
+                    zeros = zeros.to(first.device, first.dtype)
+                    normalize.to(first.device, first.dtype)
+                probe = features(normalize(zeros))
         except Exception as exc:
             raise ValueError(f"CertifiedNet.wrap: features fail on a (2, {shape}) input: {exc}") from exc
         finally:
