@@ -4,7 +4,8 @@ certified by CROWN, exported for α,β-CROWN and (when installed) verified.
 
 Run from the repository root:
     python examples/bring_your_own_model.py [--fast] [--out runs/byom]
-``--fast`` (or CCDIST_EXAMPLE_FAST=1) runs a few steps on a few points, for CI. α,β-CROWN runs
+``--fast`` (or CCDIST_EXAMPLE_FAST=1, or CCDIST_EXAMPLES_FAST=1) runs a few steps on a few points,
+for CI. α,β-CROWN runs
 when ABCROWN_DIR points at it and ``--fast`` is off (bash ../shared/vendor/install.sh, then
 source ~/.cache/abcrown-vendor/abcrown.env).
 
@@ -29,11 +30,11 @@ from ccdist_plugin.verify import run_verification
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 parser = argparse.ArgumentParser()
-parser.add_argument("--fast", action="store_true", help="a few steps and points (also CCDIST_EXAMPLE_FAST=1)")
+parser.add_argument("--fast", action="store_true", help="a few steps and points (or CCDIST_EXAMPLE_FAST=1)")
 parser.add_argument("--out", default="runs/byom", help="export directory")
 args = parser.parse_args()
-fast = args.fast or os.environ.get("CCDIST_EXAMPLE_FAST") == "1"
-steps, points = (10, 4) if fast else (300, 20)
+fast = args.fast or "1" in (os.environ.get("CCDIST_EXAMPLE_FAST"), os.environ.get("CCDIST_EXAMPLES_FAST"))
+epochs, points = (1, 4) if fast else (6, 20)
 
 
 class TinyResNet(nn.Module):
@@ -62,17 +63,22 @@ def wrap(channels: int) -> CertifiedNet:
     return CertifiedNet.wrap(TinyResNet(channels, 32), nn.Linear(32, 10), (1, 8, 8), mean=[0.3], std=[0.4])
 
 
-def train(model: CertifiedNet, loss_fn, x: torch.Tensor, y: torch.Tensor, eps: float, n: int) -> None:
+def train(model: CertifiedNet, loss_fn, x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int) -> None:
+    """Adam, batches of 64, gradient clipping 10; one line per epoch (fast mode: 10 steps an epoch)."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(n):
-        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
-        out = loss_fn(model, x[idx], y[idx], eps)
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
+    for epoch in range(1, epochs + 1):
+        batches = torch.randperm(x.shape[0], generator=gen).split(64)
+        for idx in batches[:10] if fast else batches:
+            out = loss_fn(model, x[idx], y[idx], eps)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+        print(
+            f"{type(loss_fn).__name__} epoch {epoch}/{epochs}: last batch loss {float(out.loss.detach()):.4g}"
+        )
     model.eval()
 
 
@@ -88,14 +94,14 @@ torch.manual_seed(0)
 
 # 1. A teacher of the same feature width (32), PGD-trained (here: a few steps; use a wider net freely).
 teacher = wrap(channels=16)
-train(teacher, AdversarialLoss(), x_train, y_train, eps, steps)
+train(teacher, AdversarialLoss(), x_train, y_train, eps, epochs)
 print(f"teacher clean accuracy: {(teacher(x_test).argmax(1) == y_test).float().mean():.3f}")
 
 # 2. The student: which engine bounds it? ("auto_lirpa" for this plain-PyTorch forward)
 student = wrap(channels=8)
 print(f"student bounds engine: {check_boundable(student)}")
-train(student, CrossEntropyLoss(), x_train, y_train, eps, steps)  # a clean warm-up, then CC-Dist
-train(student, CCDistLoss(teacher=teacher, alpha=0.5), x_train, y_train, eps, steps)
+train(student, CrossEntropyLoss(), x_train, y_train, eps, epochs)  # a clean warm-up, then CC-Dist
+train(student, CCDistLoss(teacher=teacher, alpha=0.5), x_train, y_train, eps, epochs)
 
 # 3. CROWN certificates (float64, through auto_LiRPA for this network).
 res = certify(student, x_test[:points], y_test[:points], eps, method="crown")
