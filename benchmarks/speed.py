@@ -440,8 +440,9 @@ def bench_vs_auto_lirpa(repeats: int, x, y) -> dict[str, Any]:
 
 def bench_resnet(repeats: int, x, y) -> dict[str, Any]:
     """PreActResNet18 (64-128-256-512, batch 128): the native IBP pass vs a plain forward pass (train-mode
-    BatchNorm with the batch as reference, as in training; no grad and with backward), and native vs
-    auto_LiRPA IBP (ratios, bounds checked equal), both BatchNorm modes."""
+    BatchNorm; no grad: the IBP pass alone, as for CNN-7, and with the reference batch's forward pass
+    that a training step runs alongside; with backward: the training pass), and native vs auto_LiRPA
+    IBP (ratios, bounds checked equal), both BatchNorm modes."""
     import copy
 
     from ccdist_plugin.bounds import input_box, propagate_intervals
@@ -462,6 +463,10 @@ def bench_resnet(repeats: int, x, y) -> dict[str, Any]:
 
     def ibp():
         with torch.no_grad():
+            propagate_intervals(model.features, lo, hi, backend="native")
+
+    def ibp_ref():
+        with torch.no_grad():
             propagate_intervals(model.features, lo, hi, reference=x, backend="native")
 
     def fwd_bwd():
@@ -473,10 +478,13 @@ def bench_resnet(repeats: int, x, y) -> dict[str, Any]:
         r = propagate_intervals(model.features, lo, hi, reference=x, backend="native")
         (r.upper.sum() - r.lower.sum() + r.value.sum()).backward()
 
-    times = interleaved(
-        {"forward": fwd, "IBP": ibp, "forward+backward": fwd_bwd, "IBP+backward": ibp_bwd}, repeats
-    )
+    variants = {"forward": fwd, "IBP": ibp, "IBP+reference": ibp_ref, "forward+backward": fwd_bwd}
+    times = interleaved({**variants, "IBP+backward": ibp_bwd}, repeats)
+    # train-mode BatchNorm without a reference normalizes with the box centre's statistics
     out["ratios"]["IBP / forward (PreActResNet18, train BN, no grad)"] = paired_ratio(times, "IBP", "forward")
+    out["ratios"]["IBP with the reference's forward pass / forward (PreActResNet18, train BN, no grad)"] = (
+        paired_ratio(times, "IBP+reference", "forward")
+    )
     out["ratios"]["IBP+backward / forward+backward (PreActResNet18, train BN)"] = paired_ratio(
         times, "IBP+backward", "forward+backward"
     )
