@@ -26,6 +26,9 @@ python benchmarks/speed.py --only allocator --out docs/results/allocator   # its
 python benchmarks/reproduce_cpu.py --out runs/repro-cpu --workers 2 --main-betas 5,1 --seeds 5 \\
     --bab-seeds 5 --bab-teacher    # → docs/results/reproduce_cpu.*, docs/img/ (published run: in stages,
                                    #   listed in benchmarks/README.md)
+python benchmarks/attack_cost.py --repeats 15                # → docs/results/attack_cost.* (issue 17's cost)
+python benchmarks/reproduce_cpu.py --protocol paper-cpu --workers 2   # → docs/results/paper_cpu.* (in
+                                   #   stages, listed in benchmarks/README.md; not run yet)
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         ("## Findings", "notes.md"),
         ("## Speed: ratios measured side by side", "speed.md"),
         ("## Science at CPU scale", "reproduce_cpu.md"),
+        ("## CC-Dist vs CC-IBP closer to the paper's protocol (pre-registered)", "paper_cpu_plan.md"),
+        ("### Cost of the paper's training attack, and of the whole protocol", "attack_cost.md"),
+        ("### Results", "paper_cpu.md"),
         ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
         ("## The allocator setting, in alternated fresh processes", "allocator/speed.md"),
     ):

@@ -49,6 +49,9 @@ __all__ = [
 _METHOD_NOTE = "a name registered in ccdist_plugin.losses (list_losses())"
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -270,6 +273,8 @@ class OptimConfig:
             f"optim.lr_schedule must be 'step', 'cyclic' or 'constant', got {self.lr_schedule!r}",
         )
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        # a float32 network cannot take a step this large: its weights would become inf at once
+        _check(self.lr <= _FLOAT32_MAX, f"optim.lr must be finite and <= 3.4e38 (float32), got {self.lr}")
         _check(self.batch_size >= 1, f"optim.batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
         _check(self.l1 >= 0, "optim.l1 must be >= 0")
@@ -387,6 +392,8 @@ class TrainConfig:
                 data = yaml.safe_load(path.read_text())
             except yaml.YAMLError as err:
                 raise ValueError(f"{path}: invalid YAML: {err}") from err
+            if data is None:  # all defaults would only fail later, confusingly
+                raise ValueError(f"config file {str(path)!r} is empty; start from a preset (ccdist presets)")
         else:
             data = yaml.safe_load(str(path_or_text))
         if data is None:

@@ -56,6 +56,7 @@ __all__ = [
     "autoattack_adversarial",
     "evaluate",
     "ibp_loss_from_margins",
+    "predicted_class",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,12 @@ def ibp_loss_from_margins(margin_lb: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(-z, y, reduction="none")
 
 
+def predicted_class(logits: Tensor) -> Tensor:
+    """The argmax class per row, or -1 (never a label) where any logit is NaN or inf: a
+    non-finite output is never a correct prediction (argmax would pick a NaN's index)."""
+    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), -1)
+
+
 def _mean(flags: Tensor) -> float:
     return float(flags.double().mean()) if flags.numel() else float("nan")
 
@@ -317,7 +324,7 @@ def evaluate(
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            correct = torch.cat([model(x[sl]).argmax(1) == y[sl] for sl in bar("standard")])
+            correct = torch.cat([predicted_class(model(x[sl])) == y[sl] for sl in bar("standard")])
         result.timings_s["standard"] = time.perf_counter() - t0
         result.per_example["correct"] = correct.tolist()
         result.metrics["standard_acc"] = _mean(correct)
@@ -333,7 +340,7 @@ def evaluate(
                 x_adv = attack(sl)
                 model.eval()
                 with torch.no_grad():
-                    robust.append(model(x_adv).argmax(1) == y[sl])
+                    robust.append(predicted_class(model(x_adv)) == y[sl])
             mask = torch.cat(robust) & correct
             broken.logical_or_(correct & ~mask)
             result.timings_s[timing] = time.perf_counter() - t0

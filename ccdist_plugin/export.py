@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 import yaml
@@ -309,9 +308,14 @@ def list_templates() -> list[str]:
 
 
 def template_path(template: str | os.PathLike) -> Path:
-    """Resolve a template name (``"digits"``, ``"cifar10"``, …) or a YAML path to a file."""
+    """Resolve a template name (``"digits"``, ``"cifar10"``, …) or a YAML path to a file.
+
+    A bare name is always a packaged template, never a file or folder of the current directory;
+    a path must contain a separator or end in ``.yaml`` / ``.yml``.
+    """
     p = Path(template)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    text = os.fspath(template)
+    if p.suffix in (".yaml", ".yml") or "/" in text or os.sep in text:
         if not p.is_file():
             raise ValueError(f"α,β-CROWN template {p} does not exist")
         return p.resolve()
@@ -504,8 +508,10 @@ def export_instances(
     x, y = x.to(device), y.to(device)
     try:
         torch.manual_seed(seed)
+        from ccdist_plugin.evaluation import predicted_class  # non-finite outputs are never correct
+
         with torch.no_grad():
-            pred = model(x).argmax(1)
+            pred = predicted_class(model(x))
         from ccdist_plugin.bounds import certify
 
         margins: dict[str, Tensor] = {}
@@ -626,15 +632,11 @@ def export_instances(
     }
     manifest_path = out / MANIFEST_NAME
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-    logger.info(
+    logger.debug(  # debug: `ccdist export` prints this summary itself
         "exported %d points to %s: %s; %d instances for α,β-CROWN", len(points), out, counts, len(rows)
     )
     return ExportResult(out, onnx_path, csv_path, manifest_path, config_path, points, counts, max_diff)
 
-
-# --------------------------------------------------------------------------------------------
-# Command line: ccdist export
-# --------------------------------------------------------------------------------------------
 
 #: Default α,β-CROWN template per dataset (teachers use ``teacher``).
 DATASET_TEMPLATES = {
@@ -645,146 +647,3 @@ DATASET_TEMPLATES = {
     "digits": "digits",
     "mnist": "digits",
 }
-
-
-def _parse_eps(text: str) -> float:
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"eps must be a number or a fraction like 2/255, got {text!r}") from None
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ValueError(f"--set expects KEY=VALUE (e.g. solver.batch_size=64), got {item!r}")
-    key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
-
-
-@click.command("export")
-@click.option(
-    "--checkpoint",
-    "checkpoint",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="a checkpoint written by ccdist train / train-teacher",
-)
-@click.option("--data", "data_name", default=None, help="dataset name (default: the checkpoint's config)")
-@click.option(
-    "--data-root", default=None, help="folder holding the data (default: the dataset's search path)"
-)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="export directory")
-@click.option("--count", default=100, show_default=True, help="number of test points")
-@click.option("--start", default=0, show_default=True, help="index of the first test point")
-@click.option(
-    "--eps", "eps_text", default=None, help="ℓ∞ radius in pixel units, e.g. 2/255 (default: the checkpoint's)"
-)
-@click.option(
-    "--template",
-    default=None,
-    help="abcrown_configs name or YAML path (default: from the dataset; teacher checkpoints: teacher)",
-)
-@click.option(
-    "--timeout", "timeout_s", default=600.0, show_default=True, help="α,β-CROWN seconds per instance"
-)
-@click.option(
-    "--drop-proven/--no-drop-proven",
-    default=True,
-    show_default=True,
-    help="leave logit differences proved by our IBP/CROWN out of the VNN-LIB disjunction",
-)
-@click.option(
-    "--verify-all",
-    is_flag=True,
-    help="also send misclassified, pre-certified and PGD-broken points to α,β-CROWN (cross-check)",
-)
-@click.option("--methods", default="ibp,crown", show_default=True, help="our bounds used as pre-checks")
-@click.option("--attack-steps", default=50, show_default=True, help="PGD steps of the pre-check (0: none)")
-@click.option("--attack-restarts", default=3, show_default=True, help="PGD restarts of the pre-check")
-@click.option(
-    "--device",
-    "abcrown_device",
-    type=click.Choice(["cpu", "cuda"]),
-    default=None,
-    help="general.device in the generated abcrown.yaml (default: the template's)",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="override an α,β-CROWN key in abcrown.yaml, e.g. --set solver.batch_size=64 (repeatable)",
-)
-def export_command(
-    checkpoint,
-    data_name,
-    data_root,
-    out_dir,
-    count,
-    start,
-    eps_text,
-    template,
-    timeout_s,
-    drop_proven,
-    verify_all,
-    methods,
-    attack_steps,
-    attack_restarts,
-    abcrown_device,
-    overrides,
-):
-    """Export a checkpoint and test points as ONNX + VNN-LIB for α,β-CROWN."""
-    from ccdist_plugin.checkpoint import load_checkpoint, load_model
-    from ccdist_plugin.data import load_dataset
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        payload = load_checkpoint(checkpoint)
-        model = load_model(checkpoint)
-        cfg = payload.get("config") or {}
-        name = data_name or (cfg.get("data") or {}).get("name")
-        if not name:
-            raise ValueError("the checkpoint names no dataset: pass --data")
-        root = data_root if data_root is not None else (cfg.get("data") or {}).get("root")
-        if eps_text is not None:
-            eps = _parse_eps(eps_text)
-        elif cfg.get("eps") is not None:
-            eps = _parse_eps(str(cfg["eps"]))
-        else:
-            raise ValueError("the checkpoint names no eps: pass --eps")
-        if template is None:
-            template = "teacher" if cfg.get("role") == "teacher" else DATASET_TEMPLATES.get(name, "digits")
-        cfg_overrides = dict(_parse_override(s) for s in overrides)
-        if abcrown_device is not None:
-            cfg_overrides["general.device"] = abcrown_device
-        data = load_dataset(name, root)
-        result = export_instances(
-            model,
-            data.test,
-            out_dir,
-            eps,
-            count=count,
-            start=start,
-            drop_proven=drop_proven,
-            timeout_s=timeout_s,
-            template=template,
-            methods=[m.strip() for m in methods.split(",") if m.strip()],
-            attack_steps=attack_steps,
-            attack_restarts=attack_restarts,
-            verify_all=verify_all,
-            dataset_name=name,
-            checkpoint_path=checkpoint,
-            config_overrides=cfg_overrides,
-        )
-    except (ValueError, ExportError) as err:
-        raise click.ClickException(str(err)) from err
-    c = result.counts
-    click.echo(
-        f"{len(result.points)} test points, eps={eps:.6g}: {c['misclassified']} misclassified, "
-        f"{c['pre-certified']} pre-certified (IBP/CROWN), {c['attacked']} broken by PGD, "
-        f"{c['bab']} for branch-and-bound; {result.num_instances} α,β-CROWN instances in {result.out_dir}"
-    )
-    click.echo(f"next: ccdist verify --export {result.out_dir}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -271,8 +272,25 @@ def validate_record(record: dict[str, Any]) -> None:
 
 
 def write_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a record atomically (temporary file + ``os.replace``)."""
-    return atomic_write_text(path, json.dumps(record, indent=1, allow_nan=True) + "\n")
+    """Write a record atomically (temporary file + ``os.replace``) as strict JSON: a NaN or
+    infinite number (a diverged model's loss, say) is written as ``null`` and its key listed
+    under ``"non_finite"``, so that every JSON reader can load the file."""
+    bad: list[str] = []
+    clean = _finite_or_null(record, "", bad)
+    if bad:
+        clean["non_finite"] = {"keys": bad, "note": "NaN or infinite values, written as null"}
+    return atomic_write_text(path, json.dumps(clean, indent=1, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any, key: str, bad: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(key or "(top level)")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{key}.{k}" if key else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{key}[{i}]", bad) for i, v in enumerate(value)]
+    return value
 
 
 def load_record(path: str | os.PathLike) -> dict[str, Any]:

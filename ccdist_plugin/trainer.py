@@ -24,6 +24,7 @@ Outputs in ``config.log.output_dir``: ``config.yaml`` (resolved), ``checkpoint.p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -44,11 +45,13 @@ from ccdist_plugin import distributed
 from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.checkpoint import (
     capture_rng_state,
+    check_finite_state,
     check_resumable,
     load_checkpoint,
     load_model,
     restore_rng_state,
     save_checkpoint,
+    state_sha256,
 )
 from ccdist_plugin.config import TrainConfig
 from ccdist_plugin.losses import LossStats, loss_class
@@ -149,7 +152,8 @@ def load_teacher(
     (:class:`~ccdist_plugin.losses.RobustLoss`), done once there.
     """
     if isinstance(teacher, (str, Path)):
-        teacher = load_model(teacher, map_location="cpu")
+        teacher = load_model(teacher, map_location="cpu")  # refuses non-finite weights
+    check_finite_state(teacher, "teacher")
     teacher = teacher.to(device)
     return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
 
@@ -432,6 +436,8 @@ class Trainer:
         if hasattr(loss, "check_student"):  # fail now, not at the first ramp batch
             loss.check_student(self.model)
         self.loss = loss
+        # what a resumed run compares: the teacher's weights, wherever its file now lives
+        self.teacher_sha256 = None if self.teacher is None else state_sha256(self.teacher)
         self.run_dir = Path(config.log.output_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
 
@@ -441,7 +447,13 @@ class Trainer:
         return getattr(self.loss, "teacher", None)
 
     # ----------------------------------------------------------------------------------- public
-    def fit(self, train_data: Any, val_data: Any = None, resume: bool | str | Path = False) -> FitResult:
+    def fit(
+        self,
+        train_data: Any,
+        val_data: Any = None,
+        resume: bool | str | Path = False,
+        allow_teacher_change: bool = False,
+    ) -> FitResult:
         """Train for ``config.schedule.epochs`` epochs.
 
         Args:
@@ -449,11 +461,28 @@ class Trainer:
             val_data: optional validation examples for the per-epoch clean / IBP-certified accuracy
                 (the first ``config.log.val_size``).
             resume: ``True`` to continue from ``<output_dir>/checkpoint.pt``, or a checkpoint path. The
-                checkpoint must come from the same config (apart from logging/device) and dataset.
+                checkpoint must come from the same config (apart from logging/device) and dataset,
+                and the same teacher weights (the file may have moved).
+            allow_teacher_change: resume towards a teacher whose weights differ from the checkpoint's.
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+            RunFolderLockedError: another live process is training into the same output folder.
         """
+        from ccdist_plugin.runlock import run_folder_lock
+
+        with contextlib.ExitStack() as owner:  # the run owns its folder (and clears stale temporaries)
+            failure = None
+            if distributed.is_main_process():
+                try:
+                    owner.enter_context(run_folder_lock(self.run_dir))
+                except (ValueError, OSError) as err:
+                    failure = err
+            if not distributed.all_finite(failure is None, self.device):  # under torchrun: all stop
+                raise failure or ValueError(f"rank 0 could not take the run folder {self.run_dir}")
+            return self._fit(train_data, val_data, resume, allow_teacher_change)
+
+    def _fit(self, train_data: Any, val_data: Any, resume: bool | str | Path, allow_teacher_change: bool):
         cfg = self.config
         _seed_everything(cfg.seed)
         batches = _Batches(
@@ -473,7 +502,7 @@ class Trainer:
         if resume:
             path = self.checkpoint_path if resume is True else Path(resume)
             payload = load_checkpoint(path, map_location=self.device)
-            check_resumable(payload, cfg, batches.fingerprint)
+            check_resumable(payload, cfg, batches.fingerprint, self.teacher_sha256, allow_teacher_change)
             self.model.load_state_dict(payload["model_state"])
             optimizer.load_state_dict(payload["optimizer_state"])
             start_epoch, global_step = int(payload["epoch"]), int(payload["global_step"])
@@ -541,7 +570,7 @@ class Trainer:
                     f"non-finite training loss ({err.terms.get('loss')}) at epoch "
                     f"{epoch + 1}/{cfg.schedule.epochs}, "
                     f"batch {b + 1}/{nb} (eps_t={eps_t:.6g}, lr={lr:.3g}; terms: {detail}); stopping. "
-                    f"The last good checkpoint is kept at {self.checkpoint_path}",
+                    + _last_checkpoint_note(self.checkpoint_path),
                     err.terms,
                 ) from None
             global_step += 1
@@ -592,6 +621,7 @@ class Trainer:
             "dataset_fingerprint": fingerprint,
             "rng": capture_rng_state(),
             "history": history,
+            "teacher_sha256": self.teacher_sha256,
         }
         rng_ranks = distributed.gather_objects(payload["rng"])  # every rank's generators (collective)
         if len(rng_ranks) > 1:
@@ -660,6 +690,13 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("ε and lr (red)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _last_checkpoint_note(path: Path) -> str:
+    """Where a stopped run can be continued from (or that nothing was saved yet)."""
+    if path.is_file():
+        return f"The last good checkpoint is kept at {path} (continue with --resume after fixing the cause)"
+    return f"No checkpoint was written yet (none at {path}); nothing to resume from"
 
 
 def _fmt(row: dict[str, Any]) -> str:

@@ -70,6 +70,8 @@ def check_pixel_range(x: Tensor) -> None:
     if not x.numel():
         return
     low, high = torch.stack([x.min(), x.max()]).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):  # min/max propagate NaN; NaN passes < and >
+        raise ValueError("inputs hold NaN or infinite values (pixel space [0, 1] expected)")
     if low < -PIXEL_TOL or high > 1 + PIXEL_TOL:
         raise ValueError(
             f"inputs must lie in pixel space [0, 1] (got values in [{low:.3g}, {high:.3g}]); "

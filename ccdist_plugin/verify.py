@@ -36,8 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from ccdist_plugin.export import CONFIG_NAME, CSV_NAME, MANIFEST_NAME
 from ccdist_plugin.fileio import atomic_write_text
 
@@ -234,7 +232,12 @@ def _load_export(export_dir: Path) -> tuple[dict[str, Any], list[list[str]]]:
         raise ValueError(
             f"{export_dir} is not an export directory: {MANIFEST_NAME} is missing (run ccdist export)"
         )
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:  # garbled or truncated: nothing in it can be trusted
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}); export again (ccdist export)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("points"), list):
+        raise ValueError(f"{manifest_path} is not an export manifest (no list of points); export again")
     csv_path = export_dir / CSV_NAME
     rows = (
         [line.split(",") for line in csv_path.read_text().splitlines() if line.strip()]
@@ -583,68 +586,3 @@ def summarize(
         time_per_instance_s=timing,
         results_files=files,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: ccdist verify
-# --------------------------------------------------------------------------------------------
-
-
-@click.command("verify")
-@click.option(
-    "--export",
-    "export_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="an export directory written by ccdist export",
-)
-@click.option(
-    "--abcrown",
-    "abcrown_dir",
-    default=None,
-    help="α,β-CROWN's complete_verifier folder (default: $ABCROWN_DIR)",
-)
-@click.option("--shard", default=None, metavar="I/N", help="run only the instances r with r % N == I")
-@click.option(
-    "--timeout", "timeout_s", type=float, default=None, help="seconds per instance (default: the export's)"
-)
-@click.option(
-    "--grace",
-    "grace_s",
-    type=float,
-    default=None,
-    help="hard limit = timeout + grace seconds (default max(60, timeout/2))",
-)
-@click.option("--merge", is_flag=True, help="only join the shards' results into verification.json")
-@click.option("--retry-errors", is_flag=True, help="run again instances whose result is error")
-@click.option(
-    "--abcrown-args", default="", help='extra α,β-CROWN options, e.g. "--device cpu --batch_size 64"'
-)
-def verify_command(export_dir, abcrown_dir, shard, timeout_s, grace_s, merge, retry_errors, abcrown_args):
-    """Run α,β-CROWN on an export directory and report certified accuracy.
-
-    Exit status: 0 done, 2 α,β-CROWN not found (our IBP/CROWN results still reported),
-    3 soundness alarm.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if merge:
-            result = merge_shards(export_dir)
-        else:
-            result = run_verification(
-                export_dir,
-                abcrown_dir=abcrown_dir,
-                shard=shard,
-                timeout_s=timeout_s,
-                grace_s=grace_s,
-                extra_args=shlex.split(abcrown_args),
-                retry_errors=retry_errors,
-            )
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(result.table())
-    if result.soundness_alarms:
-        click.echo(f"SOUNDNESS ALARM: {len(result.soundness_alarms)} disagreement(s), see above", err=True)
-        sys.exit(3)
-    if not result.abcrown_ran:
-        sys.exit(2)

@@ -13,66 +13,38 @@ See ``docs/evaluation.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ccdist_plugin import reports
+from ccdist_plugin.cli.common import (
+    checkpoint_dataset,
+    checkpoint_eps,
+    load_checkpoint_and_model,
+    parse_eps,
+    parse_float_list,
+    parse_names,
+    parse_overrides,
+    setup_logging,
+)
 
-__all__ = ["eval_command", "compare_command", "sweep_command", "run_eval", "parse_eps"]
+__all__ = ["eval_command", "compare_command", "sweep_command", "run_eval", "compare_records"]
 
 logger = logging.getLogger(__name__)
 
 #: multiples of ε at which ``ccdist eval`` draws the accuracy-vs-ε curve by default
 DEFAULT_CURVE = "0,0.5,1,1.5,2"
-#: α,β-CROWN template per dataset (teachers use ``teacher``), as ``ccdist export``
-_TEMPLATES = {"cifar10": "cifar10", "cifar10-jpeg": "cifar10", "tinyimagenet": "tinyimagenet"}
-_TEMPLATES.update({"imagenet64": "imagenet64", "digits": "digits", "mnist": "digits"})
 _PARAM_KEYS = {"beta": "loss.beta", "alpha": "loss.alpha"}
-
-
-def parse_eps(text: str) -> float:
-    """``"2/255"`` or ``"0.1"`` → float (``ValueError`` otherwise)."""
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"eps must be a number or a fraction like 2/255, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be finite and >= 0, got {text!r}")
-    return value
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [parse_eps(v.strip()) if "/" in v else float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise click.BadParameter(f"{what}: {err}") from err
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    logging.getLogger("ccdist_plugin").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _test_points(
     cfg: dict[str, Any], data_name: str | None, data_root: str | None, start: int, count: int | None
 ):
-    from ccdist_plugin.data import load_dataset
-
-    data_cfg = cfg.get("data") or {}
-    name = data_name or data_cfg.get("name")
-    if not name:
-        raise ValueError("the checkpoint names no dataset: pass --data")
-    root = data_root if data_root is not None else data_cfg.get("root")
-    options = dict(data_cfg.get("options") or {}) if name == data_cfg.get("name") else {}
-    data = load_dataset(name, root, **options)
+    name, root, data = checkpoint_dataset(cfg, data_name, data_root)
     n = len(data.test)
     if start < 0 or start >= n:
         raise ValueError(f"--start {start} is outside the test set (0..{n - 1})")
@@ -107,23 +79,19 @@ def run_eval(
         eps: radius in pixel units (default: the checkpoint's).
         curve: multiples of ε for the accuracy-vs-ε curve (PGD and IBP/CROWN, no AutoAttack/BaB).
     """
-    from ccdist_plugin.checkpoint import load_checkpoint, load_model
     from ccdist_plugin.evaluation import EvalSettings, evaluate
+    from ccdist_plugin.export import DATASET_TEMPLATES
 
-    payload = load_checkpoint(checkpoint)
-    model = load_model(checkpoint)
+    payload, model = load_checkpoint_and_model(checkpoint)
     cfg = payload.get("config") or {}
-    if eps is None:
-        if cfg.get("eps") is None:
-            raise ValueError("the checkpoint names no eps: pass --eps")
-        eps = float(cfg["eps"])
+    eps = checkpoint_eps(cfg, eps)
     x, y, data_info = _test_points(cfg, data_name, data_root, start, count)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = dict(settings_kwargs)
     if kwargs.get("bab") and kwargs.get("bab_template") is None:
         kwargs["bab_template"] = (
-            "teacher" if cfg.get("role") == "teacher" else _TEMPLATES.get(data_info["name"], "digits")
+            "teacher" if cfg.get("role") == "teacher" else DATASET_TEMPLATES.get(data_info["name"], "digits")
         )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     settings = EvalSettings(eps=eps, **kwargs)
@@ -170,18 +138,6 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # ccdist eval
 # --------------------------------------------------------------------------------------------
-
-
-def _bab_overrides(items: tuple[str, ...]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--bab-set")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 @click.command("eval")
@@ -263,51 +219,52 @@ def eval_command(
     quiet,
 ):
     """Standard, PGD-40/AutoAttack, IBP/CROWN/BaB-certified accuracy and the IBP loss of a checkpoint."""
-    _setup_logging(quiet)
+    setup_logging(quiet)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
     try:
-        eps = parse_eps(eps_text) if eps_text is not None else None
-        settings = dict(
-            batch_size=batch_size,
-            attack=attack,
-            pgd_steps=pgd_steps,
-            pgd_step_rel=parse_eps(pgd_step_text),
-            pgd_restarts=pgd_restarts,
-            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-            crown_intermediate=crown_intermediate,
-            seed=seed,
-            bab=bab,
-            bab_count=bab_count,
-            bab_timeout_s=bab_timeout,
-            bab_template=template,
-            bab_overrides=_bab_overrides(bab_set),
-        )
-        curve = _floats(curve_eps, "--curve-eps") if curve_eps else []
-        common = dict(
-            eps=eps,
-            data_name=data_name,
-            data_root=data_root,
-            start=start,
-            count=count,
-            curve=curve,
-            abcrown_dir=abcrown_dir,
-            progress=not quiet,
-            say=logger.info,
-        )
-        record = run_eval(checkpoint, out, settings, label=label, **common)
-        records = [record]
-        if compare_teacher is not None:
-            teacher = run_eval(compare_teacher, out / "teacher", settings, **{**common, "eps": record["eps"]})
-            records.append(teacher)
-            table2 = reports.teacher_table(teacher, record)
-            (out / "teacher_comparison.md").write_text(table2)
-            record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
-            reports.write_json(record, out / "eval.json")
-            (out / "eval.md").write_text(reports.eval_table(records) + "\n" + table2)
-            if record["eps_curve"] and teacher["eps_curve"]:
-                reports.plot_accuracy_vs_eps(records, out / "accuracy_vs_eps.png")
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+        eps = parse_eps(eps_text, "--eps") if eps_text is not None else None
+        pgd_step_rel = parse_eps(pgd_step_text, "--pgd-step", upper=None)
+        curve = parse_float_list(curve_eps, "--curve-eps") if curve_eps else []
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    settings = dict(
+        batch_size=batch_size,
+        attack=attack,
+        pgd_steps=pgd_steps,
+        pgd_step_rel=pgd_step_rel,
+        pgd_restarts=pgd_restarts,
+        methods=parse_names(methods),
+        crown_intermediate=crown_intermediate,
+        seed=seed,
+        bab=bab,
+        bab_count=bab_count,
+        bab_timeout_s=bab_timeout,
+        bab_template=template,
+        bab_overrides=parse_overrides(bab_set, "--bab-set", "bab.timeout=60"),
+    )
+    common = dict(
+        eps=eps,
+        data_name=data_name,
+        data_root=data_root,
+        start=start,
+        count=count,
+        curve=curve,
+        abcrown_dir=abcrown_dir,
+        progress=not quiet,
+        say=logger.info,
+    )
+    record = run_eval(checkpoint, out, settings, label=label, **common)
+    records = [record]
+    if compare_teacher is not None:
+        teacher = run_eval(compare_teacher, out / "teacher", settings, **{**common, "eps": record["eps"]})
+        records.append(teacher)
+        table2 = reports.teacher_table(teacher, record)
+        (out / "teacher_comparison.md").write_text(table2)
+        record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
+        reports.write_json(record, out / "eval.json")
+        (out / "eval.md").write_text(reports.eval_table(records) + "\n" + table2)
+        if record["eps_curve"] and teacher["eps_curve"]:
+            reports.plot_accuracy_vs_eps(records, out / "accuracy_vs_eps.png")
     click.echo(reports.eval_table(records))
     if compare_teacher is not None:
         click.echo(reports.teacher_table(records[1], records[0]))
@@ -353,11 +310,8 @@ def compare_records(
 )
 def compare_command(runs, out_dir, group_by, sweep_param):
     """One table over several runs/seeds (mean ± std) and plots, from their eval.json files."""
-    try:
-        records = [reports.load_record(r) for r in runs]
-        written = compare_records(records, Path(out_dir), group_by, sweep_param)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    records = [reports.load_record(r) for r in runs]
+    written = compare_records(records, Path(out_dir), group_by, sweep_param)
     click.echo((Path(out_dir) / "compare.md").read_text())
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
@@ -368,10 +322,18 @@ def compare_command(runs, out_dir, group_by, sweep_param):
 
 
 def _needs_teacher(cfg) -> bool:
+    """Whether the config's loss distils from a teacher (the loss class says so)."""
     from ccdist_plugin import losses
 
     method = cfg.loss.method
     return method in losses.list_losses() and losses.loss_class(method).teacher_use == "required"
+
+
+def _epochs_done(checkpoint: Path) -> int:
+    """Epochs an earlier (possibly interrupted) run of a sweep finished: 0 when there is no checkpoint."""
+    from ccdist_plugin.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(checkpoint).get("epoch", 0)) if checkpoint.is_file() else 0
 
 
 @click.command("sweep")
@@ -413,7 +375,7 @@ def sweep_command(
     from ccdist_plugin.config import load_config, load_preset
     from ccdist_plugin.trainer import Trainer, build_model, load_data
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     key = _PARAM_KEYS.get(param, param)
     values = [v.strip() for v in values_text.split(",") if v.strip()]
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -434,50 +396,50 @@ def sweep_command(
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--param/--values/--set") from err
     teacher_path = teacher
-    try:
-        if teacher_path is None and _needs_teacher(runs[0][2]):
-            t_preset = runs[0][2].teacher.preset
-            if not t_preset:
-                raise ValueError(f"loss {runs[0][2].loss.method!r} needs a teacher: pass --teacher")
-            t_dir = out / "teacher"
-            teacher_path = t_dir / "checkpoint.pt"
-            if not teacher_path.is_file():
-                click.echo(f"training the teacher ({t_preset}) into {t_dir} ...")
-                t_cfg = load_preset(t_preset).override(
-                    [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
+    if teacher_path is None and _needs_teacher(runs[0][2]):
+        t_preset = runs[0][2].teacher.preset
+        if not t_preset:
+            raise ValueError(f"loss {runs[0][2].loss.method!r} needs a teacher: pass --teacher")
+        t_dir = out / "teacher"
+        teacher_path = t_dir / "checkpoint.pt"
+        if not teacher_path.is_file():
+            click.echo(f"training the teacher ({t_preset}) into {t_dir} ...")
+            t_cfg = load_preset(t_preset).override(
+                [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
+            )
+            data = load_data(t_cfg)
+            Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
+                data.train, data.val if data.val is not None else data.test
+            )
+    records = []
+    for value, seed, cfg, run_dir in runs:
+        ckpt = run_dir / "checkpoint.pt"
+        done = _epochs_done(ckpt)
+        if done >= cfg.schedule.epochs:
+            click.echo(f"{param}={value} seed {seed}: {ckpt} exists, not retrained")
+        else:
+            verb = f"resuming (after epoch {done})" if done else "training"
+            click.echo(f"{verb} {param}={value} seed {seed} into {run_dir} ...")
+            data = load_data(cfg)
+            if teacher_path is not None and _needs_teacher(cfg):  # the trainer reads it from the config
+                cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher_path)))
+            Trainer(build_model(cfg, data.spec), cfg).fit(
+                data.train, data.val if data.val is not None else data.test, resume=done > 0
+            )
+        if do_eval:
+            settings = dict(attack=attack, bab=bab, bab_count=bab_count, bab_timeout_s=bab_timeout)
+            records.append(
+                run_eval(
+                    ckpt,
+                    run_dir / "eval",
+                    settings,
+                    count=count,
+                    curve=[],
+                    progress=not quiet,
+                    label=f"{reports.default_label({'method': cfg.loss.method, 'role': cfg.role})}",
                 )
-                data = load_data(t_cfg)
-                Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
-                    data.train, data.val if data.val is not None else data.test
-                )
-        records = []
-        for value, seed, cfg, run_dir in runs:
-            ckpt = run_dir / "checkpoint.pt"
-            if ckpt.is_file():
-                click.echo(f"{param}={value} seed {seed}: {ckpt} exists, not retrained")
-            else:
-                click.echo(f"training {param}={value} seed {seed} into {run_dir} ...")
-                data = load_data(cfg)
-                t = str(teacher_path) if teacher_path is not None and _needs_teacher(cfg) else None
-                Trainer(build_model(cfg, data.spec), cfg, teacher=t).fit(
-                    data.train, data.val if data.val is not None else data.test
-                )
-            if do_eval:
-                settings = dict(attack=attack, bab=bab, bab_count=bab_count, bab_timeout_s=bab_timeout)
-                records.append(
-                    run_eval(
-                        ckpt,
-                        run_dir / "eval",
-                        settings,
-                        count=count,
-                        curve=[],
-                        progress=not quiet,
-                        label=f"{reports.default_label({'method': cfg.loss.method, 'role': cfg.role})}",
-                    )
-                )
-        if records:
-            written = compare_records(records, out, group_by=param, sweep_param=param)
-            click.echo((out / "compare.md").read_text())
-            click.echo("wrote " + ", ".join(str(p) for p in written))
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+            )
+    if records:
+        written = compare_records(records, out, group_by=param, sweep_param=param)
+        click.echo((out / "compare.md").read_text())
+        click.echo("wrote " + ", ".join(str(p) for p in written))

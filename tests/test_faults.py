@@ -1,0 +1,473 @@
+"""Faults injected through the ``ccdist`` command line (issue: nothing lost, nothing silently wrong).
+
+Every test injects one fault in a temporary folder and asserts the exit status, the one-line message
+and that nothing was lost or miscounted. Runs are tiny (digits, a width-16 MLP, one or two epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ccdist_plugin.checkpoint import load_checkpoint, save_checkpoint
+from ccdist_plugin.cli import main
+from ccdist_plugin.fileio import file_sha256
+
+pytest.importorskip("sklearn")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--quiet",
+    "--set", "device=cpu", "--set", "model.width=16", "--set", "log.val_size=32",
+    "--set", "log.plot=false", "--set", "log.tensorboard=false", "--set", "data.options.test_size=100",
+]  # fmt: skip
+TEACHER = ["train-teacher", "--config", "digits-teacher", *TINY, "--set", "schedule.epochs=1"]
+TEACHER += ["--set", "loss.attack.steps=1"]
+STUDENT = ["train", "--config", "digits", *TINY, "--set", "schedule.epochs=2"]
+STUDENT += ["--set", "schedule.warmup_epochs=1", "--set", "schedule.ramp_up_epochs=1"]
+STUDENT += ["--set", "optim.lr_decay_epochs=[]"]
+
+
+def ccdist(*args: str | Path) -> object:
+    """Run ``ccdist ARGS`` in this process; stderr is part of ``.output``."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    """The one ``error: ...`` line of a failed command (asserting there is exactly one)."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith(("error:", "Error:"))]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    result = ccdist(*TEACHER, "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, teacher) -> Path:
+    out = tmp_path_factory.mktemp("student") / "run"
+    result = ccdist(*STUDENT, "--teacher", teacher, "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    return out / "checkpoint.pt"
+
+
+def _perturbed_copy(src: Path, dst: Path, *, nan: bool = False, drop_key: bool = False) -> Path:
+    payload = load_checkpoint(src)
+    state = dict(payload["model_state"])
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+    weight = state[name].clone()
+    if nan:
+        weight.view(-1)[0] = float("nan")
+    else:
+        weight += 0.01
+    state[name] = weight
+    if drop_key:
+        del state[name]
+    payload["model_state"] = state
+    payload.pop("format", None)
+    return save_checkpoint(dst, payload)
+
+
+# ---------------------------------------------------------------------------------- data loss
+
+
+def test_second_run_into_a_held_folder_is_refused(tmp_path, teacher):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from ccdist_plugin.runlock import run_folder_lock
+            with run_folder_lock({str(run)!r}, command="ccdist train --config first"):
+                print("held", flush=True)
+                sys.stdin.read()
+            """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run / "checkpoint.pt").write_bytes(b"the first run's model")
+        result = ccdist(*TEACHER, "--output-dir", run)
+        assert result.exit_code == 2
+        line = error_line(result)
+        assert f"pid {holder.pid}" in line and "ccdist train --config first" in line
+        assert (run / "checkpoint.pt").read_bytes() == b"the first run's model"  # nothing overwritten
+    finally:
+        holder.communicate("", timeout=60)
+    # the holder has ended: its folder is free again
+    result = ccdist(*TEACHER, "--output-dir", run)
+    assert result.exit_code == 0, result.output
+    assert not (run / ".ccdist.lock").exists()
+
+
+def test_stale_lock_and_temporaries_of_a_killed_run_are_cleaned(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = {"pid": int(dead.stdout), "hostname": "here", "command": "ccdist train (killed -9)"}
+    (run / ".ccdist.lock").write_text(json.dumps(stale))
+    for i in range(3):  # what kill -9 during a checkpoint write leaves behind
+        (run / f".checkpoint.pt.abc{i}.tmp").write_bytes(b"half a checkpoint")
+    (run / "notes.txt").write_text("mine")
+    result = ccdist(*TEACHER, "--output-dir", run)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.glob(".*.tmp")) == []
+    assert (run / "notes.txt").read_text() == "mine" and load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+def test_lock_without_flock_checks_the_recorded_pid(tmp_path, monkeypatch):
+    import socket
+
+    from ccdist_plugin import runlock
+
+    monkeypatch.setattr(runlock, "fcntl", None)  # a file system without flock
+    (tmp_path / ".ccdist.lock").write_text(
+        json.dumps({"pid": os.getppid(), "hostname": socket.gethostname(), "command": "ccdist train X"})
+    )
+    with pytest.raises(runlock.RunFolderLockedError, match=f"pid {os.getppid()} .*ccdist train X"):
+        with runlock.run_folder_lock(tmp_path):
+            pass
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    (tmp_path / ".ccdist.lock").write_text(
+        json.dumps({"pid": int(ended.stdout), "hostname": socket.gethostname()})
+    )
+    with runlock.run_folder_lock(tmp_path, command="mine"):
+        assert json.loads((tmp_path / ".ccdist.lock").read_text())["command"] == "mine"
+    assert not (tmp_path / ".ccdist.lock").exists()
+
+
+def test_replaced_teacher_is_refused_on_resume_and_moved_teacher_accepted(tmp_path, teacher, student):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(student.read_bytes())
+    before = file_sha256(run / "checkpoint.pt")
+    replaced = _perturbed_copy(teacher, tmp_path / "teacher.pt")  # another network at the given path
+    args = [*STUDENT, "--teacher", replaced, "--output-dir", run, "--resume"]
+    result = ccdist(*args)
+    assert result.exit_code == 2
+    assert "--allow-teacher-change" in error_line(result)
+    assert file_sha256(run / "checkpoint.pt") == before
+    # the same bytes at a new path: accepted (the run is finished, so resuming is a no-op)
+    moved = tmp_path / "moved" / "teacher copy.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(teacher.read_bytes())
+    result = ccdist(*STUDENT, "--teacher", moved, "--output-dir", run, "--resume")
+    assert result.exit_code == 0, result.output
+    result = ccdist(*args, "--allow-teacher-change")
+    assert result.exit_code == 0, result.output
+    assert (
+        load_checkpoint(run / "checkpoint.pt")["teacher_sha256"] == load_checkpoint(student)["teacher_sha256"]
+    )
+
+
+# ---------------------------------------------------------------------------------- NaN models
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "teacher"])
+def test_model_with_a_nan_weight_is_refused_at_load(tmp_path, teacher, student, command):
+    bad = _perturbed_copy(student if command != "teacher" else teacher, tmp_path / "nan.pt", nan=True)
+    if command == "eval":
+        result = ccdist("eval", "--checkpoint", bad, "--count", "8", "--curve-eps", "", "--quiet")
+    elif command == "export":
+        result = ccdist("export", "--checkpoint", bad, "--out", tmp_path / "x", "--count", "4")
+    else:
+        result = ccdist(*STUDENT, "--teacher", bad, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "non-finite" in line and "tensor '" in line
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "x").exists()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_nan_outputs_are_never_correct_and_eval_json_is_strict(tmp_path, student):
+    from ccdist_plugin.checkpoint import load_model
+    from ccdist_plugin.evaluation import EvalSettings, evaluate
+    from ccdist_plugin.reports import write_json
+
+    model = load_model(student)
+    x, y = torch.rand(40, 1, 8, 8), torch.zeros(40, dtype=torch.long)  # class 0: NaN's argmax
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.ndim == 2).fill_(float("nan"))
+    result = evaluate(model, x, y, EvalSettings(eps=0.05, methods=("ibp",), pgd_steps=2), progress=False)
+    assert result.metrics["standard_acc"] == 0.0 and result.metrics["pgd_acc"] == 0.0
+    assert result.metrics["ibp_cert_acc"] == 0.0
+    path = write_json({"metrics": {"ibp_loss": float("nan"), "standard_acc": 0.0}}, tmp_path / "eval.json")
+
+    def refuse(token):
+        raise AssertionError(f"not strict JSON: {token}")
+
+    record = json.loads(path.read_text(), parse_constant=refuse)
+    assert record["metrics"]["ibp_loss"] is None and record["non_finite"]["keys"] == ["metrics.ibp_loss"]
+
+
+# ---------------------------------------------------------------------------------- templates
+
+
+def test_template_names_are_not_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    from ccdist_plugin.export import template_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "teacher").mkdir()
+    assert template_path("digits").name == "digits.yaml" and template_path("digits").is_file()
+    assert template_path("teacher").parent == template_path("digits").parent
+    with pytest.raises(ValueError, match="does not exist"):
+        template_path("./digits")
+
+
+def test_export_prints_its_summary_once_and_quotes_next_command(tmp_path, student, monkeypatch):
+    pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # a folder named like the template
+    out = tmp_path / "my export"
+    result = ccdist("export", "--checkpoint", student, "--out", out, "--count", "4", "--attack-steps", "0")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("4 test points") == 1
+    assert f"next: ccdist verify --export {shlex.quote(str(out))}" in result.output
+    assert shlex.split(result.output.splitlines()[-1])[-1] == str(out)
+
+
+# ---------------------------------------------------------------------------------- one-line errors
+
+
+def _garbage_npz(root: Path, labels: int | None) -> Path:
+    root.mkdir(parents=True)
+    for split, n in (("train10k", 20), ("test2k", 10)):
+        path = root / f"cifar10-jpeg-{split}.npz"
+        if labels is None:
+            path.write_bytes(b"not a zip file at all")
+        else:
+            x = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+            np.savez(path, x=x, y=np.full(n, labels, dtype=np.int64))
+    return root
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing dataset", "--set data.root="),
+        ("corrupt data file", "malformed file"),
+        ("labels out of range", "labels must lie in 0..9"),
+        ("unknown model", "unknown model 'resnet_nope'"),
+        ("unknown dataset", "unknown dataset 'nope'"),
+        ("output is a file", "is a file"),
+        ("lr 1e39", "optim.lr must be finite and <= 3.4e38"),
+        ("empty yaml", "is empty"),
+    ],
+)
+def test_training_faults_give_one_line(case, fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CCDIST_DATA", str(tmp_path / "no data here"))
+    args = [*TEACHER, "--output-dir", tmp_path / "run"]
+    if case == "missing dataset":
+        args += ["--set", "data.name=cifar10", "--set", "data.options={}"]
+    elif case in ("corrupt data file", "labels out of range"):
+        root = _garbage_npz(tmp_path / "data", None if case == "corrupt data file" else 10)
+        args += ["--set", "data.name=cifar10-jpeg", "--set", f"data.root={root}", "--set", "data.options={}"]
+    elif case == "unknown model":
+        args += ["--set", "model.name=resnet_nope"]
+    elif case == "unknown dataset":
+        args += ["--set", "data.name=nope"]
+    elif case == "output is a file":
+        (tmp_path / "file").write_text("x")
+        args += ["--output-dir", tmp_path / "file" / "run"]
+    elif case == "lr 1e39":
+        args += ["--set", "optim.lr=1e39"]
+    else:
+        (tmp_path / "empty.yaml").write_text("")
+        args = ["train", "--config", "empty.yaml"]
+    result = ccdist(*args)
+    assert result.exit_code == 2, result.output
+    assert fragment in error_line(result)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    if case == "missing dataset":
+        assert "CCDIST_DATA" in error_line(result) and "pass root=" not in result.output
+    debug = ccdist("--debug", *args)
+    assert debug.exit_code != 0 and debug.exception is not None  # --debug: the exception itself
+    if case == "unknown model":
+        after = ccdist(*args, "--debug")
+        assert type(after.exception) is type(debug.exception)
+
+
+def test_output_folder_not_writable(tmp_path, monkeypatch):
+    import ccdist_plugin.runlock as runlock
+
+    monkeypatch.setattr(runlock.os, "access", lambda *a, **k: False)  # as root, chmod would not stop us
+    result = ccdist(*TEACHER, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 2 and "is not writable" in error_line(result)
+
+
+@pytest.mark.parametrize("when", ["first epoch", "after a checkpoint"])
+def test_read_only_mid_run_and_non_finite_loss_say_what_is_kept(when, tmp_path, monkeypatch):
+    from ccdist_plugin import trainer as trainer_module
+
+    run = tmp_path / "run"
+    real_save = trainer_module.save_checkpoint
+    saves = []
+
+    def save(path, payload):
+        saves.append(payload["epoch"])
+        if len(saves) > 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_save(path, payload)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    args = [*TEACHER, "--set", "schedule.epochs=2", "--output-dir", run]
+    result = ccdist(*args)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "Permission denied" in line and f"last checkpoint is kept at {run / 'checkpoint.pt'}" in line
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # the good checkpoint is intact
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    real_ce = torch.nn.functional.cross_entropy
+
+    def nan_loss(*args, **kwargs):  # every loss of this run is a cross-entropy: it diverges at once
+        return real_ce(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_loss)
+    fresh = tmp_path / "fresh"
+    target = fresh if when == "first epoch" else run
+    extra = ["--resume"] if when != "first epoch" else []
+    result = ccdist(*TEACHER, "--set", "schedule.epochs=2", "--output-dir", target, *extra)
+    assert result.exit_code == 2
+    line = error_line(result)
+    if when == "first epoch":
+        assert "No checkpoint was written yet" in line and not (fresh / "checkpoint.pt").exists()
+    else:
+        assert f"last good checkpoint is kept at {run / 'checkpoint.pt'}" in line
+        assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+def test_checkpoint_and_export_faults(tmp_path, student):
+    broken = _perturbed_copy(student, tmp_path / "broken.pt", drop_key=True)
+    result = ccdist("eval", "--checkpoint", broken, "--count", "4", "--quiet")
+    assert result.exit_code == 2 and "do not match its architecture (missing" in error_line(result)
+
+    result = ccdist("eval", "--checkpoint", student, "--eps", "300/255", "--count", "4", "--quiet")
+    assert result.exit_code == 2 and "larger than 1" in error_line(result)
+    assert not (student.parent / "eval" / "eval.json").exists()
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "manifest.json").write_text('{"points": [1, 2,')  # a truncated write
+    (export / "instances.csv").write_text("")
+    for extra in ([], ["--merge"]):
+        result = ccdist("verify", "--export", export, *extra)
+        assert result.exit_code == 2 and "manifest.json is not valid JSON" in error_line(result)
+
+
+def test_labels_out_of_range_and_nan_pixels_from_the_python_api(tmp_path):
+    from ccdist_plugin.config import load_preset
+    from ccdist_plugin.trainer import Trainer, build_model, load_data
+
+    cfg = load_preset("digits-teacher").override(
+        ["model.width=16", "schedule.epochs=1", "log.progress=false", f"log.output_dir={tmp_path / 'run'}"]
+    )
+    model = build_model(cfg, load_data(cfg).spec)
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    bad_y = y.clone()
+    bad_y[5] = 10
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        Trainer(model, cfg).fit((x, bad_y))
+    bad_x = x.clone()
+    bad_x[3, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        Trainer(model, cfg).fit((bad_x, y))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, bad_y), batch_size=32)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        Trainer(model, cfg).fit(loader)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------------- housekeeping
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch):
+    from ccdist_plugin import trainer as trainer_module
+
+    run = tmp_path / "my runs" / "teacher"
+    real = trainer_module.Trainer._validate
+    calls = []
+
+    def interrupt_in_epoch_two(self, val):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, val)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_validate", interrupt_in_epoch_two)
+    result = ccdist(*TEACHER, "--set", "schedule.epochs=2", "--output-dir", run)
+    assert result.exit_code == 130
+    assert f"last checkpoint is kept at {run / 'checkpoint.pt'}" in result.output
+    resume = result.output.strip().splitlines()[-1].strip()
+    assert shlex.quote(str(run)) in resume and resume.endswith("--resume")
+    assert not (run / ".ccdist.lock").exists()  # the lock went with the interrupted run
+    monkeypatch.setattr(trainer_module.Trainer, "_validate", real)
+    words = shlex.split(resume)
+    assert words[0] == "ccdist"
+    result = ccdist(*words[1:])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
+
+
+def test_version():
+    from ccdist_plugin import __version__
+
+    result = ccdist("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"ccdist {__version__}"
+
+
+@pytest.mark.slow
+def test_real_sigint_in_a_training_process(tmp_path):
+    """A real SIGINT (not a simulated KeyboardInterrupt): exit 130, the resume hint, the lock released."""
+    import signal
+    import time
+
+    run = tmp_path / "a run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ccdist_plugin.cli",
+        *TEACHER,
+        "--set",
+        "schedule.epochs=200",
+        "--output-dir",
+        run,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"last checkpoint is kept at {run / 'checkpoint.pt'}" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].strip().endswith("--resume")
+    assert shlex.quote(str(run)) in err and not (run / ".ccdist.lock").exists()
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
