@@ -12,7 +12,7 @@ Everything here is a pure function of a module and tensors, batch-first, in pixe
   bounds on the features h(x′) and on the logit differences z = f_y − f_j, with the difference
   folded into the head (equation 10 of the paper).
 - :func:`crown_margin_lower_bound` — CROWN back-substitution (Zhang et al. 2018) for evaluation,
-  native or through auto_LiRPA (``backend="auto_lirpa"``, the reference implementation).
+  optionally through auto_LiRPA (``backend="auto_lirpa"``) as the reference implementation.
 - :func:`certify` — float-safe certified decisions (float64).
 
 An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound is never returned.
@@ -28,8 +28,10 @@ BatchNorm semantics; a layer neither engine bounds raises :class:`UnsupportedLay
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,12 +54,17 @@ __all__ = [
     "elided_margin_lower_bound",
     "margin_lower_bound",
     "crown_margin_lower_bound",
+    "CROWN_INTERMEDIATE",
+    "resolve_crown_intermediate",
+    "check_supported_layer",
+    "CERT_TOL",
     "CertifyResult",
     "certify",
     "flat_layers",
     "native_unsupported_layer",
     "check_boundable",
     "with_batch_statistics",
+    "training_restorer",
 ]
 
 _MONOTONE = (nn.ReLU, nn.Tanh)
@@ -80,6 +87,104 @@ _NATIVE_IBP = (
 class UnsupportedLayerError(TypeError, ValueError):
     """Raised when a bound is asked for through a layer no engine can bound soundly (the message
     names it). A ``ValueError`` too: it reports a model the user passed in."""
+
+
+#: the standard layers the engines know, each with the ``forward`` they assume: a subclass that
+#: overrides ``forward`` computes something else, and is refused rather than bounded as its parent
+_KNOWN_FORWARDS: tuple[tuple[type, tuple], ...] = (
+    (nn.Linear, (nn.Linear.forward,)),
+    (nn.Conv2d, (nn.Conv2d.forward,)),
+    # SyncBatchNorm (distributed training) equals BatchNorm in eval mode; see distributed.py for train mode
+    (nn.modules.batchnorm._BatchNorm, (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)),
+    (nn.ReLU, (nn.ReLU.forward,)),
+    (nn.Tanh, (nn.Tanh.forward,)),
+    (nn.Flatten, (nn.Flatten.forward,)),
+    (nn.AvgPool2d, (nn.AvgPool2d.forward,)),
+    (nn.Identity, (nn.Identity.forward,)),
+    (nn.Dropout, (nn.Dropout.forward,)),
+)
+#: F.pad's mode for each Conv2d padding_mode
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@functools.cache  # a property of the class alone; called for every layer of every bound
+def _overridden_base(cls: type) -> str | None:
+    """The standard layer whose ``forward`` ``cls`` inherits from but overrides, else None."""
+    for base, forwards in _KNOWN_FORWARDS:
+        if issubclass(cls, base) and cls.forward not in forwards:
+            return base.__name__
+    return None
+
+
+def check_supported_layer(layer: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` naming ``layer`` when an engine would misread it.
+
+    What the engines read of each layer is what ``forward`` computes, except in these cases,
+    which are refused: a subclass of a standard layer that overrides ``forward``; a forward
+    pre-hook (e.g. the old ``torch.nn.utils.weight_norm``, which recomputes the weight there);
+    a Flatten over the batch dimension; a Conv2d padding mode unknown to ``F.pad``; an
+    eval-mode BatchNorm without running statistics (``track_running_stats=False``: it
+    normalizes every batch with that batch's statistics, so its output at one point depends on
+    the rest of the batch and no certificate about a point holds).
+    """
+    base = _overridden_base(type(layer))
+    if base is not None:
+        raise UnsupportedLayerError(
+            f"{type(layer).__name__} overrides {base}.forward; the bounds would describe {base}, not this "
+            f"layer: {layer!r}"
+        )
+    if layer._forward_pre_hooks:
+        raise UnsupportedLayerError(
+            f"layer {layer!r} has a forward pre-hook (e.g. torch.nn.utils.weight_norm), which can change its "
+            "input or weights where the bounds cannot see it; remove the hook (weight_norm: "
+            "torch.nn.utils.remove_weight_norm, or the parametrizations API) first"
+        )
+    if isinstance(layer, nn.Flatten) and layer.start_dim == 0:
+        raise UnsupportedLayerError(f"{layer!r} flattens the batch dimension: the bounds are per example")
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode not in _PAD_MODES:
+        raise UnsupportedLayerError(f"Conv2d padding_mode {layer.padding_mode!r} is not supported: {layer!r}")
+    if (
+        isinstance(layer, nn.modules.batchnorm._BatchNorm)
+        and not layer.training
+        and (layer.running_mean is None or layer.running_var is None)
+    ):
+        raise UnsupportedLayerError(
+            f"{layer!r} has no running statistics (track_running_stats=False), so in eval mode it "
+            "normalizes each batch with that batch's own statistics: the network's output at a point "
+            "depends on the other points of its batch and cannot be certified"
+        )
+
+
+def _conv_pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding that ``layer`` applies, for ``F.pad``."""
+    if isinstance(layer.padding, str):  # "same" or "valid"
+        if layer.padding == "valid":
+            return (0, 0, 0, 0)
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    ph, pw = layer.padding
+    return (pw, pw, ph, ph)
+
+
+def _monotone(layer: nn.Module, t: Tensor) -> Tensor:
+    """The activation, never in place (an ``inplace=True`` ReLU would overwrite stored bounds)."""
+    return torch.relu(t) if isinstance(layer, nn.ReLU) else torch.tanh(t)
+
+
+def training_restorer(module: nn.Module) -> Callable[[], None]:
+    """A function that puts every submodule of ``module`` back in the train/eval mode it has now.
+
+    ``module.train(was_training)`` is not that: it sets every submodule to one flag, so a
+    BatchNorm frozen in eval mode inside a training network, or the layers shared with
+    ``model.without_normalization()`` (a new ``nn.Sequential``, in train mode), would change.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+
+    def restore() -> None:
+        for m, flag in flags:
+            m.training = flag
+
+    return restore
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +345,12 @@ def _affine(layer: nn.Module, x: Tensor, weight: Tensor | None = None, bias: boo
     b = layer.bias if bias else None
     if isinstance(layer, nn.Linear):
         return F.linear(x, w, b)
-    return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if layer.padding_mode == "zeros":
+        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    # Padding as its own step, as Conv2d.forward does: replicate/reflect/circular padding copies
+    # input entries (a non-negative 0/1 linear map), so the centre and the radius are padded alike.
+    x = F.pad(x, _conv_pads(layer), mode=_PAD_MODES[layer.padding_mode])
+    return F.conv2d(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
 
 
 @dataclass(frozen=True)
@@ -276,11 +386,35 @@ def _graph(module: nn.Module) -> list[_Node]:
 
 
 def _native_ibp_supports(layer: nn.Module) -> bool:
-    if isinstance(layer, nn.Conv2d):
-        return layer.padding_mode == "zeros"  # _affine pads with zeros
+    try:
+        check_supported_layer(layer)
+    except UnsupportedLayerError:
+        return False
     if isinstance(layer, nn.Dropout):
         return not layer.training
     return isinstance(layer, _NATIVE_IBP)
+
+
+def _refuse_uncertifiable(module: nn.Module) -> None:
+    """Layers no engine may bound, refused before auto_LiRPA is tried: a forward pre-hook (it can
+    change inputs or weights where a traced graph cannot see it), a flatten over the batch or an
+    eval-mode BatchNorm without running statistics (the output at a point depends on the rest of
+    the batch), a dropout in train mode (random)."""
+    for layer in module.modules():
+        if (
+            layer._forward_pre_hooks
+            or (isinstance(layer, nn.Flatten) and layer.start_dim == 0)
+            or (
+                isinstance(layer, nn.modules.batchnorm._BatchNorm)
+                and not layer.training
+                and (layer.running_mean is None or layer.running_var is None)
+            )
+        ):
+            check_supported_layer(layer)
+        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training:
+            raise UnsupportedLayerError(
+                f"{layer!r} in train mode is random: no bound holds; call eval() first"
+            )
 
 
 def native_unsupported_layer(module: nn.Module) -> nn.Module | None:
@@ -329,8 +463,8 @@ def _ibp_layer(
         lb, ub = centre - radius, centre + radius
         result.preact_bounds.append((lb, ub))
         if value is not None:
-            value = layer(value)
-        lb, ub = layer(lb), layer(ub)
+            value = _monotone(layer, value)
+        lb, ub = _monotone(layer, lb), _monotone(layer, ub)
         # Midpoint and half-width in two passes (lerp is one fused op).
         centre = torch.lerp(lb, ub, 0.5)
         return centre, ub - centre, value
@@ -345,8 +479,8 @@ def _ibp_layer(
 
 def _unsupported(layer: nn.Module) -> UnsupportedLayerError:
     return UnsupportedLayerError(
-        f"no sound interval bound for layer {layer!r} in the native engine: supported are Linear, Conv2d "
-        "(zero padding), BatchNorm1d/2d, ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity, Dropout in "
+        f"no sound interval bound for layer {layer!r} in the native engine: supported are Linear, Conv2d, "
+        "BatchNorm1d/2d, ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity, Dropout in "
         "eval mode, and nn.Sequential / Residual of these; other layers go through backend='auto_lirpa'"
     )
 
@@ -370,6 +504,7 @@ def _native_intervals(
     nodes = _graph(module)
     unsupported = native_unsupported_layer(module)
     if unsupported is not None:  # checked before any work, so nothing is half-updated
+        check_supported_layer(unsupported)  # its specific reason, when it has one
         raise _unsupported(unsupported)
     uses = [0] * len(nodes)
     for node in nodes:
@@ -447,6 +582,7 @@ def propagate_intervals(
     if backend not in ("auto", "native", "auto_lirpa"):
         raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
     if backend == "auto_lirpa" or (backend == "auto" and native_unsupported_layer(module) is not None):
+        _refuse_uncertifiable(module)
         if keep_all:
             raise ValueError("keep_all needs the native engine, and this network has layers it cannot bound")
         from ccdist_plugin.lirpa import LirpaUnsupportedError, lirpa_intervals
@@ -593,22 +729,39 @@ def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
 # --------------------------------------------------------------------------------------------
 
 
-def _node_shapes(nodes: list[_Node], x: Tensor) -> list[torch.Size]:
-    """Output shape (without batch) of every graph node, from a one-example pass that leaves
-    BatchNorm out (it keeps the shape), so no layer's state is touched."""
-    values: list[Tensor] = []
-    with torch.no_grad():
-        for node in nodes:
-            if not node.inputs:
-                v = x[:1]
-            elif node.layer is None:
-                v = values[node.inputs[0]] + values[node.inputs[1]]
-            elif isinstance(node.layer, nn.modules.batchnorm._BatchNorm):
-                v = values[node.inputs[0]]
-            else:
-                v = node.layer(values[node.inputs[0]])
-            values.append(v)
-    return [v.shape[1:] for v in values]
+def _node_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
+    """Output shape (without batch) of every node of ``_graph(features)`` (node 0: the input).
+
+    From an interval pass on the first example, which changes nothing in the model (a forward
+    pass would move a train-mode BatchNorm's running statistics, and BatchNorm1d in train mode
+    refuses a batch of one).
+    """
+    first = x[:1]
+    ibp = _native_intervals(features, first, first, None, keep_all=True, update_running_stats=False)
+    return [first.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds]
+
+
+def _conv_transpose(layer: nn.Conv2d, a: Tensor, in_shape: torch.Size) -> Tensor:
+    """The adjoint of ``layer``'s linear part applied to coefficients ``a`` (N, C_out, H', W'):
+    the transposed convolution onto the padded input, then the adjoint of the padding."""
+    left, right, top, bottom = _conv_pads(layer)
+    height, width = in_shape[-2] + top + bottom, in_shape[-1] + left + right
+    reach = [layer.dilation[d] * (layer.kernel_size[d] - 1) + 1 for d in range(2)]
+    # rows/columns of the padded input that no window reaches (stride remainder) get coefficient 0
+    extra = (
+        height - ((a.shape[-2] - 1) * layer.stride[0] + reach[0]),
+        width - ((a.shape[-1] - 1) * layer.stride[1] + reach[1]),
+    )
+    padded = F.conv_transpose2d(a, layer.weight, None, layer.stride, 0, extra, layer.groups, layer.dilation)
+    if layer.padding_mode == "zeros":
+        return padded[..., top : top + in_shape[-2], left : left + in_shape[-1]]
+    # reflect/replicate/circular padding copies inputs: its adjoint adds each padded entry's
+    # coefficient back onto the input it copies (the vector-Jacobian product of F.pad)
+    with torch.enable_grad():
+        probe = torch.zeros(a.shape[0], *in_shape, dtype=a.dtype, device=a.device, requires_grad=True)
+        out = F.pad(probe, (left, right, top, bottom), mode=_PAD_MODES[layer.padding_mode])
+        (grad,) = torch.autograd.grad(out, probe, padded)
+    return grad
 
 
 def _linear_adjoint(layer: nn.Module, a: Tensor, in_shape: torch.Size) -> Tensor:
@@ -630,6 +783,7 @@ def _backward_layer(
     affine: tuple[Tensor, Tensor] | None,
 ) -> tuple[Tensor, Tensor]:
     """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed)."""
+    check_supported_layer(layer)
     b, m = a.shape[:2]
     if isinstance(layer, nn.Linear):
         if layer.bias is not None:
@@ -638,18 +792,7 @@ def _backward_layer(
     if isinstance(layer, nn.Conv2d):
         if layer.bias is not None:
             bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
-        flat = a.reshape(b * m, *a.shape[2:])
-        out_size = [
-            (flat.shape[d] - 1) * layer.stride[k]
-            - 2 * layer.padding[k]
-            + layer.dilation[k] * (layer.kernel_size[k] - 1)
-            + 1
-            for k, d in enumerate((-2, -1))
-        ]
-        pad = (in_shape[-2] - out_size[0], in_shape[-1] - out_size[1])
-        flat = F.conv_transpose2d(
-            flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups, layer.dilation
-        )
+        flat = _conv_transpose(layer, a.reshape(b * m, *a.shape[2:]), in_shape)
         return flat.reshape(b, m, *in_shape), bias
     if isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
         scale, shift = affine
@@ -716,23 +859,57 @@ def _backward(
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
 
 
+#: how CROWN obtains the pre-activation bounds of its ReLU relaxations
+CROWN_INTERMEDIATE = ("crown", "ibp", "auto")
+
+
+def _crown_costs(model: CertifiedNet) -> list[int]:
+    """Per ReLU after the first (the first's bounds are exact from IBP): the coefficients one
+    example's back-substitution holds, 2 × its neurons × the largest layer below it."""
+    x = torch.full(
+        (1, *model.input_shape), 0.5, dtype=model.head.weight.dtype, device=model.head.weight.device
+    )
+    nodes = _graph(model.features)
+    shapes = _node_shapes(model.features, x)
+    # a ReLU node's input is node inputs[0]; every node it depends on has a smaller index
+    sources = [node.inputs[0] for node in nodes if isinstance(node.layer, nn.ReLU)]
+    return [
+        2 * math.prod(shapes[s]) * max(math.prod(shape) for shape in shapes[: s + 1]) for s in sources[1:]
+    ]
+
+
+def resolve_crown_intermediate(
+    model: CertifiedNet, intermediate: str = "auto", max_crown_elements: int = 2**23
+) -> str:
+    """What ``intermediate`` means for ``model``: ``"crown"`` (CROWN, every pre-activation
+    bound by back-substitution) or ``"ibp"`` (CROWN-IBP, every one from IBP).
+
+    ``"auto"`` is CROWN when every back-substitution holds at most ``max_crown_elements``
+    coefficients per example (digits-size networks), else CROWN-IBP (every CIFAR-size CNN-7
+    layer is above it: full CROWN there costs minutes per point on a CPU). Report the result
+    under its own name: a CROWN-IBP certificate is not a CROWN one.
+    """
+    if intermediate not in CROWN_INTERMEDIATE:
+        raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
+    if intermediate != "auto":
+        return intermediate
+    model = _as_certified_net(model)
+    return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
+
+
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def _native_crown(
-    model: CertifiedNet,
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    intermediate: str,
-    max_crown_elements: int,
-    chunk: int,
+    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
 ) -> Tensor:
+    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
+    the network's graph (residual blocks included)."""
     nodes = _graph(model.features)
     lo, hi = input_box(x, eps)
     ibp = _native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
     shapes = [x.shape[1:]] + [bound[0].shape[1:] for bound in ibp.layer_bounds]
     affine = {n + 1: scale_shift for n, scale_shift in ibp.channel_affine.items()}
     preact: dict[int, tuple[Tensor, Tensor]] = {}
-    seen_activation = False
+    bsz = x.shape[0]
     for n, node in enumerate(nodes):
         if isinstance(node.layer, nn.Tanh):
             raise UnsupportedLayerError(
@@ -742,27 +919,30 @@ def _native_crown(
             continue
         src = node.inputs[0]
         l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
-        size = l[0].numel()
-        # Before the first activation the network is affine (every node there precedes it).
-        upstream = max(math.prod(shape) for shape in shapes[: src + 1])
-        affordable = 2 * size * upstream <= max_crown_elements
-        if intermediate == "crown" and seen_activation and affordable:
-            bsz = x.shape[0]
-            lows, ups = [], []
-            eye = torch.eye(size, dtype=x.dtype, device=x.device)
-            for s in range(0, size, chunk):
-                rows = eye[s : s + chunk].reshape(-1, *l.shape[1:])
+        # Before the first activation the network is affine (every node there precedes it) and
+        # IBP is exact per neuron.
+        if intermediate == "crown" and preact:
+            # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
+            # stable neuron's relaxation is exact, so its bounds change nothing downstream.
+            unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
+            largest = max(math.prod(shape) for shape in shapes[: src + 1])
+            # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
+            rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
+            l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
+            for s in range(0, unstable.numel(), rows_per_pass):
+                idx = unstable[s : s + rows_per_pass]
+                rows = x.new_zeros(idx.numel(), l[0].numel())
+                rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
+                rows = rows.reshape(-1, *l.shape[1:])
                 spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
                 bound = _backward(
                     nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
                 )
-                half = rows.shape[0]
-                lows.append(bound[:, :half])
-                ups.append(-bound[:, half:])
-            l = torch.maximum(l, torch.cat(lows, 1).view_as(l))
-            u = torch.minimum(u, torch.cat(ups, 1).view_as(u))
+                half = idx.numel()
+                l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
+                u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
+            l, u = l_flat.view_as(l), u_flat.view_as(u)
         preact[n] = (l, u)
-        seen_activation = True
     w_diff, b_diff = elision_matrix(model.head, y)
     return _backward(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
 
@@ -775,9 +955,15 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
             "backend='auto_lirpa' needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
             "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
         ) from exc
+    dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.dilation) != (1, 1)]
+    if dilated and method != "IBP":
+        # measured with auto_LiRPA 9d100ec: its CROWN bound through a dilated convolution lies
+        # above margins found by sampling (tests/test_layer_audit.py); the native backend is sound
+        raise UnsupportedLayerError(
+            f"auto_LiRPA's {method} is unsound through dilated convolutions ({dilated[0]!r}); "
+            "use backend='native'"
+        )
     lo, hi = input_box(x, eps)
-    # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
-    # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
     ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)
     k = model.num_classes
@@ -798,9 +984,7 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
         except RuntimeError as exc:
             if conv_mode == "matrix":
                 raise
-            logging.getLogger(__name__).info(
-                "auto_LiRPA %s failed in patches mode (%s); using matrix", method, exc
-            )
+            logging.getLogger(__name__).info("auto_LiRPA %s in patches mode: %s; using matrix", method, exc)
     return lb
 
 
@@ -809,7 +993,7 @@ def crown_margin_lower_bound(
     x: Tensor,
     y: Tensor,
     eps: float | Tensor,
-    intermediate: str = "crown",
+    intermediate: str = "auto",
     backend: str = "auto",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
@@ -817,52 +1001,55 @@ def crown_margin_lower_bound(
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
     Args:
-        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained.
-            ``"ibp"``: from IBP (CROWN-IBP, Zhang et al. 2020). ``"crown"``: by back-substitution
-            for every layer whose back-substitution holds at most ``max_crown_elements``
-            coefficients per example (2 × its neurons × the largest layer below it), intersected
-            with IBP so never looser; IBP for larger layers (the convolutions and first dense layer
-            of CIFAR-size networks would take gigabytes and minutes per batch). Small networks
-            (digits, the tests) thus get full CROWN; for full CROWN on large ones use
-            ``backend="auto_lirpa"``.
+        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained
+            (:func:`resolve_crown_intermediate` says which one ``"auto"`` picks for a model).
+            ``"crown"``: by back-substitution for every layer, intersected with IBP so never
+            looser (CROWN, Zhang et al. 2018): costly on CIFAR-size networks (memory stays
+            bounded: neurons and examples are processed in chunks). ``"ibp"``: from IBP
+            (CROWN-IBP, Zhang et al. 2020). ``"auto"``: ``"crown"`` when every back-substitution
+            holds at most ``max_crown_elements`` coefficients per example, else ``"ibp"``.
         backend: ``"native"`` (this module: ReLU networks of ``nn.Sequential`` and
             :class:`Residual` blocks, whose join sums the two branches' back-substituted
-            coefficients), ``"auto_lirpa"`` (auto_LiRPA's ``compute_bounds(method="CROWN")`` with
-            the elision matrix as C), or ``"auto"``: native when it supports every layer (as for
-            every built-in model, residual ones included), auto_LiRPA otherwise (networks made
-            with ``CertifiedNet.wrap`` of other layers).
-        chunk: neurons bounded per back-substitution batch (memory knob).
+            coefficients), ``"auto_lirpa"`` (auto_LiRPA's ``compute_bounds(method="CROWN" or
+            "CROWN-IBP")`` with the elision matrix as C), or ``"auto"``: native when it supports
+            every layer (every built-in model, residual ones included), auto_LiRPA otherwise
+            (networks made with ``CertifiedNet.wrap`` of other layers).
+        chunk: the most neurons bounded per back-substitution batch (memory knob).
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
-    without autograd (the result carries no gradient).
+    without autograd (the result carries no gradient). The model is not modified.
     """
     model = _as_certified_net(model)
     _check_input(model, x)
     _check_labels(model, x, y)
-    if intermediate not in ("crown", "ibp"):
-        raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
     if backend not in ("auto", "native", "auto_lirpa"):
         raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    _refuse_uncertifiable(model.features)
     if backend == "auto":
         backend = "native" if native_unsupported_layer(model.features) is None else "auto_lirpa"
     if backend == "auto_lirpa":
-        return _auto_lirpa_margin(model, x, y, eps, "CROWN" if intermediate == "crown" else "CROWN-IBP")
+        if intermediate not in CROWN_INTERMEDIATE:
+            raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
+        # auto_LiRPA bounds any graph: "auto" means its full CROWN
+        method = "CROWN-IBP" if intermediate == "ibp" else "CROWN"
+        return _auto_lirpa_margin(model, x, y, eps, method)
+    kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
     # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
     # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.
     if not model.training and x.shape[0] > 1:
-        largest = max(math.prod(s) for s in _node_shapes(_graph(model.features), x))
-        rows = max(min(2 * chunk, max_crown_elements // largest), model.num_classes)
+        largest = max(math.prod(s) for s in _node_shapes(model.features, x))
+        rows = max(2 * chunk if kind == "crown" else 0, model.num_classes)
         per_batch = max(1, _CROWN_BUDGET // (rows * largest))
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
             for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
-                parts.append(_native_crown(model, x[sl], y[sl], e, intermediate, max_crown_elements, chunk))
+                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
             return torch.cat(parts)
-    return _native_crown(model, x, y, eps, intermediate, max_crown_elements, chunk)
+    return _native_crown(model, x, y, eps, kind, chunk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,6 +1077,12 @@ class CertifyResult:
         return self.margin_lb > tol
 
 
+#: A logit difference counts as proved when its float64 lower bound exceeds this: far above the
+#: float64 rounding of these sums, so rounding cannot turn an uncertified point into a certified
+#: one. The one tolerance of every certificate (bounds, evaluation, export).
+CERT_TOL = 1e-6
+
+
 @torch.no_grad()
 def certify(
     model: CertifiedNet,
@@ -897,7 +1090,7 @@ def certify(
     y: Tensor,
     eps: float | Tensor,
     method: str = "ibp",
-    tol: float = 1e-6,
+    tol: float = CERT_TOL,
     batch_size: int = 256,
     **crown_kwargs,
 ) -> CertifyResult:
@@ -906,8 +1099,7 @@ def certify(
     The bounds are computed in float64 on a float64 copy of the network (the original is not
     touched), so that rounding cannot turn an uncertified point into a certified one; a logit
     difference counts as proved only when its float64 lower bound exceeds ``tol`` (default
-    1e-6, far above float64 rounding of these sums). This certifies the network in exact
-    arithmetic, as α,β-CROWN does.
+    :data:`CERT_TOL`). This certifies the network in exact arithmetic, as α,β-CROWN does.
 
     Args:
         method: ``"ibp"`` or ``"crown"`` (extra keyword arguments go to

@@ -4,14 +4,18 @@ All figures are fractions in [0, 1] over the same ``N`` test points, at an ℓ�
 pixel units (inputs in [0, 1]):
 
 - **standard**: clean accuracy of the eval-mode network;
-- **PGD**: accuracy under PGD-40 by default (:data:`PGD_STEPS` steps of :data:`PGD_STEP_REL`·ε,
-  i.e. 2.5ε/40, from a uniform random start in the ball ∩ [0, 1], ``restarts`` starts, cross-entropy
-  objective; a point counts as robust when it is clean-correct and no start misclassifies it);
+- **PGD**: accuracy under :data:`~ccdist_plugin.attacks.EVAL_PGD` (PGD-40, 40 steps of 0.035·ε from
+  a uniform random start in the ball ∩ [0, 1], one start, cross-entropy objective: the evaluation
+  attack of De Palma et al.'s published commands) unless the settings say otherwise; a point counts
+  as robust when it is clean-correct and the attack's point is classified correctly;
 - **AutoAttack**: accuracy under AutoAttack (Croce & Hein 2020, ``version="standard"``, ℓ∞) when an
   implementation is importable (:func:`find_autoattack`); otherwise the figure is ``None`` and the
   reason is recorded: an AutoAttack figure is never reported unless it was computed;
-- **IBP / CROWN**: certified accuracy from :func:`ccdist_plugin.bounds.certify` (float64, a logit
-  difference counts as proved only above ``tol``), i.e. sound certificates;
+- **IBP / CROWN / CROWN-IBP**: certified accuracy from :func:`ccdist_plugin.bounds.certify` (float64,
+  a logit difference counts as proved only above ``tol``), i.e. sound certificates. CROWN with
+  CROWN intermediate bounds is reported as ``crown_cert_acc``; with IBP intermediate bounds it is
+  CROWN-IBP, reported as ``crown_ibp_cert_acc``; ``crown_intermediate="auto"`` picks per model
+  (:func:`ccdist_plugin.bounds.resolve_crown_intermediate`) and the record says which ran;
 - **IBP loss**: the mean cross-entropy of −z̲ where z̲ are the IBP (+ elision) lower bounds of the
   logit differences (equation 4 of the paper; entry y is 0), float64;
 - **BaB**: branch-and-bound certified accuracy: our IBP/CROWN and PGD pre-checks, then α,β-CROWN on
@@ -19,8 +23,9 @@ pixel units (inputs in [0, 1]):
   :func:`ccdist_plugin.verify.run_verification`), only when asked for (it is slow) and only counted
   when α,β-CROWN actually ran.
 
-A certified point that an attack broke is a soundness failure: it is logged as an error and
-recorded in :attr:`EvalResult.soundness_alarms` (the certified figure is then not trustworthy).
+The IBP → CROWN → PGD cascade is :func:`prefilter`, shared with the α,β-CROWN export. A certified
+point that an attack broke is a soundness failure: it is logged as an error and recorded in
+:attr:`EvalResult.soundness_alarms` (the certified figure is then not trustworthy).
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ccdist_plugin.attacks import pgd_attack
+from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD, describe_pgd
 from ccdist_plugin.batching import batch_slices
-from ccdist_plugin.bounds import certify, input_box
+from ccdist_plugin.bounds import CERT_TOL, certify, input_box, resolve_crown_intermediate, training_restorer
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
 
@@ -50,8 +55,12 @@ __all__ = [
     "PGD_STEP_REL",
     "CERT_TOL",
     "AUTOATTACK_MODULES",
+    "STATUSES",
     "EvalSettings",
     "EvalResult",
+    "PrefilterResult",
+    "prefilter",
+    "crown_metric_name",
     "find_autoattack",
     "autoattack_adversarial",
     "evaluate",
@@ -61,17 +70,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: PGD-40 of the paper's evaluation: 40 steps of 2.5ε/40 (the step of Madry et al.'s CIFAR setup
-#: scaled so that 40 steps can travel 2.5 ball radii), random start.
-PGD_STEPS = 40
-PGD_STEP_REL = 2.5 / 40
-#: a logit difference counts as proved when its float64 lower bound exceeds this (as in export)
-CERT_TOL = 1e-6
+#: the evaluation attack's steps and step (a multiple of ε): :data:`ccdist_plugin.attacks.EVAL_PGD`
+PGD_STEPS = EVAL_PGD.steps
+PGD_STEP_REL = EVAL_PGD.step_size
 #: AutoAttack implementations tried in order: the reference package of Croce & Hein (module
 #: ``autoattack``, installed from its repository), its PyPI repackaging ``pyautoattack`` (same code,
 #: no dependencies), and ``torchattacks.AutoAttack`` (install with ``pip install --no-deps
 #: torchattacks``: its declared torchvision dependency would replace our torch).
 AUTOATTACK_MODULES = ("autoattack", "pyautoattack", "torchattacks")
+
+
+def crown_metric_name(intermediate: str) -> str:
+    """The metric key of CROWN with ``intermediate`` (resolved) pre-activation bounds."""
+    return {"crown": "crown_cert_acc", "ibp": "crown_ibp_cert_acc"}[intermediate]
 
 
 @dataclass
@@ -82,10 +93,14 @@ class EvalSettings:
         eps: ℓ∞ radius in pixel units.
         batch_size: examples per batch for every metric.
         attack: ``"pgd40"`` (PGD only), ``"autoattack"`` (PGD and AutoAttack) or ``"none"``.
-        pgd_steps, pgd_step_rel, pgd_restarts: PGD steps, step as a multiple of ε, restarts.
+        pgd_steps, pgd_step_rel, pgd_restarts: PGD steps, step as a multiple of ε, starts
+            (default: :data:`ccdist_plugin.attacks.EVAL_PGD`).
         autoattack_version: AutoAttack's ``version`` (``"standard"``).
         methods: certification methods, a subset of ``("ibp", "crown")``.
-        crown_intermediate: intermediate bounds of CROWN (``"crown"`` or ``"ibp"``).
+        crown_intermediate: intermediate bounds of CROWN: ``"crown"`` (full CROWN), ``"ibp"``
+            (CROWN-IBP) or ``"auto"`` (full CROWN where affordable, else CROWN-IBP; recorded).
+        crown_backend: ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN, faster for full
+            CROWN on convolutional networks; needs auto_LiRPA installed).
         tol: certification tolerance (see :data:`CERT_TOL`).
         seed: seed of the attacks' random starts.
         bab: run branch-and-bound (α,β-CROWN) on the first ``bab_count`` points.
@@ -98,10 +113,11 @@ class EvalSettings:
     attack: str = "pgd40"
     pgd_steps: int = PGD_STEPS
     pgd_step_rel: float = PGD_STEP_REL
-    pgd_restarts: int = 1
+    pgd_restarts: int = EVAL_PGD.restarts
     autoattack_version: str = "standard"
     methods: tuple[str, ...] = ("ibp", "crown")
-    crown_intermediate: str = "crown"
+    crown_intermediate: str = "auto"
+    crown_backend: str = "native"
     tol: float = CERT_TOL
     seed: int = 0
     bab: bool = False
@@ -126,12 +142,25 @@ class EvalSettings:
         bad = [m for m in self.methods if m not in ("ibp", "crown")]
         if bad:
             raise ValueError(f"unknown certification methods {bad}; expected 'ibp' and/or 'crown'")
-        if self.crown_intermediate not in ("crown", "ibp"):
-            raise ValueError(f"crown_intermediate must be 'crown' or 'ibp', got {self.crown_intermediate!r}")
+        if self.crown_intermediate not in ("crown", "ibp", "auto"):
+            raise ValueError(
+                f"crown_intermediate must be 'crown', 'ibp' or 'auto', got {self.crown_intermediate!r}"
+            )
+        if self.crown_backend not in ("native", "auto_lirpa"):
+            raise ValueError(f"crown_backend must be 'native' or 'auto_lirpa', got {self.crown_backend!r}")
         if self.bab_count < 1 or self.bab_timeout_s <= 0:
             raise ValueError(
                 f"bab_count must be >= 1 and bab_timeout_s > 0, got {self.bab_count}, {self.bab_timeout_s}"
             )
+
+    @property
+    def pgd(self) -> PGD | None:
+        """The PGD attack these settings run (None with ``attack="none"``)."""
+        if self.attack == "none":
+            return None
+        return PGD(
+            steps=self.pgd_steps, step_size=self.pgd_step_rel, restarts=self.pgd_restarts, objective="ce"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -147,11 +176,14 @@ class EvalResult:
     Attributes:
         count: number of test points N.
         metrics: ``standard_acc``, ``pgd_acc``, ``autoattack_acc``, ``ibp_cert_acc``,
-            ``crown_cert_acc``, ``bab_cert_acc``, ``ibp_loss``.
+            ``crown_cert_acc`` (CROWN), ``crown_ibp_cert_acc`` (CROWN-IBP), ``bab_cert_acc``,
+            ``ibp_loss``.
         timings_s: wall-clock seconds per metric (``standard``, ``pgd``, ``autoattack``, ``ibp``,
             ``crown``, ``bab``, ``total``).
         per_example: (N,) bool lists ``correct``, ``pgd_robust``, ``aa_robust``, ``ibp_certified``,
-            ``crown_certified`` (only those computed).
+            ``crown_certified`` or ``crown_ibp_certified`` (only those computed).
+        crown_intermediate: the intermediate bounds CROWN used (``"crown"`` or ``"ibp"``; None
+            when CROWN did not run).
         autoattack: which implementation ran (``{"run": bool, "module", "version", "reason"}``).
         bab: branch-and-bound details (counts, α,β-CROWN config, per-instance times) or None.
         soundness_alarms: certified points broken by an attack (must stay empty).
@@ -163,22 +195,31 @@ class EvalResult:
     metrics: dict[str, float | None] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     per_example: dict[str, list[bool]] = field(default_factory=dict)
+    crown_intermediate: str | None = None
     autoattack: dict[str, Any] = field(default_factory=dict)
     bab: dict[str, Any] | None = None
     soundness_alarms: list[str] = field(default_factory=list)
 
     @property
     def best_certified_acc(self) -> float | None:
-        """The largest sound certified accuracy computed (IBP, CROWN, BaB)."""
-        vals = [self.metrics.get(k) for k in ("ibp_cert_acc", "crown_cert_acc", "bab_cert_acc")]
-        vals = [v for v in vals if v is not None]
+        """The largest sound certified accuracy computed (IBP, CROWN, CROWN-IBP, BaB)."""
+        keys = ("ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc", "bab_cert_acc")
+        vals = [v for v in (self.metrics.get(k) for k in keys) if v is not None]
         return max(vals) if vals else None
 
     def to_dict(self) -> dict[str, Any]:
+        settings = self.settings.to_dict()
+        # what ran, in words, beside the numbers that describe it
+        pgd = self.settings.pgd
+        settings["attack_description"] = describe_pgd(pgd) if pgd is not None else "none"
+        settings["attack_source"] = (
+            EVAL_PGD_SOURCE if pgd == EVAL_PGD else "custom (not the evaluation attack)"
+        )
+        settings["crown_intermediate_used"] = self.crown_intermediate
         return {
             "count": self.count,
             "eps": self.eps,
-            "settings": self.settings.to_dict(),
+            "settings": settings,
             "metrics": dict(self.metrics),
             "timings_s": dict(self.timings_s),
             "per_example": {k: [bool(b) for b in v] for k, v in self.per_example.items()},
@@ -261,7 +302,234 @@ def _limit_targets(attack: Any, targets: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The metrics
+# The IBP → CROWN → PGD pre-filter
+# --------------------------------------------------------------------------------------------
+
+#: per-point outcomes of :func:`prefilter`, in the order they are decided
+STATUSES = ("misclassified", "alarm", "certified_ibp", "certified_crown", "attacked", "undecided")
+
+
+@dataclass
+class PrefilterResult:
+    """Per-point outcome of the IBP → CROWN → attack cascade (all tensors on the CPU, length N).
+
+    Attributes:
+        status: one of :data:`STATUSES` per point: ``misclassified`` (clean prediction wrong);
+            ``alarm`` (certified by our bounds and broken by the attack: never counted certified);
+            ``certified_ibp`` (IBP proves every difference); ``certified_crown`` (every difference
+            proved by CROWN or IBP, not all by IBP); ``attacked`` (the attack found a
+            counterexample); ``undecided`` (for branch and bound).
+        prediction: the clean predicted class.
+        correct: clean prediction is the label.
+        margin_lb: method → (N, k) float64 lower bounds of z_j = f_y − f_j (entry y is +inf).
+        proved: (N, k) which differences some method proved (entry y False).
+        certified: method → (N,) every difference proved by that method alone, and correct.
+        broken: the attack's point is in the ball ∩ [0, 1] and misclassified (always False without
+            an attack).
+        adv_margin: (N,) float64 smallest margin min_j z_j at the attack's point (NaN without).
+        crown_intermediate: the intermediate bounds CROWN used (``"crown"``/``"ibp"``), or None.
+        timings_s: seconds per stage (``standard``, ``ibp``, ``crown``, ``pgd``).
+    """
+
+    status: list[str]
+    prediction: Tensor
+    correct: Tensor
+    margin_lb: dict[str, Tensor]
+    proved: Tensor
+    certified: dict[str, Tensor]
+    broken: Tensor
+    adv_margin: Tensor
+    crown_intermediate: str | None
+    timings_s: dict[str, float]
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.status.count(s) for s in STATUSES}
+
+
+def predicted_class(logits: Tensor) -> Tensor:
+    """The argmax class per row, or -1 (never a label) where any logit is NaN or inf: a
+    non-finite output is never a correct prediction (argmax would pick a NaN's index)."""
+    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), -1)
+
+
+def _bar(batches: list[slice], desc: str, progress: bool):
+    return tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
+
+
+@torch.no_grad()
+def _clean_predictions(model: nn.Module, x: Tensor, batches: list[slice], progress: bool) -> Tensor:
+    return torch.cat([predicted_class(model(x[sl])).cpu() for sl in _bar(batches, "standard", progress)])
+
+
+def _certify_all(
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    method: str,
+    tol: float,
+    batches: list[slice],
+    progress: bool,
+    crown_intermediate: str,
+    crown_backend: str,
+) -> Tensor:
+    """(N, k) float64 margin lower bounds of ``method`` (entry y is +inf), batch by batch."""
+    kwargs = {"intermediate": crown_intermediate, "backend": crown_backend} if method == "crown" else {}
+    name = {"ibp": "IBP", "crown": "CROWN" if crown_intermediate == "crown" else "CROWN-IBP"}[method]
+    parts = [
+        certify(
+            model, x[sl], y[sl], eps, method=method, tol=tol, batch_size=sl.stop - sl.start, **kwargs
+        ).margin_lb.cpu()
+        for sl in _bar(batches, f"{name} bounds", progress)
+    ]
+    return torch.cat(parts)
+
+
+def _attack_all(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    attack: PGD,
+    batches: list[slice],
+    progress: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """(N,) the attack broke the point (its output lies in the ball ∩ [0, 1] and is misclassified),
+    and (N,) float64 smallest margin min_j z_j at the attack's point."""
+    broken, adv_margin = [], []
+    for sl in _bar(batches, describe_pgd(attack).split(" ")[0], progress):
+        xb, yb = x[sl], y[sl]
+        x_adv = attack(model, xb, yb, eps, generator=generator).detach()
+        lo, hi = input_box(xb, eps)
+        # a safeguard: a counterexample outside the ball would not refute anything
+        in_ball = ((x_adv >= lo - 1e-6) & (x_adv <= hi + 1e-6)).flatten(1).all(1)
+        if not bool(in_ball.all()):
+            logger.warning("the attack returned %d points outside the ball; ignored", int((~in_ball).sum()))
+        with torch.no_grad():
+            logits = model(x_adv)
+        z = (logits.gather(1, yb.view(-1, 1)) - logits).double().scatter(1, yb.view(-1, 1), float("inf"))
+        broken.append(((predicted_class(logits) != yb) & in_ball).cpu())
+        adv_margin.append(z.amin(1).cpu())
+    return torch.cat(broken), torch.cat(adv_margin)
+
+
+def _timed(timings: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    timings[key] = time.perf_counter() - t0
+    return out
+
+
+def prefilter(
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    methods: Sequence[str] = ("ibp", "crown"),
+    attack: PGD | None = EVAL_PGD,
+    crown_intermediate: str = "auto",
+    crown_backend: str = "native",
+    tol: float = CERT_TOL,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> PrefilterResult:
+    """The IBP → CROWN → attack cascade on every point: what ``evaluate`` reports and what the
+    α,β-CROWN export decides before branch and bound, by one rule.
+
+    Every stage runs on every point (each is also a metric of its own). A point certified by our
+    bounds (every difference proved by IBP or CROWN, float64, above ``tol``) that the attack
+    breaks is an ``alarm``: logged as an error and never counted as certified.
+
+    Args:
+        model: the network; bounds and attack use it in eval mode, and its train/eval flags are
+            restored afterwards.
+        x, y: (N, C, H, W) points in [0, 1] and (N,) labels.
+        methods: our bounds, a subset of ``("ibp", "crown")``.
+        attack: the PGD attack (default :data:`ccdist_plugin.attacks.EVAL_PGD`; None: no attack).
+        crown_intermediate: ``"crown"``, ``"ibp"`` (CROWN-IBP) or ``"auto"`` (see
+            :func:`ccdist_plugin.bounds.resolve_crown_intermediate`).
+        crown_backend: ``"native"`` or ``"auto_lirpa"``.
+        generator: random starts of the attack.
+    """
+    bad = [m for m in methods if m not in ("ibp", "crown")]
+    if bad:
+        raise ValueError(f"unknown bound methods {bad}; expected 'ibp' and/or 'crown'")
+    n, k = x.shape[0], model.num_classes
+    y_cpu = y.cpu()
+    batches = batch_slices(n, batch_size)
+    timings: dict[str, float] = {}
+    restore_modes = training_restorer(model)
+    model.eval()
+    try:
+        pred = _timed(timings, "standard", lambda: _clean_predictions(model, x, batches, progress))
+        correct = pred == y_cpu
+        resolved = resolve_crown_intermediate(model, crown_intermediate) if "crown" in methods else None
+        margin_lb = {
+            m: _timed(
+                timings,
+                m,
+                lambda m=m: _certify_all(
+                    model, x, y, eps, m, tol, batches, progress, resolved or "ibp", crown_backend
+                ),
+            )
+            for m in ("ibp", "crown")
+            if m in methods
+        }
+        if attack is not None:
+            broken, adv_margin = _timed(
+                timings, "pgd", lambda: _attack_all(model, x, y, eps, attack, batches, progress, generator)
+            )
+        else:
+            broken = torch.zeros(n, dtype=torch.bool)
+            adv_margin = torch.full((n,), float("nan"), dtype=torch.float64)
+    finally:
+        restore_modes()
+    label_mask = F.one_hot(y_cpu, k).bool()
+    proved = torch.zeros(n, k, dtype=torch.bool)
+    certified = {}
+    for m, lb in margin_lb.items():
+        proved_m = (lb > tol) & ~label_mask
+        proved |= proved_m
+        certified[m] = (proved_m | label_mask).all(1) & correct
+    any_certified = (proved | label_mask).all(1) & correct
+    ibp_certified = certified.get("ibp", torch.zeros(n, dtype=torch.bool))
+    status = []
+    for i in range(n):
+        if not bool(correct[i]):
+            status.append("misclassified")
+        elif bool(any_certified[i]) and bool(broken[i]):
+            status.append("alarm")
+        elif bool(ibp_certified[i]):
+            status.append("certified_ibp")
+        elif bool(any_certified[i]):
+            status.append("certified_crown")
+        elif bool(broken[i]):
+            status.append("attacked")
+        else:
+            status.append("undecided")
+    alarms = [i for i, s in enumerate(status) if s == "alarm"]
+    if alarms:
+        logger.error(
+            "SOUNDNESS ALARM: points %s are certified by our bounds and broken by the attack", alarms
+        )
+    return PrefilterResult(
+        status=status,
+        prediction=pred,
+        correct=correct,
+        margin_lb=margin_lb,
+        proved=proved,
+        certified=certified,
+        broken=broken,
+        adv_margin=adv_margin,
+        crown_intermediate=resolved,
+        timings_s=timings,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics: one function each, writing into the result
 # --------------------------------------------------------------------------------------------
 
 
@@ -271,14 +539,133 @@ def ibp_loss_from_margins(margin_lb: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(-z, y, reduction="none")
 
 
-def predicted_class(logits: Tensor) -> Tensor:
-    """The argmax class per row, or -1 (never a label) where any logit is NaN or inf: a
-    non-finite output is never a correct prediction (argmax would pick a NaN's index)."""
-    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), -1)
-
-
 def _mean(flags: Tensor) -> float:
     return float(flags.double().mean()) if flags.numel() else float("nan")
+
+
+def _alarm(result: EvalResult, certified: Tensor, broken: Tensor, certificate: str, attack: str) -> None:
+    bad = torch.nonzero(certified & broken).flatten().tolist()
+    if bad:
+        msg = f"{certificate} certified test points {bad} that {attack} broke"
+        logger.error("SOUNDNESS ALARM: %s", msg)
+        result.soundness_alarms.append(msg)
+
+
+def _record_standard(result: EvalResult, pre: PrefilterResult) -> None:
+    result.per_example["correct"] = pre.correct.tolist()
+    result.metrics["standard_acc"] = _mean(pre.correct)
+    result.timings_s["standard"] = pre.timings_s["standard"]
+
+
+def _record_pgd(result: EvalResult, pre: PrefilterResult) -> None:
+    if result.settings.pgd is None:
+        result.metrics["pgd_acc"] = None
+        return
+    robust = pre.correct & ~pre.broken
+    result.per_example["pgd_robust"] = robust.tolist()
+    result.metrics["pgd_acc"] = _mean(robust)
+    result.timings_s["pgd"] = pre.timings_s["pgd"]
+
+
+def _record_certified(result: EvalResult, pre: PrefilterResult, y: Tensor) -> None:
+    """IBP-, CROWN- or CROWN-IBP-certified accuracy (each under its own name) and the IBP loss."""
+    result.crown_intermediate = pre.crown_intermediate
+    for key in ("ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc", "ibp_loss"):
+        result.metrics[key] = None
+    for method, cert in pre.certified.items():
+        name = "ibp_cert_acc" if method == "ibp" else crown_metric_name(pre.crown_intermediate)
+        result.metrics[name] = _mean(cert)
+        result.per_example[name.replace("_cert_acc", "_certified")] = cert.tolist()
+        result.timings_s[method] = pre.timings_s[method]
+        label = {"ibp_cert_acc": "IBP", "crown_cert_acc": "CROWN", "crown_ibp_cert_acc": "CROWN-IBP"}[name]
+        _alarm(result, cert, pre.broken, label, "PGD")
+    if "ibp" in pre.margin_lb:
+        result.metrics["ibp_loss"] = float(ibp_loss_from_margins(pre.margin_lb["ibp"], y.cpu()).mean())
+
+
+def _record_autoattack(
+    result: EvalResult,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    pre: PrefilterResult,
+    say: Callable[[str], None],
+    progress: bool,
+) -> None:
+    s = result.settings
+    result.metrics["autoattack_acc"] = None
+    if s.attack != "autoattack":
+        result.autoattack = {"run": False, "reason": f"not requested (--attack {s.attack})"}
+        return
+    found = find_autoattack()
+    if found is None:
+        reason = f"no AutoAttack implementation importable (tried {', '.join(AUTOATTACK_MODULES)})"
+        logger.warning("AutoAttack not run: %s", reason)
+        result.autoattack = {"run": False, "reason": reason}
+        return
+    name, version = found
+    say(f"AutoAttack ({name} {version}, version={s.autoattack_version}) ...")
+    t0 = time.perf_counter()
+    robust = []
+    restore_modes = training_restorer(model)
+    try:
+        for sl in _bar(batch_slices(x.shape[0], s.batch_size), f"AutoAttack ({name})", progress):
+            x_adv = autoattack_adversarial(
+                model, x[sl], y[sl], s.eps, name, s.autoattack_version, s.seed, s.batch_size
+            )
+            model.eval()
+            with torch.no_grad():
+                robust.append((predicted_class(model(x_adv)) == y[sl]).cpu())
+    finally:
+        restore_modes()
+    aa_robust = torch.cat(robust) & pre.correct
+    result.timings_s["autoattack"] = time.perf_counter() - t0
+    result.per_example["aa_robust"] = aa_robust.tolist()
+    result.metrics["autoattack_acc"] = _mean(aa_robust)
+    result.autoattack = {
+        "run": True,
+        "module": name,
+        "module_version": version,
+        "version": s.autoattack_version,
+        "norm": "Linf",
+    }
+    for method, cert in pre.certified.items():
+        _alarm(result, cert, pre.correct & ~aa_robust, method.upper(), "AutoAttack")
+
+
+def _record_bab(
+    result: EvalResult,
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    bab_dir: str | Path | None,
+    checkpoint_path: str | Path | None,
+    dataset_name: str | None,
+    abcrown_dir: str | Path | None,
+    say: Callable[[str], None],
+) -> None:
+    s = result.settings
+    result.metrics["bab_cert_acc"] = None
+    if not s.bab:
+        return
+    if bab_dir is None:
+        raise ValueError("settings.bab needs bab_dir (the α,β-CROWN export directory)")
+    t0 = time.perf_counter()
+    result.bab = _run_bab(model, x, y, s, Path(bab_dir), checkpoint_path, dataset_name, abcrown_dir, say)
+    result.timings_s["bab"] = time.perf_counter() - t0
+    result.metrics["bab_cert_acc"] = result.bab.get("certified_accuracy")
+    # the other figures on the same (first bab_count) points, for a like-for-like comparison
+    m = result.bab["count"]
+    result.bab["same_points"] = {
+        key: _mean(torch.tensor(flags[:m])) for key, flags in result.per_example.items()
+    }
+    result.soundness_alarms += result.bab.get("soundness_alarms", [])
+
+
+def _check_eval_inputs(model: CertifiedNet, x: Tensor, y: Tensor) -> None:
+    check_batch(model, x, y)  # model, shapes, label range, pixel range (ccdist_plugin.validate)
+    if x.shape[0] == 0:
+        raise ValueError("no test points to evaluate")
 
 
 def evaluate(
@@ -296,7 +683,7 @@ def evaluate(
     """Every metric of the module docstring on the points ``x`` (N, C, H, W) in [0, 1], ``y`` (N,).
 
     Args:
-        model: the network (put in eval mode; its training flag is restored afterwards).
+        model: the network (evaluated in eval mode; every layer's train/eval flag is restored).
         settings: an :class:`EvalSettings`.
         progress: show tqdm progress bars.
         bab_dir: export directory for α,β-CROWN (required when ``settings.bab``).
@@ -304,145 +691,31 @@ def evaluate(
         abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
         log: where one-line progress messages go (default: the module logger).
     """
-    check_batch(model, x, y)  # model, shapes, label range, pixel range (ccdist_plugin.validate)
-    if x.shape[0] == 0:
-        raise ValueError("no test points to evaluate")
-    say = log or logger.info
+    _check_eval_inputs(model, x, y)
     s = settings
-    eps = float(s.eps)
-    n = x.shape[0]
-    result = EvalResult(count=n, eps=eps, settings=s)
-    batches = batch_slices(n, s.batch_size)
-    was_training = model.training
-    model.eval()
-    start_all = time.perf_counter()
-    gen = torch.Generator().manual_seed(s.seed)
-
-    def bar(desc: str):
-        return tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
-
-    try:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            correct = torch.cat([predicted_class(model(x[sl])) == y[sl] for sl in bar("standard")])
-        result.timings_s["standard"] = time.perf_counter() - t0
-        result.per_example["correct"] = correct.tolist()
-        result.metrics["standard_acc"] = _mean(correct)
-
-        broken = torch.zeros(n, dtype=torch.bool)  # some attack found a counterexample
-
-        def attacked(desc: str, timing: str, attack) -> torch.Tensor:
-            """Robust accuracy mask under ``attack(slice) -> x_adv``, batch by batch; the points it breaks
-            are recorded in ``broken`` for the soundness cross-check."""
-            t0 = time.perf_counter()
-            robust = []
-            for sl in bar(desc):
-                x_adv = attack(sl)
-                model.eval()
-                with torch.no_grad():
-                    robust.append(predicted_class(model(x_adv)) == y[sl])
-            mask = torch.cat(robust) & correct
-            broken.logical_or_(correct & ~mask)
-            result.timings_s[timing] = time.perf_counter() - t0
-            return mask
-
-        if s.attack != "none":
-            pgd_robust = attacked(
-                f"PGD-{s.pgd_steps}",
-                "pgd",
-                lambda sl: pgd_attack(
-                    model,
-                    x[sl],
-                    y[sl],
-                    eps,
-                    steps=s.pgd_steps,
-                    step_size=s.pgd_step_rel * eps,
-                    random_start=True,
-                    restarts=s.pgd_restarts,
-                    generator=gen,
-                ),
-            )
-            result.per_example["pgd_robust"] = pgd_robust.tolist()
-            result.metrics["pgd_acc"] = _mean(pgd_robust)
-        else:
-            result.metrics["pgd_acc"] = None
-
-        result.metrics["autoattack_acc"] = None
-        if s.attack == "autoattack":
-            found = find_autoattack()
-            if found is None:
-                reason = f"no AutoAttack implementation importable (tried {', '.join(AUTOATTACK_MODULES)})"
-                logger.warning("AutoAttack not run: %s", reason)
-                result.autoattack = {"run": False, "reason": reason}
-            else:
-                name, version = found
-                say(f"AutoAttack ({name} {version}, version={s.autoattack_version}) ...")
-                aa_robust = attacked(
-                    f"AutoAttack ({name})",
-                    "autoattack",
-                    lambda sl: autoattack_adversarial(
-                        model, x[sl], y[sl], eps, name, s.autoattack_version, s.seed, s.batch_size
-                    ),
-                )
-                result.per_example["aa_robust"] = aa_robust.tolist()
-                result.metrics["autoattack_acc"] = _mean(aa_robust)
-                result.autoattack = {
-                    "run": True,
-                    "module": name,
-                    "module_version": version,
-                    "version": s.autoattack_version,
-                    "norm": "Linf",
-                }
-        else:
-            result.autoattack = {"run": False, "reason": f"not requested (--attack {s.attack})"}
-
-        for method in ("ibp", "crown"):
-            key = f"{method}_cert_acc"
-            if method not in s.methods:
-                result.metrics[key] = None
-                continue
-            t0 = time.perf_counter()
-            kwargs = {"intermediate": s.crown_intermediate} if method == "crown" else {}
-            certified, losses = [], []
-            for sl in bar(f"{method.upper()} bounds"):
-                res = certify(
-                    model, x[sl], y[sl], eps, method=method, tol=s.tol, batch_size=s.batch_size, **kwargs
-                )
-                certified.append(res.certified.cpu())
-                if method == "ibp":
-                    losses.append(ibp_loss_from_margins(res.margin_lb.cpu(), y[sl].cpu()))
-            cert = torch.cat(certified)
-            result.timings_s[method] = time.perf_counter() - t0
-            result.per_example[f"{method}_certified"] = cert.tolist()
-            result.metrics[key] = _mean(cert)
-            if method == "ibp":
-                result.metrics["ibp_loss"] = float(torch.cat(losses).mean())
-            bad = torch.nonzero(cert & broken).flatten().tolist()
-            if bad:
-                msg = f"{method.upper()} certified test points {bad} that an attack broke"
-                logger.error("SOUNDNESS ALARM: %s", msg)
-                result.soundness_alarms.append(msg)
-        result.metrics.setdefault("ibp_loss", None)
-
-        result.metrics["bab_cert_acc"] = None
-        if s.bab:
-            if bab_dir is None:
-                raise ValueError("settings.bab needs bab_dir (the α,β-CROWN export directory)")
-            t0 = time.perf_counter()
-            result.bab = _run_bab(
-                model, x, y, s, Path(bab_dir), checkpoint_path, dataset_name, abcrown_dir, say
-            )
-            result.timings_s["bab"] = time.perf_counter() - t0
-            result.metrics["bab_cert_acc"] = result.bab.get("certified_accuracy")
-            # the other figures on the same (first bab_count) points, for a like-for-like comparison
-            m = result.bab["count"]
-            result.bab["same_points"] = {
-                key: _mean(torch.tensor(flags[:m])) for key, flags in result.per_example.items()
-            }
-            result.soundness_alarms += result.bab.get("soundness_alarms", [])
-    finally:
-        model.train(was_training)
-    result.timings_s["total"] = time.perf_counter() - start_all
+    say = log or logger.info
+    result = EvalResult(count=x.shape[0], eps=float(s.eps), settings=s)
+    start = time.perf_counter()
+    pre = prefilter(
+        model,
+        x,
+        y,
+        float(s.eps),
+        methods=s.methods,
+        attack=s.pgd,
+        crown_intermediate=s.crown_intermediate,
+        crown_backend=s.crown_backend,
+        tol=s.tol,
+        batch_size=s.batch_size,
+        generator=torch.Generator().manual_seed(s.seed),
+        progress=progress,
+    )
+    _record_standard(result, pre)
+    _record_pgd(result, pre)
+    _record_autoattack(result, model, x, y, pre, say, progress)
+    _record_certified(result, pre, y)
+    _record_bab(result, model, x, y, bab_dir, checkpoint_path, dataset_name, abcrown_dir, say)
+    result.timings_s["total"] = time.perf_counter() - start
     return result
 
 

@@ -12,11 +12,16 @@ An export directory holds everything α,β-CROWN needs, in VNN-COMP layout:
   the negated robustness property, a disjunction over ``j ≠ y`` of ``Y_j ≥ Y_y``, without the logit
   differences our own IBP/CROWN bounds already proved (``drop_proven``; appendix D.3 of the paper).
 - ``instances.csv``: VNN-COMP rows ``model.onnx,vnnlib/point_<i>.vnnlib,<timeout>`` (no header).
-- ``manifest.json``: model and data provenance, ε, normalization, and the pre-filter outcome of
-  every point: ``misclassified`` (clean prediction wrong), ``pre-certified`` (every difference
-  proved by IBP/CROWN), ``attacked`` (PGD found a counterexample), ``bab`` (sent to α,β-CROWN).
+- ``manifest.json``: model and data provenance, ε, normalization, a fresh export id, the sha256 of
+  ``model.onnx`` and of every VNN-LIB file, and the pre-filter outcome of every point:
+  ``misclassified`` (clean prediction wrong), ``pre-certified`` (every difference proved by
+  IBP/CROWN), ``attacked`` (PGD found a counterexample), ``bab`` (sent to α,β-CROWN). A verdict
+  counts only when it carries this export id and these hashes (:mod:`ccdist_plugin.verify`).
 - ``abcrown.yaml``: the α,β-CROWN template (``abcrown_configs/<name>.yaml``) with absolute paths
   filled in; ``python abcrown.py --config <dir>/abcrown.yaml`` verifies every instance.
+
+Exporting into a folder that holds verdicts of an earlier export moves them to
+``verify.stale-<UTC time>/`` first: a re-export always starts a fresh verification.
 
 The cascade follows the paper's verifier (IBP, CROWN, PGD, then branch-and-bound); see
 ``docs/verification.md``.
@@ -35,15 +40,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
 
+from ccdist_plugin.bounds import CERT_TOL, training_restorer
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
 from ccdist_plugin.models import CertifiedNet
+
+if TYPE_CHECKING:  # evaluation imports this module lazily; only the annotation is needed here
+    from ccdist_plugin.evaluation import PrefilterResult
 
 __all__ = [
     "ExportError",
@@ -56,13 +65,11 @@ __all__ = [
     "list_templates",
     "write_abcrown_config",
     "export_instances",
+    "set_aside_verdicts",
+    "export_id_of",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: A logit difference counts as proved by our bounds when its float64 lower bound exceeds this
-#: (the same tolerance :func:`ccdist_plugin.bounds.certify` uses for its decisions).
-CERT_TOL = 1e-6
 
 #: File names inside an export directory.
 ONNX_NAME = "model.onnx"
@@ -90,6 +97,8 @@ class ExportResult:
         points: the per-point records of ``manifest.json`` (one dict per exported test point).
         counts: number of points per pre-filter outcome.
         onnx_max_abs_diff: largest |PyTorch − onnxruntime| logit difference on the test inputs.
+        soundness_alarms: points our bounds certified that our PGD broke (never counted certified).
+        stale_dir: where the verdicts of an earlier export in ``out_dir`` were moved (or None).
     """
 
     out_dir: Path
@@ -100,6 +109,8 @@ class ExportResult:
     points: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     onnx_max_abs_diff: float = 0.0
+    soundness_alarms: list[str] = field(default_factory=list)
+    stale_dir: Path | None = None
 
     @property
     def num_instances(self) -> int:
@@ -255,7 +266,7 @@ def export_onnx(
         raise ValueError(f"test_inputs have shape {tuple(test_inputs.shape)}, expected (N, {shape[1:]})")
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = module.training
+    restore_modes = training_restorer(module)  # per layer: the layers may be shared with a train-mode net
     module.eval()
     try:
         dummy = torch.zeros(shape, device=device)
@@ -288,7 +299,7 @@ def export_onnx(
                 max_diff = max(max_diff, float(np.abs(got - ref).max()))
                 scale = max(scale, float(np.abs(ref).max()))
     finally:
-        module.train(was_training)
+        restore_modes()
     if not max_diff <= atol * scale:
         raise ExportError(
             f"ONNX export of {path} differs from PyTorch by {max_diff:.3g} > {atol:g} × {scale:.3g} "
@@ -409,27 +420,79 @@ def _select_points(data: Any, start: int, count: int | None) -> tuple[list[int],
     return idx, xs, ys
 
 
-def _pgd_counterexamples(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int
-) -> tuple[Tensor, Tensor]:
-    """(N,) bool: PGD found an input in the ball ∩ [0,1] that the model misclassifies; and the
-    (N,) smallest margin min_j z_j found (float64)."""
-    from ccdist_plugin.attacks import pgd_attack
+def _point_record(
+    pos: int, index: int, label: int, pre: PrefilterResult, methods: Sequence[str]
+) -> dict[str, Any]:
+    """One point's manifest record and its pre-filter outcome (the first that applies):
+    ``misclassified``, ``pre-certified``, ``attacked``, else ``bab``.
 
-    x_adv = pgd_attack(model, x, y, eps, steps=steps, restarts=restarts, objective="margin").detach()
-    in_ball = ((x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-6) & (x_adv.flatten(1).amin(1) >= 0)
-    in_ball &= x_adv.flatten(1).amax(1) <= 1
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(x_adv)
-    model.train(was_training)
-    z = logits.gather(1, y.view(-1, 1)) - logits
-    z = z.double().scatter(1, y.view(-1, 1), float("inf"))
-    broken = (logits.argmax(1) != y) & in_ball
-    if bool((~in_ball).any()):
-        logger.warning("PGD returned %d points outside the ball; ignored", int((~in_ball).sum()))
-    return broken, z.amin(1)
+    The decisions are those of :func:`ccdist_plugin.evaluation.prefilter` (one rule for
+    ``ccdist eval`` and the export); this only lays them out for the manifest.
+    """
+    status = pre.status[pos]
+    k = pre.proved.shape[1]
+    others = [j for j in range(k) if j != label]
+    record: dict[str, Any] = {
+        "index": index,
+        "label": label,
+        "prediction": int(pre.prediction[pos]),
+        "correct": bool(pre.correct[pos]),
+        **{f"{m}_certified": bool(pre.certified[m][pos]) for m in methods},
+        **{f"{m}_margin_lb": float(pre.margin_lb[m][pos][others].min()) for m in methods},
+        "proved": [j for j in others if bool(pre.proved[pos, j])],
+        "pgd_broken": bool(pre.broken[pos]),
+        "pgd_margin": float(pre.adv_margin[pos]),
+        "prefilter_status": status,
+    }
+    if status == "misclassified":
+        outcome = "misclassified"
+    elif status in ("certified_ibp", "certified_crown"):
+        outcome = "pre-certified"
+    elif status == "alarm":
+        # our bounds and our attack disagree: a bug in one of them. The point stays
+        # pre-certified in the manifest (what the bounds said) and is never counted as certified.
+        outcome = "pre-certified"
+        record["soundness_alarm"] = (
+            f"test point {index} (label {label}): certified by our {'/'.join(methods).upper()} "
+            "bounds but our PGD found a counterexample"
+        )
+        logger.error("SOUNDNESS ALARM: %s", record["soundness_alarm"])
+    elif status == "attacked":
+        outcome = "attacked"
+    else:
+        outcome = "bab"
+    record["outcome"] = outcome
+    return record
+
+
+def set_aside_verdicts(out_dir: str | os.PathLike, old_manifest: str | None = None) -> Path | None:
+    """Move the verdicts of an earlier export in ``out_dir`` to ``verify.stale-<UTC time>/``.
+
+    A re-export rewrites the model, the csv and the VNN-LIB files; verdicts about the old ones
+    must never be read as verdicts about the new ones. ``old_manifest`` (the earlier
+    ``manifest.json`` text, when it was already overwritten) is kept beside them. Returns the
+    folder they went to (None when there was nothing to move).
+    """
+    out = Path(out_dir)
+    names = ["verify", "verification.json", "verification.md", RESULTS_NAME]
+    present = [n for n in names if (out / n).exists()]
+    if not present:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stale = out / f"verify.stale-{stamp}"
+    stale.mkdir()
+    for n in present:
+        os.replace(out / n, stale / n)
+    if old_manifest is not None:
+        (stale / MANIFEST_NAME).write_text(old_manifest)
+    elif (out / MANIFEST_NAME).is_file():
+        os.replace(out / MANIFEST_NAME, stale / MANIFEST_NAME)
+    logger.warning(
+        "%s held verdicts of an earlier export: moved to %s (a re-export starts a fresh verification)",
+        out,
+        stale,
+    )
+    return stale
 
 
 def export_instances(
@@ -459,6 +522,13 @@ def export_instances(
     (without the differences our bounds proved when ``drop_proven``) and one row of
     ``instances.csv``.
 
+    The manifest records the sha256 of the ONNX model and of every VNN-LIB file, and an export id
+    that is a hash of everything verified (model, ε, budget, points, outcomes, properties); every
+    verdict must match them to be counted. Exporting into a folder that holds verdicts of another
+    export moves them aside (:func:`set_aside_verdicts`): such a re-export starts a fresh
+    verification. Exporting the very same thing again (same id) keeps them, so an interrupted
+    ``ccdist eval --bab`` resumes.
+
     Args:
         model: a :class:`CertifiedNet` (pixel-space input, ``Normalize`` first).
         data: a dataset of ``(x, y)`` items (x in [0, 1], shape (C, H, W)) or a pair of tensors
@@ -467,7 +537,8 @@ def export_instances(
         eps: ℓ∞ radius in pixel units (e.g. ``2/255``).
         count, start: which test points (default: all from ``start``).
         drop_proven: leave differences proved by IBP/CROWN out of the VNN-LIB disjunction.
-        timeout_s: α,β-CROWN's time limit per instance (``bab.timeout``; the csv's timeout column).
+        timeout_s: the time budget per instance (α,β-CROWN's ``bab.timeout``; the csv's timeout
+            column; the budget a verdict must meet to count).
         template: an ``abcrown_configs/`` name or a YAML path for ``abcrown.yaml``.
         methods: our bounds used as pre-checks, a subset of ``("ibp", "crown")``.
         attack_steps, attack_restarts: the PGD pre-check (0 steps: no attack).
@@ -487,108 +558,50 @@ def export_instances(
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if timeout_s <= 0:
+    if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     bad = [m for m in methods if m not in ("ibp", "crown")]
     if bad:
         raise ValueError(f"unknown bound methods {bad}; expected 'ibp' and/or 'crown'")
     template_file = template_path(template)  # fail early on a bad template
-
-    out = Path(out_dir).resolve()
-    (out / VNNLIB_DIR).mkdir(parents=True, exist_ok=True)
     indices, x, y = _select_points(data, start, count)
     input_shape = tuple(model.input_shape)
     if tuple(x.shape[1:]) != input_shape:
         raise ValueError(f"test points have shape {tuple(x.shape[1:])} but the model takes {input_shape}")
     if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
         raise ValueError(f"labels must lie in [0, {model.num_classes}), got [{int(y.min())}, {int(y.max())}]")
-    was_training = model.training
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    old_manifest = (out / MANIFEST_NAME).read_text() if (out / MANIFEST_NAME).is_file() else None
+    _clear_vnnlib(out / VNNLIB_DIR)
+    restore_modes = training_restorer(model)
     model.eval()
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     try:
         torch.manual_seed(seed)
-        from ccdist_plugin.evaluation import predicted_class  # non-finite outputs are never correct
+        from ccdist_plugin.attacks import PGD
+        from ccdist_plugin.evaluation import prefilter
 
-        with torch.no_grad():
-            pred = predicted_class(model(x))
-        from ccdist_plugin.bounds import certify
-
-        margins: dict[str, Tensor] = {}
-        for m in methods:
-            margins[m] = certify(model, x, y, eps, method=m, tol=CERT_TOL).margin_lb.cpu()
-        if attack_steps > 0:
-            broken, adv_margin = _pgd_counterexamples(model, x, y, eps, attack_steps, attack_restarts)
-            broken, adv_margin = broken.cpu(), adv_margin.cpu()
-        else:
-            broken = torch.zeros(len(indices), dtype=torch.bool)
-            adv_margin = torch.full((len(indices),), float("nan"), dtype=torch.float64)
-
+        # the IBP → CROWN → PGD cascade shared with `ccdist eval` (one rule for both paths)
+        attack = (
+            PGD(steps=attack_steps, restarts=attack_restarts, objective="margin")
+            if attack_steps > 0
+            else None
+        )
+        pre = prefilter(model, x, y, eps, methods=methods, attack=attack, tol=CERT_TOL)
         mean = model.normalize.mean.flatten().tolist()
         std = model.normalize.std.flatten().tolist()
         x_norm = ((x - model.normalize.mean) / model.normalize.std).detach().cpu()
         onnx_path = out / ONNX_NAME
         max_diff = export_onnx(model.without_normalization(), onnx_path, input_shape, test_inputs=x_norm[:16])
     finally:
-        model.train(was_training)
+        restore_modes()
 
     k = model.num_classes
-    points: list[dict[str, Any]] = []
-    rows: list[tuple[str, str, str]] = []
-    for pos, idx in enumerate(indices):
-        label, correct = int(y[pos]), bool(pred[pos] == y[pos])
-        proved = {m: (margins[m][pos] > CERT_TOL) for m in methods}
-        any_proved = torch.zeros(k, dtype=torch.bool)
-        for p in proved.values():
-            any_proved |= p
-        any_proved[label] = False
-        others = [j for j in range(k) if j != label]
-        record: dict[str, Any] = {
-            "index": idx,
-            "label": label,
-            "prediction": int(pred[pos]),
-            "correct": correct,
-            **{f"{m}_certified": bool(correct and bool(proved[m][others].all())) for m in methods},
-            **{f"{m}_margin_lb": float(margins[m][pos][others].min()) for m in methods},
-            "proved": [j for j in others if bool(any_proved[j])],
-            "pgd_broken": bool(broken[pos]),
-            "pgd_margin": float(adv_margin[pos]),
-        }
-        pre_certified = correct and all(bool(any_proved[j]) for j in others)
-        if not correct:
-            outcome = "misclassified"
-        elif pre_certified:
-            outcome = "pre-certified"
-        elif bool(broken[pos]):
-            outcome = "attacked"
-        else:
-            outcome = "bab"
-        record["outcome"] = outcome
-        send = outcome == "bab" or verify_all
-        drop = record["proved"] if (drop_proven and outcome == "bab") else []
-        record["dropped"] = drop
-        record["instance"] = None
-        record["vnnlib"] = None
-        if send:
-            rel = f"{VNNLIB_DIR}/point_{idx:06d}.vnnlib"
-            lo, hi = normalized_box(x[pos].cpu(), eps, mean, std)
-            record["targets"] = write_vnnlib(
-                out / rel,
-                lo,
-                hi,
-                label,
-                k,
-                drop=drop,
-                comment=(
-                    f"ccdist export: test point {idx}, label {label}, eps {eps!r} (pixel units), "
-                    f"pre-filter outcome {outcome}\ninput box in normalized space (the ONNX model takes "
-                    f"normalized input); dropped differences (proved by our bounds): {drop}"
-                ),
-            )
-            record["instance"] = len(rows)
-            record["vnnlib"] = rel
-            rows.append((ONNX_NAME, rel, f"{timeout_s:g}"))
-        points.append(record)
+    points = [_point_record(pos, idx, int(y[pos]), pre, methods) for pos, idx in enumerate(indices)]
+    rows = _write_vnnlib_files(out, points, x.cpu(), eps, mean, std, k, drop_proven, verify_all, timeout_s)
 
     csv_path = out / CSV_NAME
     with open(csv_path, "w", newline="") as f:
@@ -599,8 +612,16 @@ def export_instances(
         o: sum(p["outcome"] == o for p in points)
         for o in ("misclassified", "pre-certified", "attacked", "bab")
     }
+    onnx_sha256 = file_sha256(onnx_path)
+    export_id = export_id_of(onnx_sha256, eps, timeout_s, points)
+    stale = None
+    if _manifest_export_id(old_manifest) != export_id:
+        stale = set_aside_verdicts(out, old_manifest)
+    elif (out / "verify").is_dir():
+        logger.info("%s: the same export as before (id %s): its verdicts stay valid", out, export_id[:12])
     manifest = {
-        "format": "ccdist-export/1",
+        "format": "ccdist-export/2",
+        "export_id": export_id,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
         "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
@@ -616,6 +637,7 @@ def export_instances(
         "num_classes": k,
         "normalization": {"mean": mean, "std": std},
         "onnx": ONNX_NAME,
+        "onnx_sha256": onnx_sha256,
         "onnx_max_abs_diff": max_diff,
         "instances_csv": CSV_NAME,
         "abcrown_config": CONFIG_NAME,
@@ -624,9 +646,12 @@ def export_instances(
         "drop_proven": bool(drop_proven),
         "verify_all": bool(verify_all),
         "methods": list(methods),
+        # CROWN's intermediate bounds: "crown" (full CROWN) or "ibp" (CROWN-IBP); None without CROWN
+        "crown_intermediate": pre.crown_intermediate,
         "attack": {"steps": attack_steps, "restarts": attack_restarts, "objective": "margin"},
         "cert_tol": CERT_TOL,
         "counts": counts,
+        "stale_verdicts": str(stale.name) if stale is not None else None,
         "points": points,
         "versions": {"torch": torch.__version__},
     }
@@ -635,7 +660,83 @@ def export_instances(
     logger.debug(  # debug: `ccdist export` prints this summary itself
         "exported %d points to %s: %s; %d instances for α,β-CROWN", len(points), out, counts, len(rows)
     )
-    return ExportResult(out, onnx_path, csv_path, manifest_path, config_path, points, counts, max_diff)
+    alarms = [p["soundness_alarm"] for p in points if p.get("soundness_alarm")]
+    return ExportResult(
+        out, onnx_path, csv_path, manifest_path, config_path, points, counts, max_diff, alarms, stale
+    )
+
+
+def export_id_of(onnx_sha256: str, eps: float, timeout_s: float, points: list[dict[str, Any]]) -> str:
+    """The export id: a hash of everything a verdict depends on (equal ids: the very same
+    verification job). :mod:`ccdist_plugin.verify` recomputes it to detect an edited manifest."""
+    fields = ("index", "label", "outcome", "instance", "vnnlib", "vnnlib_sha256", "pgd_broken")
+    content = {
+        "onnx_sha256": onnx_sha256,
+        "eps": repr(float(eps)),
+        "timeout_s": repr(float(timeout_s)),
+        "points": [[p.get(k) for k in fields] for p in points],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest_export_id(text: str | None) -> str | None:
+    try:
+        return json.loads(text).get("export_id") if text else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def _clear_vnnlib(folder: Path) -> None:
+    """Remove an earlier export's VNN-LIB files (a re-export may send other points)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("point_*.vnnlib"):
+        old.unlink()
+
+
+def _write_vnnlib_files(
+    out: Path,
+    points: list[dict[str, Any]],
+    x: Tensor,
+    eps: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    k: int,
+    drop_proven: bool,
+    verify_all: bool,
+    timeout_s: float,
+) -> list[tuple[str, str, str]]:
+    """One VNN-LIB file per point sent to branch-and-bound (its hash and instance row go into its
+    record); returns the rows of ``instances.csv``."""
+    rows: list[tuple[str, str, str]] = []
+    for pos, record in enumerate(points):
+        outcome, idx, label = record["outcome"], record["index"], record["label"]
+        send = outcome == "bab" or verify_all
+        drop = record["proved"] if (drop_proven and outcome == "bab") else []
+        record["dropped"] = drop
+        record["instance"] = None
+        record["vnnlib"] = None
+        if not send:
+            continue
+        rel = f"{VNNLIB_DIR}/point_{idx:06d}.vnnlib"
+        lo, hi = normalized_box(x[pos], eps, mean, std)
+        record["targets"] = write_vnnlib(
+            out / rel,
+            lo,
+            hi,
+            label,
+            k,
+            drop=drop,
+            comment=(
+                f"ccdist export: test point {idx}, label {label}, eps {eps!r} (pixel units), "
+                f"pre-filter outcome {outcome}\ninput box in normalized space (the ONNX model takes "
+                f"normalized input); dropped differences (proved by our bounds): {drop}"
+            ),
+        )
+        record["instance"] = len(rows)
+        record["vnnlib"] = rel
+        record["vnnlib_sha256"] = file_sha256(out / rel)
+        rows.append((ONNX_NAME, rel, f"{timeout_s:g}"))
+    return rows
 
 
 #: Default α,β-CROWN template per dataset (teachers use ``teacher``).

@@ -134,7 +134,9 @@ class CertifiedNet(nn.Module):
     def without_normalization(self) -> nn.Sequential:
         """The same network without its :class:`Normalize` layer (shares parameters and the
         train/eval mode, so that restoring the copy's mode restores the network's)."""
-        return nn.Sequential(*list(self.features)[1:], self.head).train(self.training)
+        view = nn.Sequential(*list(self.features)[1:], self.head)
+        view.training = self.training  # the container's own flag only: the layers keep theirs
+        return view
 
     @classmethod
     def wrap(

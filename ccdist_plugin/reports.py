@@ -9,9 +9,11 @@ produced it::
                     "params": {"alpha", "beta", "eps", ...}, "config": {...}},
      "data": {"name", "split", "start", "count"},
      "eps", "count",
-     "settings": {PGD steps/step/restarts, AutoAttack version, methods, tol, seed, BaB settings},
-     "metrics": {"standard_acc", "pgd_acc", "autoattack_acc", "ibp_cert_acc", "crown_cert_acc",
-                 "bab_cert_acc", "ibp_loss"},      # fractions in [0, 1]; null = not computed
+     "settings": {PGD steps/step/restarts, "attack_description", "attack_source", AutoAttack version,
+                  methods, "crown_intermediate_used", tol, seed, BaB settings},
+     "metrics": {"standard_acc", "pgd_acc", "autoattack_acc", "ibp_cert_acc", "crown_cert_acc" (CROWN),
+                 "crown_ibp_cert_acc" (CROWN-IBP), "bab_cert_acc", "ibp_loss"},
+                 # fractions in [0, 1]; null = not computed
      "timings_s": {...}, "autoattack": {"run", "module", ... | "reason"},
      "bab": {counts, α,β-CROWN config, ...} | null, "eps_curve": [{"eps", metrics...}],
      "soundness_alarms": [], "per_example": {...}, "teacher": <record> | absent}
@@ -64,6 +66,7 @@ METRIC_LABELS = {
     "autoattack_acc": "AA",
     "ibp_cert_acc": "IBP",
     "crown_cert_acc": "CROWN",
+    "crown_ibp_cert_acc": "CROWN-IBP",
     "bab_cert_acc": "BaB",
 }
 _REQUIRED = {
@@ -81,7 +84,8 @@ _REQUIRED = {
     "autoattack": dict,
     "soundness_alarms": list,
 }
-_REQUIRED_METRICS = (*METRIC_LABELS, "ibp_loss")
+# CROWN-IBP got its own name later: records written before it have only crown_cert_acc
+_REQUIRED_METRICS = (*(k for k in METRIC_LABELS if k != "crown_ibp_cert_acc"), "ibp_loss")
 _REQUIRED_SETTINGS = ("eps", "pgd_steps", "pgd_step_rel", "pgd_restarts", "methods", "tol", "bab")
 
 
@@ -370,6 +374,7 @@ def eval_table(records: Sequence[dict[str, Any]]) -> str:
         "AA",
         "IBP",
         "CROWN",
+        "CROWN-IBP",
         "BaB",
         "Train time [s]",
         "Eval time [s]",
@@ -390,6 +395,7 @@ def eval_table(records: Sequence[dict[str, Any]]) -> str:
             _pct(m.get("autoattack_acc")),
             _pct(m.get("ibp_cert_acc")),
             _pct(m.get("crown_cert_acc")),
+            _pct(m.get("crown_ibp_cert_acc")),
             bab,
             _secs(r["checkpoint"].get("train_time_s")),
             _secs(r["timings_s"].get("total")),
@@ -398,10 +404,13 @@ def eval_table(records: Sequence[dict[str, Any]]) -> str:
     notes = []
     s = records[0]["settings"] if records else {}
     if s:
+        attack = s.get("attack_description") or (
+            f"PGD-{s['pgd_steps']} (step {s['pgd_step_rel']:g}·ε, {s['pgd_restarts']} start(s), random start)"
+        )
+        source = f" [{s['attack_source']}]" if s.get("attack_source") else ""
         notes.append(
-            f"PGD-{s['pgd_steps']}: step {s['pgd_step_rel']:g}·ε, {s['pgd_restarts']} restart(s), "
-            "random start; "
-            "IBP/CROWN: sound float64 bounds; accuracies in %."
+            f"Attack: {attack}{source}. IBP/CROWN/CROWN-IBP: sound float64 bounds (CROWN: CROWN intermediate "
+            "bounds; CROWN-IBP: IBP intermediate bounds); accuracies in %."
         )
     for r in records:
         same = (r.get("bab") or {}).get("same_points")
@@ -411,6 +420,7 @@ def eval_table(records: Sequence[dict[str, Any]]) -> str:
                 "pgd_robust": "PGD",
                 "ibp_certified": "IBP",
                 "crown_certified": "CROWN",
+                "crown_ibp_certified": "CROWN-IBP",
             }
             figures = ", ".join(f"{names[k]} {_pct(v)}" for k, v in same.items() if k in names)
             notes.append(f"{r['label']}: BaB ran on the first {r['bab']['count']} points; there: {figures}.")
@@ -450,7 +460,7 @@ def compare_table(records: Sequence[dict[str, Any]], group_by: str = "label") ->
     """
     if not records:
         raise ValueError("compare_table: no records")
-    head = ["Run", "runs", "N", "Std.", "PGD-40", "AA", "IBP", "CROWN", "BaB", "IBP loss", "Train time [s]"]
+    head = ["Run", "runs", "N", *METRIC_LABELS.values(), "IBP loss", "Train time [s]"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, group in _group(records, group_by).items():
         cells = [key, str(len(group)), "/".join(sorted({str(r["count"]) for r in group}))]
@@ -495,7 +505,8 @@ def teacher_table(teacher: dict[str, Any], student: dict[str, Any]) -> str:
     ]
     for role, r in (("teacher", teacher), ("student", student)):
         best, how = None, "–"
-        for key, name in (("ibp_cert_acc", "IBP"), ("crown_cert_acc", "CROWN"), ("bab_cert_acc", "BaB")):
+        for key in ("ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc", "bab_cert_acc"):
+            name = METRIC_LABELS[key]
             v = r["metrics"].get(key)
             if v is not None and (best is None or v > best):
                 best, how = v, name
@@ -513,7 +524,7 @@ def teacher_table(teacher: dict[str, Any], student: dict[str, Any]) -> str:
 # Plots
 # --------------------------------------------------------------------------------------------
 
-_CURVE_METRICS = ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc")
+_CURVE_METRICS = ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc")
 
 
 def _pyplot():
@@ -548,6 +559,7 @@ def plot_accuracy_vs_eps(records: Sequence[dict[str, Any]], path: str | os.PathL
         "pgd_acc": "PGD-40",
         "ibp_cert_acc": "IBP-certified",
         "crown_cert_acc": "CROWN-certified",
+        "crown_ibp_cert_acc": "CROWN-IBP-certified",
     }
     # one record: one panel with a line per metric; several: one panel per metric, a line per record
     panels = [None] if len(curves) == 1 else metrics
@@ -589,6 +601,7 @@ def plot_sweep(records: Sequence[dict[str, Any]], path: str | os.PathLike, param
         ("autoattack_acc", "AutoAttack"),
         ("ibp_cert_acc", "IBP-certified"),
         ("crown_cert_acc", "CROWN-certified"),
+        ("crown_ibp_cert_acc", "CROWN-IBP-certified"),
         ("bab_cert_acc", "BaB-certified"),
     ]
     for key, name in series:

@@ -59,6 +59,7 @@ export = export_instances(
 )
 print(f"pre-filter outcomes: {export.counts}; α,β-CROWN instances: {export.num_instances}")
 
-# 3. Verify: one α,β-CROWN process per instance with a hard wall-clock limit; resumable.
+# 3. Verify: α,β-CROWN loaded once per worker, a hard wall-clock limit per instance; resumable, and only
+#    verdicts about this export, within its time budget, count.
 result = run_verification(export.out_dir)
 print(result.table())

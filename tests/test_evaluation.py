@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from ccdist_plugin import evaluation
+from ccdist_plugin.attacks import EVAL_PGD
 from ccdist_plugin.bounds import certify
 from ccdist_plugin.evaluation import EvalSettings, evaluate, find_autoattack
 from ccdist_plugin.models import CertifiedNet, Normalize
@@ -111,8 +112,13 @@ def test_linear_certified_never_exceeds_exact_near_boundary():
 def test_pgd_settings_are_recorded_and_validated():
     s = EvalSettings(eps=0.1)
     d = s.to_dict()
-    assert d["pgd_steps"] == 40 and d["pgd_step_rel"] == pytest.approx(2.5 / 40)
-    assert d["pgd_step_size"] == pytest.approx(0.1 * 2.5 / 40)
+    assert (d["pgd_steps"], d["pgd_step_rel"], d["pgd_restarts"]) == (
+        EVAL_PGD.steps,
+        EVAL_PGD.step_size,
+        EVAL_PGD.restarts,
+    )
+    assert d["pgd_step_size"] == pytest.approx(0.1 * EVAL_PGD.step_size)
+    assert s.pgd == EVAL_PGD
     with pytest.raises(ValueError, match="attack"):
         EvalSettings(eps=0.1, attack="fgsm")
     with pytest.raises(ValueError, match="restarts"):

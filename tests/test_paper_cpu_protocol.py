@@ -114,12 +114,11 @@ def _fake_bab(run: Path, outcomes: list[str], eps: float) -> None:
     from ccdist_plugin.fileio import file_sha256
 
     shutil.rmtree(run / "bab", ignore_errors=True)
-    export = make_export(run / "tmp", outcomes)
+    export = make_export(run / "tmp", outcomes, eps=eps)  # ε is part of the export id
     manifest = json.loads((export / "manifest.json").read_text())
     manifest.update(
         model_sha256="model-" + run.name,
         dataset="digits",
-        eps=eps,
         checkpoint_sha256=file_sha256(run / "checkpoint.pt"),
     )
     (export / "manifest.json").write_text(json.dumps(manifest))

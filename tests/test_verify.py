@@ -20,6 +20,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from ccdist_plugin.export import export_id_of
+from ccdist_plugin.fileio import file_sha256
 from ccdist_plugin.verify import (
     VerificationResult,
     find_abcrown,
@@ -30,24 +32,58 @@ from ccdist_plugin.verify import (
 )
 
 FAKE_ABCROWN = r"""
-import argparse, json, os, subprocess, sys, time
-p = argparse.ArgumentParser()
-for k in ("--config", "--onnx_path", "--vnnlib_path", "--results_file", "--timeout"):
-    p.add_argument(k)
-args, rest = p.parse_known_args()
-here = os.path.dirname(os.path.abspath(__file__))
-name = os.path.basename(args.vnnlib_path)
-with open(os.path.join(here, "calls.txt"), "a") as f:
-    f.write(" ".join([name, "timeout=" + str(args.timeout), *rest]) + "\n")
-b = json.load(open(os.path.join(here, "behaviour.json"))).get(name, "unsat")
-if b == "crash":
-    sys.exit(1)
-if b == "hang":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    open(os.path.join(here, "child.pid"), "w").write(str(child.pid))
-    time.sleep(120)
-with open(args.results_file, "w") as f:
-    f.write({"garbage": "I am not a verdict"}.get(b, b) + "\n")
+import argparse, json, os, signal, subprocess, sys, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    for k in ("--config", "--onnx_path", "--vnnlib_path", "--results_file", "--timeout"):
+        p.add_argument(k)
+    return p.parse_known_args(argv)
+
+
+class ABCROWN:
+    def __init__(self, args=None):
+        self.args, self.rest = _parse(args)
+
+    def main(self):
+        args = self.args
+        name = os.path.basename(args.vnnlib_path)
+        with open(os.path.join(HERE, "calls.txt"), "a") as f:
+            words = [name, "timeout=" + str(args.timeout), *self.rest, "pid=%d" % os.getpid()]
+            f.write(" ".join(words) + "\n")
+        b = json.load(open(os.path.join(HERE, "behaviour.json"))).get(name, "unsat")
+        if b.startswith("slow_"):  # slow_<seconds>_<result>
+            _, seconds, b = b.split("_")
+            time.sleep(float(seconds))
+        if b == "die_once":  # the verifier process dies the first time only
+            marker = os.path.join(HERE, name + ".died")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(9)
+            b = "unsat"
+        if b == "swap_model":  # another network written over the one being verified
+            with open(args.onnx_path, "ab") as f:
+                f.write(b"tampered")
+            b = "unsat"
+        if b == "die":
+            os._exit(9)
+        if b == "crash":
+            sys.exit(1)
+        if b == "raise":
+            raise RuntimeError("fake verifier bug")
+        if b == "hang":
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            open(os.path.join(HERE, "child.pid"), "w").write(str(child.pid))
+            open(os.path.join(HERE, "verifier.pid"), "w").write(str(os.getpid()))
+            time.sleep(120)
+        with open(args.results_file, "w") as f:
+            f.write({"garbage": "I am not a verdict"}.get(b, b) + "\n")
+
+
+if __name__ == "__main__":
+    ABCROWN(sys.argv[1:]).main()
 """
 
 
@@ -64,12 +100,21 @@ def calls(fake: Path) -> list[str]:
     return p.read_text().splitlines() if p.exists() else []
 
 
-def make_export(root: Path, outcomes: list[str], sent: list[bool] | None = None, **flags) -> Path:
-    """A synthetic export directory: one point per outcome; ``sent[i]``: point i has an instance
-    (default: only ``bab`` points). ``flags`` maps point positions to extra manifest fields."""
+def make_export(
+    root: Path,
+    outcomes: list[str],
+    sent: list[bool] | None = None,
+    flags: dict[int, dict] | None = None,
+    eps: float = 0.1,
+) -> Path:
+    """A synthetic export directory at radius ``eps``: one point per outcome; ``sent[i]``: point i
+    has an instance (default: only ``bab`` points). ``flags`` maps point positions to extra manifest
+    fields. (The export id is a hash of the content: edit a manifest only through these arguments.)"""
+    flags = flags or {}
     out = root / "export"
     (out / "vnnlib").mkdir(parents=True)
     sent = sent or [o == "bab" for o in outcomes]
+    (out / "model.onnx").write_bytes(b"a stand-in for an ONNX model")
     points, rows = [], []
     for i, outcome in enumerate(outcomes):
         p = {
@@ -88,15 +133,44 @@ def make_export(root: Path, outcomes: list[str], sent: list[bool] | None = None,
         p.update(flags.get(i, {}))
         if sent[i]:
             p["instance"], p["vnnlib"] = len(rows), f"vnnlib/point_{100 + i:06d}.vnnlib"
-            (out / p["vnnlib"]).write_text("; placeholder\n")
+            (out / p["vnnlib"]).write_text(f"; placeholder property of test point {100 + i}\n")
+            p["vnnlib_sha256"] = file_sha256(out / p["vnnlib"])
             rows.append(f"model.onnx,{p['vnnlib']},5")
         points.append(p)
-    (out / "model.onnx").write_bytes(b"")
     (out / "instances.csv").write_text("".join(r + "\n" for r in rows))
     (out / "abcrown.yaml").write_text("general:\n  device: cpu\n")
-    manifest = {"eps": 0.1, "timeout_s": 5.0, "methods": ["ibp", "crown"], "points": points}
+    manifest = {
+        "onnx": "model.onnx",
+        "onnx_sha256": file_sha256(out / "model.onnx"),
+        "eps": eps,
+        "timeout_s": 5.0,
+        "methods": ["ibp", "crown"],
+        "points": points,
+    }
+    manifest["export_id"] = export_id_of(manifest["onnx_sha256"], eps, 5.0, points)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def record_for(export: Path, instance: int, verdict: str, **changes) -> dict:
+    """A verdict record about instance ``instance`` of ``export`` (as run_verification writes it)."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    point = next(p for p in manifest["points"] if p["instance"] == instance)
+    rec = {
+        "instance": instance,
+        "index": point["index"],
+        "verdict": verdict,
+        "time_s": 1.0,
+        "returncode": 0,
+        "shard": "all",
+        "worker": "all/w0",
+        "export_id": manifest["export_id"],
+        "onnx_sha256": manifest["onnx_sha256"],
+        "vnnlib_sha256": point["vnnlib_sha256"],
+        "eps": manifest["eps"],
+        "budget_s": manifest["timeout_s"],
+    }
+    return {**rec, **changes}
 
 
 def _alive(pid: int) -> bool:
@@ -118,7 +192,7 @@ def test_verdicts_errors_and_hard_kill(tmp_path):
     behaviour = ["unsat", "sat", "timeout", "garbage", "crash", "hang"]
     fake = make_fake_abcrown(tmp_path, {f"point_{100 + i:06d}.vnnlib": b for i, b in enumerate(behaviour)})
     start = time.monotonic()
-    res = run_verification(export, abcrown_dir=fake, timeout_s=0.5, grace_s=2.0, python=sys.executable)
+    res = run_verification(export, abcrown_dir=fake, timeout_s=3, grace_s=2.0, python=sys.executable)
     assert time.monotonic() - start < 100  # the hang was cut short (its sleep is 120 s)
     by_index = {r["index"]: r for r in res.instances}
     assert [by_index[100 + i]["verdict"] for i in range(6)] == [
@@ -134,6 +208,7 @@ def test_verdicts_errors_and_hard_kill(tmp_path):
     assert res.counts == {
         "misclassified": 1, "pre-certified": 1, "attacked": 1,
         "safe": 1, "unsafe": 1, "timeout": 2, "error": 2, "missing": 0,
+        "late": 0, "excluded": 0, "alarm": 0,
     }  # fmt: skip
     assert res.certified == 2 and res.certified_accuracy == pytest.approx(2 / 9)
     assert res.pgd_accuracy == pytest.approx((9 - 3) / 9)
@@ -144,7 +219,7 @@ def test_verdicts_errors_and_hard_kill(tmp_path):
             break
         time.sleep(0.1)
     assert not _alive(child), "the hard limit must kill the whole process group"
-    assert all("timeout=0.5" in c for c in calls(fake))
+    assert all("timeout=3" in c for c in calls(fake))
     saved = json.loads((export / "verification.json").read_text())
     assert saved["certified"] == 2 and saved["counts"]["error"] == 2
     table = (export / "verification.md").read_text()
@@ -222,15 +297,16 @@ def test_soundness_alarms(tmp_path, caplog):
     assert cli.exit_code == 3 and "SOUNDNESS ALARM" in cli.output
 
 
-def test_conflicting_results_across_runs_raise_alarm(tmp_path):
+@pytest.mark.parametrize("safe_file", ["results_all.jsonl", "results_shard_0_of_2.jsonl"])
+def test_conflicting_results_are_never_certified_whatever_the_file_order(tmp_path, safe_file):
     export = make_export(tmp_path, ["bab"])
     (export / "verify").mkdir()
-    rec = {"instance": 0, "index": 100, "verdict": "safe", "time_s": 1.0, "returncode": 0}
-    (export / "verify" / "results_shard_0_of_2.jsonl").write_text(json.dumps(rec) + "\n")
-    rec["verdict"] = "unsafe"
-    (export / "verify" / "results_all.jsonl").write_text(json.dumps(rec) + "\n")
+    unsafe_file = ({"results_all.jsonl", "results_shard_0_of_2.jsonl"} - {safe_file}).pop()
+    (export / "verify" / safe_file).write_text(json.dumps(record_for(export, 0, "safe")) + "\n")
+    (export / "verify" / unsafe_file).write_text(json.dumps(record_for(export, 0, "unsafe")) + "\n")
     res = summarize(export)
-    assert len(res.soundness_alarms) == 1 and "in one run" in res.soundness_alarms[0]
+    assert len(res.soundness_alarms) == 1 and "in another" in res.soundness_alarms[0]
+    assert res.certified == 0 and res.counts["alarm"] == 1 and res.counts["safe"] == 0
 
 
 def test_without_abcrown_reports_our_bounds(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from ccdist_plugin import reports
+from ccdist_plugin.attacks import EVAL_PGD
 from ccdist_plugin.cli.common import (
     checkpoint_dataset,
     checkpoint_eps,
@@ -36,6 +37,8 @@ __all__ = ["eval_command", "compare_command", "sweep_command", "run_eval", "comp
 
 logger = logging.getLogger(__name__)
 
+#: the figures of an accuracy-vs-ε curve point
+_CURVE_KEYS = ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc")
 #: multiples of ε at which ``ccdist eval`` draws the accuracy-vs-ε curve by default
 DEFAULT_CURVE = "0,0.5,1,1.5,2"
 _PARAM_KEYS = {"beta": "loss.beta", "alpha": "loss.alpha"}
@@ -118,9 +121,7 @@ def run_eval(
         else:
             curve_settings = EvalSettings(**_curve_kwargs(settings, e))
             m = evaluate(model, x, y, curve_settings, progress=progress).metrics
-        points.append(
-            {"eps": e, **{k: m.get(k) for k in ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc")}}
-        )
+        points.append({"eps": e, **{k: m.get(k) for k in _CURVE_KEYS}})
     record = reports.make_record(result, info, data_info, label=name, eps_curve=points)
     reports.write_json(record, out / "eval.json")
     (out / "eval.md").write_text(reports.eval_table([record]))
@@ -161,13 +162,36 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
     show_default=True,
     help="autoattack: PGD-40 and AutoAttack (when an implementation is importable)",
 )
-@click.option("--pgd-steps", default=40, show_default=True)
 @click.option(
-    "--pgd-step", "pgd_step_text", default="2.5/40", show_default=True, help="PGD step as a multiple of ε"
+    "--pgd-steps",
+    default=EVAL_PGD.steps,
+    show_default=True,
+    help="default: the evaluation attack (docs/evaluation.md)",
 )
-@click.option("--pgd-restarts", default=1, show_default=True)
+@click.option(
+    "--pgd-step",
+    "pgd_step_text",
+    default=f"{EVAL_PGD.step_size:g}",
+    show_default=True,
+    help="PGD step as a multiple of ε",
+)
+@click.option("--pgd-restarts", default=EVAL_PGD.restarts, show_default=True)
 @click.option("--methods", default="ibp,crown", show_default=True, help="certification by our bounds")
-@click.option("--crown-intermediate", type=click.Choice(["crown", "ibp"]), default="crown", show_default=True)
+@click.option(
+    "--crown-intermediate",
+    type=click.Choice(["auto", "crown", "ibp"]),
+    default="auto",
+    show_default=True,
+    help="CROWN's intermediate bounds: crown (full CROWN: crown_cert_acc), ibp (CROWN-IBP: "
+    "crown_ibp_cert_acc), auto (full CROWN where affordable, else CROWN-IBP; the record says which)",
+)
+@click.option(
+    "--crown-backend",
+    type=click.Choice(["native", "auto_lirpa"]),
+    default="native",
+    show_default=True,
+    help="auto_lirpa: auto_LiRPA's CROWN (faster full CROWN on CNN-7; needs auto_LiRPA)",
+)
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
 @click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
@@ -205,6 +229,7 @@ def eval_command(
     pgd_restarts,
     methods,
     crown_intermediate,
+    crown_backend,
     bab,
     bab_count,
     bab_timeout,
@@ -235,6 +260,7 @@ def eval_command(
         pgd_restarts=pgd_restarts,
         methods=parse_names(methods),
         crown_intermediate=crown_intermediate,
+        crown_backend=crown_backend,
         seed=seed,
         bab=bab,
         bab_count=bab_count,

@@ -158,21 +158,35 @@ def export_command(
 )
 @click.option("--shard", default=None, metavar="I/N", help="run only the instances r with r % N == I")
 @click.option(
-    "--timeout", "timeout_s", type=float, default=None, help="seconds per instance (default: the export's)"
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=None,
+    help="time budget per instance (default: the export's); a verdict after it is reported late, not counted",
 )
 @click.option(
     "--grace",
     "grace_s",
     type=float,
     default=None,
-    help="hard limit = timeout + grace seconds (default max(60, timeout/2))",
+    help="kill the verifier this many seconds after the budget (default max(5, timeout/10))",
 )
 @click.option("--merge", is_flag=True, help="only join the shards' results into verification.json")
 @click.option("--retry-errors", is_flag=True, help="run again instances whose result is error")
 @click.option(
     "--abcrown-args", default="", help='extra α,β-CROWN options, e.g. "--device cpu --batch_size 64"'
 )
-def verify_command(export_dir, abcrown_dir, shard, timeout_s, grace_s, merge, retry_errors, abcrown_args):
+@click.option("--workers", default=1, show_default=True, help="verifier processes side by side, one queue")
+@click.option(
+    "--mode",
+    type=click.Choice(["worker", "process"]),
+    default="worker",
+    show_default=True,
+    help="worker: α,β-CROWN loaded once per worker; process: one α,β-CROWN process per instance",
+)
+def verify_command(
+    export_dir, abcrown_dir, shard, timeout_s, grace_s, merge, retry_errors, abcrown_args, workers, mode
+):
     """Run α,β-CROWN on an export directory and report certified accuracy.
 
     Exit status: 0 done, 2 α,β-CROWN not found (our IBP/CROWN results still reported),
@@ -182,7 +196,7 @@ def verify_command(export_dir, abcrown_dir, shard, timeout_s, grace_s, merge, re
 
     setup_logging(False)
     if merge:
-        result = merge_shards(export_dir)
+        result = merge_shards(export_dir, budget_s=timeout_s)
     else:
         result = run_verification(
             export_dir,
@@ -192,6 +206,8 @@ def verify_command(export_dir, abcrown_dir, shard, timeout_s, grace_s, merge, re
             grace_s=grace_s,
             extra_args=shlex.split(abcrown_args),
             retry_errors=retry_errors,
+            workers=workers,
+            mode=mode,
         )
     click.echo(result.table())
     if result.soundness_alarms:
