@@ -894,6 +894,8 @@ def resolve_crown_intermediate(
     if intermediate != "auto":
         return intermediate
     model = _as_certified_net(model)
+    if native_unsupported_layer(model.features) is not None:
+        return "crown"  # only auto_LiRPA bounds this network: its full CROWN
     return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
 
 
@@ -971,20 +973,30 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
     c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y - e_j
     # auto_LiRPA's default "patches" mode for convolutions fails on some graphs (max-pooling after
     # a residual sum, seen at commit 9d100ec07086); the dense "matrix" mode is the fallback.
-    for conv_mode in ("patches", "matrix"):
-        # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
-        # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
-        net = copy.deepcopy(model)
-        bounded = BoundedModule(net, x, device=x.device, verbose=False, bound_opts={"conv_mode": conv_mode})
-        bounded.train(model.training)
-        bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
-        try:
-            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False)
-            break
-        except RuntimeError as exc:
-            if conv_mode == "matrix":
-                raise
-            logging.getLogger(__name__).info("auto_LiRPA %s in patches mode: %s; using matrix", method, exc)
+    # Some auto_LiRPA operators (max-pooling) build tensors in the default dtype: under float64
+    # bounds (certify) the default follows x for the call, and is restored after it.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)
+    try:
+        for conv_mode in ("patches", "matrix"):
+            # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
+            # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
+            net = copy.deepcopy(model)
+            opts = {"conv_mode": conv_mode}
+            bounded = BoundedModule(net, x, device=x.device, verbose=False, bound_opts=opts)
+            bounded.train(model.training)
+            bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
+            try:
+                lb, _ = bounded.compute_bounds(
+                    x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False
+                )
+                break
+            except RuntimeError as exc:
+                if conv_mode == "matrix":
+                    raise
+                logging.getLogger(__name__).info("auto_LiRPA %s, patches mode: %s; matrix mode", method, exc)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return lb
 
 

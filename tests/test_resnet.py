@@ -501,3 +501,18 @@ def test_real_abcrown_verifies_a_residual_net(tmp_path, digits):
         if p["pgd_broken"] or not p["correct"]:
             assert v != "safe", p
     assert sum(v == "safe" for v in verdicts.values()) >= 1
+
+
+@requires_auto_lirpa
+@pytest.mark.autolirpa
+def test_evaluate_certifies_a_wrapped_model_through_auto_lirpa(digits):
+    """The default CROWN backend ("auto") sends a network only auto_LiRPA bounds to auto_LiRPA."""
+    from ccdist_plugin.evaluation import EvalSettings, evaluate
+
+    model = plain_resnet(0).eval()
+    x, y = digits[0][:6], digits[1][:6]
+    result = evaluate(model, x, y, EvalSettings(eps=0.01, pgd_steps=2), progress=False)
+    crown = [
+        k for k, v in result.metrics.items() if "crown" in k and k.endswith("cert_acc") and v is not None
+    ]
+    assert crown and all(0.0 <= result.metrics[k] <= 1.0 for k in crown), result.metrics
