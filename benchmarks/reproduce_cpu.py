@@ -7,7 +7,8 @@ One command trains and evaluates everything, resumably (a finished run's ``resul
 Stages (all with the project's own code: ``Trainer``, ``bounds.certify``, ``attacks.pgd_attack``,
 ``export.export_instances`` + ``verify.run_verification`` for α,β-CROWN):
 
-1. CIFAR-10 JPEG subset (``../shared/data``; 10k train of which 1000 are held out for validation, 2k test),
+1. CIFAR-10 JPEG subset (in a folder of ``$CCDIST_DATA``, docs/data.md; 10k train of which 1000 are
+   held out for validation, 2k test),
    ε = 2/255, a narrow cnn3. A PGD-trained teacher (longer than the students), and CC-IBP students at
    α ∈ ``--alphas`` (seed 0). The α with the best *validation* CROWN-IBP-certified accuracy is selected.
 2. CC-IBP and CC-Dist (β·w ∈ ``--main-betas``, default the paper's 5) at the selected α for ``--seeds``
@@ -331,7 +332,7 @@ def _issue9_config(job: Job, out: Path):
                 beta=None if job.beta_w is None else job.beta_w / (cfg.model.width or 1),
             )
         )
-        attack = _pgd(1, 10.0)  # the one-step training attack (SPEC.md)
+        attack = _pgd(1, 10.0)  # the one-step training attack (docs/method.md)
         if job.kind == "cc_ibp":
             loss = make_loss("cc_ibp", alpha=job.alpha, attack=attack)
         else:

@@ -11,9 +11,7 @@ Where things are:
 - ``evaluation``: metrics and reports.
 """
 
-from __future__ import annotations
-
-import importlib
+from importlib import import_module as _import_module
 
 from ccdist_plugin.attacks import PGD, pgd_attack
 from ccdist_plugin.bounds import (
@@ -67,7 +65,7 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ccdist_plugin' has no attribute {name!r}")
 
 
@@ -105,3 +103,8 @@ __all__ = [
     "Residual",
     *_LAZY,
 ]
+
+
+def __dir__() -> list[str]:
+    # the public API (lazy names included), not the submodules and helpers the imports above leave behind
+    return sorted([*__all__, "__version__"])

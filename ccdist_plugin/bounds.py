@@ -203,8 +203,8 @@ def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
         ``(lo, hi)`` with ``lo = max(x − ε, 0)`` and ``hi = min(x + ε, 1)``.
 
     >>> lo, hi = input_box(torch.tensor([[0.0, 0.5, 1.0]]), 0.1)
-    >>> lo.tolist(), hi.tolist()
-    ([[0.0, 0.4000000059604645, 0.8999999761581543]], [[0.10000000149011612, 0.6000000238418579, 1.0]])
+    >>> [round(v, 6) for v in lo[0].tolist()], [round(v, 6) for v in hi[0].tolist()]  # float32 values
+    ([0.0, 0.4, 0.9], [0.1, 0.6, 1.0])
     """
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")

@@ -34,7 +34,7 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD, describe_pgd
 from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import CERT_TOL, certify, input_box, resolve_crown_intermediate, training_restorer
 from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.progress import progress_bar
 from ccdist_plugin.validate import check_batch
 
 __all__ = [
@@ -355,13 +355,18 @@ def predicted_class(logits: Tensor) -> Tensor:
     return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), -1)
 
 
-def _bar(batches: list[slice], desc: str, progress: bool):
-    return tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
+#: ``bar(batches, desc)``: iterate the batches, drawing a bar on a terminal or logging one line.
+Bar = Callable[[list[slice], str], Iterable[slice]]
+
+
+def _bars(progress: bool, log: Callable[[str], None] | None) -> Bar:
+    """Progress bars on a terminal when ``progress``; elsewhere one line per stage to ``log``."""
+    return lambda batches, desc: progress_bar(batches, desc=desc, enabled=progress, done=log or logger.info)
 
 
 @torch.no_grad()
-def _clean_predictions(model: nn.Module, x: Tensor, batches: list[slice], progress: bool) -> Tensor:
-    return torch.cat([predicted_class(model(x[sl])).cpu() for sl in _bar(batches, "standard", progress)])
+def _clean_predictions(model: nn.Module, x: Tensor, batches: list[slice], bar: Bar) -> Tensor:
+    return torch.cat([predicted_class(model(x[sl])).cpu() for sl in bar(batches, "standard")])
 
 
 def _certify_all(
@@ -372,7 +377,7 @@ def _certify_all(
     method: str,
     tol: float,
     batches: list[slice],
-    progress: bool,
+    bar: Bar,
     crown_intermediate: str,
     crown_backend: str,
 ) -> Tensor:
@@ -383,7 +388,7 @@ def _certify_all(
         certify(
             model, x[sl], y[sl], eps, method=method, tol=tol, batch_size=sl.stop - sl.start, **kwargs
         ).margin_lb.cpu()
-        for sl in _bar(batches, f"{name} bounds", progress)
+        for sl in bar(batches, f"{name} bounds")
     ]
     return torch.cat(parts)
 
@@ -395,13 +400,13 @@ def _attack_all(
     eps: float,
     attack: PGD,
     batches: list[slice],
-    progress: bool,
+    bar: Bar,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """(N,) the attack broke the point (its output lies in the ball ∩ [0, 1] and is misclassified),
     and (N,) float64 smallest margin min_j z_j at the attack's point."""
     broken, adv_margin = [], []
-    for sl in _bar(batches, describe_pgd(attack).split(" ")[0], progress):
+    for sl in bar(batches, describe_pgd(attack).split(" ")[0]):
         xb, yb = x[sl], y[sl]
         x_adv = attack(model, xb, yb, eps, generator=generator).detach()
         lo, hi = input_box(xb, eps)
@@ -437,6 +442,7 @@ def prefilter(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> PrefilterResult:
     """The IBP → CROWN → attack cascade on every point: what ``evaluate`` reports and what the
     α,β-CROWN export decides before branch and bound, by one rule.
@@ -455,6 +461,8 @@ def prefilter(
             :func:`ccdist_plugin.bounds.resolve_crown_intermediate`).
         crown_backend: ``"auto"``, ``"native"`` or ``"auto_lirpa"``.
         generator: random starts of the attack.
+        progress: progress bars on a terminal, one line per stage to ``log`` elsewhere.
+        log: where those lines go (default: the module logger).
     """
     bad = [m for m in methods if m not in ("ibp", "crown")]
     if bad:
@@ -462,11 +470,12 @@ def prefilter(
     n, k = x.shape[0], model.num_classes
     y_cpu = y.cpu()
     batches = batch_slices(n, batch_size)
+    bar = _bars(progress, log)
     timings: dict[str, float] = {}
     restore_modes = training_restorer(model)
     model.eval()
     try:
-        pred = _timed(timings, "standard", lambda: _clean_predictions(model, x, batches, progress))
+        pred = _timed(timings, "standard", lambda: _clean_predictions(model, x, batches, bar))
         correct = pred == y_cpu
         resolved = resolve_crown_intermediate(model, crown_intermediate) if "crown" in methods else None
         margin_lb = {
@@ -474,7 +483,7 @@ def prefilter(
                 timings,
                 m,
                 lambda m=m: _certify_all(
-                    model, x, y, eps, m, tol, batches, progress, resolved or "ibp", crown_backend
+                    model, x, y, eps, m, tol, batches, bar, resolved or "ibp", crown_backend
                 ),
             )
             for m in ("ibp", "crown")
@@ -482,7 +491,7 @@ def prefilter(
         }
         if attack is not None:
             broken, adv_margin = _timed(
-                timings, "pgd", lambda: _attack_all(model, x, y, eps, attack, batches, progress, generator)
+                timings, "pgd", lambda: _attack_all(model, x, y, eps, attack, batches, bar, generator)
             )
         else:
             broken = torch.zeros(n, dtype=torch.bool)
@@ -593,7 +602,7 @@ def _record_autoattack(
     y: Tensor,
     pre: PrefilterResult,
     say: Callable[[str], None],
-    progress: bool,
+    bar: Bar,
 ) -> None:
     s = result.settings
     result.metrics["autoattack_acc"] = None
@@ -612,7 +621,7 @@ def _record_autoattack(
     robust = []
     restore_modes = training_restorer(model)
     try:
-        for sl in _bar(batch_slices(x.shape[0], s.batch_size), f"AutoAttack ({name})", progress):
+        for sl in bar(batch_slices(x.shape[0], s.batch_size), f"AutoAttack ({name})"):
             x_adv = autoattack_adversarial(
                 model, x[sl], y[sl], s.eps, name, s.autoattack_version, s.seed, s.batch_size
             )
@@ -688,7 +697,7 @@ def evaluate(
     Args:
         model: the network (evaluated in eval mode; every layer's train/eval flag is restored).
         settings: an :class:`EvalSettings`.
-        progress: show tqdm progress bars.
+        progress: progress bars on a terminal, one log line per metric elsewhere.
         bab_dir: export directory for α,β-CROWN (required when ``settings.bab``).
         checkpoint_path, dataset_name: provenance recorded in the export manifest.
         abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
@@ -712,10 +721,11 @@ def evaluate(
         batch_size=s.batch_size,
         generator=torch.Generator().manual_seed(s.seed),
         progress=progress,
+        log=say,
     )
     _record_standard(result, pre)
     _record_pgd(result, pre)
-    _record_autoattack(result, model, x, y, pre, say, progress)
+    _record_autoattack(result, model, x, y, pre, say, _bars(progress, say))
     _record_certified(result, pre, y)
     _record_bab(result, model, x, y, bab_dir, checkpoint_path, dataset_name, abcrown_dir, say)
     result.timings_s["total"] = time.perf_counter() - start

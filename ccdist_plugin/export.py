@@ -79,8 +79,9 @@ CONFIG_NAME = "abcrown.yaml"
 RESULTS_NAME = "abcrown_results.pkl"
 VNNLIB_DIR = "vnnlib"
 
-#: Where the α,β-CROWN templates live (the repository's ``abcrown_configs/``).
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "abcrown_configs"
+#: Where the α,β-CROWN templates live: package data (the repository's top-level ``abcrown_configs/``
+#: is a copy of it for users who run abcrown.py by hand; tests/test_packaging.py keeps them identical).
+TEMPLATE_DIR = Path(__file__).resolve().parent / "abcrown_configs"
 
 
 class ExportError(RuntimeError):

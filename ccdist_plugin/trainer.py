@@ -29,7 +29,6 @@ import csv
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from ccdist_plugin.checkpoint import (
 from ccdist_plugin.config import TrainConfig
 from ccdist_plugin.losses import LossStats, loss_class
 from ccdist_plugin.models import CertifiedNet, create_model
+from ccdist_plugin.progress import progress_bar
 from ccdist_plugin.regularizers import (
     ibp_preactivation_bounds,
     l1_penalty,
@@ -404,10 +404,20 @@ class Trainer:
             ``config.loss`` describes). A loss object carries its own teacher, so ``teacher`` must
             then be None.
 
-    Example::
+    Example (a CC-Dist student needs a teacher: a network of the same feature width, or a checkpoint
+    path; a freshly initialized one stands in here for the PGD teacher of :func:`train_teacher`)::
 
-        trainer = Trainer(create_model("cnn3", in_channels=1, input_size=8), load_preset("digits"))
-        result = trainer.fit(data.train, data.test)
+        >>> from ccdist_plugin.config import load_preset
+        >>> from ccdist_plugin.data import load_dataset
+        >>> from ccdist_plugin.trainer import Trainer, build_model
+        >>> data = load_dataset("digits")
+        >>> short = ["schedule.epochs=2", "schedule.ramp_up_epochs=1", "optim.lr_decay_epochs=[]"]
+        >>> config = load_preset("digits").override([*short, "log.output_dir=runs/s"])  # loss: cc_dist
+        >>> teacher = build_model(load_preset("digits-teacher"), data.spec)
+        >>> trainer = Trainer(build_model(config, data.spec), config, teacher=teacher)
+        >>> result = trainer.fit(data.train, data.test)
+        >>> len(result.history), result.checkpoint.name
+        (2, 'checkpoint.pt')
     """
 
     def __init__(
@@ -516,7 +526,7 @@ class Trainer:
             cfg.to_yaml(self.run_dir / "config.yaml")
             write_metrics(history, self.run_dir)
         writer = self._tensorboard() if main else None
-        show = main and cfg.log.progress and sys.stderr.isatty()
+        show = main and cfg.log.progress  # a bar only on a terminal (progress_bar); log lines per epoch
         try:
             for epoch in range(start_epoch, cfg.schedule.epochs):
                 row, global_step = self._train_epoch(
@@ -546,14 +556,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- internals
     def _train_epoch(self, epoch, batches, nb, eps_schedule, lr_schedule, optimizer, global_step, show):
-        from tqdm.auto import tqdm
-
         cfg = self.config
         phase = eps_schedule.phase(epoch)
         sums: dict[str, float] = {}
         n_seen, correct, eps_t, lr = 0, 0, 0.0, 0.0
         start = time.perf_counter()
-        bar = tqdm(total=nb, disable=not show, leave=False, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
+        bar = progress_bar(total=nb, enabled=show, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}")
         for b, (x, y) in enumerate(batches.epoch(epoch)):
             if x.shape[0] < 2:  # BatchNorm cannot train on one example (only a final remainder is this small)
                 log.info("skipping a final batch of %d example(s) in epoch %d", x.shape[0], epoch + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -29,7 +30,9 @@ from ccdist_plugin.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The CIFAR-10 JPEG subset (docs/data.md): the first folder of $CCDIST_DATA (.ci/run sets it), else the
+# contributors' workspace copy beside the repository; the test that reads it skips when neither has it.
+SHARED_DATA = Path(os.environ.get("CCDIST_DATA", "").split(os.pathsep)[0] or REPO.parent / "shared" / "data")
 
 
 # ------------------------------------------------------------------------------------------ file writers
@@ -386,7 +389,8 @@ def test_cifar10_npz_files(tmp_path):
 
 
 @pytest.mark.skipif(
-    not (SHARED_DATA / "cifar10-jpeg-train10k.npz").is_file(), reason="no ../shared/data subset"
+    not (SHARED_DATA / "cifar10-jpeg-train10k.npz").is_file(),
+    reason="the CIFAR-10 JPEG subset is not in $CCDIST_DATA (docs/data.md, 'CIFAR-10 JPEG subset')",
 )
 def test_real_cifar10_jpeg_subset():
     data = load_dataset("cifar10-jpeg", SHARED_DATA, val_split=1000)
@@ -405,9 +409,26 @@ def test_unknown_name_and_option(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_dataset("mnist", tmp_path / "nowhere")
     monkeypatch.setenv("CCDIST_DATA", str(tmp_path))
-    with pytest.raises(DatasetNotFoundError, match="set CCDIST_DATA or pass root") as err:
+    with pytest.raises(DatasetNotFoundError, match="set CCDIST_DATA or pass root=") as err:
         load_dataset("mnist")
-    assert str(tmp_path) in str(err.value)
+    assert str(tmp_path) in str(err.value) and "yann.lecun.com" in str(err.value)
+
+
+def test_no_root_searches_only_ccdist_data(tmp_path, monkeypatch):
+    """Without root= and $CCDIST_DATA nothing is searched: not a ``shared/data`` folder beside the
+    working directory or the checkout (a copy there must not be picked up silently)."""
+    beside = tmp_path / "shared" / "data"
+    write_cifar(beside)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.delenv("CCDIST_DATA", raising=False)
+    assert default_data_dirs() == []
+    with pytest.raises(DatasetNotFoundError, match="no root given") as err:
+        load_dataset("cifar10")
+    assert "cs.toronto.edu" in str(err.value)  # the download page
+    monkeypatch.setenv("CCDIST_DATA", os.pathsep.join([str(tmp_path / "nowhere"), str(beside), str(beside)]))
+    assert default_data_dirs() == [tmp_path / "nowhere", beside]
+    assert load_dataset("cifar10").root == str(beside)
 
 
 # ----------------------------------------------------------------------------------- validation split

@@ -98,16 +98,11 @@ class Datasets:
 
 
 def default_data_dirs() -> list[Path]:
-    """Folders searched when no root is given: ``$CCDIST_DATA`` (``os.pathsep``-separated), then
-    ``../shared/data`` relative to the working directory and relative to the repository checkout."""
-    dirs: list[Path] = []
-    env = os.environ.get("CCDIST_DATA")
-    if env:
-        dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    dirs.append(Path.cwd().parent / "shared" / "data")
-    dirs.append(Path(__file__).resolve().parents[2].parent / "shared" / "data")
+    """Folders searched when no root is given: those of ``$CCDIST_DATA`` (``os.pathsep``-separated),
+    in order. Nothing else is searched: a dataset elsewhere needs ``root=`` (``--set data.root=...``)."""
+    env = os.environ.get("CCDIST_DATA", "")
     unique: list[Path] = []
-    for d in dirs:
+    for d in (Path(p).expanduser() for p in env.split(os.pathsep) if p):
         if d not in unique:
             unique.append(d)
     return unique
@@ -141,6 +136,7 @@ def _read(name: str, root: str | os.PathLike | None, options: dict[str, Any]):
             return reader(directory, **options), directory
         except DatasetNotFoundError:
             continue
+    # the command line rewrites "set CCDIST_DATA or pass root=" into its option (cli.common.data_not_found)
     raise not_found(name, searched, "no root given; set CCDIST_DATA or pass root=")
 
 

