@@ -6,8 +6,8 @@ Run from the repository root:
     python examples/bring_your_own_model.py [--fast] [--out runs/byom]
 ``--fast`` (or CCDIST_EXAMPLE_FAST=1, or CCDIST_EXAMPLES_FAST=1) runs a few steps on a few points,
 for CI. α,β-CROWN runs
-when ABCROWN_DIR points at it and ``--fast`` is off (bash ../shared/vendor/install.sh, then
-source ~/.cache/abcrown-vendor/abcrown.env).
+when ABCROWN_DIR points at its ``complete_verifier`` folder and ``--fast`` is off (α,β-CROWN:
+https://github.com/Verified-Intelligence/alpha-beta-CROWN, docs/verification.md).
 
 The network below has its own ``forward`` (a residual sum, a reused ReLU), so the plugin's native
 bound engine does not read it and its interval bounds come from auto_LiRPA (with the native
