@@ -13,6 +13,8 @@ What is measured (``benchmarks/README.md`` has the details):
   forward only and forward + backward, BatchNorm in train and in eval mode;
 - **vs auto_LiRPA** (when importable): its IBP on the same network, inputs and BatchNorm mode (bounds
   checked equal to 1e-5), and its CROWN vs our native CROWN on a small mlp (margins, elision matrix as C);
+- **PreActResNet18** (``--only resnet``, batch 128): the native IBP pass vs a plain forward pass, and
+  native vs auto_LiRPA IBP (bounds checked equal), train and eval BatchNorm;
 - **data pipeline**: one augmented ``BatchIterator`` batch vs one CC-IBP training step;
 - **memory**: peak RSS of a process running CC-Dist steps vs one running CC-IBP steps (fresh subprocesses).
 
@@ -436,6 +438,82 @@ def bench_vs_auto_lirpa(repeats: int, x, y) -> dict[str, Any]:
     return out
 
 
+def bench_resnet(repeats: int, x, y) -> dict[str, Any]:
+    """PreActResNet18 (64-128-256-512, batch 128): the native IBP pass vs a plain forward pass (train-mode
+    BatchNorm; no grad: the IBP pass alone, as for CNN-7, and with the reference batch's forward pass
+    that a training step runs alongside; with backward: the training pass), and native vs auto_LiRPA
+    IBP (ratios, bounds checked equal), both BatchNorm modes."""
+    import copy
+
+    from ccdist_plugin.bounds import input_box, propagate_intervals
+    from ccdist_plugin.models import preact_resnet18
+
+    torch.manual_seed(0)
+    size = x.shape[-1]
+    model = preact_resnet18(3, size, 10)
+    with torch.no_grad():
+        model.train()(x)  # running statistics other than (0, 1) for the eval-mode rows
+    lo, hi = input_box(x, EPS)
+    out: dict[str, Any] = {"ratios": {}, "median_s": {}, "max_rel_diff": {}}
+    model.train()
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def ibp():
+        with torch.no_grad():
+            propagate_intervals(model.features, lo, hi, backend="native")
+
+    def ibp_ref():
+        with torch.no_grad():
+            propagate_intervals(model.features, lo, hi, reference=x, backend="native")
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    def ibp_bwd():
+        model.zero_grad(set_to_none=True)
+        r = propagate_intervals(model.features, lo, hi, reference=x, backend="native")
+        (r.upper.sum() - r.lower.sum() + r.value.sum()).backward()
+
+    variants = {"forward": fwd, "IBP": ibp, "IBP+reference": ibp_ref, "forward+backward": fwd_bwd}
+    times = interleaved({**variants, "IBP+backward": ibp_bwd}, repeats)
+    # train-mode BatchNorm without a reference normalizes with the box centre's statistics
+    out["ratios"]["IBP / forward (PreActResNet18, train BN, no grad)"] = paired_ratio(times, "IBP", "forward")
+    out["ratios"]["IBP with the reference's forward pass / forward (PreActResNet18, train BN, no grad)"] = (
+        paired_ratio(times, "IBP+reference", "forward")
+    )
+    out["ratios"]["IBP+backward / forward+backward (PreActResNet18, train BN)"] = paired_ratio(
+        times, "IBP+backward", "forward+backward"
+    )
+    out["median_s"].update({f"PreActResNet18 {k}": statistics.median(v) for k, v in times.items()})
+    for mode in ("train", "eval"):
+        net = copy.deepcopy(model).train(mode == "train")
+
+        def engine(backend: str, net=net):
+            with torch.no_grad():
+                return propagate_intervals(net.features, lo, hi, reference=x, backend=backend)
+
+        a, b = engine("native"), engine("auto_lirpa")
+        rel = max(
+            float((p - q).abs().max()) / max(float(q.abs().max()), 1e-12)
+            for p, q in ((a.lower, b.lower), (a.upper, b.upper))
+        )
+        out["max_rel_diff"][f"IBP PreActResNet18 ({mode} BN), relative to the largest |bound|"] = rel
+        times = interleaved(
+            {"native": lambda: engine("native"), "auto_LiRPA": lambda: engine("auto_lirpa")}, repeats
+        )
+        out["ratios"][f"native IBP / auto_LiRPA IBP (PreActResNet18, {mode} BN, no grad)"] = paired_ratio(
+            times, "native", "auto_LiRPA"
+        )
+        out["median_s"].update(
+            {f"PreActResNet18 IBP {k} ({mode})": statistics.median(v) for k, v in times.items()}
+        )
+    return out
+
+
 def rss_child(loss_name: str, arch: str, steps: int) -> None:
     """Run ``steps`` training steps in this (fresh) process and print peak RSS as JSON (noise inputs:
     loading the dataset would set the peak)."""
@@ -504,6 +582,9 @@ GOALS = {
     "IBP / forward (eval BN, no grad)": "≤ 2.3",
     "IBP+backward / forward+backward (eval BN)": "≤ 2.3",
     "loader batch / CC-IBP step": "≪ 1",
+    "IBP / forward (PreActResNet18, train BN, no grad)": "≤ 2.5",
+    "native IBP / auto_LiRPA IBP (PreActResNet18, train BN, no grad)": "≤ 1",
+    "native IBP / auto_LiRPA IBP (PreActResNet18, eval BN, no grad)": "≤ 1",
 }
 
 
@@ -525,6 +606,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         ("steps_cnn3", "training step, cnn3 (32, 64; w=256), batch 128"),
         ("ibp_engine", "IBP engine, CNN-7, batch 128"),
         ("auto_lirpa", "vs auto_LiRPA"),
+        ("resnet", "PreActResNet18, batch 128"),
         ("channels_last", "memory format, CNN-7, batch 128"),
         ("allocator", "allocator (ccdist_plugin.malloc), CNN-7, batch 128"),
         ("rss", "memory"),
@@ -604,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         "channels_last": lambda: bench_channels_last(args.repeats, x, y),
         "allocator": lambda: bench_allocator(args.threads),
         "rss": lambda: bench_rss("cnn7", args.threads, args.malloc_tuning),
+        "resnet": lambda: bench_resnet(args.repeats, x, y),
     }
     unknown = only - set(sections)
     if unknown:

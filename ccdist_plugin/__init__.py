@@ -38,7 +38,17 @@ from ccdist_plugin.losses import (
     list_losses,
     make_loss,
 )
-from ccdist_plugin.models import CertifiedNet, check_compatible, cnn3, cnn7, create_model, list_models, mlp
+from ccdist_plugin.models import (
+    CertifiedNet,
+    Residual,
+    check_compatible,
+    cnn3,
+    cnn7,
+    create_model,
+    list_models,
+    mlp,
+    preact_resnet18,
+)
 
 __version__ = "0.1.0"
 
@@ -89,6 +99,8 @@ __all__ = [
     "create_model",
     "list_models",
     "mlp",
+    "preact_resnet18",
+    "Residual",
     *_LAZY,
 ]
 

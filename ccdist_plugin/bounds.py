@@ -16,12 +16,20 @@ Everything here is a pure function of a module and tensors, batch-first, in pixe
 - :func:`certify` — float-safe certified decisions (float64).
 
 An unsupported layer raises :class:`UnsupportedLayerError`: a silent wrong bound is never returned.
+
+Residual networks are bounded natively: the engines walk ``nn.Sequential`` and :class:`Residual`
+blocks as a graph; at a residual join IBP adds the branches' intervals (centre + centre,
+radius + radius) and CROWN's back-substitution sends the coefficients down both branches and adds
+them where the branches meet. Any other module (e.g. a network with its own ``forward``, wrapped
+with ``CertifiedNet.wrap``) is bounded through auto_LiRPA (``ccdist_plugin.lirpa``), with the same
+BatchNorm semantics; a layer neither engine bounds raises :class:`UnsupportedLayerError`.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.batching import batch_slices
-from ccdist_plugin.models import CertifiedNet, Normalize
+from ccdist_plugin.models import CertifiedNet, Normalize, Residual
 from ccdist_plugin.validate import check_box, check_inputs, check_labels, check_model, check_pixel_range
 from ccdist_plugin.validate import eps_tensor as _eps_tensor
 
@@ -53,6 +61,8 @@ __all__ = [
     "CertifyResult",
     "certify",
     "flat_layers",
+    "native_unsupported_layer",
+    "check_boundable",
     "with_batch_statistics",
     "training_restorer",
 ]
@@ -61,10 +71,22 @@ _MONOTONE = (nn.ReLU, nn.Tanh)
 #: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
 _CROWN_BUDGET = 2**26
 _PASSTHROUGH = (nn.Identity, nn.Dropout)
+#: leaf layers the native engine bounds (Conv2d with zero padding, Dropout in eval mode only)
+_NATIVE_IBP = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.modules.batchnorm._BatchNorm,
+    Normalize,
+    *_MONOTONE,
+    nn.Flatten,
+    nn.AvgPool2d,
+    *_PASSTHROUGH,
+)
 
 
-class UnsupportedLayerError(TypeError):
-    """Raised when a bound is asked for through a layer this module cannot bound soundly."""
+class UnsupportedLayerError(TypeError, ValueError):
+    """Raised when a bound is asked for through a layer no engine can bound soundly (the message
+    names it). A ``ValueError`` too: it reports a model the user passed in."""
 
 
 #: the standard layers the engines know, each with the ``forward`` they assume: a subclass that
@@ -197,7 +219,8 @@ def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
 
 
 def flat_layers(module: nn.Module) -> list[nn.Module]:
-    """The leaf layers of a (possibly nested) ``nn.Sequential`` / :class:`CertifiedNet`, in order."""
+    """The leaf layers of a (possibly nested) ``nn.Sequential`` / :class:`CertifiedNet`, in order (a
+    :class:`Residual` block is one entry: the bound engines walk it as a graph)."""
     if isinstance(module, CertifiedNet):
         return flat_layers(module.features) + [module.head]
     if isinstance(module, nn.Sequential):
@@ -302,9 +325,11 @@ class IntervalPropagation:
         value: the module's output on the reference batch (None when no reference was given).
         preact_bounds: (lower, upper) of the input of every activation, in order (for the
             Shi et al. regularizer and for CROWN's relaxations).
-        layer_bounds: (lower, upper) after every layer, when ``keep_all`` was set.
-        channel_affine: layer index → per-channel (scale, shift) of every BatchNorm and
-            Normalize layer as this pass applied it, when ``keep_all`` was set.
+        layer_bounds: (lower, upper) after every node of the network's graph, when ``keep_all``
+            was set: for a sequential network, after every layer of :func:`flat_layers`; a
+            :class:`Residual` contributes its branch's layers, then its shortcut's, then the sum.
+        channel_affine: index into ``layer_bounds`` → per-channel (scale, shift) of every
+            BatchNorm and Normalize layer as this pass applied it, when ``keep_all`` was set.
     """
 
     lower: Tensor
@@ -328,6 +353,188 @@ def _affine(layer: nn.Module, x: Tensor, weight: Tensor | None = None, bias: boo
     return F.conv2d(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
 
 
+@dataclass(frozen=True)
+class _Node:
+    """One step of a network's computation graph: ``layer`` applied to node ``inputs[0]``, or (``layer``
+    None, two inputs) the sum of two nodes, a :class:`Residual`'s join. Node 0 is the input."""
+
+    layer: nn.Module | None
+    inputs: tuple[int, ...]
+
+
+def _graph(module: nn.Module) -> list[_Node]:
+    """The computation graph of a network built of ``nn.Sequential``, :class:`Residual` and leaf
+    layers, in topological order (every node after its inputs); any other module is one leaf node."""
+    nodes = [_Node(None, ())]
+
+    def walk(m: nn.Module, src: int) -> int:
+        if isinstance(m, CertifiedNet):
+            return walk(m.head, walk(m.features, src))
+        if isinstance(m, nn.Sequential):
+            for child in m:
+                src = walk(child, src)
+            return src
+        if isinstance(m, Residual):
+            branch, shortcut = walk(m.branch, src), walk(m.shortcut, src)
+            nodes.append(_Node(None, (branch, shortcut)))
+            return len(nodes) - 1
+        nodes.append(_Node(m, (src,)))
+        return len(nodes) - 1
+
+    walk(module, 0)
+    return nodes
+
+
+def _native_ibp_supports(layer: nn.Module) -> bool:
+    try:
+        check_supported_layer(layer)
+    except UnsupportedLayerError:
+        return False
+    if isinstance(layer, nn.Dropout):
+        return not layer.training
+    return isinstance(layer, _NATIVE_IBP)
+
+
+def _refuse_uncertifiable(module: nn.Module) -> None:
+    """Layers no engine may bound, refused before auto_LiRPA is tried: a forward pre-hook (it can
+    change inputs or weights where a traced graph cannot see it), a flatten over the batch or an
+    eval-mode BatchNorm without running statistics (the output at a point depends on the rest of
+    the batch), a dropout in train mode (random)."""
+    for layer in module.modules():
+        if (
+            layer._forward_pre_hooks
+            or (isinstance(layer, nn.Flatten) and layer.start_dim == 0)
+            or (
+                isinstance(layer, nn.modules.batchnorm._BatchNorm)
+                and not layer.training
+                and (layer.running_mean is None or layer.running_var is None)
+            )
+        ):
+            check_supported_layer(layer)
+        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training:
+            raise UnsupportedLayerError(
+                f"{layer!r} in train mode is random: no bound holds; call eval() first"
+            )
+
+
+def native_unsupported_layer(module: nn.Module) -> nn.Module | None:
+    """The first layer of ``module`` the native engine cannot bound (None when it bounds them all)."""
+    for node in _graph(module)[1:]:
+        if node.layer is not None and not _native_ibp_supports(node.layer):
+            return node.layer
+    return None
+
+
+def _ibp_layer(
+    layer: nn.Module,
+    centre: Tensor,
+    radius: Tensor,
+    value: Tensor | None,
+    index: int,
+    result: IntervalPropagation,
+    keep_all: bool,
+    update_running_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One leaf layer of IBP in centre/radius form (and of the reference's forward pass)."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        if value is not None:
+            value = layer(value)
+        return _affine(layer, centre), _affine(layer, radius, weight=layer.weight.abs(), bias=False), value
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        # train mode: the reference batch's statistics (or the centre's without a reference)
+        stats_input = value if value is not None else centre
+        scale, shift, normalized = _bn_scale_shift(layer, stats_input, update_running_stats)
+        if value is not None:
+            value = normalized if normalized is not None else layer(value)
+        if normalized is not None and value is None:
+            centre = normalized
+        else:
+            view = centre.ndim
+            centre = torch.addcmul(_channel_view(shift, view), centre, _channel_view(scale, view))
+        radius = radius * _channel_view(scale.abs(), radius.ndim)
+        if keep_all:
+            result.channel_affine[index] = (scale, shift)
+        return centre, radius, value
+    if isinstance(layer, Normalize):
+        if keep_all:
+            result.channel_affine[index] = ((1 / layer.std).flatten(), (-layer.mean / layer.std).flatten())
+        return layer(centre), radius / layer.std.abs(), None if value is None else layer(value)
+    if isinstance(layer, _MONOTONE):
+        lb, ub = centre - radius, centre + radius
+        result.preact_bounds.append((lb, ub))
+        if value is not None:
+            value = _monotone(layer, value)
+        lb, ub = _monotone(layer, lb), _monotone(layer, ub)
+        # Midpoint and half-width in two passes (lerp is one fused op).
+        centre = torch.lerp(lb, ub, 0.5)
+        return centre, ub - centre, value
+    if isinstance(layer, (nn.Flatten, nn.AvgPool2d)):
+        # Flatten moves entries; average pooling is a non-negative linear map: the centre maps
+        # through it, so does the radius.
+        return layer(centre), layer(radius), None if value is None else layer(value)
+    if isinstance(layer, _PASSTHROUGH) and _native_ibp_supports(layer):
+        return centre, radius, value
+    raise _unsupported(layer)
+
+
+def _unsupported(layer: nn.Module) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"no sound interval bound for layer {layer!r} in the native engine: supported are Linear, Conv2d, "
+        "BatchNorm1d/2d, ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity, Dropout in "
+        "eval mode, and nn.Sequential / Residual of these; other layers go through backend='auto_lirpa'"
+    )
+
+
+def _join(
+    a: tuple[Tensor, Tensor, Tensor | None], b: tuple[Tensor, Tensor, Tensor | None]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A residual join: the intervals add (centre + centre, radius + radius), as do the values."""
+    (c1, r1, v1), (c2, r2, v2) = a, b
+    return c1 + c2, r1 + r2, None if v1 is None or v2 is None else v1 + v2
+
+
+def _native_intervals(
+    module: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    reference: Tensor | None,
+    keep_all: bool,
+    update_running_stats: bool,
+) -> IntervalPropagation:
+    nodes = _graph(module)
+    unsupported = native_unsupported_layer(module)
+    if unsupported is not None:  # checked before any work, so nothing is half-updated
+        check_supported_layer(unsupported)  # its specific reason, when it has one
+        raise _unsupported(unsupported)
+    uses = [0] * len(nodes)
+    for node in nodes:
+        for i in node.inputs:
+            uses[i] += 1
+    result = IntervalPropagation(lower, upper)
+    states: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {
+        0: ((upper + lower) / 2, (upper - lower) / 2, reference)
+    }
+    for index in range(1, len(nodes)):
+        node = nodes[index]
+        if node.layer is None:
+            state = _join(states[node.inputs[0]], states[node.inputs[1]])
+        else:
+            centre, radius, value = states[node.inputs[0]]
+            state = _ibp_layer(
+                node.layer, centre, radius, value, index - 1, result, keep_all, update_running_stats
+            )
+        for i in node.inputs:  # free what no later node reads
+            uses[i] -= 1
+            if uses[i] == 0:
+                del states[i]
+        states[index] = state
+        if keep_all:
+            result.layer_bounds.append((state[0] - state[1], state[0] + state[1]))
+    centre, radius, value = states[len(nodes) - 1]
+    result.lower, result.upper, result.value = centre - radius, centre + radius, value
+    return result
+
+
 def propagate_intervals(
     module: nn.Module,
     lower: Tensor,
@@ -336,6 +543,7 @@ def propagate_intervals(
     keep_all: bool = False,
     update_running_stats: bool = False,
     check: bool = True,
+    backend: str = "auto",
 ) -> IntervalPropagation:
     """IBP through ``module``, optionally running the forward pass of a reference batch alongside.
 
@@ -347,82 +555,76 @@ def propagate_intervals(
     adversarial output and the IBP bounds in one pass (docs/method.md, "BatchNorm during training").
     Without a reference, a train-mode BatchNorm uses the statistics of the box centre.
 
+    A :class:`Residual` adds its two branches' intervals (centre + centre, radius + radius); both
+    branches see the same input box and the same reference batch.
+
     Args:
         module: a layer, ``nn.Sequential`` or :class:`CertifiedNet`.
         lower, upper: (B, ...) input bounds with ``lower <= upper``.
         reference: optional (B′, ...) batch propagated by the plain forward pass.
-        keep_all: also return the bounds after every layer and the BatchNorm affine maps.
+        keep_all: also return the bounds after every graph node and the BatchNorm affine maps
+            (native engine only).
         update_running_stats: see above.
         check: verify ``lower <= upper`` (one device sync); the training step passes False for the
             boxes it builds itself (ε-ball ∩ [0, 1], SABR's box), valid by construction.
+        backend: ``"native"`` (this module: ``nn.Sequential`` / :class:`Residual` of the layers
+            listed in :class:`UnsupportedLayerError`'s message), ``"auto_lirpa"`` (auto_LiRPA's IBP
+            with the same train-mode BatchNorm semantics: ``ccdist_plugin.lirpa``), or ``"auto"``:
+            native when it supports every layer, auto_LiRPA otherwise.
+
+    Raises:
+        UnsupportedLayerError: naming the layer, when the chosen engine(s) cannot bound it.
     """
     if check:
         check_box(lower, upper)
-    centre = (upper + lower) / 2
-    radius = (upper - lower) / 2
-    value = reference
-    result = IntervalPropagation(lower, upper)
-    for index, layer in enumerate(flat_layers(module)):
-        check_supported_layer(layer)
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            if value is not None:
-                value = layer(value)
-            centre = _affine(layer, centre)
-            radius = _affine(layer, radius, weight=layer.weight.abs(), bias=False)
-        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            # train mode: the reference batch's statistics (or the centre's without a reference)
-            stats_input = value if value is not None else centre
-            scale, shift, normalized = _bn_scale_shift(layer, stats_input, update_running_stats)
-            if value is not None:
-                value = normalized if normalized is not None else layer(value)
-            if normalized is not None and value is None:
-                centre = normalized
-            else:
-                centre = torch.addcmul(
-                    _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
-                )
-            radius = radius * _channel_view(scale.abs(), radius.ndim)
-            if keep_all:
-                result.channel_affine[index] = (scale, shift)
-        elif isinstance(layer, Normalize):
-            if value is not None:
-                value = layer(value)
-            centre = layer(centre)
-            radius = radius / layer.std.abs()
-            if keep_all:
-                result.channel_affine[index] = (
-                    (1 / layer.std).flatten(),
-                    (-layer.mean / layer.std).flatten(),
-                )
-        elif isinstance(layer, _MONOTONE):
-            lb, ub = centre - radius, centre + radius
-            result.preact_bounds.append((lb, ub))
-            if value is not None:
-                value = _monotone(layer, value)
-            lb, ub = _monotone(layer, lb), _monotone(layer, ub)
-            # Midpoint and half-width in two passes (lerp is one fused op).
-            centre = torch.lerp(lb, ub, 0.5)
-            radius = ub - centre
-        elif isinstance(layer, nn.Flatten):
-            if value is not None:
-                value = layer(value)
-            centre, radius = layer(centre), layer(radius)
-        elif isinstance(layer, nn.AvgPool2d):
-            # A non-negative linear map: the centre maps through it, so does the radius.
-            if value is not None:
-                value = layer(value)
-            centre, radius = layer(centre), layer(radius)
-        elif isinstance(layer, _PASSTHROUGH) and not (isinstance(layer, nn.Dropout) and layer.training):
-            pass
-        else:
-            raise UnsupportedLayerError(
-                f"no sound interval bound for layer {layer!r}: supported are Linear, Conv2d, BatchNorm1d/2d, "
-                "ReLU, Tanh, Normalize, Flatten, AvgPool2d, Identity and Dropout in eval mode"
-            )
+    elif lower.shape != upper.shape:
+        raise ValueError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
+    if backend not in ("auto", "native", "auto_lirpa"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    if backend == "auto_lirpa" or (backend == "auto" and native_unsupported_layer(module) is not None):
+        _refuse_uncertifiable(module)
         if keep_all:
-            result.layer_bounds.append((centre - radius, centre + radius))
-    result.lower, result.upper, result.value = centre - radius, centre + radius, value
-    return result
+            raise ValueError("keep_all needs the native engine, and this network has layers it cannot bound")
+        from ccdist_plugin.lirpa import LirpaUnsupportedError, lirpa_intervals
+
+        try:
+            lo, hi, value, preact = lirpa_intervals(module, lower, upper, reference, update_running_stats)
+        except LirpaUnsupportedError as exc:
+            raise _neither(module, exc) from exc
+        return IntervalPropagation(lo, hi, value, preact)
+    return _native_intervals(module, lower, upper, reference, keep_all, update_running_stats)
+
+
+def _neither(module: nn.Module, exc: Exception) -> UnsupportedLayerError:
+    layer = native_unsupported_layer(module)
+    native = "" if layer is None else f"the native engine does not support layer {layer!r}, and "
+    return UnsupportedLayerError(f"no engine can bound this network: {native}{exc}")
+
+
+def check_boundable(model: CertifiedNet) -> str:
+    """The engine that bounds ``model.features``: ``"native"`` when it supports every layer, else
+    ``"auto_lirpa"`` after checking that auto_LiRPA traces and bounds it.
+
+    Raises:
+        UnsupportedLayerError: neither engine can bound a layer (the message names it).
+    """
+    from ccdist_plugin.lirpa import LirpaUnsupportedError, check_lirpa_boundable
+
+    model = _as_certified_net(model)
+    if native_unsupported_layer(model.features) is None:
+        return "native"
+    first = next(iter(model.parameters()), None)
+    example = torch.zeros(
+        2,
+        *model.input_shape,
+        dtype=torch.float32 if first is None else first.dtype,
+        device=None if first is None else first.device,
+    )
+    try:
+        check_lirpa_boundable(model.features, example)
+    except LirpaUnsupportedError as exc:
+        raise _neither(model.features, exc) from exc
+    return "auto_lirpa"
 
 
 def with_batch_statistics(model: nn.Module, reference: Tensor) -> nn.Module:
@@ -527,16 +729,16 @@ def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
 # --------------------------------------------------------------------------------------------
 
 
-def _input_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
-    """Shape (without batch) of the input of every layer of ``features``.
+def _node_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
+    """Output shape (without batch) of every node of ``_graph(features)`` (node 0: the input).
 
     From an interval pass on the first example, which changes nothing in the model (a forward
     pass would move a train-mode BatchNorm's running statistics, and BatchNorm1d in train mode
     refuses a batch of one).
     """
     first = x[:1]
-    ibp = propagate_intervals(features, first, first, keep_all=True)
-    return [first.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds[:-1]]
+    ibp = _native_intervals(features, first, first, None, keep_all=True, update_running_stats=False)
+    return [first.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds]
 
 
 def _conv_transpose(layer: nn.Conv2d, a: Tensor, in_shape: torch.Size) -> Tensor:
@@ -562,61 +764,96 @@ def _conv_transpose(layer: nn.Conv2d, a: Tensor, in_shape: torch.Size) -> Tensor
     return grad
 
 
-def _backward(
-    layers: list[nn.Module],
-    shapes: list[torch.Size],
-    preact: dict[int, tuple[Tensor, Tensor]],
+def _linear_adjoint(layer: nn.Module, a: Tensor, in_shape: torch.Size) -> Tensor:
+    """``a`` pulled back through a bias-free linear layer (a · layer(z) = (layerᵀ a) · z) by autograd."""
+    b, m = a.shape[:2]
+    with torch.enable_grad():
+        z = a.new_zeros(b * m, *in_shape, requires_grad=True)
+        out = layer(z)
+        (grad,) = torch.autograd.grad(out, z, grad_outputs=a.reshape(b * m, *out.shape[1:]))
+    return grad.reshape(b, m, *in_shape)
+
+
+def _backward_layer(
+    layer: nn.Module,
     a: Tensor,
     bias: Tensor,
-    bn_affine: dict[int, tuple[Tensor, Tensor]],
+    in_shape: torch.Size,
+    preact: tuple[Tensor, Tensor] | None,
+    affine: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed)."""
+    check_supported_layer(layer)
+    b, m = a.shape[:2]
+    if isinstance(layer, nn.Linear):
+        if layer.bias is not None:
+            bias = bias + a @ layer.bias
+        return a @ layer.weight, bias
+    if isinstance(layer, nn.Conv2d):
+        if layer.bias is not None:
+            bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
+        flat = _conv_transpose(layer, a.reshape(b * m, *a.shape[2:]), in_shape)
+        return flat.reshape(b, m, *in_shape), bias
+    if isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
+        scale, shift = affine
+        view = (1, 1, -1) + (1,) * (a.ndim - 3)
+        return a * scale.view(view), bias + (a * shift.view(view)).flatten(2).sum(-1)
+    if isinstance(layer, nn.ReLU):
+        l, u = preact
+        l, u = l.unsqueeze(1), u.unsqueeze(1)
+        active, inactive = l >= 0, u <= 0
+        unstable = ~(active | inactive)
+        denom = torch.where(unstable, u - l, torch.ones_like(u))
+        chord = torch.where(unstable, u / denom, torch.zeros_like(u))
+        up_slope = torch.where(active, torch.ones_like(u), chord)
+        up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
+        low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
+        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+        return a_pos * low_slope + a_neg * up_slope, bias + (a_neg * up_icpt).flatten(2).sum(-1)
+    if isinstance(layer, nn.Flatten):
+        return a.reshape(b, m, *in_shape), bias
+    if isinstance(layer, nn.AvgPool2d):
+        return _linear_adjoint(layer, a, in_shape), bias
+    if isinstance(layer, _PASSTHROUGH) and _native_ibp_supports(layer):
+        return a, bias
+    raise UnsupportedLayerError(
+        f"native CROWN does not support {layer!r}; use method='ibp' or backend='auto_lirpa'"
+    )
+
+
+def _backward(
+    nodes: list[_Node],
+    start: int,
+    shapes: list[torch.Size],
+    preact: dict[int, tuple[Tensor, Tensor]],
+    affine: dict[int, tuple[Tensor, Tensor]],
+    a: Tensor,
+    bias: Tensor,
     lo: Tensor,
     hi: Tensor,
 ) -> Tensor:
-    """Lower bound of ``a · layers(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
+    """Lower bound of ``a · node_start(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
 
-    ``a`` is (B, m, *output shape) and ``bias`` (B, m); ``preact[i]`` are the bounds of the input
-    of activation layer i. Returns (B, m).
+    ``a`` is (B, m, *shape of node ``start``) and ``bias`` (B, m); ``preact[n]`` are the bounds of
+    the input of activation node n and ``affine[n]`` the (scale, shift) of BatchNorm/Normalize node
+    n. Nodes are visited in reverse topological order; at a residual join the coefficients go to
+    both branches and add up where the branches meet again. Returns (B, m).
     """
-    for i in range(len(layers) - 1, -1, -1):
-        layer = layers[i]
-        check_supported_layer(layer)
-        b, m = a.shape[:2]
-        if isinstance(layer, nn.Linear):
-            if layer.bias is not None:
-                bias = bias + a @ layer.bias
-            a = a @ layer.weight
-        elif isinstance(layer, nn.Conv2d):
-            if layer.bias is not None:
-                bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
-            a = _conv_transpose(layer, a.reshape(b * m, *a.shape[2:]), shapes[i]).reshape(b, m, *shapes[i])
-        elif isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
-            scale, shift = bn_affine[i]
-            view = (1, 1, -1) + (1,) * (a.ndim - 3)
-            bias = bias + (a * shift.view(view)).flatten(2).sum(-1)
-            a = a * scale.view(view)
-        elif isinstance(layer, nn.ReLU):
-            l, u = preact[i]
-            l, u = l.unsqueeze(1), u.unsqueeze(1)
-            active, inactive = l >= 0, u <= 0
-            unstable = ~(active | inactive)
-            denom = torch.where(unstable, u - l, torch.ones_like(u))
-            up_slope = torch.where(
-                active, torch.ones_like(u), torch.where(unstable, u / denom, torch.zeros_like(u))
-            )
-            up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
-            low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
-            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-            bias = bias + (a_neg * up_icpt).flatten(2).sum(-1)
-            a = a_pos * low_slope + a_neg * up_slope
-        elif isinstance(layer, nn.Flatten):
-            a = a.reshape(b, m, *shapes[i])
-        elif isinstance(layer, _PASSTHROUGH):
-            pass
+    coeffs = {start: a}
+    for n in range(start, 0, -1):
+        if n not in coeffs:
+            continue
+        a, node = coeffs.pop(n), nodes[n]
+        if node.layer is None:
+            targets = [(i, a) for i in node.inputs]
         else:
-            raise UnsupportedLayerError(
-                f"native CROWN does not support {layer!r}; use method='ibp' or backend='auto_lirpa'"
+            a, bias = _backward_layer(
+                node.layer, a, bias, shapes[node.inputs[0]], preact.get(n), affine.get(n)
             )
-    a_flat = a.flatten(2)
+            targets = [(node.inputs[0], a)]
+        for i, part in targets:
+            coeffs[i] = coeffs[i] + part if i in coeffs else part
+    a_flat = coeffs.pop(0).flatten(2)
     centre = ((hi + lo) / 2).flatten(1).unsqueeze(-1)
     radius = ((hi - lo) / 2).flatten(1).unsqueeze(-1)
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
@@ -632,13 +869,13 @@ def _crown_costs(model: CertifiedNet) -> list[int]:
     x = torch.full(
         (1, *model.input_shape), 0.5, dtype=model.head.weight.dtype, device=model.head.weight.device
     )
-    layers = flat_layers(model.features)
-    shapes = _input_shapes(model.features, x)
-    relus = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
-    costs = []
-    for i in relus[1:]:
-        costs.append(2 * math.prod(shapes[i]) * max(math.prod(shape) for shape in shapes[:i]))
-    return costs
+    nodes = _graph(model.features)
+    shapes = _node_shapes(model.features, x)
+    # a ReLU node's input is node inputs[0]; every node it depends on has a smaller index
+    sources = [node.inputs[0] for node in nodes if isinstance(node.layer, nn.ReLU)]
+    return [
+        2 * math.prod(shapes[s]) * max(math.prod(shape) for shape in shapes[: s + 1]) for s in sources[1:]
+    ]
 
 
 def resolve_crown_intermediate(
@@ -657,6 +894,8 @@ def resolve_crown_intermediate(
     if intermediate != "auto":
         return intermediate
     model = _as_certified_net(model)
+    if native_unsupported_layer(model.features) is not None:
+        return "crown"  # only auto_LiRPA bounds this network: its full CROWN
     return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
 
 
@@ -664,28 +903,31 @@ def resolve_crown_intermediate(
 def _native_crown(
     model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
 ) -> Tensor:
-    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds."""
-    layers = flat_layers(model.features)
+    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
+    the network's graph (residual blocks included)."""
+    nodes = _graph(model.features)
     lo, hi = input_box(x, eps)
-    ibp = propagate_intervals(model.features, lo, hi, reference=x, keep_all=True)
-    shapes = [x.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds[:-1]]
-    bn_affine = ibp.channel_affine
+    ibp = _native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
+    shapes = [x.shape[1:]] + [bound[0].shape[1:] for bound in ibp.layer_bounds]
+    affine = {n + 1: scale_shift for n, scale_shift in ibp.channel_affine.items()}
     preact: dict[int, tuple[Tensor, Tensor]] = {}
     bsz = x.shape[0]
-    for i, layer in enumerate(layers):
-        if isinstance(layer, nn.Tanh):
+    for n, node in enumerate(nodes):
+        if isinstance(node.layer, nn.Tanh):
             raise UnsupportedLayerError(
                 "native CROWN supports ReLU networks; use backend='auto_lirpa' for tanh"
             )
-        if not isinstance(layer, nn.ReLU):
+        if not isinstance(node.layer, nn.ReLU):
             continue
-        l, u = ibp.layer_bounds[i - 1] if i > 0 else (lo, hi)
-        # Before the first activation the network is affine and IBP is exact per neuron.
+        src = node.inputs[0]
+        l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
+        # Before the first activation the network is affine (every node there precedes it) and
+        # IBP is exact per neuron.
         if intermediate == "crown" and preact:
             # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
             # stable neuron's relaxation is exact, so its bounds change nothing downstream.
             unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
-            largest = max(math.prod(shape) for shape in shapes[:i])
+            largest = max(math.prod(shape) for shape in shapes[: src + 1])
             # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
             rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
             l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
@@ -696,15 +938,15 @@ def _native_crown(
                 rows = rows.reshape(-1, *l.shape[1:])
                 spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
                 bound = _backward(
-                    layers[:i], shapes, preact, spec, x.new_zeros(bsz, spec.shape[1]), bn_affine, lo, hi
+                    nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
                 )
                 half = idx.numel()
                 l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
                 u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
             l, u = l_flat.view_as(l), u_flat.view_as(u)
-        preact[i] = (l, u)
+        preact[n] = (l, u)
     w_diff, b_diff = elision_matrix(model.head, y)
-    return _backward(layers, shapes, preact, w_diff, b_diff, bn_affine, lo, hi)
+    return _backward(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
 
 
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
@@ -724,18 +966,37 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
             "use backend='native'"
         )
     lo, hi = input_box(x, eps)
-    # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
-    # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
-    net = copy.deepcopy(model)
-    bounded = BoundedModule(net, x, device=x.device, verbose=False)
-    bounded.train(model.training)
-    bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
     ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)
     k = model.num_classes
     eye = torch.eye(k, dtype=x.dtype, device=x.device)
     c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y - e_j
-    lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False)
+    # auto_LiRPA's default "patches" mode for convolutions fails on some graphs (max-pooling after
+    # a residual sum, seen at commit 9d100ec07086); the dense "matrix" mode is the fallback.
+    # Some auto_LiRPA operators (max-pooling) build tensors in the default dtype: under float64
+    # bounds (certify) the default follows x for the call, and is restored after it.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)
+    try:
+        for conv_mode in ("patches", "matrix"):
+            # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
+            # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
+            net = copy.deepcopy(model)
+            opts = {"conv_mode": conv_mode}
+            bounded = BoundedModule(net, x, device=x.device, verbose=False, bound_opts=opts)
+            bounded.train(model.training)
+            bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
+            try:
+                lb, _ = bounded.compute_bounds(
+                    x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False
+                )
+                break
+            except RuntimeError as exc:
+                if conv_mode == "matrix":
+                    raise
+                logging.getLogger(__name__).info("auto_LiRPA %s, patches mode: %s; matrix mode", method, exc)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return lb
 
 
@@ -745,7 +1006,7 @@ def crown_margin_lower_bound(
     y: Tensor,
     eps: float | Tensor,
     intermediate: str = "auto",
-    backend: str = "native",
+    backend: str = "auto",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
 ) -> Tensor:
@@ -759,8 +1020,12 @@ def crown_margin_lower_bound(
             bounded: neurons and examples are processed in chunks). ``"ibp"``: from IBP
             (CROWN-IBP, Zhang et al. 2020). ``"auto"``: ``"crown"`` when every back-substitution
             holds at most ``max_crown_elements`` coefficients per example, else ``"ibp"``.
-        backend: ``"native"`` (this module, ReLU networks) or ``"auto_lirpa"`` (auto_LiRPA's
-            ``compute_bounds(method="CROWN" or "CROWN-IBP")`` with the elision matrix as C).
+        backend: ``"native"`` (this module: ReLU networks of ``nn.Sequential`` and
+            :class:`Residual` blocks, whose join sums the two branches' back-substituted
+            coefficients), ``"auto_lirpa"`` (auto_LiRPA's ``compute_bounds(method="CROWN" or
+            "CROWN-IBP")`` with the elision matrix as C), or ``"auto"``: native when it supports
+            every layer (every built-in model, residual ones included), auto_LiRPA otherwise
+            (networks made with ``CertifiedNet.wrap`` of other layers).
         chunk: the most neurons bounded per back-substitution batch (memory knob).
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
@@ -770,16 +1035,23 @@ def crown_margin_lower_bound(
     model = _as_certified_net(model)
     _check_input(model, x)
     _check_labels(model, x, y)
-    kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
+    if backend not in ("auto", "native", "auto_lirpa"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    _refuse_uncertifiable(model.features)
+    if backend == "auto":
+        backend = "native" if native_unsupported_layer(model.features) is None else "auto_lirpa"
     if backend == "auto_lirpa":
-        return _auto_lirpa_margin(model, x, y, eps, "CROWN" if kind == "crown" else "CROWN-IBP")
-    if backend != "native":
-        raise ValueError(f"backend must be 'native' or 'auto_lirpa', got {backend!r}")
+        if intermediate not in CROWN_INTERMEDIATE:
+            raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
+        # auto_LiRPA bounds any graph: "auto" means its full CROWN
+        method = "CROWN-IBP" if intermediate == "ibp" else "CROWN"
+        return _auto_lirpa_margin(model, x, y, eps, method)
+    kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
     # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
     # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.
     if not model.training and x.shape[0] > 1:
-        largest = max(math.prod(s) for s in _input_shapes(model.features, x))
+        largest = max(math.prod(s) for s in _node_shapes(model.features, x))
         rows = max(2 * chunk if kind == "crown" else 0, model.num_classes)
         per_batch = max(1, _CROWN_BUDGET // (rows * largest))
         if x.shape[0] > per_batch:

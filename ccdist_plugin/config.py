@@ -98,9 +98,10 @@ class ModelConfig:
     come from the dataset.
 
     Attributes:
-        name: ``cnn7``, ``cnn3`` or ``mlp``.
+        name: ``cnn7``, ``cnn3``, ``mlp`` or ``preact_resnet18``.
         width: feature width w (units of the penultimate layer; ``None``: the constructor's default,
-            512 for cnn7).
+            512 for cnn7); for ``preact_resnet18`` the first stage's channels (default 64), its
+            feature width being 8 × ``width``.
         channels: convolution channels (cnn7: 5 entries, cnn3: 2; ``None``: default).
         depth: hidden layers of an mlp (``None``: default).
         batch_norm: BatchNorm after each hidden layer for cnn3/mlp (``None``: default; cnn7 always has it).

@@ -99,8 +99,9 @@ class EvalSettings:
         methods: certification methods, a subset of ``("ibp", "crown")``.
         crown_intermediate: intermediate bounds of CROWN: ``"crown"`` (full CROWN), ``"ibp"``
             (CROWN-IBP) or ``"auto"`` (full CROWN where affordable, else CROWN-IBP; recorded).
-        crown_backend: ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN, faster for full
-            CROWN on convolutional networks; needs auto_LiRPA installed).
+        crown_backend: ``"auto"`` (native when it supports every layer, else auto_LiRPA: networks
+            made with ``CertifiedNet.wrap``), ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN,
+            faster for full CROWN on convolutional networks; needs auto_LiRPA installed).
         tol: certification tolerance (see :data:`CERT_TOL`).
         seed: seed of the attacks' random starts.
         bab: run branch-and-bound (α,β-CROWN) on the first ``bab_count`` points.
@@ -117,7 +118,7 @@ class EvalSettings:
     autoattack_version: str = "standard"
     methods: tuple[str, ...] = ("ibp", "crown")
     crown_intermediate: str = "auto"
-    crown_backend: str = "native"
+    crown_backend: str = "auto"
     tol: float = CERT_TOL
     seed: int = 0
     bab: bool = False
@@ -146,8 +147,10 @@ class EvalSettings:
             raise ValueError(
                 f"crown_intermediate must be 'crown', 'ibp' or 'auto', got {self.crown_intermediate!r}"
             )
-        if self.crown_backend not in ("native", "auto_lirpa"):
-            raise ValueError(f"crown_backend must be 'native' or 'auto_lirpa', got {self.crown_backend!r}")
+        if self.crown_backend not in ("auto", "native", "auto_lirpa"):
+            raise ValueError(
+                f"crown_backend must be 'auto', 'native' or 'auto_lirpa', got {self.crown_backend!r}"
+            )
         if self.bab_count < 1 or self.bab_timeout_s <= 0:
             raise ValueError(
                 f"bab_count must be >= 1 and bab_timeout_s > 0, got {self.bab_count}, {self.bab_timeout_s}"
@@ -434,7 +437,7 @@ def prefilter(
     methods: Sequence[str] = ("ibp", "crown"),
     attack: PGD | None = EVAL_PGD,
     crown_intermediate: str = "auto",
-    crown_backend: str = "native",
+    crown_backend: str = "auto",
     tol: float = CERT_TOL,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
@@ -456,7 +459,7 @@ def prefilter(
         attack: the PGD attack (default :data:`ccdist_plugin.attacks.EVAL_PGD`; None: no attack).
         crown_intermediate: ``"crown"``, ``"ibp"`` (CROWN-IBP) or ``"auto"`` (see
             :func:`ccdist_plugin.bounds.resolve_crown_intermediate`).
-        crown_backend: ``"native"`` or ``"auto_lirpa"``.
+        crown_backend: ``"auto"``, ``"native"`` or ``"auto_lirpa"``.
         generator: random starts of the attack.
         progress: progress bars on a terminal, one line per stage to ``log`` elsewhere.
         log: where those lines go (default: the module logger).

@@ -12,10 +12,18 @@ Architectures:
 - :func:`cnn7`: the CNN-7 of Shi et al. (2021) used throughout the paper (docs/method.md, "Student training").
 - :func:`cnn3`: two convolutions and one hidden dense layer, for fast CPU work.
 - :func:`mlp`: a small fully connected network.
+- :func:`preact_resnet18`: the pre-activation ResNet-18 of He et al. (2016), with the average
+  pooling moved before the last BatchNorm + ReLU so that the features are a ReLU output.
+
+Residual connections are written with :class:`Residual` (``branch(x) + shortcut(x)``), a plain
+container of standard layers that the bound engines, auto_LiRPA and the ONNX exporter all trace.
+Any other feature extractor can be made certifiable with :meth:`CertifiedNet.wrap` (docs/method.md,
+"Bounds").
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,10 +33,12 @@ from torch import nn
 
 __all__ = [
     "Normalize",
+    "Residual",
     "CertifiedNet",
     "cnn7",
     "cnn3",
     "mlp",
+    "preact_resnet18",
     "create_model",
     "list_models",
     "shi_init",
@@ -60,6 +70,27 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class Residual(nn.Module):
+    """``forward(x) = branch(x) + shortcut(x)``: a residual connection built from standard layers.
+
+    Interval bounds add the two branches' intervals (centre + centre, radius + radius); CROWN adds
+    the two branches' back-substituted coefficients (``ccdist_plugin.bounds``). Both branches see
+    the same input, including, in train mode, the same reference batch for BatchNorm statistics.
+
+    Args:
+        branch: the residual branch (usually an ``nn.Sequential``).
+        shortcut: the skip path; ``None`` means the identity.
+    """
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None = None):
+        super().__init__()
+        self.branch = branch
+        self.shortcut = nn.Identity() if shortcut is None else shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + self.shortcut(x)
 
 
 class CertifiedNet(nn.Module):
@@ -101,8 +132,92 @@ class CertifiedNet(nn.Module):
         return self.head(self.features(x))
 
     def without_normalization(self) -> nn.Sequential:
-        """The same network without its :class:`Normalize` layer (shares parameters)."""
-        return nn.Sequential(*list(self.features)[1:], self.head)
+        """The same network without its :class:`Normalize` layer (shares parameters and the
+        train/eval mode, so that restoring the copy's mode restores the network's)."""
+        view = nn.Sequential(*list(self.features)[1:], self.head)
+        view.training = self.training  # the container's own flag only: the layers keep theirs
+        return view
+
+    @classmethod
+    def wrap(
+        cls,
+        features: nn.Module,
+        head: nn.Module,
+        input_shape: Sequence[int],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        check_bounds: bool = True,
+    ) -> CertifiedNet:
+        """Make a certifiable network of your own feature extractor and linear head.
+
+        ``forward(x) = head(features(normalize(x)))`` on pixel-space inputs in [0, 1]; the
+        per-channel normalization (``mean``/``std``, default none) is prepended as for the built-in
+        models, so ε stays in pixel units. ``features`` may be any module that auto_LiRPA can
+        bound (convolutions, BatchNorm, ReLU, additions, concatenations, pooling, ...); it must map
+        a (B, *input_shape) batch to (B, head.in_features) features. Bounds use the native engine
+        when every layer of ``features`` is one it supports (``nn.Sequential`` and
+        :class:`Residual` of standard layers), auto_LiRPA otherwise (``ccdist_plugin.bounds``).
+
+        Such a network is not rebuilt from a checkpoint by name: build it again with the same code
+        and load the checkpoint's ``model_state`` into it.
+
+        Args:
+            features: the feature extractor, ending in the activation whose output is distilled.
+            head: the final ``nn.Linear`` (the affine head the bounds elide into).
+            input_shape: (C, H, W) of one input, without the batch dimension.
+            mean, std: per-channel normalization (length C).
+            check_bounds: check now that one of the two engines can bound ``features`` (tracing it
+                with auto_LiRPA when the native engine cannot), so that an unsupported layer is
+                reported here rather than at the first training step.
+
+        Raises:
+            ValueError: ``head`` is not an ``nn.Linear``; the shapes do not fit; or no engine can
+                bound a layer of ``features`` (the message names it).
+        """
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"CertifiedNet.wrap: head must be an nn.Linear (the affine layer the bounds fold the logit "
+                f"differences into), got {type(head).__name__}; move other layers into features"
+            )
+        if not isinstance(features, nn.Module):
+            raise ValueError(
+                f"CertifiedNet.wrap: features must be an nn.Module, got {type(features).__name__}"
+            )
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 3 or any(s < 1 for s in shape):
+            raise ValueError(f"CertifiedNet.wrap: input_shape must be (C, H, W), got {tuple(input_shape)}")
+        normalize = _normalize_layer(shape[0], mean, std)
+        arch = dict(
+            name="wrapped",
+            input_shape=list(shape),
+            mean=None if mean is None else list(mean),
+            std=None if std is None else list(std),
+        )
+        net = cls(nn.Sequential(normalize, features), head, shape, arch)
+        was_training = features.training  # the wrapped network keeps the mode features had
+        try:
+            net.eval()  # a shape probe must not move BatchNorm running statistics
+            with torch.no_grad():
+                first = next(iter(features.parameters()), None)
+                zeros = torch.zeros(2, *shape)
+                if first is not None:
+                    zeros = zeros.to(first.device, first.dtype)
+                    normalize.to(first.device, first.dtype)
+                probe = features(normalize(zeros))
+        except Exception as exc:
+            raise ValueError(f"CertifiedNet.wrap: features fail on a (2, {shape}) input: {exc}") from exc
+        finally:
+            net.train(was_training)
+        if probe.ndim != 2 or probe.shape[1] != head.in_features:
+            raise ValueError(
+                f"CertifiedNet.wrap: features map (B, {shape}) to {tuple(probe.shape)}, but the head takes "
+                f"(B, {head.in_features}); end features with a flatten to the head's input width"
+            )
+        if check_bounds:
+            from ccdist_plugin.bounds import check_boundable
+
+            check_boundable(net)
+        return net
 
 
 def _normalize_layer(
@@ -267,7 +382,99 @@ def mlp(
     return _finish(layers, width, num_classes, (in_channels, input_size, input_size), arch, init)
 
 
-_REGISTRY = {"cnn7": cnn7, "cnn3": cnn3, "mlp": mlp}
+def _preact_block(c_in: int, c_out: int, stride: int, activation: str) -> nn.Module:
+    """One pre-activation basic block (He et al. 2016): BN, act, conv3×3, BN, act, conv3×3, plus the
+    input. A block that changes the shape takes its shortcut (a strided 1×1 convolution) from the
+    pre-activated input, as in the reference implementation, so BN + act come before the split."""
+
+    def conv(ci: int, co: int, k: int, s: int) -> nn.Conv2d:
+        return nn.Conv2d(ci, co, k, stride=s, padding=k // 2, bias=False)
+
+    if stride == 1 and c_in == c_out:
+        return Residual(
+            nn.Sequential(
+                nn.BatchNorm2d(c_in),
+                _activation(activation),
+                conv(c_in, c_out, 3, 1),
+                nn.BatchNorm2d(c_out),
+                _activation(activation),
+                conv(c_out, c_out, 3, 1),
+            )
+        )
+    return nn.Sequential(
+        nn.BatchNorm2d(c_in),
+        _activation(activation),
+        Residual(
+            nn.Sequential(
+                conv(c_in, c_out, 3, stride),
+                nn.BatchNorm2d(c_out),
+                _activation(activation),
+                conv(c_out, c_out, 3, 1),
+            ),
+            conv(c_in, c_out, 1, stride),
+        ),
+    )
+
+
+def preact_resnet18(
+    in_channels: int = 3,
+    input_size: int = 32,
+    num_classes: int = 10,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    width: int = 64,
+    activation: str = "relu",
+    init: str = "shi",
+    pool_before_last_bn: bool = True,
+) -> CertifiedNet:
+    """PreActResNet18 (He et al. 2016, pre-activation): a 3×3 convolution to ``width`` channels,
+    four stages of two pre-activation basic blocks with ``width`` × (1, 2, 4, 8) channels (64-128-256-512
+    by default; stride 1, 2, 2, 2), then global average pooling; the head is a Linear from the
+    8 × ``width`` pooled channels to the classes.
+
+    The feature space must be a ReLU output, as for every student (docs/method.md, "Teacher"), so by
+    default (``pool_before_last_bn=True``) the average pooling is moved before the last BatchNorm +
+    ReLU: ``features`` end with AvgPool2d, Flatten, BatchNorm1d, ReLU, and the feature width is
+    8 × ``width``. ``pool_before_last_bn=False`` gives the standard ordering (BatchNorm2d, ReLU,
+    AvgPool2d, Flatten), whose features are an average of ReLU outputs.
+
+    Convolutions have no bias (each is followed by BatchNorm, or added to a path that is). Shi et
+    al. initialization (``init="shi"``) applies as for :func:`cnn7`.
+    """
+    if width < 1:
+        raise ValueError(f"preact_resnet18: width must be >= 1, got {width}")
+    layers: list[nn.Module] = [
+        _normalize_layer(in_channels, mean, std),
+        nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False),
+    ]
+    c_in, size = width, input_size
+    for stage, stride in enumerate((1, 2, 2, 2)):
+        c_out = width * 2**stage
+        for block in range(2):
+            s = stride if block == 0 else 1
+            layers.append(_preact_block(c_in, c_out, s, activation))
+            c_in, size = c_out, _conv_out(size, 3, s, 1)
+    if size < 1:
+        raise ValueError(f"preact_resnet18: input_size {input_size} too small")
+    if pool_before_last_bn:
+        layers += [nn.AvgPool2d(size), nn.Flatten(), nn.BatchNorm1d(c_in), _activation(activation)]
+    else:
+        layers += [nn.BatchNorm2d(c_in), _activation(activation), nn.AvgPool2d(size), nn.Flatten()]
+    arch = dict(
+        name="preact_resnet18",
+        in_channels=in_channels,
+        input_size=input_size,
+        num_classes=num_classes,
+        width=width,
+        mean=None if mean is None else list(mean),
+        std=None if std is None else list(std),
+        activation=activation,
+        pool_before_last_bn=pool_before_last_bn,
+    )
+    return _finish(layers, c_in, num_classes, (in_channels, input_size, input_size), arch, init)
+
+
+_REGISTRY = {"cnn7": cnn7, "cnn3": cnn3, "mlp": mlp, "preact_resnet18": preact_resnet18}
 
 
 def list_models() -> list[str]:
@@ -277,9 +484,21 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **kwargs: Any) -> CertifiedNet:
     """Build a registered architecture by name, e.g. ``create_model("cnn7", num_classes=10)``."""
+    if name == "wrapped":
+        raise ValueError(
+            "a network made with CertifiedNet.wrap cannot be rebuilt by name: build it again with the same "
+            "code and load the checkpoint's model_state into it"
+        )
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name](**kwargs)
+    constructor = _REGISTRY[name]
+    accepted = inspect.signature(constructor).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} takes no option(s) {', '.join(unknown)}; it takes {', '.join(accepted)}"
+        )
+    return constructor(**kwargs)
 
 
 def model_from_arch(arch: dict, init: str = "default") -> CertifiedNet:

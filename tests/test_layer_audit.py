@@ -4,6 +4,7 @@ sampling and PGD, and exactly at ε = 0), unsupported ones raise UnsupportedLaye
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ccdist_plugin.bounds import (
     UnsupportedLayerError,
     certify,
     crown_margin_lower_bound,
+    input_box,
     margin_lower_bound,
     propagate_intervals,
     with_batch_statistics,
@@ -195,15 +197,14 @@ def test_batchnorm_without_running_stats_is_bounded_in_train_mode_and_refused_in
     ],
     ids=["ceil_mode", "ceil_mode, count_include_pad=False", "divisor_override"],
 )
-def test_avgpool_attributes_are_bounded_soundly_by_ibp_and_refused_by_native_crown(pool):
+def test_avgpool_attributes_are_bounded_soundly_by_ibp_and_native_crown(pool):
+    # native CROWN pulls coefficients back through average pooling by autograd (the adjoint of
+    # the layer's own linear map), so every pooling attribute is handled; exact at ε = 0
     conv = nn.Conv2d(C, 4, 3, padding=1)
     with torch.no_grad():
         width = pool(conv(torch.zeros(1, C, SIZE, SIZE))).numel()
     net = _net(conv, nn.ReLU(), pool, nn.Flatten(), nn.Linear(width, 16), nn.ReLU(), width=16).eval()
-    _assert_sound(net, crown=False)
-    x, y = _points()
-    with pytest.raises(UnsupportedLayerError, match="AvgPool2d"):
-        crown_margin_lower_bound(net, x, y, 0.01)
+    _assert_sound(net)
 
 
 def test_inplace_relu_does_not_overwrite_the_stored_preactivation_bounds():
@@ -238,19 +239,35 @@ class _ScaledConv(nn.Conv2d):
     ],
 )
 def test_unknown_layers_are_refused_by_name(layer, match):
+    """The native engine refuses them by name; the default backend hands them to auto_LiRPA, whose
+    bound must then be sound (or it too refuses, naming the layer)."""
     net = _conv_net(nn.Conv2d(C, 4, 3, padding=1), extra=(layer,)).eval()
     x, y = _points()
+    lo, hi = input_box(x, 0.01)
     with pytest.raises(UnsupportedLayerError, match=match):
-        margin_lower_bound(net, x, y, 0.01)
+        propagate_intervals(net.features, lo, hi, backend="native")
     with pytest.raises(UnsupportedLayerError, match=match):
-        crown_margin_lower_bound(net, x, y, 0.01)
+        crown_margin_lower_bound(net, x, y, 0.01, backend="native")
+    try:
+        lb = margin_lower_bound(net, x, y, 0.01)
+    except UnsupportedLayerError as err:
+        assert re.search(match, str(err)), err
+        return
+    z = sampled_extremes(net, x, y, 0.01, 200, torch.Generator().manual_seed(0)).z_min
+    assert bool((lb <= z + 1e-5).all())
 
 
-def test_a_subclass_that_overrides_forward_is_refused():
+def test_a_subclass_that_overrides_forward_is_refused_natively():
+    """The native engine would read it as a Conv2d; the default backend traces its real forward
+    through auto_LiRPA instead, and that bound must be sound."""
     net = _conv_net(_ScaledConv(C, 4, 3, padding=1)).eval()
     x, y = _points()
+    lo, hi = input_box(x, 0.01)
     with pytest.raises(UnsupportedLayerError, match="_ScaledConv overrides Conv2d.forward"):
-        margin_lower_bound(net, x, y, 0.01)
+        propagate_intervals(net.features, lo, hi, backend="native")
+    lb = margin_lower_bound(net, x, y, 0.01)
+    z = sampled_extremes(net, x, y, 0.01, 200, torch.Generator().manual_seed(0)).z_min
+    assert bool((lb <= z + 1e-5).all())
 
 
 def test_a_forward_pre_hook_is_refused():

@@ -187,10 +187,10 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
 )
 @click.option(
     "--crown-backend",
-    type=click.Choice(["native", "auto_lirpa"]),
-    default="native",
+    type=click.Choice(["auto", "native", "auto_lirpa"]),
+    default="auto",
     show_default=True,
-    help="auto_lirpa: auto_LiRPA's CROWN (faster full CROWN on CNN-7; needs auto_LiRPA)",
+    help="auto: native unless a layer needs auto_LiRPA; auto_lirpa: its CROWN (faster full CROWN on CNN-7)",
 )
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")

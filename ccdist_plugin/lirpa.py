@@ -1,0 +1,201 @@
+"""Interval bounds through auto_LiRPA, for networks the native engine cannot bound.
+
+:func:`lirpa_intervals` is the ``backend="auto_lirpa"`` of ``ccdist_plugin.bounds.propagate_intervals``:
+auto_LiRPA's IBP (``compute_bounds(method="IBP")``) with the native engine's BatchNorm semantics
+(docs/method.md, "BatchNorm during training"):
+
+- the reference batch (the adversarial batch in training) is the point auto_LiRPA's forward pass
+  runs, so a train-mode BatchNorm bounds the whole box with that batch's statistics, differentiably;
+- an eval-mode BatchNorm uses the module's running statistics as they are now (auto_LiRPA copies
+  buffers when it traces a network, so they are copied in again before every call);
+- with ``update_running_stats`` the running statistics move as ``module(reference)`` moves them.
+
+Parameters are shared with the traced copy (auto_LiRPA's graph holds the module's own
+``nn.Parameter`` objects), so the bounds' gradients reach the model.
+
+auto_LiRPA: https://github.com/Verified-Intelligence/auto_LiRPA (the plugin is tested at commit
+9d100ec07086; PyPI's 0.3 does not work with torch 2.x).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["lirpa_intervals", "lirpa_bounded_module", "check_lirpa_boundable", "LirpaUnsupportedError"]
+
+logger = logging.getLogger(__name__)
+
+
+class LirpaUnsupportedError(TypeError):
+    """auto_LiRPA cannot trace or bound the network."""
+
+
+@dataclass
+class _Traced:
+    bounded: nn.Module
+    params: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    shape: tuple[int, ...]
+    #: buffers auto_LiRPA baked into its graph as constants (not refreshed): their values at tracing
+    frozen: dict[str, Tensor]
+
+
+# Tracing a network costs as much as many training steps, so the traced graph is kept per module
+# (weakly: it goes with the module) and rebuilt when the module's parameters, dtype, device or input
+# shape change. It is a cache only: buffers are copied in before every use.
+_TRACED: weakref.WeakKeyDictionary[nn.Module, _Traced] = weakref.WeakKeyDictionary()
+
+
+def _import():
+    try:
+        from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "bounding this network needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
+            "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
+        ) from exc
+    return BoundedModule, BoundedTensor, PerturbationLpNorm
+
+
+def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
+    """auto_LiRPA's ``BoundedModule`` of ``module`` (cached), with the module's current buffers.
+
+    Raises:
+        LirpaUnsupportedError: auto_LiRPA cannot trace or bound a layer (its message names it).
+    """
+    bounded_module_cls, _, _ = _import()
+    params = tuple(id(p) for p in module.parameters())
+    first = next(iter(module.parameters()), example)
+    shape = tuple(example.shape[1:])
+    buffers = dict(module.named_buffers())
+    cached = _TRACED.get(module)
+    if not (
+        cached is not None
+        and cached.params == params
+        and cached.dtype == first.dtype
+        and cached.device == first.device
+        and cached.shape == shape
+        and all(torch.equal(buffers[name], value) for name, value in cached.frozen.items())
+    ):
+        # Trace in eval mode on two examples: tracing runs forward passes, which must not move
+        # a train-mode BatchNorm's running statistics.
+        was_training = module.training
+        module.eval()
+        try:
+            bounded = bounded_module_cls(
+                module,
+                example[:2].detach(),
+                device=example.device,
+                verbose=False,
+                # auto_LiRPA otherwise sets requires_grad of the (shared) parameters to its train/eval
+                # mode on every forward pass, which would freeze a model after an eval-mode bound
+                bound_opts={"param": {"auto_requires_grad": False}},
+            )
+        except Exception as exc:
+            raise LirpaUnsupportedError(f"auto_LiRPA cannot trace {type(module).__name__}: {exc}") from exc
+        finally:
+            module.train(was_training)
+        refreshed = {
+            getattr(node, "ori_name", None)
+            for node in bounded.nodes()
+            if type(node).__name__ == "BoundBuffers"
+        }
+        frozen = {
+            name: value.detach().clone()
+            for name, value in buffers.items()
+            if name not in refreshed and not name.endswith("num_batches_tracked")
+        }
+        cached = _Traced(bounded, params, first.dtype, first.device, shape, frozen)
+        _TRACED[module] = cached
+    bounded = cached.bounded
+    with torch.no_grad():
+        for node in bounded.nodes():
+            name = getattr(node, "ori_name", None)
+            if type(node).__name__ == "BoundBuffers" and name in buffers:
+                node.buffer.copy_(buffers[name])
+    bounded.train(module.training)
+    return bounded
+
+
+def _update_running_stats(module: nn.Module, bounded: nn.Module) -> None:
+    """Move each train-mode BatchNorm's running statistics as ``bn(batch)`` would, from the batch
+    statistics auto_LiRPA's forward pass just computed (its own buffers are copies)."""
+    from ccdist_plugin.bounds import _bn_momentum
+
+    modules = dict(module.named_modules())
+    with torch.no_grad():
+        for node in bounded.nodes():
+            if type(node).__name__ != "BoundBatchNormalization":
+                continue
+            name = getattr(node.inputs[3], "ori_name", "")
+            bn = modules.get(name.rsplit(".", 1)[0])
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.training:
+                continue
+            if not bn.track_running_stats or bn.running_mean is None:
+                continue
+            value = node.inputs[0].forward_value
+            n = value.numel() // value.shape[1]
+            momentum = _bn_momentum(bn)
+            mean, var = node.current_mean.detach(), node.current_var.detach()
+            bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var * n / max(n - 1, 1), alpha=momentum)
+
+
+def lirpa_intervals(
+    module: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    reference: Tensor | None = None,
+    update_running_stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, list[tuple[Tensor, Tensor]]]:
+    """auto_LiRPA IBP bounds on ``module``'s output over the box [lower, upper].
+
+    Returns:
+        ``(lower, upper, value, preact_bounds)``: the output bounds, ``module(reference)`` (None
+        without a reference) and the (lower, upper) bounds of the input of every ReLU/Tanh, in
+        graph order. Without a reference, a train-mode BatchNorm uses the statistics of the box
+        centre, as in the native engine.
+    """
+    _, bounded_tensor_cls, ptb_cls = _import()
+    point = reference if reference is not None else (upper + lower) / 2
+    if point.shape != lower.shape:
+        # auto_LiRPA bounds the box at the forward point's batch: one reference row per box row
+        raise ValueError(
+            f"the reference batch {tuple(point.shape)} must match the box {tuple(lower.shape)} for auto_LiRPA"
+        )
+    bounded = lirpa_bounded_module(module, lower)
+    ptb = ptb_cls(norm=float("inf"), x_L=lower, x_U=upper)
+    value = bounded(bounded_tensor_cls(point, ptb))  # sets the batch statistics of train-mode BatchNorm
+    lb, ub = bounded.compute_bounds(method="IBP")
+    if update_running_stats and module.training:
+        _update_running_stats(module, bounded)
+    preact = [
+        (node.inputs[0].lower, node.inputs[0].upper)
+        for node in bounded.nodes()
+        if type(node).__name__ in ("BoundRelu", "BoundTanh")
+    ]
+    return lb, ub, (value if reference is not None else None), preact
+
+
+def check_lirpa_boundable(module: nn.Module, example: Tensor) -> None:
+    """Raise :class:`LirpaUnsupportedError` when auto_LiRPA cannot compute IBP bounds for ``module``."""
+    bounded = lirpa_bounded_module(module, example)
+    was_training = bounded.training
+    bounded.eval()
+    try:
+        _, bounded_tensor_cls, ptb_cls = _import()
+        x = example[:2].detach()
+        ptb = ptb_cls(norm=float("inf"), x_L=x, x_U=x)
+        with torch.no_grad():
+            bounded(bounded_tensor_cls(x, ptb))
+            bounded.compute_bounds(method="IBP")
+    except Exception as exc:
+        raise LirpaUnsupportedError(f"auto_LiRPA cannot bound {type(module).__name__}: {exc}") from exc
+    finally:
+        bounded.train(was_training)
