@@ -854,6 +854,13 @@ class CrownIBPLoss(RobustLoss):
         self.crown_start, self.crown_end = float(crown_start), float(crown_end)
         self.kappa_start, self.kappa_end = float(kappa_start), float(kappa_end)
 
+    def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
+        from ccdist_plugin.crown_ibp import check_crown_ibp_layers
+
+        if isinstance(model, CertifiedNet):  # a layer the back-substitution cannot take: before any work
+            check_crown_ibp_layers(flat_layers(model.features))
+        return super().__call__(model, x, y, eps)
+
     def weights(self, eps: float | Tensor) -> tuple[float, float]:
         """(b, κ) at radius ``eps``."""
         s = ramp_progress(eps, self.eps_target)
