@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import EPS, _batch, _machine, _pgd, _step_fn, paired_ratio  # noqa: E402
+from speed import EPS, _batch, _machine, _pgd, _step_fn, interleaved, paired_ratio  # noqa: E402
 
 #: the preset's narrow CNN-7
 NARROW = {"width": 128, "channels": (16, 16, 32, 32, 32)}
@@ -39,23 +39,6 @@ NARROW = {"width": 128, "channels": (16, 16, 32, 32, 32)}
 TRAIN_IMAGES = 9000
 BATCH = 128
 TEST_IMAGES = 2000
-
-
-def interleaved_cpu(variants: dict[str, Any], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """``speed.interleaved`` timed in CPU seconds of this process (``time.process_time``) instead of wall
-    seconds: with one thread, the time the scheduler gives to other jobs of a loaded machine is not
-    counted."""
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.process_time()
-            variants[name]()
-            times[name].append(time.process_time() - t0)
-    return times
 
 
 def _narrow_cnn7():
@@ -88,7 +71,7 @@ def measure(repeats: int, x, y) -> dict[str, Any]:
     variants["teacher PGD-10 (0.25ε)"] = _step_fn(
         tmodel, make_loss("pgd_at", attack=_pgd(10, 0.25)), x, y, topt
     )
-    times = interleaved_cpu(variants, repeats)
+    times = interleaved(variants, repeats, clock=time.process_time)  # CPU seconds: robust to load
     one, eight = attacks
     ratios = {
         f"CC-Dist step, {eight} / {one}": paired_ratio(times, f"CC-Dist, {eight}", f"CC-Dist, {one}"),

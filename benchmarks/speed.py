@@ -48,9 +48,14 @@ EPS = 2 / 255
 
 
 def interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+    variants: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``repeats`` rounds, order rotated each round."""
+    """Seconds per call of each variant, ``repeats`` rounds, order rotated each round. ``clock``:
+    wall seconds by default; ``time.process_time`` counts only this process's CPU seconds (with one
+    thread, the time a loaded machine gives to other jobs is then not counted)."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
@@ -59,9 +64,9 @@ def interleaved(
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             variants[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

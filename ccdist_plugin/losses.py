@@ -557,15 +557,8 @@ class CrossEntropyLoss(RobustLoss):
         return ce, {"ce": ce}
 
 
-class CCIBPLoss(RobustLoss):
-    """CC-IBP: CE(−[(1−α) z(x_adv) + α z_lb], y) (De Palma et al. 2024b; section 3.1)."""
-
-    name = "cc_ibp"
-    label = "CC-IBP"
-    teacher_use = "optional"
-    config_keys = ("alpha", "beta", "attack", "distill_layer")
-
-    distill_alpha = None
+class _AlphaLoss(RobustLoss):
+    """A loss with a mixing coefficient α ∈ [0, 1] (CC-IBP, MTL-IBP and their descendants)."""
 
     def __init__(
         self,
@@ -577,6 +570,17 @@ class CCIBPLoss(RobustLoss):
     ) -> None:
         super().__init__(attack, teacher, beta, distill_layer)
         self.alpha = _check_alpha(alpha)
+
+
+class CCIBPLoss(_AlphaLoss):
+    """CC-IBP: CE(−[(1−α) z(x_adv) + α z_lb], y) (De Palma et al. 2024b; section 3.1)."""
+
+    name = "cc_ibp"
+    label = "CC-IBP"
+    teacher_use = "optional"
+    config_keys = ("alpha", "beta", "attack", "distill_layer")
+
+    distill_alpha = None
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         loss = margin_ce(cc_combination(inp.z_adv, inp.z_lb, self.alpha), inp.y)
@@ -617,24 +621,13 @@ class AdversarialLoss(CCIBPLoss):
         return loss, {"adv": loss}
 
 
-class MTLIBPLoss(RobustLoss):
+class MTLIBPLoss(_AlphaLoss):
     """MTL-IBP: α·CE(−z_lb) + (1−α)·CE(−z(x_adv)); with a teacher, + β R(1) (MTL-IBP-Dist)."""
 
     name = "mtl_ibp"
     label = "MTL-IBP"
     teacher_use = "optional"
     config_keys = ("alpha", "beta", "attack", "distill_layer")
-
-    def __init__(
-        self,
-        alpha: float,
-        attack: PGD | None = None,
-        teacher=None,
-        beta=None,
-        distill_layer: str = "features",
-    ) -> None:
-        super().__init__(attack, teacher, beta, distill_layer)
-        self.alpha = _check_alpha(alpha)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         l_ibp, l_adv = margin_ce(inp.z_lb, inp.y), margin_ce(inp.z_adv, inp.y)

@@ -244,6 +244,27 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def _arch_record(
+    name: str,
+    in_channels: int,
+    input_size: int,
+    num_classes: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    **options,
+) -> dict:
+    """What a checkpoint stores to rebuild the network: ``create_model(**record)``."""
+    return dict(
+        name=name,
+        in_channels=in_channels,
+        input_size=input_size,
+        num_classes=num_classes,
+        mean=None if mean is None else list(mean),
+        std=None if std is None else list(std),
+        **options,
+    )
+
+
 def _finish(features: list[nn.Module], width: int, num_classes: int, input_shape, arch: dict, init: str):
     net = CertifiedNet(nn.Sequential(*features), nn.Linear(width, num_classes), input_shape, arch)
     if init == "shi":
@@ -288,14 +309,14 @@ def cnn7(
         nn.BatchNorm1d(width),
         _activation(activation),
     ]
-    arch = dict(
-        name="cnn7",
-        in_channels=in_channels,
-        input_size=input_size,
-        num_classes=num_classes,
+    arch = _arch_record(
+        "cnn7",
+        in_channels,
+        input_size,
+        num_classes,
+        mean,
+        std,
         width=width,
-        mean=None if mean is None else list(mean),
-        std=None if std is None else list(std),
         activation=activation,
         channels=list(channels),
     )
@@ -330,14 +351,14 @@ def cnn3(
     layers += [_activation(activation), nn.Flatten(), nn.Linear(c2 * size2 * size2, width)]
     layers += [nn.BatchNorm1d(width)] if batch_norm else []
     layers += [_activation(activation)]
-    arch = dict(
-        name="cnn3",
-        in_channels=in_channels,
-        input_size=input_size,
-        num_classes=num_classes,
+    arch = _arch_record(
+        "cnn3",
+        in_channels,
+        input_size,
+        num_classes,
+        mean,
+        std,
         width=width,
-        mean=None if mean is None else list(mean),
-        std=None if std is None else list(std),
         activation=activation,
         channels=list(channels),
         batch_norm=batch_norm,
@@ -367,15 +388,15 @@ def mlp(
         layers += [nn.BatchNorm1d(width)] if batch_norm else []
         layers += [_activation(activation)]
         d_in = width
-    arch = dict(
-        name="mlp",
-        in_channels=in_channels,
-        input_size=input_size,
-        num_classes=num_classes,
+    arch = _arch_record(
+        "mlp",
+        in_channels,
+        input_size,
+        num_classes,
+        mean,
+        std,
         width=width,
         depth=depth,
-        mean=None if mean is None else list(mean),
-        std=None if std is None else list(std),
         activation=activation,
         batch_norm=batch_norm,
     )
@@ -460,14 +481,14 @@ def preact_resnet18(
         layers += [nn.AvgPool2d(size), nn.Flatten(), nn.BatchNorm1d(c_in), _activation(activation)]
     else:
         layers += [nn.BatchNorm2d(c_in), _activation(activation), nn.AvgPool2d(size), nn.Flatten()]
-    arch = dict(
-        name="preact_resnet18",
-        in_channels=in_channels,
-        input_size=input_size,
-        num_classes=num_classes,
+    arch = _arch_record(
+        "preact_resnet18",
+        in_channels,
+        input_size,
+        num_classes,
+        mean,
+        std,
         width=width,
-        mean=None if mean is None else list(mean),
-        std=None if std is None else list(std),
         activation=activation,
         pool_before_last_bn=pool_before_last_bn,
     )
