@@ -1,14 +1,18 @@
 """ccdist_plugin: certified training with distillation (CC-Dist) for the auto_LiRPA / α,β-CROWN ecosystem.
 
 Where things are:
-- ``models``: certifiable networks (``features`` + affine ``head``, normalization inside).
-- ``bounds``: IBP, last-layer elision, CROWN, float-safe ``certify``.
-- ``attacks``: ℓ∞ PGD.
-- ``losses``: CC-Dist, CC-IBP and the other expressive losses, as drop-in objects.
-- ``trainer`` / ``config`` / ``schedules`` / ``regularizers`` / ``checkpoint``: the training protocol.
-- ``data``: dataset loaders and augmentation.
-- ``export`` / ``verify``: ONNX + VNN-LIB and α,β-CROWN.
-- ``evaluation``: metrics and reports.
+- ``models``: certifiable networks (``features`` + affine ``head``, normalization inside; residual
+  blocks; ``CertifiedNet.wrap`` for your own).
+- ``bounds``: IBP, last-layer elision, CROWN, float-safe ``certify``; ``lirpa`` (auto_LiRPA backend),
+  ``crown_ibp`` (differentiable CROWN-IBP for training), ``latent`` (bounds at the penultimate layer).
+- ``attacks``: ℓ∞ PGD and the one evaluation attack (``EVAL_PGD``).
+- ``losses``: CC-Dist, CC-IBP and the other losses, as drop-in objects that describe themselves.
+- ``trainer`` / ``config`` / ``schedules`` / ``regularizers`` / ``checkpoint`` / ``runlock``: the training
+  protocol (``trainer.training_step`` is one step).
+- ``data``: dataset loaders and augmentation; ``validate``: the input checks.
+- ``export`` / ``verify`` / ``abcrown_worker``: ONNX + VNN-LIB and α,β-CROWN.
+- ``evaluation`` / ``reports``: the pre-filter, metrics and reports.
+- ``cli``: the ``ccdist`` commands.
 """
 
 from importlib import import_module as _import_module
