@@ -950,13 +950,9 @@ def _native_crown(
 
 
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
-    try:
-        from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "backend='auto_lirpa' needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
-            "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
-        ) from exc
+    from ccdist_plugin.lirpa import import_auto_lirpa
+
+    BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa()
     dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.dilation) != (1, 1)]
     if dilated and method != "IBP":
         # measured with auto_LiRPA 9d100ec: its CROWN bound through a dilated convolution lies

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from ccdist_plugin.bounds import CERT_TOL, training_restorer
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
 from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.validate import check_batch
 
 if TYPE_CHECKING:  # evaluation imports this module lazily; only the annotation is needed here
     from ccdist_plugin.evaluation import PrefilterResult
@@ -566,11 +567,8 @@ def export_instances(
         raise ValueError(f"unknown bound methods {bad}; expected 'ibp' and/or 'crown'")
     template_file = template_path(template)  # fail early on a bad template
     indices, x, y = _select_points(data, start, count)
+    check_batch(model, x, y, eps)  # shapes, label and pixel range (the checks of every entry point)
     input_shape = tuple(model.input_shape)
-    if tuple(x.shape[1:]) != input_shape:
-        raise ValueError(f"test points have shape {tuple(x.shape[1:])} but the model takes {input_shape}")
-    if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
-        raise ValueError(f"labels must lie in [0, {model.num_classes}), got [{int(y.min())}, {int(y.max())}]")
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["lirpa_intervals", "lirpa_bounded_module", "check_lirpa_boundable", "LirpaUnsupportedError"]
+__all__ = [
+    "lirpa_intervals",
+    "lirpa_bounded_module",
+    "check_lirpa_boundable",
+    "import_auto_lirpa",
+    "LirpaUnsupportedError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,9 @@ class _Traced:
 _TRACED: weakref.WeakKeyDictionary[nn.Module, _Traced] = weakref.WeakKeyDictionary()
 
 
-def _import():
+def import_auto_lirpa():
+    """auto_LiRPA's ``BoundedModule``, ``BoundedTensor`` and ``PerturbationLpNorm``, or an ImportError
+    that says how to install it."""
     try:
         from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -69,7 +77,7 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
     Raises:
         LirpaUnsupportedError: auto_LiRPA cannot trace or bound a layer (its message names it).
     """
-    bounded_module_cls, _, _ = _import()
+    bounded_module_cls, _, _ = import_auto_lirpa()
     params = tuple(id(p) for p in module.parameters())
     first = next(iter(module.parameters()), example)
     shape = tuple(example.shape[1:])
@@ -162,7 +170,7 @@ def lirpa_intervals(
         graph order. Without a reference, a train-mode BatchNorm uses the statistics of the box
         centre, as in the native engine.
     """
-    _, bounded_tensor_cls, ptb_cls = _import()
+    _, bounded_tensor_cls, ptb_cls = import_auto_lirpa()
     point = reference if reference is not None else (upper + lower) / 2
     if point.shape != lower.shape:
         # auto_LiRPA bounds the box at the forward point's batch: one reference row per box row
@@ -189,7 +197,7 @@ def check_lirpa_boundable(module: nn.Module, example: Tensor) -> None:
     was_training = bounded.training
     bounded.eval()
     try:
-        _, bounded_tensor_cls, ptb_cls = _import()
+        _, bounded_tensor_cls, ptb_cls = import_auto_lirpa()
         x = example[:2].detach()
         ptb = ptb_cls(norm=float("inf"), x_L=x, x_U=x)
         with torch.no_grad():
