@@ -443,7 +443,7 @@ def _abcrown_dir() -> str:
     d = os.environ.get("ABCROWN_DIR")
     if not d or not (Path(d) / "abcrown.py").is_file():
         pytest.skip(
-            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (bash ../shared/vendor/install.sh)"
+            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (docs/verification.md, 'Install')"
         )
     return d
 
