@@ -61,6 +61,9 @@ __all__ = [
     "CertifyResult",
     "certify",
     "flat_layers",
+    "GraphNode",
+    "network_graph",
+    "back_substitute",
     "native_unsupported_layer",
     "check_boundable",
     "with_batch_statistics",
@@ -354,7 +357,7 @@ def _affine(layer: nn.Module, x: Tensor, weight: Tensor | None = None, bias: boo
 
 
 @dataclass(frozen=True)
-class _Node:
+class GraphNode:
     """One step of a network's computation graph: ``layer`` applied to node ``inputs[0]``, or (``layer``
     None, two inputs) the sum of two nodes, a :class:`Residual`'s join. Node 0 is the input."""
 
@@ -362,10 +365,10 @@ class _Node:
     inputs: tuple[int, ...]
 
 
-def _graph(module: nn.Module) -> list[_Node]:
+def network_graph(module: nn.Module) -> list[GraphNode]:
     """The computation graph of a network built of ``nn.Sequential``, :class:`Residual` and leaf
     layers, in topological order (every node after its inputs); any other module is one leaf node."""
-    nodes = [_Node(None, ())]
+    nodes = [GraphNode(None, ())]
 
     def walk(m: nn.Module, src: int) -> int:
         if isinstance(m, CertifiedNet):
@@ -376,9 +379,9 @@ def _graph(module: nn.Module) -> list[_Node]:
             return src
         if isinstance(m, Residual):
             branch, shortcut = walk(m.branch, src), walk(m.shortcut, src)
-            nodes.append(_Node(None, (branch, shortcut)))
+            nodes.append(GraphNode(None, (branch, shortcut)))
             return len(nodes) - 1
-        nodes.append(_Node(m, (src,)))
+        nodes.append(GraphNode(m, (src,)))
         return len(nodes) - 1
 
     walk(module, 0)
@@ -419,7 +422,7 @@ def _refuse_uncertifiable(module: nn.Module) -> None:
 
 def native_unsupported_layer(module: nn.Module) -> nn.Module | None:
     """The first layer of ``module`` the native engine cannot bound (None when it bounds them all)."""
-    for node in _graph(module)[1:]:
+    for node in network_graph(module)[1:]:
         if node.layer is not None and not _native_ibp_supports(node.layer):
             return node.layer
     return None
@@ -501,7 +504,7 @@ def _native_intervals(
     keep_all: bool,
     update_running_stats: bool,
 ) -> IntervalPropagation:
-    nodes = _graph(module)
+    nodes = network_graph(module)
     unsupported = native_unsupported_layer(module)
     if unsupported is not None:  # checked before any work, so nothing is half-updated
         check_supported_layer(unsupported)  # its specific reason, when it has one
@@ -730,7 +733,7 @@ def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
 
 
 def _node_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
-    """Output shape (without batch) of every node of ``_graph(features)`` (node 0: the input).
+    """Output shape (without batch) of every node of ``network_graph(features)`` (node 0: the input).
 
     From an interval pass on the first example, which changes nothing in the model (a forward
     pass would move a train-mode BatchNorm's running statistics, and BatchNorm1d in train mode
@@ -760,7 +763,8 @@ def _conv_transpose(layer: nn.Conv2d, a: Tensor, in_shape: torch.Size) -> Tensor
     with torch.enable_grad():
         probe = torch.zeros(a.shape[0], *in_shape, dtype=a.dtype, device=a.device, requires_grad=True)
         out = F.pad(probe, (left, right, top, bottom), mode=_PAD_MODES[layer.padding_mode])
-        (grad,) = torch.autograd.grad(out, probe, padded)
+        # create_graph: in training (CROWN-IBP) the result must stay differentiable in ``a``
+        (grad,) = torch.autograd.grad(out, probe, padded, create_graph=padded.requires_grad)
     return grad
 
 
@@ -770,7 +774,10 @@ def _linear_adjoint(layer: nn.Module, a: Tensor, in_shape: torch.Size) -> Tensor
     with torch.enable_grad():
         z = a.new_zeros(b * m, *in_shape, requires_grad=True)
         out = layer(z)
-        (grad,) = torch.autograd.grad(out, z, grad_outputs=a.reshape(b * m, *out.shape[1:]))
+        # create_graph: in training (CROWN-IBP) the result must stay differentiable in ``a``
+        (grad,) = torch.autograd.grad(
+            out, z, grad_outputs=a.reshape(b * m, *out.shape[1:]), create_graph=a.requires_grad
+        )
     return grad.reshape(b, m, *in_shape)
 
 
@@ -797,7 +804,8 @@ def _backward_layer(
     if isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
         scale, shift = affine
         view = (1, 1, -1) + (1,) * (a.ndim - 3)
-        return a * scale.view(view), bias + (a * shift.view(view)).flatten(2).sum(-1)
+        per_channel = a.flatten(3).sum(-1) if a.ndim > 3 else a  # (B, m, C): sum the positions first
+        return a * scale.reshape(view), bias + per_channel @ shift.reshape(-1)
     if isinstance(layer, nn.ReLU):
         l, u = preact
         l, u = l.unsqueeze(1), u.unsqueeze(1)
@@ -808,8 +816,10 @@ def _backward_layer(
         up_slope = torch.where(active, torch.ones_like(u), chord)
         up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
         low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
-        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-        return a_pos * low_slope + a_neg * up_slope, bias + (a_neg * up_icpt).flatten(2).sum(-1)
+        # the slope by the coefficient's sign, the intercepts by one batched product: few
+        # coefficient-sized temporaries (this is most of the cost of a CROWN-IBP training step)
+        bias = bias + torch.bmm(a.clamp(max=0).flatten(2), up_icpt.flatten(1).unsqueeze(-1)).squeeze(-1)
+        return a * torch.where(a >= 0, low_slope, up_slope), bias
     if isinstance(layer, nn.Flatten):
         return a.reshape(b, m, *in_shape), bias
     if isinstance(layer, nn.AvgPool2d):
@@ -821,8 +831,8 @@ def _backward_layer(
     )
 
 
-def _backward(
-    nodes: list[_Node],
+def back_substitute(
+    nodes: list[GraphNode],
     start: int,
     shapes: list[torch.Size],
     preact: dict[int, tuple[Tensor, Tensor]],
@@ -838,6 +848,9 @@ def _backward(
     the input of activation node n and ``affine[n]`` the (scale, shift) of BatchNorm/Normalize node
     n. Nodes are visited in reverse topological order; at a residual join the coefficients go to
     both branches and add up where the branches meet again. Returns (B, m).
+
+    Differentiable (no ``no_grad`` inside): evaluation CROWN (:func:`crown_margin_lower_bound`) and
+    CROWN-IBP training (``ccdist_plugin.crown_ibp``) both use it.
     """
     coeffs = {start: a}
     for n in range(start, 0, -1):
@@ -869,7 +882,7 @@ def _crown_costs(model: CertifiedNet) -> list[int]:
     x = torch.full(
         (1, *model.input_shape), 0.5, dtype=model.head.weight.dtype, device=model.head.weight.device
     )
-    nodes = _graph(model.features)
+    nodes = network_graph(model.features)
     shapes = _node_shapes(model.features, x)
     # a ReLU node's input is node inputs[0]; every node it depends on has a smaller index
     sources = [node.inputs[0] for node in nodes if isinstance(node.layer, nn.ReLU)]
@@ -905,7 +918,7 @@ def _native_crown(
 ) -> Tensor:
     """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
     the network's graph (residual blocks included)."""
-    nodes = _graph(model.features)
+    nodes = network_graph(model.features)
     lo, hi = input_box(x, eps)
     ibp = _native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
     shapes = [x.shape[1:]] + [bound[0].shape[1:] for bound in ibp.layer_bounds]
@@ -937,7 +950,7 @@ def _native_crown(
                 rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
                 rows = rows.reshape(-1, *l.shape[1:])
                 spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
-                bound = _backward(
+                bound = back_substitute(
                     nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
                 )
                 half = idx.numel()
@@ -946,7 +959,7 @@ def _native_crown(
             l, u = l_flat.view_as(l), u_flat.view_as(u)
         preact[n] = (l, u)
     w_diff, b_diff = elision_matrix(model.head, y)
-    return _backward(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
+    return back_substitute(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
 
 
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:

@@ -49,7 +49,6 @@ from ccdist_plugin.attacks import PGD
 from ccdist_plugin.bounds import (
     IntervalPropagation,
     elided_margin_lower_bound,
-    flat_layers,
     input_box,
     propagate_intervals,
 )
@@ -851,7 +850,7 @@ class CrownIBPLoss(RobustLoss):
         from ccdist_plugin.crown_ibp import check_crown_ibp_layers
 
         if isinstance(model, CertifiedNet):  # a layer the back-substitution cannot take: before any work
-            check_crown_ibp_layers(flat_layers(model.features))
+            check_crown_ibp_layers(model.features)
         return super().__call__(model, x, y, eps)
 
     def weights(self, eps: float | Tensor) -> tuple[float, float]:
@@ -868,7 +867,7 @@ class CrownIBPLoss(RobustLoss):
         if b > 1e-5:  # no back-substitution once the schedule has reached pure IBP
             model = inp.model
             z_crown = crown_ibp_from_propagation(
-                flat_layers(model.features), model.head, inp.y, inp.input_lb, inp.input_ub, inp.ibp_record
+                model.features, model.head, inp.y, inp.input_lb, inp.input_ub, inp.ibp_record
             )
             z = b * z_crown + (1 - b) * inp.z_lb
             terms["crown_ibp"] = margin_ce(z_crown, inp.y)
