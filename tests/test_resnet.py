@@ -516,3 +516,24 @@ def test_evaluate_certifies_a_wrapped_model_through_auto_lirpa(digits):
         k for k, v in result.metrics.items() if "crown" in k and k.endswith("cert_acc") and v is not None
     ]
     assert crown and all(0.0 <= result.metrics[k] <= 1.0 for k in crown), result.metrics
+
+
+@requires_auto_lirpa
+@pytest.mark.autolirpa
+def test_auto_lirpa_failing_in_both_conv_modes_is_one_clear_error(monkeypatch):
+    """auto_LiRPA 9d100ec fails on a 32×32 PreActResNet18 in patches mode (a shape error) and its
+    matrix mode runs out of memory there: injected here, the user gets one error naming both."""
+    from auto_LiRPA import BoundedModule
+
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(self.bound_opts["conv_mode"])
+        raise RuntimeError(f"injected failure in {self.bound_opts['conv_mode']} mode")
+
+    monkeypatch.setattr(BoundedModule, "compute_bounds", failing)
+    model = small_prn(0).eval()
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(UnsupportedLayerError, match="patches mode: injected.*matrix mode: injected.*native"):
+        crown_margin_lower_bound(model, x, y, EPS, intermediate="crown", backend="auto_lirpa")
+    assert calls == ["patches", "matrix"]
