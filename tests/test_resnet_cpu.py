@@ -1,0 +1,64 @@
+"""``benchmarks/resnet_cpu.py`` (issue 16's CPU-scale comparison): its runs are the prn18 presets with the
+stated overrides, and its report pairs CC-Dist with CC-IBP seed by seed."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import resnet_cpu as rn  # noqa: E402
+
+from ccdist_plugin.config import load_config
+
+
+def test_runs_are_the_prn18_presets_with_the_stated_overrides(tmp_path):
+    teacher = rn.Run("teacher", "teacher", 0, 8, 8, teacher_steps=5)
+    cfg = load_config("cifar10-2-prn18-teacher", rn.overrides(teacher, tmp_path))
+    assert cfg.loss.method == "pgd_at" and cfg.model.name == "preact_resnet18" and cfg.model.width == 8
+    assert (cfg.loss.attack.steps, cfg.loss.attack.step_size) == (5, 0.5)
+    assert cfg.optim.l1 == pytest.approx(5e-6) and cfg.schedule.epochs == 8  # E.8's teacher ℓ1
+    for kind in ("cc_ibp", "cc_dist"):
+        run = rn.Run(f"{kind}-s3", kind, 3, 8, 12, teacher="t.pt" if kind == "cc_dist" else None)
+        cfg = load_config("cifar10-2-prn18", rn.overrides(run, tmp_path))
+        assert cfg.loss.method == kind and cfg.loss.alpha == rn.ALPHA and cfg.seed == 3
+        assert cfg.loss.beta is None  # CC-Dist: the default 5/w
+        assert (cfg.loss.attack.steps, cfg.loss.attack.step_size, cfg.loss.attack.eps_factor) == (
+            1,
+            10.0,
+            1.0,
+        )
+        assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.ramp_up_epochs) == (12, 1, 5)
+        assert list(cfg.optim.lr_decay_epochs) == [10, 11]
+        assert cfg.data.name == "cifar10-jpeg" and cfg.model.width == 8
+
+
+def _result(kind: str, seed: int, std: float, cert: float) -> dict:
+    test = {"std": std, "pgd40": std - 0.1, "ibp_cert": cert / 2, "crown_cert": cert, "unsound_points": 0}
+    test["attack"] = "PGD-40"
+    return {"run": {"kind": kind, "seed": seed}, "train_s": 10.0, "width": 64, "test": test}
+
+
+def test_report_pairs_seeds_and_counts_wins():
+    results = {"teacher": _result("teacher", 0, 0.6, 0.0)}
+    # seed 1's CC-Dist run is missing: only seeds with both methods are paired
+    for seed, ibp, dist in ((0, 0.30, 0.32), (2, 0.31, 0.30), (3, 0.29, 0.33)):
+        results[f"cc_ibp-s{seed}"] = _result("cc_ibp", seed, 0.5, ibp)
+        results[f"cc_dist-s{seed}"] = _result("cc_dist", seed, 0.5, dist)
+    results["cc_ibp-s1"] = _result("cc_ibp", 1, 0.5, 0.9)
+    args = Namespace(
+        width=8, seeds=4, epochs=12, teacher_epochs=8, teacher_steps=5, workers=2, out="x", docs=""
+    )
+    summary = rn.report(results, args, 60.0)
+    assert summary["seeds"] == [0, 2, 3]
+    paired = summary["paired"]["crown_cert"]
+    assert paired["differences"] == pytest.approx([0.02, -0.01, 0.04])
+    assert paired["mean"] == pytest.approx(0.05 / 3) and paired["dist_higher_in"] == 2
+    low, high = paired["ci95"]
+    assert low < paired["mean"] < high
+    text = rn.markdown(summary)
+    assert "| CROWN-IBP-cert | +2.00, -1.00, +4.00 | +1.67 |" in text and "2/3" in text
