@@ -3,8 +3,9 @@
     python benchmarks/make_results.py
 
 Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results/reproduce_cpu.md``
-(``python benchmarks/reproduce_cpu.py``) and ``docs/results/notes.md`` (the written discussion, which
-quotes only figures from those two files), and writes ``docs/RESULTS.md``.
+(``python benchmarks/reproduce_cpu.py``), ``docs/results/resnet_cpu.md`` (``python benchmarks/resnet_cpu.py``)
+and the written discussions ``docs/results/notes.md`` and ``resnet_cpu_notes.md`` (which quote only
+figures from those files), and writes ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ python benchmarks/reproduce_cpu.py --out runs/repro-cpu --workers 2 --main-betas
 python benchmarks/attack_cost.py --repeats 15                # → docs/results/attack_cost.* (issue 17's cost)
 python benchmarks/reproduce_cpu.py --protocol paper-cpu --workers 2   # → docs/results/paper_cpu.* (in
                                    #   stages, listed in benchmarks/README.md; not run yet)
+python benchmarks/resnet_cpu.py --workers 2                 # → docs/results/resnet_cpu.* (issue 16's
+                                   #   PreActResNet18 comparison; the reading: resnet_cpu_notes.md)
+python benchmarks/speed.py --only resnet --repeats 3 --threads 1 --out docs/results/resnet
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         ("## CC-Dist vs CC-IBP closer to the paper's protocol (pre-registered)", "paper_cpu_plan.md"),
         ("### Cost of the paper's training attack, and of the whole protocol", "attack_cost.md"),
         ("### Results", "paper_cpu.md"),
+        ("## PreActResNet18 at CPU scale: CC-IBP vs CC-Dist (appendix E.8, Table 11b)", "resnet_cpu.md"),
+        ("### Reading", "resnet_cpu_notes.md"),
+        ("## Speed: PreActResNet18", "resnet/speed.md"),
         ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
         ("## The allocator setting, in alternated fresh processes", "allocator/speed.md"),
     ):

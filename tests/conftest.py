@@ -34,6 +34,16 @@ def abcrown_dir() -> Path | None:
     return Path(d) if d and (Path(d) / "abcrown.py").exists() else None
 
 
+def require_abcrown_dir() -> str:
+    """``$ABCROWN_DIR`` of an installed α,β-CROWN, or skip the calling test saying how to install it."""
+    d = abcrown_dir()
+    if d is None:
+        pytest.skip(
+            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (docs/verification.md, 'Install')"
+        )
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """sklearn's 8×8 digits in pixel space: (x (N,1,8,8) float32 in [0,1], y (N,) int64)."""

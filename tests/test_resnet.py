@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import briefly_trained, requires_auto_lirpa
+from conftest import briefly_trained, require_abcrown_dir, requires_auto_lirpa
 from torch import nn
 
 from ccdist_plugin import bounds
@@ -436,24 +436,12 @@ def test_prn18_preset_teachers_fit_their_students(pair):
     check_compatible(teacher, student)  # feature width, input shape, classes, normalization
 
 
-def _abcrown_dir() -> str:
-    import os
-    from pathlib import Path
-
-    d = os.environ.get("ABCROWN_DIR")
-    if not d or not (Path(d) / "abcrown.py").is_file():
-        pytest.skip(
-            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (docs/verification.md, 'Install')"
-        )
-    return d
-
-
 @pytest.mark.abcrown
 def test_real_abcrown_verifies_a_residual_net(tmp_path, digits):
     """A small residual net on digits, trained briefly, 5 test points exported (ONNX with the residual
     additions + VNN-LIB) and all sent to α,β-CROWN: no error, no soundness alarm, every point our
     CROWN certifies comes back safe, every point PGD broke does not."""
-    abcrown = _abcrown_dir()
+    abcrown = require_abcrown_dir()
     from ccdist_plugin.bounds import certify
     from ccdist_plugin.export import export_instances
     from ccdist_plugin.verify import VerificationResult, run_verification

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import require_abcrown_dir
 from torch import nn
 
 from ccdist_plugin.export import export_id_of
@@ -350,22 +350,13 @@ def test_not_an_export_dir(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _abcrown_dir() -> str:
-    d = os.environ.get("ABCROWN_DIR")
-    if not d or not (Path(d) / "abcrown.py").is_file():
-        pytest.skip(
-            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (docs/verification.md, 'Install')"
-        )
-    return d
-
-
 @pytest.mark.abcrown
 def test_real_abcrown_agrees_with_our_bounds_and_attacks(tmp_path):
     """A small digits MLP trained for a second, 10 test points, all sent to α,β-CROWN on CPU
     (``verify_all``; IBP as the only pre-check, so the CROWN-certifiable points go to BaB):
     no soundness alarm, no error, every point our CROWN certifies comes back safe, every point
     PGD broke does not, and BaB certifies at least what IBP does."""
-    abcrown = _abcrown_dir()
+    abcrown = require_abcrown_dir()
     sk = pytest.importorskip("sklearn.datasets")
     from ccdist_plugin.bounds import certify
     from ccdist_plugin.export import export_instances
