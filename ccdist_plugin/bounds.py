@@ -74,7 +74,7 @@ _MONOTONE = (nn.ReLU, nn.Tanh)
 #: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
 _CROWN_BUDGET = 2**26
 _PASSTHROUGH = (nn.Identity, nn.Dropout)
-#: leaf layers the native engine bounds (Conv2d with zero padding, Dropout in eval mode only)
+#: leaf layers the native engine bounds (Conv2d of every padding mode, Dropout in eval mode only)
 _NATIVE_IBP = (
     nn.Linear,
     nn.Conv2d,
