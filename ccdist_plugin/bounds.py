@@ -963,17 +963,10 @@ def _native_crown(
 
 
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
-    from ccdist_plugin.lirpa import import_auto_lirpa
+    from ccdist_plugin.lirpa import import_auto_lirpa, refuse_unsound_lirpa_crown
 
     BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa()
-    dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.dilation) != (1, 1)]
-    if dilated and method != "IBP":
-        # measured with auto_LiRPA 9d100ec: its CROWN bound through a dilated convolution lies
-        # above margins found by sampling (tests/test_layer_audit.py); the native backend is sound
-        raise UnsupportedLayerError(
-            f"auto_LiRPA's {method} is unsound through dilated convolutions ({dilated[0]!r}); "
-            "use backend='native'"
-        )
+    refuse_unsound_lirpa_crown(model, method)
     lo, hi = input_box(x, eps)
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
     ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)

@@ -17,9 +17,11 @@ The lower relaxation of an unstable ReLU is CROWN's adaptive one (slope 1 when u
 the upper one is the chord, as in auto_LiRPA's default CROWN-IBP. Supported: ReLU networks built
 of ``nn.Sequential`` and :class:`ccdist_plugin.models.Residual` blocks (PreActResNet18 included)
 over the native engine's layers (Normalize, Linear, Conv2d, BatchNorm1d/2d, ReLU, Flatten,
-AvgPool2d, Identity, eval-mode Dropout); anything else (tanh, a custom module, a wrapped network
-that only auto_LiRPA bounds) raises :class:`ccdist_plugin.bounds.UnsupportedLayerError` before any
-work (such models train with the IBP-based losses).
+AvgPool2d, Identity, eval-mode Dropout). For anything else (tanh, a custom module, a wrapped
+network that only auto_LiRPA bounds) :func:`check_crown_ibp_layers` raises
+:class:`ccdist_plugin.bounds.UnsupportedLayerError` naming the layer; the ``crown_ibp`` loss then
+trains through auto_LiRPA's CROWN-IBP (:func:`ccdist_plugin.lirpa.lirpa_margin_bounds`) where
+auto_LiRPA is installed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ from ccdist_plugin.bounds import (
 )
 from ccdist_plugin.models import CertifiedNet
 
-__all__ = ["crown_ibp_from_propagation", "crown_ibp_margin_bounds", "check_crown_ibp_layers"]
+__all__ = [
+    "crown_ibp_from_propagation",
+    "crown_ibp_margin_bounds",
+    "check_crown_ibp_layers",
+    "crown_ibp_unsupported_layer",
+]
 
 _SUPPORTED = (
     "Linear, Conv2d, BatchNorm, ReLU, Normalize, Flatten, AvgPool2d, Identity and eval-mode Dropout, "
@@ -48,12 +55,18 @@ _SUPPORTED = (
 )
 
 
-def check_crown_ibp_layers(features: nn.Module) -> None:
-    """Raise :class:`UnsupportedLayerError` naming the first layer of ``features`` the native
-    back-substitution cannot take (before any work is done)."""
+def crown_ibp_unsupported_layer(features: nn.Module) -> nn.Module | None:
+    """The first layer of ``features`` the native back-substitution cannot take (None: it takes all)."""
     layer = native_unsupported_layer(features)
     if layer is None:
         layer = next((n.layer for n in network_graph(features) if isinstance(n.layer, nn.Tanh)), None)
+    return layer
+
+
+def check_crown_ibp_layers(features: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` naming the first layer of ``features`` the native
+    back-substitution cannot take (before any work is done)."""
+    layer = crown_ibp_unsupported_layer(features)
     if layer is None:
         return
     try:
@@ -64,7 +77,8 @@ def check_crown_ibp_layers(features: nn.Module) -> None:
         reason = ""
     raise UnsupportedLayerError(
         f"CROWN-IBP (native) cannot bound a {type(layer).__name__} layer{reason}; supported are {_SUPPORTED} "
-        "(train other networks with an IBP-based loss, e.g. cc_ibp or cc_dist)"
+        "(the crown_ibp loss trains other networks through auto_LiRPA's CROWN-IBP where auto_LiRPA is "
+        "installed, or use an IBP-based loss, e.g. cc_ibp or cc_dist)"
     )
 
 

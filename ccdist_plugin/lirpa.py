@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "lirpa_intervals",
+    "lirpa_margin_bounds",
+    "refuse_unsound_lirpa_crown",
     "lirpa_bounded_module",
     "check_lirpa_boundable",
     "import_auto_lirpa",
@@ -189,6 +191,50 @@ def lirpa_intervals(
         if type(node).__name__ in ("BoundRelu", "BoundTanh")
     ]
     return lb, ub, (value if reference is not None else None), preact
+
+
+def refuse_unsound_lirpa_crown(model: nn.Module, method: str) -> None:
+    """Raise ``UnsupportedLayerError`` where auto_LiRPA's linear bounds are known to be unsound.
+
+    Measured with auto_LiRPA 9d100ec: its CROWN bound through a dilated convolution lies above
+    margins found by sampling (tests/test_layer_audit.py); the native engine bounds those soundly.
+    """
+    from ccdist_plugin.bounds import UnsupportedLayerError
+
+    dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.dilation) != (1, 1)]
+    if dilated and method != "IBP":
+        raise UnsupportedLayerError(
+            f"auto_LiRPA's {method} is unsound through dilated convolutions ({dilated[0]!r}); "
+            "use backend='native'"
+        )
+
+
+def lirpa_margin_bounds(
+    model: nn.Module, lower: Tensor, upper: Tensor, y: Tensor, reference: Tensor, method: str = "CROWN-IBP"
+) -> Tensor:
+    """auto_LiRPA lower bounds (B, k) on z_j = f_y − f_j over the box [lower, upper], differentiable in
+    ``model``'s parameters (entry y is 0): what the ``crown_ibp`` loss trains a network with when the
+    native back-substitution cannot take it.
+
+    ``model`` is the whole network (features and head); ``reference`` (one row per box row) is the
+    point auto_LiRPA's forward pass runs, so a train-mode BatchNorm bounds the box with that batch's
+    statistics, as in :func:`lirpa_intervals`. Running statistics are not moved (auto_LiRPA works
+    on copies of the buffers; the training pass moved them already).
+    """
+    refuse_unsound_lirpa_crown(model, method)
+    _, bounded_tensor_cls, ptb_cls = import_auto_lirpa()
+    if reference.shape != lower.shape:
+        raise ValueError(
+            f"the reference batch {tuple(reference.shape)} must match the box {tuple(lower.shape)} "
+            "for auto_LiRPA"
+        )
+    bounded = lirpa_bounded_module(model, lower)
+    bounded(bounded_tensor_cls(reference, ptb_cls(norm=float("inf"), x_L=lower, x_U=upper)))
+    k = model.num_classes
+    eye = torch.eye(k, dtype=lower.dtype, device=lower.device)
+    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y − e_j
+    lb, _ = bounded.compute_bounds(C=c, method=method, bound_upper=False)
+    return lb
 
 
 def check_lirpa_boundable(module: nn.Module, example: Tensor) -> None:

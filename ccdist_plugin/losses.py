@@ -50,6 +50,7 @@ from ccdist_plugin.bounds import (
     IntervalPropagation,
     elided_margin_lower_bound,
     input_box,
+    native_unsupported_layer,
     propagate_intervals,
 )
 from ccdist_plugin.latent import check_distill_layer, latent_features, propagate_split
@@ -506,7 +507,8 @@ class RobustLoss:
             self.teacher,
             box=self.box(x, x_adv, eps),
             x_adv=x_adv,
-            keep_all=self.keeps_ibp_record,
+            # the per-layer record is the native engine's; a network routed to auto_LiRPA has none
+            keep_all=self.keeps_ibp_record and native_unsupported_layer(model.features) is None,
             latent=latent,
         )
         if latent and inp.latent_adv.shape[1] != inp.latent_t.shape[1]:
@@ -793,7 +795,9 @@ class CrownIBPLoss(RobustLoss):
 
     where z_CROWN-IBP is one CROWN back-substitution from the output with the IBP pre-activation
     bounds of the same pass (:mod:`ccdist_plugin.crown_ibp`, native, differentiable; train-mode
-    BatchNorm uses the clean batch's statistics for both bounds) and z_IBP the IBP bound with
+    BatchNorm uses the clean batch's statistics for both bounds; for a network that back-substitution
+    cannot take, e.g. tanh or a wrapped model, auto_LiRPA's CROWN-IBP with the same BatchNorm
+    semantics, :func:`ccdist_plugin.lirpa.lirpa_margin_bounds`) and z_IBP the IBP bound with
     last-layer elision. Both weights move linearly with the ε ramp, s = ε_t/ε_target:
     b = crown_start → crown_end (1 → 0: CROWN-IBP bounds early, pure IBP at the target ε, as in
     auto_LiRPA's training examples, which weigh the CROWN-IBP bound by (ε_max − ε_t)/ε_max) and
@@ -847,10 +851,20 @@ class CrownIBPLoss(RobustLoss):
         self.kappa_start, self.kappa_end = float(kappa_start), float(kappa_end)
 
     def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
-        from ccdist_plugin.crown_ibp import check_crown_ibp_layers
+        from ccdist_plugin.crown_ibp import check_crown_ibp_layers, crown_ibp_unsupported_layer
+        from ccdist_plugin.lirpa import import_auto_lirpa, lirpa_bounded_module
 
-        if isinstance(model, CertifiedNet):  # a layer the back-substitution cannot take: before any work
-            check_crown_ibp_layers(model.features)
+        # a layer the native back-substitution cannot take goes to auto_LiRPA; without auto_LiRPA,
+        # one error naming the layer, before any work
+        if isinstance(model, CertifiedNet) and crown_ibp_unsupported_layer(model.features) is not None:
+            try:
+                import_auto_lirpa()
+            except ImportError:
+                check_crown_ibp_layers(model.features)
+            # Trace (or fetch the cached trace) before this step's passes: auto_LiRPA's tracing bumps
+            # the parameters' version counters (seen at 9d100ec), which would invalidate the autograd
+            # graph of a pass run before it.
+            lirpa_bounded_module(model, x)
         return super().__call__(model, x, y, eps)
 
     def weights(self, eps: float | Tensor) -> tuple[float, float]:
@@ -859,16 +873,20 @@ class CrownIBPLoss(RobustLoss):
         return _linear(self.crown_start, self.crown_end, s), _linear(self.kappa_start, self.kappa_end, s)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        from ccdist_plugin.crown_ibp import crown_ibp_from_propagation
+        from ccdist_plugin.crown_ibp import crown_ibp_from_propagation, crown_ibp_unsupported_layer
+        from ccdist_plugin.lirpa import lirpa_margin_bounds
 
         b, kappa = self.weights(inp.eps)
         z = inp.z_lb
         terms: dict[str, Tensor] = {"ibp": margin_ce(inp.z_lb, inp.y)}
         if b > 1e-5:  # no back-substitution once the schedule has reached pure IBP
             model = inp.model
-            z_crown = crown_ibp_from_propagation(
-                model.features, model.head, inp.y, inp.input_lb, inp.input_ub, inp.ibp_record
-            )
+            if inp.ibp_record is not None and crown_ibp_unsupported_layer(model.features) is None:
+                z_crown = crown_ibp_from_propagation(
+                    model.features, model.head, inp.y, inp.input_lb, inp.input_ub, inp.ibp_record
+                )
+            else:  # tanh, or layers only auto_LiRPA reads: its CROWN-IBP (a second pass, its own IBP)
+                z_crown = lirpa_margin_bounds(model, inp.input_lb, inp.input_ub, inp.y, inp.x_adv)
             z = b * z_crown + (1 - b) * inp.z_lb
             terms["crown_ibp"] = margin_ce(z_crown, inp.y)
         robust = margin_ce(z, inp.y)

@@ -321,27 +321,71 @@ def test_crown_ibp_gradients_batchnorm_and_teacher():
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
 
 
-def test_crown_ibp_refuses_layers_it_cannot_bound():
+class Block(nn.Module):
+    """A user's block with its own forward: the native engines do not read it, auto_LiRPA does."""
+
+    def __init__(self, batch_norm: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(64, 16)
+        self.bn = nn.BatchNorm1d(16) if batch_norm else nn.Identity()
+
+    def forward(self, v):
+        return torch.relu(self.bn(self.linear(v)))
+
+
+def test_crown_ibp_without_auto_lirpa_refuses_layers_it_cannot_bound(monkeypatch):
+    """Where auto_LiRPA is missing (simulated), a network the native back-substitution cannot take
+    gets one error naming the layer, before any work."""
+    import ccdist_plugin.lirpa
     from ccdist_plugin.bounds import UnsupportedLayerError
 
+    def missing():
+        raise ImportError("no auto_LiRPA")
+
+    monkeypatch.setattr(ccdist_plugin.lirpa, "import_auto_lirpa", missing)
     torch.manual_seed(0)
     model = mlp(1, 8, 10, width=16, depth=2, activation="tanh")
     x, y = batch()
     with pytest.raises(UnsupportedLayerError, match="CROWN-IBP"):
         CrownIBPLoss(eps_target=2 * EPS)(model, x, y, EPS)
 
-    class Block(nn.Module):  # a user's block: whatever bounds its IBP, CROWN-IBP refuses it by name
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(64, 16)
-
-        def forward(self, v):
-            return torch.relu(self.linear(v))
-
     features = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), Block())
     custom = CertifiedNet(features, nn.Linear(16, 10), (1, 8, 8), {"name": "custom"})
-    with pytest.raises(UnsupportedLayerError, match="Block"):
+    before = copy.deepcopy(custom.state_dict())
+    with pytest.raises(UnsupportedLayerError, match="Block.*auto_LiRPA"):
         CrownIBPLoss(eps_target=2 * EPS)(custom, x, y, EPS)
+    for key, value in custom.state_dict().items():
+        assert torch.equal(value, before[key])  # nothing ran
+
+
+@pytest.mark.parametrize("kind", ["tanh", "wrapped"])
+def test_crown_ibp_trains_other_networks_through_auto_lirpa(kind):
+    """tanh and a user's block: the loss's bound is auto_LiRPA's CROWN-IBP (train-mode BatchNorm with
+    the clean batch's statistics), sound, differentiable, and the statistics move once."""
+    pytest.importorskip("auto_LiRPA")
+    from ccdist_plugin.bounds import _auto_lirpa_margin
+
+    torch.manual_seed(0)
+    if kind == "tanh":
+        model = mlp(1, 8, 10, width=16, depth=2, activation="tanh", batch_norm=True)
+    else:
+        features = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), Block(batch_norm=True))
+        model = CertifiedNet(features, nn.Linear(16, 10), (1, 8, 8), {"name": "custom"})
+    x, y = batch()
+    settle(model, x)
+    ref_model = copy.deepcopy(model).train()
+    ref = _auto_lirpa_margin(ref_model, x, y, EPS, "CROWN-IBP").detach()
+    loss = CrownIBPLoss(eps_target=4 * EPS)  # b = 0.75 at EPS
+    out = loss(model, x, y, EPS)
+    torch.testing.assert_close(out.terms["crown_ibp"], margin_ce(ref, y), rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        ref_model(x)  # one forward pass of the clean batch: what the step should have moved
+    for a, b in zip(running_stats(model), running_stats(ref_model), strict=True):
+        torch.testing.assert_close(a, b)
+    fixed = with_batch_statistics(ref_model, x)
+    assert_never_violated(fixed, x, y, EPS, ref, samples=60)
 
 
 def prn(seed=0):
