@@ -17,7 +17,9 @@ overrides below, ``evaluation.prefilter``):
   160-epoch schedule scaled (1 warm-up epoch, ramp over half of the rest, lr decays in the last two), and the
   one-step training attack (10ε, as the ``cifar10-jpeg-cpu`` preset) instead of the paper's 8 steps;
 - evaluation on the 2000 test images: standard, PGD-40 (``attacks.EVAL_PGD``), IBP-certified and
-  CROWN-IBP-certified accuracy (float64, sound). CROWN-IBP, not full CROWN: see ``--help`` of ``--crown``.
+  CROWN-IBP-certified accuracy (float64, sound). CROWN-IBP, not the paper's full CROWN from auto_LiRPA:
+  auto_LiRPA at 9d100ec fails on this 32×32 network (a patches-mode shape error; its dense mode needs GBs
+  per point) and the native full CROWN takes minutes per point on a CPU (docs/own_models.md).
 
 Output: ``<out>/<run>/result.json`` per run, then ``docs/results/resnet_cpu.{json,md}`` (``--docs``).
 """
