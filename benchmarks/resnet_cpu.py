@@ -58,6 +58,7 @@ class Run:
     epochs: int
     teacher_steps: int = 5
     teacher: str | None = None
+    beta_w: float = 5.0  # CC-Dist's β·w (w the feature width); 5 is the paper's (E.8)
 
 
 def overrides(run: Run, out: Path) -> list[str]:
@@ -83,6 +84,12 @@ def overrides(run: Run, out: Path) -> list[str]:
     return common + [
         f"loss.method={run.kind}",
         f"loss.alpha={ALPHA}",
+        # β = beta_w / w, w = 8 × width (the PreActResNet18's feature width); 5/w is the preset's default
+        *(
+            [f"loss.beta={run.beta_w / (8 * run.width)}"]
+            if run.kind == "cc_dist" and run.beta_w != 5.0
+            else []
+        ),
         "loss.attack.steps=1",
         "loss.attack.step_size=10.0",
         "loss.attack.eps_factor=1.0",
@@ -121,7 +128,7 @@ def run_one(run: Run, root: str) -> dict[str, Any]:
         "train_s": train_s,
         "eps": EPS,
         "width": model.feature_dim,
-        "beta": None if run.kind != "cc_dist" else 5.0 / model.feature_dim,
+        "beta": None if run.kind != "cc_dist" else run.beta_w / model.feature_dim,
         "test": evaluate(model, xt, yt, EPS, pgd_steps=40, points=True),
     }
     result_path.write_text(json.dumps(result, indent=1))
@@ -142,84 +149,112 @@ METRICS = (
 )
 
 
-def report(results: dict[str, dict], args: argparse.Namespace, wall_s: float) -> dict[str, Any]:
-    """The table (mean ± std over seeds) and the paired CC-Dist − CC-IBP differences per metric."""
-    rows: dict[str, list[dict]] = {"teacher": [], "cc_ibp": [], "cc_dist": []}
-    for res in results.values():
-        rows[res["run"]["kind"]].append(res)
-    for kind in rows:
-        rows[kind].sort(key=lambda r: r["run"]["seed"])
-    seeds = sorted({r["run"]["seed"] for r in rows["cc_ibp"]} & {r["run"]["seed"] for r in rows["cc_dist"]})
-    by_seed = {kind: {r["run"]["seed"]: r for r in rows[kind]} for kind in ("cc_ibp", "cc_dist")}
-    paired = {}
+def _group(res: dict) -> str:
+    """teacher | cc_ibp | cc_dist@<β·w> (results written before β·w was recorded are 5/w runs)."""
+    run = res["run"]
+    return f"cc_dist@{run.get('beta_w', 5.0):g}" if run["kind"] == "cc_dist" else run["kind"]
+
+
+def _paired(ibp: dict[int, dict], dist: dict[int, dict]) -> dict[str, Any]:
+    seeds = sorted(set(ibp) & set(dist))
+    out: dict[str, Any] = {"seeds": seeds}
     for key, label in METRICS:
-        diffs = [by_seed["cc_dist"][s]["test"][key] - by_seed["cc_ibp"][s]["test"][key] for s in seeds]
+        diffs = [dist[s]["test"][key] - ibp[s]["test"][key] for s in seeds]
         interval = paired_t_interval(diffs) if len(diffs) > 1 else None
-        paired[key] = {
+        out[key] = {
             "label": label,
             "differences": diffs,
             "mean": statistics.mean(diffs) if diffs else None,
             "ci95": None if interval is None else [interval.low, interval.high],
             "dist_higher_in": sum(d > 0 for d in diffs),
         }
-    summary = {
+    return out
+
+
+def report(results: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
+    """The table (mean ± std over seeds) and, per β, the paired CC-Dist − CC-IBP differences per metric
+    (only seeds that both methods ran)."""
+    rows: dict[str, list[dict]] = {}
+    for res in sorted(results.values(), key=lambda r: r["run"]["seed"]):
+        rows.setdefault(_group(res), []).append(res)
+    order = [
+        "teacher",
+        "cc_ibp",
+        *sorted((g for g in rows if g.startswith("cc_dist@")), key=lambda g: -float(g[8:])),
+    ]
+    by_seed = {g: {r["run"]["seed"]: r for r in rows[g]} for g in order if g in rows}
+    ibp = by_seed.get("cc_ibp", {})
+    any_row = next(iter(ibp.values()), None)
+    return {
         "args": {k: v for k, v in vars(args).items() if k != "docs"},
-        "wall_s": wall_s,
         "eps": EPS,
         "alpha": ALPHA,
-        "seeds": seeds,
         "rows": {
-            kind: {key: [r["test"][key] for r in rs] for key, _ in METRICS}
+            g: {key: [r["test"][key] for r in rows[g]] for key, _ in METRICS}
             | {
-                "train_s": [r["train_s"] for r in rs],
-                "unsound_points": sum(r["test"]["unsound_points"] for r in rs),
+                "seeds": [r["run"]["seed"] for r in rows[g]],
+                "train_s": [r["train_s"] for r in rows[g]],
+                "unsound_points": sum(r["test"]["unsound_points"] for r in rows[g]),
             }
-            for kind, rs in rows.items()
+            for g in order
+            if g in rows
         },
-        "paired": paired,
-        "attack": rows["cc_ibp"][0]["test"]["attack"] if rows["cc_ibp"] else None,
-        "width": rows["cc_ibp"][0]["width"] if rows["cc_ibp"] else None,
+        "paired": {g: _paired(ibp, by_seed[g]) for g in order if g.startswith("cc_dist@") and g in by_seed},
+        "attack": None if any_row is None else any_row["test"]["attack"],
+        "width": None if any_row is None else any_row["width"],
     }
-    return summary
+
+
+def _name(group: str) -> str:
+    if group.startswith("cc_dist@"):
+        return f"CC-Dist (β = {group[8:]}/w)"
+    return {"teacher": "PGD teacher", "cc_ibp": "CC-IBP"}[group]
 
 
 def markdown(summary: dict[str, Any]) -> str:
     a = summary["args"]
+    betas = ",".join(g[8:] for g in summary["paired"])
     lines = [
         "# CC-IBP vs CC-Dist on a narrow PreActResNet18 (CPU scale)",
         "",
         f"Command: `python benchmarks/resnet_cpu.py --width {a['width']} --seeds {a['seeds']} --epochs "
-        f"{a['epochs']} --teacher-epochs {a['teacher_epochs']} --workers {a['workers']}` "
-        f"({summary['wall_s'] / 60:.0f} min wall on 2 CPU cores).",
+        f"{a['epochs']} --teacher-epochs {a['teacher_epochs']} --teacher-steps {a['teacher_steps']} "
+        f"--betas {betas} --workers {a['workers']}` (2 CPU cores, one thread per run).",
         "",
         "CIFAR-10 JPEG subset (9000 train, 2000 test images), ε = 2/255; "
         f"PreActResNet18 of width {a['width']} (feature width {summary['width']}) for teacher and students; "
-        f"α = {summary['alpha']}, "
-        f"β = 5/w for CC-Dist; seeds {summary['seeds']} (paired: same initial weights and batches).",
-        f"Evaluation on all 2000 test images: {summary['attack']}; certificates in float64.",
+        f"α = {summary['alpha']}; paired seeds (same initial weights and batches for both methods).",
+        f"Evaluation on all 2000 test images: {summary['attack']}; certificates in float64. Mean ± sample",
+        "standard deviation over seeds, in %.",
         "",
         "| model | seeds | " + " | ".join(label for _, label in METRICS) + " | train s |",
         "|---" * (len(METRICS) + 3) + "|",
     ]
-    names = {"teacher": "PGD teacher", "cc_ibp": "CC-IBP", "cc_dist": "CC-Dist (β = 5/w)"}
-    for kind, row in summary["rows"].items():
-        if not row["std"]:
-            continue
+    for group, row in summary["rows"].items():
         cells = [_ms(row[key]) for key, _ in METRICS]
+        seeds = ",".join(str(s) for s in row["seeds"])
         lines.append(
-            f"| {names[kind]} | {len(row['std'])} | "
+            f"| {_name(group)} | {seeds} | "
             + " | ".join(cells)
             + f" | {statistics.mean(row['train_s']):.0f} |"
         )
-    lines += ["", "Paired differences CC-Dist − CC-IBP (percentage points, per seed; 95 % t-interval):", ""]
-    lines += ["| metric | per seed | mean | 95 % interval | CC-Dist higher in |", "|---|---|---|---|---|"]
-    for p in summary["paired"].values():
-        per = ", ".join(f"{100 * d:+.2f}" for d in p["differences"])
-        ci = "n/a" if p["ci95"] is None else f"[{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
-        mean = "n/a" if p["mean"] is None else f"{100 * p['mean']:+.2f}"
-        lines.append(
-            f"| {p['label']} | {per} | {mean} | {ci} | {p['dist_higher_in']}/{len(p['differences'])} |"
-        )
+    for group, paired in summary["paired"].items():
+        lines += [
+            "",
+            f"Paired differences {_name(group)} − CC-IBP (percentage points, per seed {paired['seeds']}; "
+            "95 % t-interval):",
+            "",
+            "| metric | per seed | mean | 95 % interval | CC-Dist higher in |",
+            "|---|---|---|---|---|",
+        ]
+        for key, _ in METRICS:
+            p = paired[key]
+            per = ", ".join(f"{100 * d:+.2f}" for d in p["differences"])
+            ci = "n/a" if p["ci95"] is None else f"[{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
+            mean = "n/a" if p["mean"] is None else f"{100 * p['mean']:+.2f}"
+            lines.append(
+                f"| {p['label']} | {per} | {mean} | {ci} | {p['dist_higher_in']}/{len(p['differences'])} |"
+            )
     unsound = sum(r["unsound_points"] for r in summary["rows"].values())
     lines += ["", f"Certified points broken by PGD-40 (must be 0): {unsound}.", ""]
     return "\n".join(lines)
@@ -233,24 +268,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=12, help="student epochs (12)")
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--teacher-steps", type=int, default=5, help="PGD steps of the teacher (step 2.5ε/steps)")
+    p.add_argument("--betas", default="5", help="β·w of the CC-Dist rows, comma-separated (5, the paper's)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
     p.add_argument("--docs", default="docs/results", help="where resnet_cpu.{json,md} go ('' for nowhere)")
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
     root = Path(args.out)
     teacher = Run("teacher", "teacher", 0, args.width, args.teacher_epochs, args.teacher_steps)
     ckpt = str(root / "teacher" / "checkpoint.pt")
-    students = [
+    betas = [float(b) for b in args.betas.split(",")]
+    students = [Run(f"cc_ibp-s{seed}", "cc_ibp", seed, args.width, args.epochs) for seed in range(args.seeds)]
+    students += [
         Run(
-            f"{kind}-s{seed}",
-            kind,
+            f"cc_dist-s{seed}" if beta == 5.0 else f"cc_dist-b{beta:g}-s{seed}",
+            "cc_dist",
             seed,
             args.width,
             args.epochs,
-            teacher=ckpt if kind == "cc_dist" else None,
+            teacher=ckpt,
+            beta_w=beta,
         )
+        for beta in betas
         for seed in range(args.seeds)
-        for kind in ("cc_ibp", "cc_dist")
     ]
     results: dict[str, dict] = {}
     with ProcessPoolExecutor(args.workers) as pool:
@@ -261,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, fut in futures.items():
             results[name] = fut.result()
             print(f"{name}: {json.dumps({k: results[name]['test'][k] for k, _ in METRICS})}", flush=True)
-    summary = report(results, args, time.perf_counter() - t0)
+    summary = report(results, args)
     text = markdown(summary)
     print(text)
     if args.docs:

@@ -37,28 +37,39 @@ def test_runs_are_the_prn18_presets_with_the_stated_overrides(tmp_path):
         assert cfg.data.name == "cifar10-jpeg" and cfg.model.width == 8
 
 
-def _result(kind: str, seed: int, std: float, cert: float) -> dict:
+def _result(kind: str, seed: int, std: float, cert: float, beta_w: float | None = None) -> dict:
     test = {"std": std, "pgd40": std - 0.1, "ibp_cert": cert / 2, "crown_cert": cert, "unsound_points": 0}
     test["attack"] = "PGD-40"
-    return {"run": {"kind": kind, "seed": seed}, "train_s": 10.0, "width": 64, "test": test}
+    run = {"kind": kind, "seed": seed} | ({} if beta_w is None else {"beta_w": beta_w})
+    return {"run": run, "train_s": 10.0, "width": 64, "test": test}
 
 
-def test_report_pairs_seeds_and_counts_wins():
+def test_report_pairs_seeds_per_beta_and_counts_wins():
     results = {"teacher": _result("teacher", 0, 0.6, 0.0)}
     # seed 1's CC-Dist run is missing: only seeds with both methods are paired
     for seed, ibp, dist in ((0, 0.30, 0.32), (2, 0.31, 0.30), (3, 0.29, 0.33)):
         results[f"cc_ibp-s{seed}"] = _result("cc_ibp", seed, 0.5, ibp)
-        results[f"cc_dist-s{seed}"] = _result("cc_dist", seed, 0.5, dist)
+        results[f"cc_dist-s{seed}"] = _result("cc_dist", seed, 0.5, dist)  # no beta_w recorded: 5/w
+        results[f"cc_dist-b1-s{seed}"] = _result("cc_dist", seed, 0.5, ibp - 0.01, beta_w=1.0)
     results["cc_ibp-s1"] = _result("cc_ibp", 1, 0.5, 0.9)
-    args = Namespace(
-        width=8, seeds=4, epochs=12, teacher_epochs=8, teacher_steps=5, workers=2, out="x", docs=""
-    )
-    summary = rn.report(results, args, 60.0)
-    assert summary["seeds"] == [0, 2, 3]
-    paired = summary["paired"]["crown_cert"]
-    assert paired["differences"] == pytest.approx([0.02, -0.01, 0.04])
-    assert paired["mean"] == pytest.approx(0.05 / 3) and paired["dist_higher_in"] == 2
-    low, high = paired["ci95"]
-    assert low < paired["mean"] < high
+    args = Namespace(width=8, seeds=4, epochs=12, teacher_epochs=8, teacher_steps=5, workers=2, out="x")
+    summary = rn.report(results, args)
+    assert list(summary["rows"]) == ["teacher", "cc_ibp", "cc_dist@5", "cc_dist@1"]
+    assert summary["rows"]["cc_ibp"]["seeds"] == [0, 1, 2, 3]
+    paired = summary["paired"]["cc_dist@5"]
+    assert paired["seeds"] == [0, 2, 3]
+    cert = paired["crown_cert"]
+    assert cert["differences"] == pytest.approx([0.02, -0.01, 0.04])
+    assert cert["mean"] == pytest.approx(0.05 / 3) and cert["dist_higher_in"] == 2
+    low, high = cert["ci95"]
+    assert low < cert["mean"] < high
+    assert summary["paired"]["cc_dist@1"]["crown_cert"]["differences"] == pytest.approx([-0.01] * 3)
     text = rn.markdown(summary)
     assert "| CROWN-IBP-cert | +2.00, -1.00, +4.00 | +1.67 |" in text and "2/3" in text
+    assert "CC-Dist (β = 1/w) − CC-IBP" in text and "--betas 5,1" in text
+
+
+def test_beta_override_only_where_it_differs_from_the_presets_default(tmp_path):
+    run = rn.Run("d", "cc_dist", 0, 8, 12, teacher="t.pt", beta_w=1.0)
+    cfg = load_config("cifar10-2-prn18", rn.overrides(run, tmp_path))
+    assert cfg.loss.beta == pytest.approx(1.0 / 64)
