@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-steps", type=int, default=5, help="PGD steps of the teacher (step 2.5ε/steps)")
     p.add_argument("--betas", default="5", help="β·w of the CC-Dist rows, comma-separated (5, the paper's)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
+    p.add_argument("--only", default="", help="run only these students (names, comma-separated), no report")
     p.add_argument("--docs", default="docs/results", help="where resnet_cpu.{json,md} go ('' for nowhere)")
     args = p.parse_args(argv)
     root = Path(args.out)
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         for beta in betas
         for seed in range(args.seeds)
     ]
+    if args.only:  # e.g. one more run beside a running invocation (each run's folder is locked)
+        students = [s for s in students if s.name in args.only.split(",")]
     results: dict[str, dict] = {}
     with ProcessPoolExecutor(args.workers) as pool:
         t_future = pool.submit(run_one, teacher, str(root))
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, fut in futures.items():
             results[name] = fut.result()
             print(f"{name}: {json.dumps({k: results[name]['test'][k] for k, _ in METRICS})}", flush=True)
+    if args.only:
+        return
     summary = report(results, args)
     text = markdown(summary)
     print(text)
