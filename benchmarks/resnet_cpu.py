@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_analysis import paired_t_interval  # noqa: E402
+from paired_analysis import paired_t_interval, per_seed_differences  # noqa: E402
 from reproduce_cpu import VAL_SIZE, _tensors, build_student, evaluate  # noqa: E402
 
 EPS = 2 / 255
@@ -156,10 +156,12 @@ def _group(res: dict) -> str:
 
 
 def _paired(ibp: dict[int, dict], dist: dict[int, dict]) -> dict[str, Any]:
-    seeds = sorted(set(ibp) & set(dist))
-    out: dict[str, Any] = {"seeds": seeds}
+    common = set(ibp) & set(dist)  # only seeds both methods ran are paired
+    out: dict[str, Any] = {"seeds": sorted(common)}
     for key, label in METRICS:
-        diffs = [dist[s]["test"][key] - ibp[s]["test"][key] for s in seeds]
+        _, diffs = per_seed_differences(
+            {s: dist[s]["test"][key] for s in common}, {s: ibp[s]["test"][key] for s in common}, scale=1.0
+        )
         interval = paired_t_interval(diffs) if len(diffs) > 1 else None
         out[key] = {
             "label": label,

@@ -963,16 +963,14 @@ def _native_crown(
 
 
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
-    from ccdist_plugin.lirpa import import_auto_lirpa, refuse_unsound_lirpa_crown
+    from ccdist_plugin.lirpa import import_auto_lirpa, margin_spec, refuse_unsound_lirpa_crown
 
     BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa()
     refuse_unsound_lirpa_crown(model, method)
     lo, hi = input_box(x, eps)
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
     ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)
-    k = model.num_classes
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
-    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y - e_j
+    c = margin_spec(y, model.num_classes, x)
     # auto_LiRPA's default "patches" mode for convolutions fails on some graphs (max-pooling after
     # a residual sum, seen at commit 9d100ec07086); the dense "matrix" mode is the fallback.
     # Some auto_LiRPA operators (max-pooling) build tensors in the default dtype: under float64

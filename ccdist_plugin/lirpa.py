@@ -209,6 +209,12 @@ def refuse_unsound_lirpa_crown(model: nn.Module, method: str) -> None:
         )
 
 
+def margin_spec(y: Tensor, num_classes: int, like: Tensor) -> Tensor:
+    """auto_LiRPA's specification matrix C (B, k, k) of the logit differences: row j is e_y − e_j."""
+    eye = torch.eye(num_classes, dtype=like.dtype, device=like.device)
+    return eye[y].unsqueeze(1) - eye.unsqueeze(0)
+
+
 def lirpa_margin_bounds(
     model: nn.Module, lower: Tensor, upper: Tensor, y: Tensor, reference: Tensor, method: str = "CROWN-IBP"
 ) -> Tensor:
@@ -230,9 +236,7 @@ def lirpa_margin_bounds(
         )
     bounded = lirpa_bounded_module(model, lower)
     bounded(bounded_tensor_cls(reference, ptb_cls(norm=float("inf"), x_L=lower, x_U=upper)))
-    k = model.num_classes
-    eye = torch.eye(k, dtype=lower.dtype, device=lower.device)
-    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, k, k): row j is e_y − e_j
+    c = margin_spec(y, model.num_classes, lower)
     lb, _ = bounded.compute_bounds(C=c, method=method, bound_upper=False)
     return lb
 

@@ -50,7 +50,6 @@ from ccdist_plugin.bounds import (
     IntervalPropagation,
     elided_margin_lower_bound,
     input_box,
-    native_unsupported_layer,
     propagate_intervals,
 )
 from ccdist_plugin.latent import check_distill_layer, latent_features, propagate_split
@@ -346,8 +345,6 @@ class RobustLoss:
     #: default β as a multiple of 1/w when distilling on the earlier feature space (appendix E.9:
     #: 2/w, w the width of the penultimate affine layer's input).
     latent_beta_per_width: float = 2.0
-    #: keep the IBP pass's per-layer record in ``LossInputs.ibp_record`` (CROWN-IBP needs it).
-    keeps_ibp_record: bool = False
 
     def __init__(
         self,
@@ -491,6 +488,11 @@ class RobustLoss:
     def box(self, inp_x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor] | None:
         return None
 
+    def keeps_ibp_record(self, model: CertifiedNet) -> bool:
+        """Whether the IBP pass keeps its per-layer record in ``LossInputs.ibp_record`` for ``model``
+        (CROWN-IBP's native back-substitution needs it)."""
+        return False
+
     def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
         check_batch(model, x, y, eps, values=False)  # shapes and ε: no device sync per step
         self.check_student(model)
@@ -507,8 +509,7 @@ class RobustLoss:
             self.teacher,
             box=self.box(x, x_adv, eps),
             x_adv=x_adv,
-            # the per-layer record is the native engine's; a network routed to auto_LiRPA has none
-            keep_all=self.keeps_ibp_record and native_unsupported_layer(model.features) is None,
+            keep_all=self.keeps_ibp_record(model),
             latent=latent,
         )
         if latent and inp.latent_adv.shape[1] != inp.latent_t.shape[1]:
@@ -820,7 +821,6 @@ class CrownIBPLoss(RobustLoss):
     ramp_target: ClassVar[bool] = True
 
     needs_attack = False
-    keeps_ibp_record = True
     distill_alpha = 1.0
 
     def __init__(
@@ -850,13 +850,19 @@ class CrownIBPLoss(RobustLoss):
         self.crown_start, self.crown_end = float(crown_start), float(crown_end)
         self.kappa_start, self.kappa_end = float(kappa_start), float(kappa_end)
 
+    def keeps_ibp_record(self, model: CertifiedNet) -> bool:
+        """The native back-substitution needs the record; a network it cannot take goes to auto_LiRPA."""
+        from ccdist_plugin.crown_ibp import crown_ibp_unsupported_layer
+
+        return crown_ibp_unsupported_layer(model.features) is None
+
     def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
-        from ccdist_plugin.crown_ibp import check_crown_ibp_layers, crown_ibp_unsupported_layer
+        from ccdist_plugin.crown_ibp import check_crown_ibp_layers
         from ccdist_plugin.lirpa import import_auto_lirpa, lirpa_bounded_module
 
         # a layer the native back-substitution cannot take goes to auto_LiRPA; without auto_LiRPA,
         # one error naming the layer, before any work
-        if isinstance(model, CertifiedNet) and crown_ibp_unsupported_layer(model.features) is not None:
+        if isinstance(model, CertifiedNet) and not self.keeps_ibp_record(model):
             try:
                 import_auto_lirpa()
             except ImportError:
@@ -873,7 +879,7 @@ class CrownIBPLoss(RobustLoss):
         return _linear(self.crown_start, self.crown_end, s), _linear(self.kappa_start, self.kappa_end, s)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        from ccdist_plugin.crown_ibp import crown_ibp_from_propagation, crown_ibp_unsupported_layer
+        from ccdist_plugin.crown_ibp import crown_ibp_from_propagation
         from ccdist_plugin.lirpa import lirpa_margin_bounds
 
         b, kappa = self.weights(inp.eps)
@@ -881,7 +887,7 @@ class CrownIBPLoss(RobustLoss):
         terms: dict[str, Tensor] = {"ibp": margin_ce(inp.z_lb, inp.y)}
         if b > 1e-5:  # no back-substitution once the schedule has reached pure IBP
             model = inp.model
-            if inp.ibp_record is not None and crown_ibp_unsupported_layer(model.features) is None:
+            if inp.ibp_record is not None:  # kept exactly when the native back-substitution applies
                 z_crown = crown_ibp_from_propagation(
                     model.features, model.head, inp.y, inp.input_lb, inp.input_ub, inp.ibp_record
                 )
