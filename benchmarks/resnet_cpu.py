@@ -18,8 +18,8 @@ overrides below, ``evaluation.prefilter``):
   one-step training attack (10ε, as the ``cifar10-jpeg-cpu`` preset) instead of the paper's 8 steps;
 - evaluation on the 2000 test images: standard, PGD-40 (``attacks.EVAL_PGD``), IBP-certified and
   CROWN-IBP-certified accuracy (float64, sound). CROWN-IBP, not the paper's full CROWN from auto_LiRPA:
-  auto_LiRPA at 9d100ec fails on this 32×32 network (a patches-mode shape error; its dense mode needs GBs
-  per point) and the native full CROWN takes minutes per point on a CPU (docs/own_models.md).
+  auto_LiRPA at 9d100ec fails on this 32×32 network (a patches-mode shape error; its dense mode ran out of
+  memory) and the native full CROWN is far slower than CROWN-IBP on a CPU (docs/own_models.md).
 
 Output: ``<out>/<run>/result.json`` per run, then ``docs/results/resnet_cpu.{json,md}`` (``--docs``).
 """

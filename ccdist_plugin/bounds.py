@@ -996,7 +996,7 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
                 failures.append(f"{conv_mode} mode: {str(exc).splitlines()[0][:200]}")
                 if conv_mode == "matrix":
                     # measured at 9d100ec: a 32×32 PreActResNet18 fails in patches mode (a shape error
-                    # inside auto_LiRPA) and its dense matrices need GBs per point; say so in one line
+                    # inside auto_LiRPA) and its dense matrices ran out of memory; say so in one line
                     raise UnsupportedLayerError(
                         f"auto_LiRPA could not compute {method} bounds for this network "
                         f"({'; '.join(failures)}); "
