@@ -34,9 +34,8 @@ LAYERS: list[list[str]] = [
     ["validate"],
     # the bound engine, bottom-up; the package's __init__ re-exports it
     ["bounds.layers"],
-    ["bounds.ibp"],
     ["bounds.lirpa"],
-    ["bounds.engine"],
+    ["bounds.ibp"],
     ["bounds.crown"],
     ["bounds.certify", "bounds.crown_ibp", "bounds.penultimate"],
     ["bounds"],
@@ -189,7 +188,8 @@ def check(root: Path, layers: list[list[str]]) -> list[str]:
             at = f"{where[imp.source].relative_to(root.parent)}:{imp.line}"
             private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
             if private:
-                problems.append(f"{at}: private name(s) {', '.join(private)} imported from {shown[imp.target]}")
+                names = ", ".join(private)
+                problems.append(f"{at}: private name(s) {names} imported from {shown[imp.target]}")
             src_layer, dst_layer = layer_of(imp.source, layers), layer_of(imp.target, layers)
             if src_layer is not None and dst_layer is not None and dst_layer > src_layer:
                 problems.append(
@@ -203,7 +203,8 @@ def check(root: Path, layers: list[list[str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("package", nargs="?", default=str(Path(__file__).resolve().parents[1] / "ccdist_plugin"))
+    default = Path(__file__).resolve().parents[1] / "ccdist_plugin"
+    parser.add_argument("package", nargs="?", default=str(default))
     parser.add_argument("--layers", help="a JSON file with the layer table (default: the one in this script)")
     args = parser.parse_args(argv)
     root = Path(args.package)

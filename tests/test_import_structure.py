@@ -90,7 +90,10 @@ def test_not_a_package_is_a_usage_error(tmp_path):
     assert "is not a package" in result.stderr
 
 
-@pytest.mark.skipif(not (REPO / "ccdist_plugin" / "bounds" / "__init__.py").is_file(), reason="layout not split")
+SPLIT = (REPO / "ccdist_plugin" / "bounds" / "__init__.py").is_file()
+
+
+@pytest.mark.skipif(not SPLIT, reason="layout not split")
 def test_the_package_itself_holds():
     result = run_check(REPO / "ccdist_plugin")
     assert result.returncode == 0, result.stdout
