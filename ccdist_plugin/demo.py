@@ -12,15 +12,15 @@ figures of ``ccdist eval``): standard accuracy, accuracy under the evaluation at
 float64; on these networks CROWN runs with CROWN intermediate bounds, stated under the table), and
 prints a table.
 When :mod:`ccdist_plugin.export` is available it also exports the CC-Dist student and a handful of
-test points for α,β-CROWN (``<output_dir>/export``) and, when ``ABCROWN_DIR`` is set, verifies
-them (:func:`verify_hook`, ``ccdist_plugin.verify``; points not already certified by our IBP/CROWN
-or broken by PGD go to branch and bound with a short time limit).
+test points for α,β-CROWN (``<output_dir>/export``) and, when α,β-CROWN is installed
+(``ccdist install-verifier``, or ``ABCROWN_DIR`` set), verifies them (:func:`verify_hook`,
+``ccdist_plugin.verify``; points not already certified by our IBP/CROWN or broken by PGD go to
+branch and bound with a short time limit).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ccdist_plugin.config import load_preset
+from ccdist_plugin.install import locate_verifier
 from ccdist_plugin.trainer import Trainer, build_model, load_data
 
 __all__ = ["run_demo", "DemoResult", "evaluate_model", "verify_hook", "EXPORT_POINTS"]
@@ -101,13 +102,14 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
 
 def verify_hook(export_dir: Path, timeout_s: float = VERIFY_TIMEOUT_S) -> str | None:
     """Run α,β-CROWN (``ccdist_plugin.verify.run_verification``) on the demo's export when it is
-    installed (``ABCROWN_DIR`` set); returns a one-line summary, or None when it cannot run."""
-    if not os.environ.get("ABCROWN_DIR"):
+    installed (``ccdist install-verifier``, or ``ABCROWN_DIR`` set); returns a one-line summary, or
+    None when it cannot run."""
+    if locate_verifier().abcrown_dir is None:
         return None
     try:
         from ccdist_plugin.verify import run_verification
     except ImportError:
-        log.info("ABCROWN_DIR is set but ccdist_plugin.verify is not available; skipping verification")
+        log.info("α,β-CROWN is installed but ccdist_plugin.verify is not available; skipping verification")
         return None
     result = run_verification(export_dir, timeout_s=timeout_s)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()) if v)
@@ -133,7 +135,7 @@ def run_demo(
         echo: progress messages go here (None: silent).
         export: export the CC-Dist student and :data:`EXPORT_POINTS` test points for α,β-CROWN
             (when :mod:`ccdist_plugin.export` is available).
-        verify: run α,β-CROWN on them when ``ABCROWN_DIR`` is set (:func:`verify_hook`).
+        verify: run α,β-CROWN on them when it is installed (:func:`verify_hook`).
     """
     threads = torch.get_num_threads()
     # these networks are tiny: one thread is faster than several (which spin-wait on a busy machine)
@@ -194,7 +196,7 @@ def _run_demo(out: Path, seed: int, say: Callable[[str], None], export: bool, ve
                 seed=seed,
             )
             result.export_dir = Path(getattr(exported, "out_dir", out / "export"))
-            if verify and os.environ.get("ABCROWN_DIR"):
+            if verify and locate_verifier().abcrown_dir is not None:
                 say("verifying the exported points with alpha,beta-CROWN ...")
                 result.verification = verify_hook(result.export_dir)
         except Exception as err:  # the demo's table must not depend on the optional export step
