@@ -594,3 +594,94 @@ def test_real_sigint_in_a_training_process(tmp_path):
     assert err.strip().splitlines()[-1].strip().endswith("--resume")
     assert shlex.quote(str(run)) in err and not (run / ".ccdist.lock").exists()
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
+
+
+# ------------------------------------------------------------- benchmarks/reproduce_cpu.py (issue 21 §5)
+
+
+def _reproduce_cpu(argv: list[str], capsys) -> tuple[int, str]:
+    """``benchmarks/reproduce_cpu.py ARGV`` in this process: (exit status, stderr)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reproduce_cpu
+
+    capsys.readouterr()
+    try:
+        reproduce_cpu.main([str(a) for a in argv])
+    except SystemExit as stop:
+        return int(stop.code), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+PAPER_CPU_SMOKE = ["--protocol", "paper-cpu", "--dataset", "digits", "--epochs", "2", "--teacher-epochs", "1"]
+PAPER_CPU_SMOKE += ["--seeds", "2", "--alphas", "0.5", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def paper_cpu_alpha_stage(tmp_path_factory) -> Path:
+    """A paper-cpu run folder (digits, smoke size) after ``--until select-alpha``."""
+    root = tmp_path_factory.mktemp("paper-cpu") / "runs"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reproduce_cpu
+
+    reproduce_cpu.main(
+        [*PAPER_CPU_SMOKE, "--out", str(root), "--docs", str(root.parent / "docs"), "--until", "select-alpha"]
+    )
+    return root
+
+
+@pytest.mark.parametrize("deleted", ["teacher-s0", "cc_ibp-a0.5-s0"])
+def test_reproduce_cpu_next_stage_after_a_deleted_checkpoint(
+    deleted, paper_cpu_alpha_stage, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("ABCROWN_DIR", raising=False)
+    root = tmp_path / "runs"
+    import shutil
+
+    shutil.copytree(paper_cpu_alpha_stage, root)
+    (root / deleted / "checkpoint.pt").unlink()
+    kept = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "running.lock"}
+    argv = [*PAPER_CPU_SMOKE, "--beta-sweep", "1,5", "--out", root, "--docs", tmp_path / "docs"]
+    code, err = _reproduce_cpu([*argv, "--until", "select-beta"], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert str(root / deleted) in line and "checkpoint.pt" in line and "--overwrite" in line
+    now = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "running.lock"}
+    assert now == kept  # nothing trained, nothing removed
+
+
+def test_reproduce_cpu_beta_sweep_without_the_papers_beta(tmp_path, capsys):
+    root = tmp_path / "runs"
+    argv = [*PAPER_CPU_SMOKE, "--beta-sweep", "1,20", "--out", root, "--docs", tmp_path / "docs"]
+    code, err = _reproduce_cpu(argv, capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "--beta-sweep 1,20 must contain 5" in line and "1,5,20" in line
+    assert not root.exists()
+    code, err = _reproduce_cpu([*PAPER_CPU_SMOKE, "--beta-sweep", "1,x", "--out", root], capsys)
+    assert code == 2 and "--beta-sweep takes comma-separated numbers" in _one_error_line(err)
+
+
+def test_resnet_cpu_refuses_a_run_with_other_settings(tmp_path, capsys):
+    """resnet_cpu reuses a run only with its recorded settings: a teacher of 2 epochs is not taken for 3."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import resnet_cpu
+
+    root = tmp_path / "runs"
+    old = resnet_cpu.Run("teacher", "teacher", 0, 8, 2, 5)
+    (root / "teacher").mkdir(parents=True)
+    (root / "teacher" / "settings.json").write_text(json.dumps(resnet_cpu.run_settings(old)))
+    (root / "teacher" / "result.json").write_text("{}")
+    (root / "teacher" / "checkpoint.pt").write_bytes(b"the 2-epoch teacher")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        resnet_cpu.main(["--out", str(root), "--teacher-epochs", "3", "--seeds", "1", "--docs", ""])
+    assert stop.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "epochs: 2 there, 3 now" in line and str(root / "teacher") in line
+    assert (root / "teacher" / "checkpoint.pt").read_bytes() == b"the 2-epoch teacher"
