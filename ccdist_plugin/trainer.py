@@ -464,6 +464,7 @@ class Trainer:
         val_data: Any = None,
         resume: bool | str | Path = False,
         allow_teacher_change: bool = False,
+        overwrite: bool | None = None,
     ) -> FitResult:
         """Train for ``config.schedule.epochs`` epochs.
 
@@ -475,10 +476,16 @@ class Trainer:
                 checkpoint must come from the same config (apart from logging/device) and dataset,
                 and the same teacher weights (the file may have moved).
             allow_teacher_change: resume towards a teacher whose weights differ from the checkpoint's.
+            overwrite: what a new run (``resume`` false) does with an earlier run's checkpoint in
+                ``output_dir``: ``False`` refuses (:class:`~ccdist_plugin.runlock.RunExistsError`,
+                what ``ccdist train`` does without ``--overwrite``); ``True`` removes that run's
+                outputs (:data:`~ccdist_plugin.runlock.TRAINING_OUTPUTS`) first; ``None`` (the
+                default of the Python API) writes over them as the new run goes, with a warning.
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
             RunFolderLockedError: another live process is training into the same output folder.
+            RunExistsError: ``overwrite=False`` and the folder holds an earlier run's checkpoint.
         """
         from ccdist_plugin.runlock import run_folder_lock
 
@@ -487,11 +494,24 @@ class Trainer:
             if distributed.is_main_process():
                 try:
                     owner.enter_context(run_folder_lock(self.run_dir))
+                    if not resume:  # under the lock: a live run's checkpoint is never taken for an old one
+                        self._claim_folder(overwrite)
                 except (ValueError, OSError) as err:
                     failure = err
             if not distributed.all_finite(failure is None, self.device):  # under torchrun: all stop
                 raise failure or ValueError(f"rank 0 could not take the run folder {self.run_dir}")
             return self._fit(train_data, val_data, resume, allow_teacher_change)
+
+    def _claim_folder(self, overwrite: bool | None) -> None:
+        """A new run in a folder holding an earlier run's checkpoint: refuse, clear, or warn."""
+        from ccdist_plugin.runlock import TRAINING_OUTPUTS, claim_output_folder, describe_earlier_run
+
+        if overwrite is None:
+            found = describe_earlier_run(self.run_dir, (CHECKPOINT_NAME,))
+            if found is not None:
+                log.warning("%s holds an earlier run (%s); the new run writes over it", self.run_dir, found)
+            return
+        claim_output_folder(self.run_dir, (CHECKPOINT_NAME,), TRAINING_OUTPUTS, overwrite=overwrite)
 
     def _fit(self, train_data: Any, val_data: Any, resume: bool | str | Path, allow_teacher_change: bool):
         cfg = self.config
