@@ -175,8 +175,12 @@ def test_tune_report_best_yaml_and_continue(tmp_path):
         assert cfg.loss.alpha == pytest.approx(float(r["loss.alpha"]))
         assert 1e-3 <= cfg.loss.alpha <= 1 and 5e-4 <= cfg.optim.lr <= 5e-3
     report = (out / "report.md").read_text()
-    assert "val_ibp_cert_acc" in report and (out / "report.png").stat().st_size > 0
-    values = {r["trial"]: float(r["val_ibp_cert_acc"]) for r in rows if r["status"] == "complete"}
+    metric = "val_crown_ibp_cert_acc"  # the default objective
+    assert metric in report and (out / "report.png").stat().st_size > 0
+    values = {r["trial"]: float(r[metric]) for r in rows if r["status"] == "complete"}
+    for number, value in values.items():  # a complete trial's value: its last epoch's metric
+        with open(out / f"trial_{int(number):04d}" / "metrics.csv") as fh:
+            assert float(list(csv.DictReader(fh))[-1][metric]) == pytest.approx(value)
     best = max(values, key=lambda k: (values[k], -int(k)))
     assert f"best: trial {best}," in result.output
 

@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -289,9 +290,9 @@ def _write_outputs(study, base: TrainConfig, spaces, metric: str, out: Path, whe
 @click.option("--study", "study_name", default=None, help="study name in the storage (default: OUT's name)")
 @click.option(
     "--metric",
-    default="val_ibp_cert_acc",
+    default="val_crown_ibp_cert_acc",
     show_default=True,
-    help="the maximized validation metric: val_ibp_cert_acc, val_crown_ibp_cert_acc or val_clean_acc",
+    help="the maximized validation metric: val_crown_ibp_cert_acc, val_ibp_cert_acc or val_clean_acc",
 )
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)"
@@ -340,7 +341,7 @@ def tune_command(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    where = str(out / "study.db") if storage is None else "--storage"
+    where = str(out / "study.db") if storage is None else re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
     name = study_name or out.resolve().name
     storage_obj = _storage(optuna, url)
     study = optuna.create_study(
@@ -361,10 +362,12 @@ def tune_command(
         study._storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
         click.echo(f"trial {stale.number}: its process ({stale.user_attrs['pid']}) is gone; marked failed")
     optuna.storages.fail_stale_trials(study)  # other machines' trials whose heartbeat stopped
-    # in the warm-up (clean training) no trial is certified yet: no pruning on those epochs
-    objective = _Objective(
-        optuna, trial_base, spaces, metric, out, pruning_from=base.schedule.warmup_epochs + 1
-    )
+    # no pruning before training reaches the full ε: in the warm-up nothing is certified yet, and
+    # during the ramp the trials train at ε_t < ε, where the ranking at ε still changes
+    sched = base.schedule
+    pruning_from = sched.warmup_epochs + sched.ramp_up_epochs + 1
+    click.echo(f"study {name!r} ({where}); pruning from epoch {pruning_from} of {sched.epochs}")
+    objective = _Objective(optuna, trial_base, spaces, metric, out, pruning_from)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     while True:
         done = len(study.get_trials(deepcopy=False, states=finished))
