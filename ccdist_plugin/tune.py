@@ -273,7 +273,7 @@ def trial_rows(trials: Iterable[Any]) -> list[TrialRow]:
             value = last
         elif state == "fail":
             status, value = "failed", last
-            note = t.user_attrs.get("failure", "")
+            note = t.user_attrs.get("failure", "stopped by an error or an interrupt")
         else:
             status, value = state, last
         rows.append(TrialRow(t.number, status, value, len(steps), dict(t.params), note))
