@@ -25,6 +25,13 @@ Stages (all with the project's own code: ``Trainer``, ``bounds.certify``, ``atta
 at 60 s) in resumable stages (``--until``), and reports it with the pre-registered paired analysis of
 ``paired_analysis.py`` (``docs/results/paper_cpu.{json,md}``); ``--dataset digits`` is its smoke-test size.
 
+Reuse: every run records its settings (``<run>/settings.json``: the job's protocol, epochs, α, β, ... and,
+for CC-Dist, the teacher's weights by hash). A later invocation (another ``--until`` stage) reuses a run only
+when those settings equal its own and the run's outputs are complete; otherwise it stops before training
+anything with one line naming the run and the differing settings (exit 2). ``--overwrite`` retrains, from
+scratch, exactly the runs whose settings differ or whose outputs are incomplete (and so the runs trained
+from a retrained teacher); runs with equal settings are still reused.
+
 Per model, on the test split, by the package's pre-filter (``evaluation.prefilter``): standard accuracy,
 PGD-40 accuracy (the evaluation attack ``attacks.EVAL_PGD``: 40 steps of 0.035ε, one random start; runs
 before this change used step ε/4, as their tables say), IBP-certified accuracy, and CROWN-IBP-certified
@@ -53,6 +60,46 @@ import numpy as np
 import torch
 
 log = logging.getLogger("reproduce_cpu")
+
+#: a run's recorded settings (see the module docstring)
+SETTINGS_NAME = "settings.json"
+#: ``Job`` fields that do not change what a run trains or reports: its folder's name, where the teacher file
+#: is (its weights are compared instead), which splits are evaluated (a missing one is added to the kept
+#: result) and the training device
+UNRECORDED_FIELDS = ("name", "teacher", "evaluate_test", "evaluate_val", "device")
+#: ``Job`` fields of the students that a teacher's run does not use
+TEACHER_UNUSED_FIELDS = ("epochs", "alpha", "beta_w")
+#: what this script writes in a run's folder: what ``--overwrite`` removes there before the run is retrained
+RUN_OUTPUTS = (
+    "checkpoint.pt",
+    "config.yaml",
+    "metrics.csv",
+    "metrics.jsonl",
+    "curves.png",
+    "tensorboard",
+    SETTINGS_NAME,
+    "train_time.json",
+    "result.json",
+    "bab",
+    "bab.json",
+)
+
+
+#: what a user can do about a run folder whose recorded settings differ from this invocation's
+OTHER_SETTINGS_CHOICES = (
+    "Run with the settings it was trained with, choose another --out, or pass --overwrite to retrain the "
+    "runs that differ"
+)
+#: ... and about a run whose outputs are incomplete
+INCOMPLETE_CHOICES = (
+    "Restore the file, choose another --out, or pass --overwrite to retrain the run (and the runs trained "
+    "from it)"
+)
+
+
+class RunSettingsError(ValueError):
+    """A run folder holds a run with other settings, or an incomplete one; nothing was changed."""
+
 
 CIFAR_EPS = 2 / 255
 DIGITS_EPS = 0.1
@@ -343,8 +390,108 @@ def _issue9_config(job: Job, out: Path):
     return cfg, data, eps, loss
 
 
-def run_job(job: Job, root: str) -> dict[str, Any]:
-    """Train (unless its checkpoint exists) and evaluate one job; writes ``<root>/<name>/result.json``."""
+def job_settings(job: Job, teacher_sha256: str | None = None) -> dict[str, Any]:
+    """What a run records and a later invocation compares (JSON values): the job without
+    :data:`UNRECORDED_FIELDS`, and for CC-Dist the teacher's weights (``state_sha256``) when known."""
+    settings = {k: v for k, v in dataclasses.asdict(job).items() if k not in UNRECORDED_FIELDS}
+    if job.kind == "teacher":  # the students' settings, which a teacher does not use
+        for key in TEACHER_UNUSED_FIELDS:
+            settings.pop(key, None)
+    if job.kind == "cc_dist" and teacher_sha256 is not None:
+        settings["teacher_sha256"] = teacher_sha256
+    return json.loads(json.dumps(settings))
+
+
+def teacher_weights_sha256(job: Job, wait: bool = True) -> str | None:
+    """The weights hash of a CC-Dist job's teacher (None for other jobs, or when ``wait`` is false and the
+    teacher has not finished training). ``wait``: wait for a teacher that another process is training."""
+    if job.kind != "cc_dist" or not job.teacher:
+        return None
+    run = Path(job.teacher).parent
+    if wait:
+        _wait_for_run(run)
+    elif not (run / "train_time.json").is_file():
+        return None
+    return weights_sha256(Path(job.teacher))
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    """``state_sha256`` of a finished run's network (``RunSettingsError`` when its checkpoint is missing)."""
+    if not checkpoint.is_file():
+        raise RunSettingsError(
+            f"{checkpoint.parent} has finished but its {checkpoint.name} is missing (deleted?); nothing was "
+            f"changed. {INCOMPLETE_CHOICES}"
+        )
+    from ccdist_plugin.checkpoint import load_model, state_sha256
+
+    with torch.random.fork_rng(devices=[]):  # building the network must not move this process's generator
+        return state_sha256(load_model(checkpoint))
+
+
+def _recorded_settings(out: Path) -> dict[str, Any] | None:
+    """The settings a run folder records: ``settings.json``, or (runs from before it existed) the job in its
+    ``result.json``; None when there is neither."""
+    if (out / SETTINGS_NAME).is_file():
+        return json.loads((out / SETTINGS_NAME).read_text())
+    if (out / "result.json").is_file():
+        result = json.loads((out / "result.json").read_text())
+        job = result.get("job") or result.get("run") or {}  # reproduce_cpu's jobs, resnet_cpu's runs
+        return {k: v for k, v in job.items() if k not in UNRECORDED_FIELDS}
+    return None
+
+
+def run_folder_problem(out: Path, settings: dict[str, Any]) -> tuple[str, str] | None:
+    """Why the run in ``out`` cannot be reused for ``settings`` (its settings differ, or its outputs are
+    incomplete) and what the user can do, in words; None when it can (or the folder holds no run)."""
+    recorded = _recorded_settings(out)
+    if recorded is not None:
+        differ = [
+            f"{key}: {recorded[key]!r} there, {settings[key]!r} now"
+            for key in settings
+            if key in recorded and recorded[key] != settings[key]
+        ]
+        if differ:
+            return f"holds a run with other settings ({'; '.join(differ)})", OTHER_SETTINGS_CHOICES
+    finished = [n for n in ("result.json", "train_time.json") if (out / n).is_file()]
+    if finished and not (out / "checkpoint.pt").is_file():
+        return f"holds {finished[0]} but not the run's checkpoint.pt (deleted?)", INCOMPLETE_CHOICES
+    return None
+
+
+def check_run_folder(out: Path, settings: dict[str, Any], overwrite: bool, record: bool = True) -> None:
+    """Before a job reuses or trains anything in ``out``: refuse a run there that cannot be reused
+    (:class:`RunSettingsError`, one line), or with ``overwrite`` remove its outputs (:data:`RUN_OUTPUTS`);
+    then (``record``) record ``settings``."""
+    found = run_folder_problem(out, settings)
+    if found is not None:
+        problem, choices = found
+        if not overwrite:
+            raise RunSettingsError(f"{out} {problem}; nothing was changed. {choices}")
+        from ccdist_plugin.runlock import remove_run_outputs
+
+        remove_run_outputs(out, RUN_OUTPUTS)
+        log.warning("--overwrite: %s %s; its outputs were removed, it is retrained", out, problem)
+    if record:
+        from ccdist_plugin.fileio import atomic_write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / SETTINGS_NAME, json.dumps(settings, indent=1))
+
+
+def preflight(jobs: list[Job], root: str, overwrite: bool) -> None:
+    """Refuse, before anything starts, a stage whose runs cannot be reused (see :func:`check_run_folder`);
+    a CC-Dist run's teacher is compared only when the teacher has finished training."""
+    if overwrite:
+        return
+    for job in jobs:
+        out = Path(root) / job.name
+        check_run_folder(out, job_settings(job, teacher_weights_sha256(job, wait=False)), False, record=False)
+
+
+def run_job(job: Job, root: str, overwrite: bool = False) -> dict[str, Any]:
+    """Train (unless its checkpoint exists) and evaluate one job; writes ``<root>/<name>/result.json``.
+    A run already in its folder is reused only when its recorded settings equal this job's
+    (:func:`check_run_folder`; ``overwrite``: retrain it otherwise)."""
     if job.device == "cpu":
         torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
@@ -354,6 +501,7 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
 
     out = Path(root) / job.name
     result_path = out / "result.json"
+    check_run_folder(out, job_settings(job, teacher_weights_sha256(job)), overwrite)
     if result_path.is_file() and not _missing_splits(job, result_path):
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -577,11 +725,14 @@ def paper_cpu_plan(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             plan[key] = value
     if getattr(args, "alphas", None) is not None:
-        plan["alphas"] = _floats(args.alphas)
+        plan["alphas"] = _floats(args.alphas, "--alphas")
     if getattr(args, "beta_sweep", None) is not None:
-        plan["beta_sweep"] = _floats(args.beta_sweep)
+        plan["beta_sweep"] = _floats(args.beta_sweep, "--beta-sweep")
     if 5.0 not in plan["beta_sweep"]:
-        raise ValueError("--beta-sweep must contain 5 (the paper's β = 5/w, the primary comparison)")
+        raise ValueError(
+            f"--beta-sweep {args.beta_sweep} must contain 5 (the paper's β = 5/w, the primary comparison), "
+            f"e.g. {','.join(f'{b:g}' for b in sorted({*plan['beta_sweep'], 5.0}))}"
+        )
     plan["dataset"] = args.dataset
     plan["device"] = args.device
     return plan
@@ -628,7 +779,8 @@ def run_paper_cpu(args: argparse.Namespace) -> None:
         return Job(name, ds, kind, seed, alpha, beta_w, teacher_ckpt, evaluate_val=val, **common)
 
     def run_all(pool, jobs: list[Job]) -> dict[str, dict]:
-        futures = {j.name: pool.submit(run_job, j, root) for j in jobs}
+        preflight(jobs, root, args.overwrite)
+        futures = {j.name: pool.submit(run_job, j, root, args.overwrite) for j in jobs}
         done = {}
         for name, fut in futures.items():
             done[name] = fut.result()
@@ -714,6 +866,7 @@ def paper_cpu_analysis(root: str | Path, plan: dict[str, Any]) -> dict[str, Any]
 
     root = Path(root)
     results = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
+    _check_results_follow_plan(root, results, plan)
     ds = plan["dataset"]
     out: dict[str, Any] = {"plan": plan, "selection": {}, "comparisons": {}, "groups": {}}
     alpha_rows = {a: results.get(f"cc_ibp-a{a:g}-s0") for a in plan["alphas"]}
@@ -800,6 +953,29 @@ def paper_cpu_analysis(root: str | Path, plan: dict[str, Any]) -> dict[str, Any]
         out["comparisons"][g] = comp
     out["status"] = "ok"
     return out
+
+
+#: the plan's settings that every paper-cpu run records in its job (what the report states)
+PLAN_KEYS_OF_RUNS = ("dataset", "epochs", "teacher_epochs", "teacher_steps")
+
+
+def _check_results_follow_plan(root: Path, results: dict[str, dict], plan: dict[str, Any]) -> None:
+    """The report states the plan's settings: refuse (``RunSettingsError``) runs trained with others."""
+    for name, result in sorted(results.items()):
+        job = result.get("job") or {}
+        if job.get("protocol") != "paper-cpu":
+            continue
+        differ = [
+            f"{k}: {job[k]!r} there, {plan[k]!r} now"
+            for k in PLAN_KEYS_OF_RUNS
+            if k in job and job[k] != plan[k]
+        ]
+        if differ:
+            raise RunSettingsError(
+                f"{root / name} was run with other settings ({'; '.join(differ)}), which this report "
+                "would misstate; report with the settings the runs were trained with, or retrain them with "
+                "--overwrite"
+            )
 
 
 def report_paper_cpu(root: str, plan: dict[str, Any], docs: Path) -> dict[str, Any]:
@@ -918,8 +1094,12 @@ def long_teacher_name(args: argparse.Namespace) -> str:
     return f"teacher-e{args.long_teacher_epochs}-s0"
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+def _floats(text: str, option: str = "a list") -> list[float]:
+    """``"1,5,20"`` → ``[1.0, 5.0, 20.0]``; ``ValueError`` naming ``option`` for anything else."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers (e.g. 1,5,20), got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -993,7 +1173,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--docs", default="docs", help="where results/ and img/ go")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain the runs whose recorded settings differ from this invocation's, or whose outputs are "
+        "incomplete (without it such a run stops the script, exit 2); runs with the same settings are reused",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of one line"
+    )
     args = parser.parse_args(argv)
+    try:
+        _main(args)
+    except (ValueError, OSError) as err:  # a setting or a run folder that cannot be used: one line, exit 2
+        if args.debug:
+            raise
+        print(f"error: {err}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from ccdist_plugin.malloc import retain_freed_memory
 
@@ -1022,9 +1221,9 @@ def main(argv: list[str] | None = None) -> None:
     root = str(Path(args.out))
     Path(root).mkdir(parents=True, exist_ok=True)
     started = time.time()
-    alphas = _floats(args.alphas)
-    sweep = _floats(args.beta_sweep)
-    main_betas = _floats(args.main_betas)
+    alphas = _floats(args.alphas, "--alphas")
+    sweep = _floats(args.beta_sweep, "--beta-sweep")
+    main_betas = _floats(args.main_betas, "--main-betas")
     kw = dict(epochs=args.epochs, teacher_epochs=args.teacher_epochs, teacher_steps=args.teacher_steps)
     teacher_job = Job("teacher-s0", "cifar10-jpeg", "teacher", 0, **kw)
     teacher_ckpt = str(Path(root) / teacher_job.name / "checkpoint.pt")
@@ -1051,13 +1250,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         # stage 1: teacher and the α candidates (CC-IBP seed 0), digits teacher
-        first = {teacher_job.name: pool.submit(run_job, teacher_job, root)}
-        for a in alphas:
-            job = Job(f"cc_ibp-a{a:g}-s0", "cifar10-jpeg", "cc_ibp", 0, alpha=a, **kw)
-            first[job.name] = pool.submit(run_job, job, root)
-        if not args.skip_digits:
-            dj = Job("digits-teacher-s0", "digits", "teacher", 0)
-            first[dj.name] = pool.submit(run_job, dj, root)
+        stage1 = [teacher_job]
+        stage1 += [Job(f"cc_ibp-a{a:g}-s0", "cifar10-jpeg", "cc_ibp", 0, alpha=a, **kw) for a in alphas]
+        stage1 += [] if args.skip_digits else [Job("digits-teacher-s0", "digits", "teacher", 0)]
+        preflight(stage1, root, args.overwrite)
+        first = {job.name: pool.submit(run_job, job, root, args.overwrite) for job in stage1}
         if len(alphas) > 1:  # α is chosen on validation before the other runs start
             collect(first)
             best_alpha = select_alpha(results, alphas)
@@ -1142,10 +1339,11 @@ def main(argv: list[str] | None = None) -> None:
                 queue += [("bab", f"cc_dist-a{a}-b{bw:g}-s{s}") for bw in main_betas]
             if args.bab_teacher:
                 queue.append(("bab", teacher_job.name))
+        preflight([item for what, item in queue if what == "train"], root, args.overwrite)
         futures = []
         for what, item in queue:
             if what == "train":
-                futures.append((item.name, pool.submit(run_job, item, root)))
+                futures.append((item.name, pool.submit(run_job, item, root, args.overwrite)))
             else:
                 args_bab = (item, root, "cifar10-jpeg", CIFAR_EPS, args.bab_count, args.bab_timeout)
                 futures.append((f"bab:{item}", pool.submit(run_bab, *args_bab)))

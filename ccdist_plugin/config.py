@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -421,9 +422,18 @@ class TrainConfig:
         >>> TrainConfig().override(["loss.alpha=0.25", "eps=2/255"]).loss.alpha
         0.25
         """
+        return self.override_values([parse_override(item) for item in assignments])
+
+    def override_values(self, values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> TrainConfig:
+        """Set dotted keys to values already parsed (``{"loss.alpha": 0.25}``, or ``(key, value)``
+        pairs applied in order) and revalidate: the checks of :meth:`override` (an unknown key is
+        named with the nearest valid one).
+
+        >>> TrainConfig().override_values({"loss.alpha": 0.25, "optim.lr": 1e-05}).optim.lr
+        1e-05
+        """
         data = self.to_dict()
-        for item in assignments:
-            key, value = parse_override(item)
+        for key, value in values.items() if isinstance(values, Mapping) else values:
             _assign(data, key, value)
         return TrainConfig.from_dict(data)
 

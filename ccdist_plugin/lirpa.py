@@ -14,7 +14,7 @@ Parameters are shared with the traced copy (auto_LiRPA's graph holds the module'
 ``nn.Parameter`` objects), so the bounds' gradients reach the model.
 
 auto_LiRPA: https://github.com/Verified-Intelligence/auto_LiRPA (the plugin is tested at commit
-9d100ec07086; PyPI's 0.3 does not work with torch 2.x).
+9d100ec07086; PyPI's 0.3 does not work with torch 2.x); ``ccdist install-verifier`` installs it.
 """
 
 from __future__ import annotations
@@ -66,9 +66,11 @@ def import_auto_lirpa():
     try:
         from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
     except ImportError as exc:  # pragma: no cover - depends on the environment
+        from ccdist_plugin.install import INSTALL_HINT
+
         raise ImportError(
-            "bounding this network needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
-            "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
+            "bounding this network needs auto_LiRPA (PyPI's 0.3 does not work with torch 2.x): "
+            + INSTALL_HINT
         ) from exc
     return BoundedModule, BoundedTensor, PerturbationLpNorm
 

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,8 @@ class Trainer:
         self.teacher_sha256 = None if self.teacher is None else state_sha256(self.teacher)
         self.run_dir = Path(config.log.output_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        #: the (x, y) examples of the per-epoch validation metrics (set by :meth:`fit`; None: none)
+        self.validation: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def teacher(self) -> CertifiedNet | None:
@@ -464,6 +467,8 @@ class Trainer:
         val_data: Any = None,
         resume: bool | str | Path = False,
         allow_teacher_change: bool = False,
+        overwrite: bool | None = None,
+        on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
     ) -> FitResult:
         """Train for ``config.schedule.epochs`` epochs.
 
@@ -475,10 +480,23 @@ class Trainer:
                 checkpoint must come from the same config (apart from logging/device) and dataset,
                 and the same teacher weights (the file may have moved).
             allow_teacher_change: resume towards a teacher whose weights differ from the checkpoint's.
+            overwrite: what a new run (``resume`` false) does with an earlier run's checkpoint in
+                ``output_dir``: ``False`` refuses (:class:`~ccdist_plugin.runlock.RunExistsError`,
+                what ``ccdist train`` does without ``--overwrite``); ``True`` removes that run's
+                outputs (:data:`~ccdist_plugin.runlock.TRAINING_OUTPUTS`) first; ``None`` (the
+                default of the Python API) writes over them as the new run goes, with a warning.
+            on_epoch: called as ``on_epoch(trainer, row)`` at the end of every epoch, after the
+                validation metrics are in ``row`` and before the row is recorded (under torchrun:
+                on every rank; the validation metrics are rank 0's). It may add metrics to ``row``
+                (they are recorded with the epoch's; ``trainer.validation`` holds the validation
+                examples, ``trainer.model`` the network). An exception it raises stops training: the
+                epoch is recorded and checkpointed first, then the exception propagates (how
+                ``ccdist tune`` prunes a trial).
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
             RunFolderLockedError: another live process is training into the same output folder.
+            RunExistsError: ``overwrite=False`` and the folder holds an earlier run's checkpoint.
         """
         from ccdist_plugin.runlock import run_folder_lock
 
@@ -487,13 +505,33 @@ class Trainer:
             if distributed.is_main_process():
                 try:
                     owner.enter_context(run_folder_lock(self.run_dir))
+                    if not resume:  # under the lock: a live run's checkpoint is never taken for an old one
+                        self._claim_folder(overwrite)
                 except (ValueError, OSError) as err:
                     failure = err
             if not distributed.all_finite(failure is None, self.device):  # under torchrun: all stop
                 raise failure or ValueError(f"rank 0 could not take the run folder {self.run_dir}")
-            return self._fit(train_data, val_data, resume, allow_teacher_change)
+            return self._fit(train_data, val_data, resume, allow_teacher_change, on_epoch)
 
-    def _fit(self, train_data: Any, val_data: Any, resume: bool | str | Path, allow_teacher_change: bool):
+    def _claim_folder(self, overwrite: bool | None) -> None:
+        """A new run in a folder holding an earlier run's checkpoint: refuse, clear, or warn."""
+        from ccdist_plugin.runlock import TRAINING_OUTPUTS, claim_output_folder, describe_earlier_run
+
+        if overwrite is None:
+            found = describe_earlier_run(self.run_dir, (CHECKPOINT_NAME,))
+            if found is not None:
+                log.warning("%s holds an earlier run (%s); the new run writes over it", self.run_dir, found)
+            return
+        claim_output_folder(self.run_dir, (CHECKPOINT_NAME,), TRAINING_OUTPUTS, overwrite=overwrite)
+
+    def _fit(
+        self,
+        train_data: Any,
+        val_data: Any,
+        resume: bool | str | Path,
+        allow_teacher_change: bool,
+        on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    ):
         cfg = self.config
         _seed_everything(cfg.seed)
         batches = _Batches(
@@ -505,6 +543,7 @@ class Trainer:
         eps_schedule, lr_schedule = _schedules(cfg, nb)
         optimizer = build_optimizer(cfg, self.model)
         val = _validation_tensors(val_data, cfg.log.val_size)
+        self.validation = val
         if val is not None:  # checked once here; the training batches at their first step
             check_batch(self.model, val[0], val[1])
 
@@ -535,6 +574,12 @@ class Trainer:
                 )
                 if main:
                     row.update(self._validate(val))
+                stop: Exception | None = None
+                if on_epoch is not None:
+                    try:
+                        on_epoch(self, row)
+                    except Exception as err:  # recorded first, raised below
+                        stop = err
                 history.append(row)
                 if main:
                     write_metrics(history, self.run_dir)
@@ -544,8 +589,10 @@ class Trainer:
                             writer.add_scalar(key, value, epoch + 1)
                 log.info("epoch %d/%d: %s", epoch + 1, cfg.schedule.epochs, _fmt(row))
                 last = epoch + 1 == cfg.schedule.epochs
-                if last or (epoch + 1) % cfg.log.checkpoint_every == 0:
+                if last or stop is not None or (epoch + 1) % cfg.log.checkpoint_every == 0:
                     self._save(optimizer, epoch + 1, global_step, history, batches.fingerprint)
+                if stop is not None:
+                    raise stop
         finally:
             if writer is not None:
                 writer.close()

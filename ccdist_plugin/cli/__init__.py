@@ -7,12 +7,14 @@
     ccdist train --config cifar10-2 --teacher runs/cifar10-2-teacher/checkpoint.pt
     ccdist demo                                      # the quick start on sklearn's digits
     ccdist eval / compare / sweep                    # tables and figures (cli/evaluate.py)
+    ccdist tune                                      # hyper-parameter search, Optuna (cli/tune.py)
     ccdist export / verify                           # alpha,beta-CROWN (cli/verification.py)
+    ccdist install-verifier                          # auto_LiRPA + alpha,beta-CROWN (cli/install.py)
 
 Modules: :mod:`.common` (ε parsing, KEY=VALUE overrides, logging, checkpoint loading, one-line
-errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.verification`. Expected failures print one
-``error: ...`` line and exit with status 2; ``--debug`` (before or after the command) shows
-tracebacks.
+errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.tune`, :mod:`.verification`, :mod:`.install`.
+Expected failures print one ``error: ...`` line and exit with status 2; ``--debug`` (before or after
+the command) shows tracebacks.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def main(ctx: click.Context, debug: bool, malloc_tuning: bool) -> None:
 
 
 def _register() -> None:
-    from ccdist_plugin.cli import evaluate, train, verification
+    from ccdist_plugin.cli import evaluate, install, train, tune, verification
 
     for command in (
         train.presets_command,
@@ -56,8 +58,10 @@ def _register() -> None:
         evaluate.eval_command,
         evaluate.compare_command,
         evaluate.sweep_command,
+        tune.tune_command,
         verification.export_command,
         verification.verify_command,
+        install.install_verifier_command,
     ):
         main.add_command(command)
 
