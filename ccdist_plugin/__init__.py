@@ -53,8 +53,7 @@ from ccdist_plugin.models import (
     mlp,
     preact_resnet18,
 )
-
-__version__ = "0.1.0"
+from ccdist_plugin.version import __version__ as __version__
 
 # Heavier submodules load on first use, so `import ccdist_plugin` stays quick.
 _LAZY = {
