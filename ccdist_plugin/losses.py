@@ -493,12 +493,21 @@ class RobustLoss:
         (CROWN-IBP's native back-substitution needs it)."""
         return False
 
-    def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
+    def adversarial_batch(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+        """The batch the loss's train-mode pass runs on: the attack's output (x without an attack)."""
+        return self.attack(model, x, y, eps) if self.needs_attack else x
+
+    def __call__(
+        self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, x_adv: Tensor | None = None
+    ) -> LossOutput:
+        """The loss on a batch; ``x_adv``: the attack's output computed beforehand (gradient
+        accumulation attacks micro-batch by micro-batch; see :meth:`adversarial_batch`)."""
         check_batch(model, x, y, eps, values=False)  # shapes and ε: no device sync per step
         self.check_student(model)
         latent = self.teacher is not None and self.distill_layer == "penultimate"
         attack = self.attack if self.needs_attack else None
-        x_adv = attack(model, x, y, eps) if attack is not None else x
+        if x_adv is None:
+            x_adv = self.adversarial_batch(model, x, y, eps)
         inp = loss_inputs(
             model,
             x,
@@ -856,7 +865,9 @@ class CrownIBPLoss(RobustLoss):
 
         return crown_ibp_unsupported_layer(model.features) is None
 
-    def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
+    def __call__(
+        self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, x_adv: Tensor | None = None
+    ) -> LossOutput:
         from ccdist_plugin.crown_ibp import check_crown_ibp_layers
         from ccdist_plugin.lirpa import import_auto_lirpa, lirpa_bounded_module
 
@@ -871,7 +882,7 @@ class CrownIBPLoss(RobustLoss):
             # the parameters' version counters (seen at 9d100ec), which would invalidate the autograd
             # graph of a pass run before it.
             lirpa_bounded_module(model, x)
-        return super().__call__(model, x, y, eps)
+        return super().__call__(model, x, y, eps, x_adv)
 
     def weights(self, eps: float | Tensor) -> tuple[float, float]:
         """(b, κ) at radius ``eps``."""
