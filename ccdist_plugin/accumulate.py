@@ -21,12 +21,18 @@ accumulation"):
 
 The forward values (losses, bounds, adversarial outputs, running statistics) are therefore those
 of the one-batch step. The gradient is not exactly: in the one-batch step the gradient also flows
-through the batch statistics into every example; here a micro-batch's backward reaches the
-statistics only through its own examples' share of them (the mean's share Σ_m x / N and the
-variance's Σ_m (x − μ)² / N). The terms from one micro-batch's loss through another micro-batch's
-share of the statistics are missing; computing them exactly needs, per BatchNorm layer in depth,
-one more pass over all micro-batches (or the whole batch's graph, which accumulation exists to
-avoid). With k = 1 the replay reproduces the one-batch gradient (tested).
+through the batch statistics into every example of the batch, coupling all of them. Here a
+micro-batch's backward differentiates the statistics as if they were its own micro-batch's (their
+values stay the whole batch's μ and σ): the gradient reaching a BatchNorm's input is
+(γ/σ)·(g − mean_m(g) − (x − μ_m)·mean_m(g·(x − μ))/σ²), with means over the micro-batch m (μ_m its
+own mean) where the one-batch step takes them over the batch. So a per-channel shift of a
+BatchNorm's input (the bias of a convolution before it, say) gets no gradient, as in the one-batch
+step, and the difference is the gap between a micro-batch's means and the batch's, which shrinks as
+micro-batches grow; a micro-batch of one
+example gets no gradient through a BatchNorm1d at all, so keep micro-batches large. Differentiating
+through the whole batch's statistics exactly needs, per BatchNorm layer in depth, one more pass over
+all micro-batches (or the whole batch's graph, which accumulation exists to avoid). With k = 1 the
+replay reproduces the one-batch gradient (tested).
 """
 
 from __future__ import annotations
@@ -162,12 +168,12 @@ class BatchStatistics:
         self._index += 1
         dims = [0, *range(2, x.ndim)]
         view = (1, -1) + (1,) * (x.ndim - 2)
-        count = rec.count
-        # value: the whole batch's statistic; gradient: this micro-batch's share of it
-        share_mean = x.sum(dims) / count
-        mean = rec.mean + (share_mean - share_mean.detach())
-        share_var = (x - rec.mean.view(view)).square().sum(dims) / count
-        invstd = rec.invstd + (-0.5 * rec.invstd.pow(3)) * (share_var - share_var.detach())
+        # value: the whole batch's statistic; gradient: as if the micro-batch's own statistic (see
+        # the module docstring), linearized at the whole batch's value
+        own_mean = x.mean(dims)
+        mean = rec.mean + (own_mean - own_mean.detach())
+        own_var = (x - own_mean.view(view)).square().mean(dims)
+        invstd = rec.invstd + (-0.5 * rec.invstd.pow(3)) * (own_var - own_var.detach())
         out = (x - mean.view(view)) * invstd.view(view)
         if bn.weight is not None:
             out = out * bn.weight.view(view)

@@ -110,6 +110,18 @@ def test_batchnorm_statistics_and_running_averages_are_the_whole_batch(digits, t
             for key, value in steps[1][2].items():
                 assert steps[k][2][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (phase, key)
 
+    # k = 2: as in the one-batch step, a per-channel shift before a BatchNorm (a conv bias) gets no
+    # gradient: each micro-batch differentiates the statistics as its own
+    cfg = _sgd_config(tmp_path, "loss.method=cc_dist", "loss.alpha=0.5", "optim.accumulate=2")
+    net = copy.deepcopy(model).train()
+    opt = build_optimizer(cfg, net)
+    torch.manual_seed(0)
+    _accumulated_gradients(net, build_loss(cfg, teacher), opt, x, y, 0.025, "ramp", cfg)
+    conv = net.features[1]
+    assert isinstance(conv, torch.nn.Conv2d) and isinstance(net.features[2], torch.nn.BatchNorm2d)
+    assert float(conv.weight.grad.abs().max()) > 1e-4
+    assert float(conv.bias.grad.abs().max()) < 1e-5 * float(conv.weight.grad.abs().max()) + 1e-7
+
     # the replay with one micro-batch: the one-batch step's gradient
     cfg = _sgd_config(tmp_path, "loss.method=cc_dist", "loss.alpha=0.5")
     grads = []
