@@ -168,7 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/results", help="folder for accumulate_memory.{json,md}")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gradient-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        result = json.loads((Path(args.out) / "accumulate_memory.json").read_text())
+        (Path(args.out) / "accumulate_memory.md").write_text(_markdown(result))
+        return
     torch.set_num_threads(args.threads)
     from ccdist_plugin.malloc import retain_freed_memory
 

@@ -12,7 +12,7 @@ network that has a BatchNorm, the step runs in three phases (docs/training.md, "
 accumulation"):
 
 1. the attack, micro-batch by micro-batch (the network is in eval mode there: running statistics,
-   no coupling; on CPU the random starts are the numbers the whole batch would draw);
+   no coupling; its random starts come from the CPU generator: the numbers the whole batch would draw);
 2. the whole objective on the whole batch without autograd (no graph is kept), recording, in
    order, every train-mode BatchNorm call: its batch mean and 1/std, and the running statistics
    moved once, exactly as the one-batch step moves them. The logged terms are this pass's;

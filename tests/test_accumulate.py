@@ -154,6 +154,19 @@ def test_replay_refuses_passes_that_differ(digits):
             model.features[:3](x[:4])  # stops after the first BatchNorm
 
 
+def test_batchnorm_accumulation_refuses_a_loss_it_cannot_split(tmp_path):
+    """With BatchNorm the attack must run apart from the objective: a plain callable loss is refused
+    when the Trainer is built, naming the problem."""
+    cfg = fast_config(tmp_path, "optim.accumulate=2")
+    model = cnn3(1, 8, 10, width=16, channels=(4, 8))
+
+    def my_loss(model, x, y, eps):  # pragma: no cover - never called
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="needs a ccdist_plugin loss"):
+        Trainer(model, cfg, loss=my_loss)
+
+
 def test_micro_batches_and_a_remainder_batch():
     """Equal slices when k divides the batch; a smaller final batch is split as evenly as it goes (the
     first slices one larger), and a batch smaller than k into single examples."""
