@@ -42,9 +42,9 @@ LAYERS: list[list[str]] = [
     ["attacks"],
     ["config", "regularizers"],
     ["losses"],
-    # the training loop's parts: checkpoints, the process group (it shards data); a run's folder (whose
-    # earlier checkpoint it describes), its batches, its per-epoch records, one training step
-    ["soundness", "checkpoint", "distributed"],
+    # the training loop's parts: checkpoints, the process group (it shards data), gradient accumulation;
+    # a run's folder (whose earlier checkpoint it describes), its batches, its per-epoch records, one step
+    ["soundness", "checkpoint", "distributed", "accumulate"],
     ["runlock", "train_data", "training_logs", "step"],
     ["trainer"],
     # the verification pipeline: pre-filter, export, α,β-CROWN runs and their records

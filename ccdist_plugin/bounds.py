@@ -272,6 +272,12 @@ class _TrainBatchNorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+#: set by :mod:`ccdist_plugin.accumulate` while it trains on micro-batches: a train-mode BatchNorm then
+#: takes ``(normalized, mean, invstd)`` from ``hook(bn, stats_input, update_running_stats)`` (the
+#: whole batch's statistics) instead of computing them from ``stats_input``
+BATCH_STATISTICS_HOOK: Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor, Tensor]] | None = None
+
+
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """The running-average factor ``bn.forward`` would use now, counting this batch (as it does)."""
     bn.num_batches_tracked.add_(1)
@@ -293,16 +299,19 @@ def _bn_scale_shift(
     if bn.training or bn.running_mean is None:
         if stats_input is None:
             raise ValueError("BatchNorm in train mode needs a reference batch for its statistics")
-        track = update_running_stats and bn.track_running_stats and bn.running_mean is not None
-        normalized, mean, invstd = _TrainBatchNorm.apply(
-            stats_input,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if track else None,
-            bn.running_var if track else None,
-            _bn_momentum(bn) if track else 0.0,
-            bn.eps,
-        )
+        if BATCH_STATISTICS_HOOK is not None:  # gradient accumulation (ccdist_plugin.accumulate)
+            normalized, mean, invstd = BATCH_STATISTICS_HOOK(bn, stats_input, update_running_stats)
+        else:
+            track = update_running_stats and bn.track_running_stats and bn.running_mean is not None
+            normalized, mean, invstd = _TrainBatchNorm.apply(
+                stats_input,
+                bn.weight,
+                bn.bias,
+                bn.running_mean if track else None,
+                bn.running_var if track else None,
+                _bn_momentum(bn) if track else 0.0,
+                bn.eps,
+            )
         scale = invstd
     else:
         mean = bn.running_mean

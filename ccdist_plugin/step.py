@@ -5,6 +5,7 @@ and updates the network. :class:`~ccdist_plugin.trainer.Trainer` calls it once p
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -69,16 +70,77 @@ def training_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
-    total, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config)
-    terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
-    if not distributed.all_finite(math.isfinite(terms["loss"]), total.device):  # same on every rank
-        raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    if config.optim.accumulate > 1:
+        terms, logits = _accumulated_gradients(model, loss, optimizer, x, y, eps_t, phase, config)
+    else:
+        total, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config)
+        terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+        if not distributed.all_finite(math.isfinite(terms["loss"]), total.device):  # same on every rank
+            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
     distributed.average_gradients(list(model.parameters()), x.shape[0])
     if config.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
+    return terms, logits
+
+
+def _accumulated_gradients(
+    model: nn.Module,
+    loss: Any,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_t: float,
+    phase: str,
+    config: TrainConfig,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The gradient of one step accumulated over ``config.optim.accumulate`` micro-batches, left in
+    ``.grad`` (:mod:`ccdist_plugin.accumulate`: each micro-batch's objective weighted by its share of
+    the batch; a network with BatchNorm normalizes with the whole batch's statistics)."""
+    from ccdist_plugin.accumulate import (
+        BatchStatistics,
+        check_accumulation,
+        micro_batches,
+        train_mode_batchnorms,
+    )
+
+    batch = x.shape[0]
+    parts = micro_batches(batch, config.optim.accumulate)
+    stats = x_adv = None
+    optimizer.zero_grad(set_to_none=True)
+    if train_mode_batchnorms(model):
+        if phase != "warmup":
+            check_accumulation(model, loss)
+            x_adv = torch.cat([loss.adversarial_batch(model, x[p], y[p], eps_t) for p in parts])
+        stats = BatchStatistics()
+        with torch.no_grad(), stats.recording(model):  # whole-batch values; no graph kept
+            _, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config, x_adv)
+        terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+        if not distributed.all_finite(math.isfinite(terms["loss"]), x.device):
+            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+    sums: dict[str, torch.Tensor] = {}
+    logit_parts = []
+    for part in parts:
+        size = part.stop - part.start
+        adv = None if x_adv is None else x_adv[part]
+        with stats.replaying(model, size, batch) if stats is not None else contextlib.nullcontext():
+            total, part_terms, part_logits = step_objective(
+                model, loss, x[part], y[part], eps_t, phase, config, adv
+            )
+        (total * (size / batch)).backward()
+        if stats is None:
+            for key, value in part_terms.items():
+                sums[key] = sums.get(key, 0.0) + value * (size / batch)
+            if part_logits is not None:
+                logit_parts.append(part_logits.detach())
+    if stats is None:
+        terms = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))
+        logits = torch.cat(logit_parts) if logit_parts else None
+        if not distributed.all_finite(math.isfinite(terms["loss"]), x.device):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
     return terms, logits
 
 
@@ -90,9 +152,11 @@ def step_objective(
     eps_t: float,
     phase: str,
     config: TrainConfig,
+    x_adv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The scalar a step minimizes, its detached terms and the warm-up's clean logits (see
-    :func:`training_step`)."""
+    :func:`training_step`); ``x_adv``: a precomputed adversarial batch for the loss (gradient
+    accumulation runs the attack apart)."""
     terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
     logits = None
     if phase == "warmup":
@@ -100,7 +164,7 @@ def step_objective(
         total = F.cross_entropy(logits, y)
         terms["clean_ce"] = total.detach()
     else:
-        out = loss(model, x, y, eps_t)
+        out = loss(model, x, y, eps_t) if x_adv is None else loss(model, x, y, eps_t, x_adv=x_adv)
         total = out.loss
         for key, value in (out.terms or {}).items():
             terms[key] = torch.as_tensor(value, device=total.device).detach().float().mean()

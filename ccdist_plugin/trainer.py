@@ -239,6 +239,11 @@ class Trainer:
             )
         if hasattr(loss, "check_student"):  # fail now, not at the first ramp batch
             loss.check_student(self.model)
+        if config.optim.accumulate > 1:
+            from ccdist_plugin.accumulate import check_accumulation
+
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                check_accumulation(self.model, loss)
         self.loss = loss
         # what a resumed run compares: the teacher's weights, wherever its file now lives
         self.teacher_sha256 = None if self.teacher is None else state_sha256(self.teacher)

@@ -223,12 +223,21 @@ class RobustLoss:
         (CROWN-IBP's native back-substitution needs it)."""
         return False
 
-    def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
+    def adversarial_batch(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+        """The batch the loss's train-mode pass runs on: the attack's output (x without an attack)."""
+        return self.attack(model, x, y, eps) if self.needs_attack else x
+
+    def __call__(
+        self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, x_adv: Tensor | None = None
+    ) -> LossOutput:
+        """The loss on a batch; ``x_adv``: the attack's output computed beforehand (gradient
+        accumulation attacks micro-batch by micro-batch; see :meth:`adversarial_batch`)."""
         check_batch(model, x, y, eps, values=False)  # shapes and ε: no device sync per step
         self.check_student(model)
         latent = self.teacher is not None and self.distill_layer == "penultimate"
         attack = self.attack if self.needs_attack else None
-        x_adv = attack(model, x, y, eps) if attack is not None else x
+        if x_adv is None:
+            x_adv = self.adversarial_batch(model, x, y, eps)
         inp = loss_inputs(
             model,
             x,

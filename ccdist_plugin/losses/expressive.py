@@ -133,9 +133,16 @@ class ExpIBPLoss(MTLIBPLoss):
 
 
 class SABRLoss(RobustLoss):
-    """SABR (Müller et al. 2023): IBP over the box of radius λε centred at
-    clamp(x_adv, x − ε + λε, x + ε − λε), intersected with [0, 1]; with a teacher, + β R(1) on
-    the small box's feature bounds (SABR-Dist, appendix E.3)."""
+    """SABR (Müller et al. 2023): IBP over a box of radius λε around the adversarial example; with a
+    teacher, + β R(1) on the small box's feature bounds (SABR-Dist, appendix E.3).
+
+    The box is computed as the authors of the CC-Dist paper's training code compute it
+    (expressive-losses, ``utils.py``, ``compute_sabr_perturbation``, commit 3df64fa997e2): with
+    [l, u] = [x − ε, x + ε] ∩ [0, 1] the clipped ball, the centre is x_adv clamped into
+    [l + λε, u − λε] (torch.clamp: where that interval is empty, λ > 1/2 near 0 or 1, the centre is
+    u − λε), and the box [centre − λε, centre + λε] ∩ [0, 1]. The box thus keeps its full width
+    2λε wherever the clipped ball is that wide (see :meth:`box`).
+    """
 
     name = "sabr"
     label = "SABR"
@@ -153,9 +160,13 @@ class SABRLoss(RobustLoss):
         self.lam = float(lam)
 
     def box(self, x: Tensor, x_adv: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
+        """SABR's small box (pixel space): the centre is clamped inside the ball already clipped to
+        [0, 1], so near 0 or 1 the box keeps its radius λε instead of being cut by the clip."""
         eps_t = eps_tensor(eps, x)
         small = self.lam * eps_t
-        centre = torch.minimum(torch.maximum(x_adv, x - eps_t + small), x + eps_t - small)
+        lower, upper = (x - eps_t).clamp(0, 1), (x + eps_t).clamp(0, 1)
+        # torch.clamp's order (max with the lower limit, then min with the upper), as the authors' code
+        centre = torch.minimum(torch.maximum(x_adv, lower + small), upper - small)
         return (centre - small).clamp(0, 1), (centre + small).clamp(0, 1)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:

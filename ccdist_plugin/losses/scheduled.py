@@ -101,7 +101,9 @@ class CrownIBPLoss(RobustLoss):
 
         return crown_ibp_unsupported_layer(model.features) is None
 
-    def __call__(self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
+    def __call__(
+        self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, x_adv: Tensor | None = None
+    ) -> LossOutput:
         from ccdist_plugin.crown_ibp import check_crown_ibp_layers
         from ccdist_plugin.lirpa import import_auto_lirpa, lirpa_bounded_module
 
@@ -116,7 +118,7 @@ class CrownIBPLoss(RobustLoss):
             # the parameters' version counters (seen at 9d100ec), which would invalidate the autograd
             # graph of a pass run before it.
             lirpa_bounded_module(model, x)
-        return super().__call__(model, x, y, eps)
+        return super().__call__(model, x, y, eps, x_adv)
 
     def weights(self, eps: float | Tensor) -> tuple[float, float]:
         """(b, κ) at radius ``eps``."""
