@@ -29,7 +29,7 @@ from pathlib import Path
 #: to the package). Where new code goes: docs/architecture.md.
 LAYERS: list[list[str]] = [
     # foundations: no imports from the package
-    ["fileio", "progress", "runlock", "malloc", "batching", "schedules", "data", "abcrown_worker"],
+    ["version", "fileio", "progress", "malloc", "batching", "schedules", "data", "abcrown_worker"],
     ["models"],
     ["validate"],
     # the bound engine, bottom-up; the package's __init__ re-exports it
@@ -42,7 +42,10 @@ LAYERS: list[list[str]] = [
     ["attacks"],
     ["config", "regularizers"],
     ["losses"],
-    ["soundness", "checkpoint"],
+    # the training loop's parts: checkpoints, the process group (it shards data), gradient accumulation;
+    # a run's folder (whose earlier checkpoint it describes), its batches, its per-epoch records, one step
+    ["soundness", "checkpoint", "distributed", "accumulate"],
+    ["runlock", "train_data", "training_logs", "step"],
     ["trainer"],
     # the verification pipeline: pre-filter, export, α,β-CROWN runs and their records
     ["verification.prefilter"],
@@ -51,7 +54,7 @@ LAYERS: list[list[str]] = [
     ["verification.runner"],
     ["verification.reports"],
     ["verification"],
-    ["evaluation", "distributed"],
+    ["evaluation"],
     ["reports", "demo", "install", "tune"],
     ["cli"],
     # the package facade may re-export anything

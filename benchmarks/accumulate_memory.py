@@ -87,7 +87,7 @@ def child(k: int, steps: int) -> dict[str, Any]:
 
 
 def gradient_child(ks: list[int]) -> dict[str, Any]:
-    from ccdist_plugin.trainer import _accumulated_gradients, step_objective
+    from ccdist_plugin.step import _accumulated_gradients, step_objective
 
     x, y, _ = _batch(128)
     grads, losses = {}, {}

@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_analysis import paired_t_interval, per_seed_differences  # noqa: E402
 from reproduce_cpu import (  # noqa: E402
     VAL_SIZE,
-    _tensors,
     build_student,
     check_run_folder,
     evaluate,
+    split_tensors,
     weights_sha256,
 )
 
@@ -148,7 +148,7 @@ def run_one(run: Run, root: str, overwrite: bool = False) -> dict[str, Any]:
     )
     model = trainer.fit(data.train, data.val, resume=ckpt.is_file()).model.cpu().eval()
     train_s = time.perf_counter() - t0
-    xt, yt = _tensors(data.test)
+    xt, yt = split_tensors(data.test)
     result = {
         "run": dataclasses.asdict(run),
         "train_s": train_s,

@@ -541,6 +541,27 @@ def _write_record(record: dict[str, Any]) -> Path:
     return path
 
 
+def _given_trees(
+    source_dir: Path, sources: Sequence[Source], say: Callable[[str], None]
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """``--from DIR``: the source tree of each repository in ``source_dir`` and its commit, in words (a
+    warning when it is not the tested one)."""
+    root = source_dir.expanduser()
+    if not root.is_dir():
+        raise InstallError(f"--from {root}: no such folder")
+    root = root.resolve()
+    trees: dict[str, Path] = {}
+    commits: dict[str, str] = {}
+    for s in sources:
+        trees[s.name] = _check_tree(root, s, f"--from {root}")
+        found = _tree_commit(trees[s.name])
+        if found is not None and not found.startswith(s.commit):
+            say(f"{s.name}: WARNING: {trees[s.name]} is at {found[:12]}, tested with {s.commit}")
+        commits[s.name] = found[:12] if found else f"{s.commit} (as given; not a git checkout)"
+    return trees, commits
+
+
+# over 80 lines by its docstring and its record: the install's numbered steps in order, each one helper
 def install_verifier(
     prefix: str | os.PathLike | None = None,
     source_dir: str | os.PathLike | None = None,
@@ -577,16 +598,7 @@ def install_verifier(
     trees: dict[str, Path] = {}
     commits: dict[str, str] = {}
     if source_dir is not None:
-        root = Path(source_dir).expanduser()
-        if not root.is_dir():
-            raise InstallError(f"--from {root}: no such folder")
-        root = root.resolve()
-        for s in sources:
-            trees[s.name] = _check_tree(root, s, f"--from {root}")
-            found = _tree_commit(trees[s.name])
-            if found is not None and not found.startswith(s.commit):
-                say(f"{s.name}: WARNING: {trees[s.name]} is at {found[:12]}, tested with {s.commit}")
-            commits[s.name] = found[:12] if found else f"{s.commit} (as given; not a git checkout)"
+        trees, commits = _given_trees(Path(source_dir), sources, say)
     elif shutil.which("git") is None:
         raise InstallError("git is not on PATH: it is needed to fetch the sources (or use --from DIR)")
 

@@ -204,24 +204,6 @@ def _locked(folder: Path, holder: dict) -> RunFolderLockedError:
 # ------------------------------------------------------------------------------ earlier runs
 
 
-def _describe_checkpoint(path: Path) -> str:
-    """``checkpoint.pt (finished, 3/3 epochs)``, ``... (stopped after 1 of 3 epochs)``, or unreadable."""
-    from ccdist_plugin.checkpoint import load_checkpoint
-
-    try:
-        payload = load_checkpoint(path)
-    except ValueError:
-        return f"{path.name} (a file that is not a readable checkpoint)"
-    done = payload.get("epoch")
-    schedule = (payload.get("config") or {}).get("schedule") or {}
-    total = schedule.get("epochs") if isinstance(schedule, dict) else None
-    if not isinstance(done, int) or not isinstance(total, int):
-        return f"{path.name} (a checkpoint)"
-    if done >= total:
-        return f"{path.name} (a finished run, {done}/{total} epochs)"
-    return f"{path.name} (an unfinished run, stopped after {done} of {total} epochs)"
-
-
 def describe_earlier_run(folder: str | os.PathLike, markers: tuple[str, ...]) -> str | None:
     """What an earlier run left in ``folder``, in words, or None.
 
@@ -230,6 +212,8 @@ def describe_earlier_run(folder: str | os.PathLike, markers: tuple[str, ...]) ->
     progress (finished, or stopped after k of n epochs); the first two matches are named, the rest
     counted.
     """
+    from ccdist_plugin.checkpoint import describe_checkpoint
+
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -241,7 +225,7 @@ def describe_earlier_run(folder: str | os.PathLike, markers: tuple[str, ...]) ->
     words = []
     for path in found[:2]:
         rel = path.relative_to(folder)
-        text = _describe_checkpoint(path) if path.suffix == ".pt" else path.name
+        text = describe_checkpoint(path) if path.suffix == ".pt" else path.name
         words.append(text.replace(path.name, str(rel), 1))
     more = f" and {len(found) - 2} more" if len(found) > 2 else ""
     return ", ".join(words) + more

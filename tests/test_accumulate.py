@@ -11,7 +11,8 @@ from conftest import fast_config
 from ccdist_plugin.accumulate import BatchStatistics, micro_batches
 from ccdist_plugin.config import TrainConfig
 from ccdist_plugin.models import cnn3, mlp
-from ccdist_plugin.trainer import Trainer, _accumulated_gradients, build_loss, build_optimizer, training_step
+from ccdist_plugin.step import _accumulated_gradients
+from ccdist_plugin.trainer import Trainer, build_loss, build_optimizer, training_step
 
 
 def _batch(digits, n: int = 48):

@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import reproduce_cpu as rc  # noqa: E402
+from reproduction.jobs import build_unseeded  # noqa: E402
+from reproduction.runfolders import lock_is_stale, wait_or_lock  # noqa: E402
 
 
 def test_schedule_is_the_papers_scaled():
@@ -101,7 +103,7 @@ def test_same_seed_gives_both_methods_the_same_start_and_batches(tmp_path):
     cfg = rc.paper_cpu_config(rc.Job("x", "digits", "cc_ibp", 3, 0.5, protocol="paper-cpu"), tmp_path / "x")
     torch.manual_seed(cfg.seed)
     load_model(teacher)
-    unseeded = rc._unseeded(cfg, data.spec).state_dict()
+    unseeded = build_unseeded(cfg, data.spec).state_dict()
     assert not all(torch.equal(unseeded[k], states["cc_ibp"][0][k]) for k in unseeded)
     other_seed = rc.build_student(cfg.replace(seed=4), data.spec).state_dict()
     assert not all(torch.equal(other_seed[k], states["cc_ibp"][0][k]) for k in other_seed)
@@ -184,13 +186,13 @@ def test_lock_of_a_killed_run_is_taken_over_at_once(tmp_path):
     dead.wait()
     lock, done = tmp_path / "running.lock", tmp_path / "result.json"
     lock.write_text(f"{dead.pid} {socket.gethostname()}")
-    assert rc._stale(lock)
-    rc._wait_or_lock(lock, done, poll_s=60.0)  # returns at once, holding the lock
-    assert lock.read_text().split()[0] == str(os.getpid()) and not rc._stale(lock)
+    assert lock_is_stale(lock)
+    wait_or_lock(lock, done, poll_s=60.0)  # returns at once, holding the lock
+    assert lock.read_text().split()[0] == str(os.getpid()) and not lock_is_stale(lock)
     lock.write_text(f"{os.getpid()} another-host")  # another host's fresh lock: live until 3 hours old
-    assert not rc._stale(lock)
+    assert not lock_is_stale(lock)
     os.utime(lock, (0, 0))
-    assert rc._stale(lock)
+    assert lock_is_stale(lock)
 
 
 @pytest.mark.slow  # trains 4 epochs in a subprocess, kills it, resumes

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import click
 
-from ccdist_plugin import __version__
 from ccdist_plugin.cli.common import CcdistGroup
+from ccdist_plugin.version import __version__
 
 __all__ = ["main"]
 

@@ -30,6 +30,7 @@ from ccdist_plugin.cli.common import (
     checkpoint_dataset,
     checkpoint_eps,
     load_checkpoint_and_model,
+    needs_teacher,
     parse_eps,
     parse_float_list,
     parse_names,
@@ -247,6 +248,7 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
 )
 @click.option("--seed", default=0, show_default=True, help="seed of the attacks' random starts")
 @click.option("--quiet", is_flag=True, help="no progress bars or logs")
+# over 80 lines only by its signature (one parameter per option); the body is the command's steps in order
 def eval_command(
     checkpoint,
     data_name,
@@ -324,21 +326,34 @@ def eval_command(
     record = run_eval(checkpoint, out, settings, label=label, **common)
     records = [record]
     if compare_teacher is not None:
-        teacher = run_eval(compare_teacher, out / "teacher", settings, **{**common, "eps": record["eps"]})
-        records.append(teacher)
-        table2 = reports.teacher_table(teacher, record)
-        (out / "teacher_comparison.md").write_text(table2)
-        record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
-        reports.write_json(record, out / "eval.json")
-        (out / "eval.md").write_text(reports.eval_table(records) + "\n" + table2)
-        if record["eps_curve"] and teacher["eps_curve"]:
-            reports.plot_accuracy_vs_eps(records, out / "accuracy_vs_eps.png")
+        records.append(_compare_teacher(compare_teacher, record, out, settings, common))
     click.echo(reports.eval_table(records))
     if compare_teacher is not None:
         click.echo(reports.teacher_table(records[1], records[0]))
     written = ["eval.json", "eval.md"] + (["accuracy_vs_eps.png"] if record["eps_curve"] else [])
     written += ["teacher_comparison.md"] if compare_teacher else []
     click.echo(f"wrote {', '.join(str(out / w) for w in written)}")
+
+
+def _compare_teacher(
+    teacher_checkpoint: str,
+    record: dict[str, Any],
+    out: Path,
+    settings: dict[str, Any],
+    common: dict[str, Any],
+) -> dict[str, Any]:
+    """``eval --compare-teacher``: evaluate the teacher at the student's ε (into ``out/teacher``), write
+    Table 2, and add the teacher to the student's ``eval.json``, ``eval.md`` and ε plot. Returns the
+    teacher's record."""
+    teacher = run_eval(teacher_checkpoint, out / "teacher", settings, **{**common, "eps": record["eps"]})
+    table2 = reports.teacher_table(teacher, record)
+    (out / "teacher_comparison.md").write_text(table2)
+    record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
+    reports.write_json(record, out / "eval.json")
+    (out / "eval.md").write_text(reports.eval_table([record, teacher]) + "\n" + table2)
+    if record["eps_curve"] and teacher["eps_curve"]:
+        reports.plot_accuracy_vs_eps([record, teacher], out / "accuracy_vs_eps.png")
+    return teacher
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,14 +404,6 @@ def compare_command(runs, out_dir, group_by, sweep_param):
 # --------------------------------------------------------------------------------------------
 
 
-def _needs_teacher(cfg) -> bool:
-    """Whether the config's loss distils from a teacher (the loss class says so)."""
-    from ccdist_plugin import losses
-
-    method = cfg.loss.method
-    return method in losses.list_losses() and losses.loss_class(method).teacher_use == "required"
-
-
 def _epochs_done(checkpoint: Path) -> int:
     """Epochs an earlier (possibly interrupted) run of a sweep finished: 0 when there is no checkpoint."""
     from ccdist_plugin.checkpoint import load_checkpoint
@@ -416,6 +423,50 @@ def _check_kept_run(checkpoint: Path, cfg, teacher_sha256: str | None) -> None:
             f"{checkpoint}: the earlier sweep's run cannot be kept: {err}. Pass --overwrite to retrain the "
             "sweep, or another --output-dir"
         ) from None
+
+
+def _sweep_runs(
+    config: str, extra: list[str], param: str, key: str, values: list[str], seeds: list[int], out: Path
+):
+    """``(value, seed, config, run folder)`` of every run of a sweep."""
+    from ccdist_plugin.config import load_config
+
+    runs = []
+    for value in values:
+        for seed in seeds:
+            run_dir = out / f"{param}={value}" / f"seed{seed}"
+            cfg = load_config(config, extra + [f"{key}={value}", f"seed={seed}", f"log.output_dir={run_dir}"])
+            runs.append((value, seed, cfg, run_dir))
+    return runs
+
+
+def _sweep_teacher(cfg, out: Path, quiet: bool) -> Path | None:
+    """The teacher of a sweep whose loss needs one and that was given none: the preset the config names,
+    trained (or resumed, or kept when finished with the same settings) in ``out/teacher``; None when the
+    loss needs no teacher."""
+    from ccdist_plugin.config import load_preset
+    from ccdist_plugin.trainer import Trainer, build_model, load_data
+
+    if not needs_teacher(cfg):
+        return None
+    t_preset = cfg.teacher.preset
+    if not t_preset:
+        raise ValueError(f"loss {cfg.loss.method!r} needs a teacher: pass --teacher")
+    t_dir = out / "teacher"
+    teacher_path = t_dir / "checkpoint.pt"
+    t_cfg = load_preset(t_preset).override(
+        [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
+    )
+    done = _epochs_done(teacher_path)
+    if done < t_cfg.schedule.epochs:
+        click.echo(f"{'resuming' if done else 'training'} the teacher ({t_preset}) in {t_dir} ...")
+        data = load_data(t_cfg)
+        Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
+            data.train, data.val if data.val is not None else data.test, resume=done > 0, overwrite=False
+        )
+    else:
+        _check_kept_run(teacher_path, t_cfg, None)
+    return teacher_path
 
 
 @click.command("sweep")
@@ -467,7 +518,6 @@ def sweep_command(
     quiet,
 ):
     """Train (and evaluate) one run per value of a parameter and seed; the β sweep of Figure 1."""
-    from ccdist_plugin.config import load_config, load_preset
     from ccdist_plugin.trainer import Trainer, build_model, load_data
 
     setup_logging(quiet)
@@ -482,37 +532,12 @@ def sweep_command(
     out = Path(output_dir or f"runs/sweep-{base_name}-{param}")
     extra = list(overrides) + (["log.progress=false"] if quiet else [])
     try:
-        runs = []
-        for value in values:
-            for seed in seed_list:
-                run_dir = out / f"{param}={value}" / f"seed{seed}"
-                cfg = load_config(
-                    config, extra + [f"{key}={value}", f"seed={seed}", f"log.output_dir={run_dir}"]
-                )
-                runs.append((value, seed, cfg, run_dir))
+        runs = _sweep_runs(config, extra, param, key, values, seed_list, out)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--param/--values/--set") from err
     if not resume:  # an earlier sweep here is kept unless --overwrite
         claim_output_folder(out, SWEEP_MARKERS, SWEEP_OUTPUTS, overwrite=overwrite, what="sweep")
-    teacher_path = teacher
-    if teacher_path is None and _needs_teacher(runs[0][2]):
-        t_preset = runs[0][2].teacher.preset
-        if not t_preset:
-            raise ValueError(f"loss {runs[0][2].loss.method!r} needs a teacher: pass --teacher")
-        t_dir = out / "teacher"
-        teacher_path = t_dir / "checkpoint.pt"
-        t_cfg = load_preset(t_preset).override(
-            [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
-        )
-        done = _epochs_done(teacher_path)
-        if done < t_cfg.schedule.epochs:
-            click.echo(f"{'resuming' if done else 'training'} the teacher ({t_preset}) in {t_dir} ...")
-            data = load_data(t_cfg)
-            Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
-                data.train, data.val if data.val is not None else data.test, resume=done > 0, overwrite=False
-            )
-        else:
-            _check_kept_run(teacher_path, t_cfg, None)
+    teacher_path = teacher if teacher is not None else _sweep_teacher(runs[0][2], out, quiet)
     teacher_sha = None
     if teacher_path is not None:
         from ccdist_plugin.checkpoint import load_model, state_sha256
@@ -522,10 +547,10 @@ def sweep_command(
     for value, seed, cfg, run_dir in runs:
         ckpt = run_dir / "checkpoint.pt"
         done = _epochs_done(ckpt)
-        if teacher_path is not None and _needs_teacher(cfg):  # the trainer reads it from the config
+        if teacher_path is not None and needs_teacher(cfg):  # the trainer reads it from the config
             cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher_path)))
         if done >= cfg.schedule.epochs:
-            _check_kept_run(ckpt, cfg, teacher_sha if _needs_teacher(cfg) else None)
+            _check_kept_run(ckpt, cfg, teacher_sha if needs_teacher(cfg) else None)
             click.echo(f"{param}={value} seed {seed}: {ckpt} has the same settings, kept (not retrained)")
         else:
             verb = f"resuming (after epoch {done})" if done else "training"

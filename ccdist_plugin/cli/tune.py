@@ -31,7 +31,7 @@ from typing import Any
 
 import click
 
-from ccdist_plugin.cli.common import CliError, data_not_found, setup_logging
+from ccdist_plugin.cli.common import CliError, data_not_found, needs_teacher, setup_logging
 from ccdist_plugin.config import TrainConfig, config_diff, load_config
 
 __all__ = ["tune_command", "INSTALL_HINT"]
@@ -57,8 +57,6 @@ def _import_optuna():
 
 
 def _base_config(config: str, overrides: tuple[str, ...], teacher: str | None) -> TrainConfig:
-    from ccdist_plugin.cli.evaluate import _needs_teacher
-
     try:
         cfg = load_config(config, list(overrides))
     except ValueError as err:
@@ -69,7 +67,7 @@ def _base_config(config: str, overrides: tuple[str, ...], teacher: str | None) -
         if not Path(teacher).is_file():
             raise CliError(f"--teacher: checkpoint {teacher!r} does not exist")
         cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher)))
-    elif cfg.teacher.checkpoint is None and _needs_teacher(cfg):
+    elif cfg.teacher.checkpoint is None and needs_teacher(cfg):
         raise CliError(
             f"loss {cfg.loss.method!r} distils from a teacher: pass --teacher CK (from ccdist train-teacher)"
         )

@@ -90,6 +90,7 @@ class LossOutput:
     stats: LossStats = field(default_factory=LossStats)
 
 
+# about 80 lines by its docstring and the record's fields: one pass in order (attack, bounds, teacher)
 def loss_inputs(
     model: CertifiedNet,
     x: Tensor,
@@ -148,14 +149,7 @@ def loss_inputs(
         else:
             h_adv = model.features(x_adv)
     logits_adv = model.head(h_adv)
-    h_t = logits_t = latent_t = None
-    if teacher is not None:
-        with torch.no_grad():
-            if latent:
-                latent_t, h_t = latent_features(teacher, x)
-            else:
-                h_t = teacher.features(x)
-            logits_t = teacher.head(h_t)
+    h_t, logits_t, latent_t = _teacher_pass(teacher, x, latent) if teacher is not None else (None, None, None)
     return LossInputs(
         x=x,
         y=y,
@@ -179,3 +173,14 @@ def loss_inputs(
         model=model,
         eps=eps,
     )
+
+
+def _teacher_pass(teacher: CertifiedNet, x: Tensor, latent: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The teacher's features, logits and (``latent``) earlier features on the clean batch, without
+    gradients."""
+    with torch.no_grad():
+        if latent:
+            latent_t, h_t = latent_features(teacher, x)
+        else:
+            latent_t, h_t = None, teacher.features(x)
+        return h_t, teacher.head(h_t), latent_t
