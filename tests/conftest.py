@@ -25,7 +25,7 @@ def has_auto_lirpa() -> bool:
 
 requires_auto_lirpa = pytest.mark.skipif(
     not has_auto_lirpa(),
-    reason="auto_LiRPA is not installed (from its git repository: docs/verification.md, 'Install')",
+    reason="auto_LiRPA is not installed (install it with: ccdist install-verifier)",
 )
 
 
