@@ -29,7 +29,7 @@ from pathlib import Path
 #: to the package). Where new code goes: docs/architecture.md.
 LAYERS: list[list[str]] = [
     # foundations: no imports from the package
-    ["version", "fileio", "progress", "malloc", "batching", "schedules", "data", "abcrown_worker"],
+    ["version", "fileio", "progress", "malloc", "batching", "schedules", "data", "abcrown_worker", "install"],
     ["models"],
     ["validate"],
     # the bound engine, bottom-up; the package's __init__ re-exports it
@@ -55,7 +55,7 @@ LAYERS: list[list[str]] = [
     ["verification.reports"],
     ["verification"],
     ["evaluation"],
-    ["reports", "demo", "install", "tune"],
+    ["reports", "demo", "tune"],
     ["cli"],
     # the package facade may re-export anything
     [""],

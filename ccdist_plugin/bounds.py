@@ -45,6 +45,7 @@ from ccdist_plugin.validate import eps_tensor as _eps_tensor
 
 __all__ = [
     "UnsupportedLayerError",
+    "AutoLirpaMissingError",
     "input_box",
     "IntervalPropagation",
     "propagate_intervals",
@@ -90,6 +91,11 @@ _NATIVE_IBP = (
 class UnsupportedLayerError(TypeError, ValueError):
     """Raised when a bound is asked for through a layer no engine can bound soundly (the message
     names it). A ``ValueError`` too: it reports a model the user passed in."""
+
+
+class AutoLirpaMissingError(UnsupportedLayerError, ImportError):
+    """A bound needs auto_LiRPA, which is not installed (the message names the layer the native
+    engine cannot bound, when there is one, and the install command). An ``ImportError`` too."""
 
 
 #: the standard layers the engines know, each with the ``forward`` they assume: a subclass that
@@ -974,7 +980,7 @@ def _native_crown(
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
     from ccdist_plugin.lirpa import import_auto_lirpa, margin_spec, refuse_unsound_lirpa_crown
 
-    BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa()
+    BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa(model)
     refuse_unsound_lirpa_crown(model, method)
     lo, hi = input_box(x, eps)
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
