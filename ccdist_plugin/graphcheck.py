@@ -182,9 +182,11 @@ def check_traces_cleanly(features: nn.Module, example: Tensor) -> None:
     restored.
 
     Raises:
+        UnsupportedLayerError: a layer no engine may bound in eval mode (e.g. a BatchNorm without
+            running statistics), named.
         BoundedGraphMismatch: naming the warning and the line of ``features`` that caused it.
     """
-    from ccdist_plugin.bounds import training_restorer
+    from ccdist_plugin.bounds import _refuse_uncertifiable, training_restorer
 
     if graph_is_forward_by_construction(features):
         return
@@ -192,12 +194,16 @@ def check_traces_cleanly(features: nn.Module, example: Tensor) -> None:
     features.eval()  # a train-mode trace would move BatchNorm statistics (and BatchNorm warns then)
     recorded: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as recorded:
-            warnings.simplefilter("always")
-            with torch.no_grad():
-                torch.jit.trace(features, example.detach(), check_trace=False, strict=False)
-    except Exception as exc:
-        logger.debug("tracing %s failed (left to the bound engines): %s", type(features).__name__, exc)
+        # a layer no engine bounds in eval mode gets its own error first (a BatchNorm without
+        # running statistics also warns when traced: it normalizes with the batch's statistics)
+        _refuse_uncertifiable(features)
+        try:
+            with warnings.catch_warnings(record=True) as recorded:
+                warnings.simplefilter("always")
+                with torch.no_grad():
+                    torch.jit.trace(features, example.detach(), check_trace=False, strict=False)
+        except Exception as exc:
+            logger.debug("tracing %s failed (left to the bound engines): %s", type(features).__name__, exc)
     finally:
         restore()
     tracer = [w for w in recorded if issubclass(w.category, torch.jit.TracerWarning)]
