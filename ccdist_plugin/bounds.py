@@ -1137,26 +1137,48 @@ def certify(
     difference counts as proved only when its float64 lower bound exceeds ``tol`` (default
     :data:`CERT_TOL`). This certifies the network in exact arithmetic, as α,β-CROWN does.
 
+    The bounds describe a graph of the network (walked natively or traced by auto_LiRPA), so each
+    batch is checked to be that graph (``ccdist_plugin.graphcheck``):
+    tracing the features must not warn of data-dependent control flow, the graph at ε = 0 must
+    give the forward's features, and no bound may exceed the margin at the point itself.
+
     Args:
         method: ``"ibp"`` or ``"crown"`` (extra keyword arguments go to
             :func:`crown_margin_lower_bound`).
+
+    Raises:
+        ccdist_plugin.graphcheck.BoundedGraphMismatch: the soundness alarm when any of those
+            fails; nothing is certified.
     """
     model = _as_certified_net(model)
     _check_input(model, x)
     _check_labels(model, x, y)
     if method not in ("ibp", "crown"):
         raise ValueError(f"method must be 'ibp' or 'crown', got {method!r}")
+    from ccdist_plugin.graphcheck import (
+        check_graph_at_points,
+        check_margins_at_points,
+        check_trace_for_certification,
+    )
+
     net = copy.deepcopy(model).double().eval()
     x64, eps64 = x.double(), eps.double() if isinstance(eps, Tensor) else float(eps)
+    if x.shape[0]:
+        # the bounds describe the traced/walked graph: it must be the network (ccdist_plugin.graphcheck)
+        check_trace_for_certification(net.features, x64[:2])
     parts, correct = [], []
     for sl in batch_slices(x.shape[0], batch_size):
         e = eps64[sl] if isinstance(eps64, Tensor) and eps64.ndim == 1 else eps64
+        features = net.features(x64[sl])
+        logits = net.head(features)
+        check_graph_at_points(net, x64[sl], features)
         if method == "ibp":
             lb = margin_lower_bound(net, x64[sl], y[sl], e)
         else:
             lb = crown_margin_lower_bound(net, x64[sl], y[sl], e, **crown_kwargs).double()
+        check_margins_at_points(logits, y[sl], lb)
         parts.append(lb)
-        correct.append(net(x64[sl]).argmax(1) == y[sl])
+        correct.append(logits.argmax(1) == y[sl])
     margin = torch.cat(parts) if parts else x64.new_zeros(0, model.num_classes)
     margin = margin.scatter(1, y.view(-1, 1), float("inf"))
     correct_t = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD, describe_pgd
 from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import CERT_TOL, certify, input_box, resolve_crown_intermediate, training_restorer
+from ccdist_plugin.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.progress import progress_bar
 from ccdist_plugin.validate import check_batch
@@ -318,7 +319,8 @@ class PrefilterResult:
 
     Attributes:
         status: one of :data:`STATUSES` per point: ``misclassified`` (clean prediction wrong);
-            ``alarm`` (certified by our bounds and broken by the attack: never counted certified);
+            ``alarm`` (certified by our bounds and broken by the attack, or any correct point when
+            the bounded graph is not the network, see ``soundness_alarm``: never counted certified);
             ``certified_ibp`` (IBP proves every difference); ``certified_crown`` (every difference
             proved by CROWN or IBP, not all by IBP); ``attacked`` (the attack found a
             counterexample); ``undecided`` (for branch and bound).
@@ -332,6 +334,10 @@ class PrefilterResult:
         adv_margin: (N,) float64 smallest margin min_j z_j at the attack's point (NaN without).
         crown_intermediate: the intermediate bounds CROWN used (``"crown"``/``"ibp"``), or None.
         timings_s: seconds per stage (``standard``, ``ibp``, ``crown``, ``pgd``).
+        soundness_alarm: None, or why no point is certified: certification found that the network's
+            outputs are not those of the graph its bounds describe
+            (:class:`ccdist_plugin.graphcheck.BoundedGraphMismatch`); every margin bound is then
+            −inf, nothing is proved and every correct point is an ``alarm``.
     """
 
     status: list[str]
@@ -344,6 +350,7 @@ class PrefilterResult:
     adv_margin: Tensor
     crown_intermediate: str | None
     timings_s: dict[str, float]
+    soundness_alarm: str | None = None
 
     def counts(self) -> dict[str, int]:
         return {s: self.status.count(s) for s in STATUSES}
@@ -449,7 +456,10 @@ def prefilter(
 
     Every stage runs on every point (each is also a metric of its own). A point certified by our
     bounds (every difference proved by IBP or CROWN, float64, above ``tol``) that the attack
-    breaks is an ``alarm``: logged as an error and never counted as certified.
+    breaks is an ``alarm``: logged as an error and never counted as certified. Certification
+    checks that the network's outputs on the points are its bounded graph's
+    (:func:`ccdist_plugin.bounds.certify`); when they are not, that is a soundness alarm
+    (:attr:`PrefilterResult.soundness_alarm`) and no point is certified.
 
     Args:
         model: the network; bounds and attack use it in eval mode, and its train/eval flags are
@@ -478,17 +488,28 @@ def prefilter(
         pred = _timed(timings, "standard", lambda: _clean_predictions(model, x, batches, bar))
         correct = pred == y_cpu
         resolved = resolve_crown_intermediate(model, crown_intermediate) if "crown" in methods else None
-        margin_lb = {
-            m: _timed(
-                timings,
-                m,
-                lambda m=m: _certify_all(
-                    model, x, y, eps, m, tol, batches, bar, resolved or "ibp", crown_backend
-                ),
-            )
-            for m in ("ibp", "crown")
-            if m in methods
-        }
+        margin_lb = {}
+        graph_alarm = None
+        for m in ("ibp", "crown"):
+            if m not in methods:
+                continue
+            try:
+                margin_lb[m] = _timed(
+                    timings,
+                    m,
+                    lambda m=m: _certify_all(
+                        model, x, y, eps, m, tol, batches, bar, resolved or "ibp", crown_backend
+                    ),
+                )
+            except BoundedGraphMismatch as exc:
+                graph_alarm = str(exc)
+                break
+        if graph_alarm is not None:
+            logger.error("SOUNDNESS ALARM: %s", graph_alarm)
+            # nothing is proved: every difference's bound is -inf (entry y +inf, as certify has it)
+            unproved = torch.full((n, k), float("-inf"), dtype=torch.float64)
+            unproved.scatter_(1, y_cpu.view(-1, 1), float("inf"))
+            margin_lb = {m: unproved.clone() for m in ("ibp", "crown") if m in methods}
         if attack is not None:
             broken, adv_margin = _timed(
                 timings, "pgd", lambda: _attack_all(model, x, y, eps, attack, batches, bar, generator)
@@ -511,7 +532,7 @@ def prefilter(
     for i in range(n):
         if not bool(correct[i]):
             status.append("misclassified")
-        elif bool(any_certified[i]) and bool(broken[i]):
+        elif graph_alarm is not None or (bool(any_certified[i]) and bool(broken[i])):
             status.append("alarm")
         elif bool(ibp_certified[i]):
             status.append("certified_ibp")
@@ -522,7 +543,7 @@ def prefilter(
         else:
             status.append("undecided")
     alarms = [i for i, s in enumerate(status) if s == "alarm"]
-    if alarms:
+    if alarms and graph_alarm is None:
         logger.error(
             "SOUNDNESS ALARM: points %s are certified by our bounds and broken by the attack", alarms
         )
@@ -537,6 +558,7 @@ def prefilter(
         adv_margin=adv_margin,
         crown_intermediate=resolved,
         timings_s=timings,
+        soundness_alarm=graph_alarm,
     )
 
 
@@ -588,10 +610,13 @@ def _record_certified(result: EvalResult, pre: PrefilterResult, y: Tensor) -> No
         name = "ibp_cert_acc" if method == "ibp" else crown_metric_name(pre.crown_intermediate)
         result.metrics[name] = _mean(cert)
         result.per_example[name.replace("_cert_acc", "_certified")] = cert.tolist()
-        result.timings_s[method] = pre.timings_s[method]
+        if method in pre.timings_s:  # not when a soundness alarm stopped certification before it
+            result.timings_s[method] = pre.timings_s[method]
         label = {"ibp_cert_acc": "IBP", "crown_cert_acc": "CROWN", "crown_ibp_cert_acc": "CROWN-IBP"}[name]
         _alarm(result, cert, pre.broken, label, "PGD")
-    if "ibp" in pre.margin_lb:
+    if pre.soundness_alarm is not None:
+        result.soundness_alarms.append(pre.soundness_alarm)  # every certified figure is 0
+    elif "ibp" in pre.margin_lb:
         result.metrics["ibp_loss"] = float(ibp_loss_from_margins(pre.margin_lb["ibp"], y.cpu()).mean())
 
 
@@ -647,6 +672,7 @@ def _record_autoattack(
 
 def _record_bab(
     result: EvalResult,
+    pre: PrefilterResult,
     model: CertifiedNet,
     x: Tensor,
     y: Tensor,
@@ -662,6 +688,14 @@ def _record_bab(
         return
     if bab_dir is None:
         raise ValueError("settings.bab needs bab_dir (the α,β-CROWN export directory)")
+    if pre.soundness_alarm is not None:
+        # the exported graph would not be the network either: nothing to verify
+        result.bab = {
+            "count": min(s.bab_count, x.shape[0]),
+            "certified_accuracy": None,
+            "reason": "not run: soundness alarm (the network's outputs are not its bounded graph's)",
+        }
+        return
     t0 = time.perf_counter()
     result.bab = _run_bab(model, x, y, s, Path(bab_dir), checkpoint_path, dataset_name, abcrown_dir, say)
     result.timings_s["bab"] = time.perf_counter() - t0
@@ -728,7 +762,7 @@ def evaluate(
     _record_pgd(result, pre)
     _record_autoattack(result, model, x, y, pre, say, _bars(progress, say))
     _record_certified(result, pre, y)
-    _record_bab(result, model, x, y, bab_dir, checkpoint_path, dataset_name, abcrown_dir, say)
+    _record_bab(result, pre, model, x, y, bab_dir, checkpoint_path, dataset_name, abcrown_dir, say)
     result.timings_s["total"] = time.perf_counter() - start
     return result
 

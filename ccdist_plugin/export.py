@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ccdist_plugin.bounds import CERT_TOL, training_restorer
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
+from ccdist_plugin.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
 
@@ -552,6 +553,11 @@ def export_instances(
 
     Returns:
         An :class:`ExportResult`.
+
+    Raises:
+        BoundedGraphMismatch: the pre-filter's soundness alarm (the network's outputs are not
+            its bounded graph's, ``ccdist_plugin.graphcheck``): nothing is certified and nothing
+            is exported; an earlier export in ``out_dir`` is left as it was.
     """
     if not isinstance(model, CertifiedNet):
         raise ValueError(
@@ -573,7 +579,6 @@ def export_instances(
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     old_manifest = (out / MANIFEST_NAME).read_text() if (out / MANIFEST_NAME).is_file() else None
-    _clear_vnnlib(out / VNNLIB_DIR)
     restore_modes = training_restorer(model)
     model.eval()
     device = next(model.parameters()).device
@@ -590,6 +595,9 @@ def export_instances(
             else None
         )
         pre = prefilter(model, x, y, eps, methods=methods, attack=attack, tol=CERT_TOL)
+        if pre.soundness_alarm is not None:
+            # the ONNX graph is traced as the bounds' graph is: α,β-CROWN would verify another network
+            raise BoundedGraphMismatch(f"nothing exported: {pre.soundness_alarm}")
         mean = model.normalize.mean.flatten().tolist()
         std = model.normalize.std.flatten().tolist()
         x_norm = ((x - model.normalize.mean) / model.normalize.std).detach().cpu()
@@ -599,6 +607,7 @@ def export_instances(
         restore_modes()
 
     k = model.num_classes
+    _clear_vnnlib(out / VNNLIB_DIR)  # only now: a refused export leaves an earlier one whole
     points = [_point_record(pos, idx, int(y[pos]), pre, methods) for pos, idx in enumerate(indices)]
     rows = _write_vnnlib_files(out, points, x.cpu(), eps, mean, std, k, drop_proven, verify_all, timeout_s)
 
