@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.batching import batch_slices
+from ccdist_plugin.lirpa import plain_lirpa_warnings
 from ccdist_plugin.models import CertifiedNet, Normalize, Residual
 from ccdist_plugin.validate import check_box, check_inputs, check_labels, check_model, check_pixel_range
 from ccdist_plugin.validate import eps_tensor as _eps_tensor
@@ -977,6 +978,7 @@ def _native_crown(
     return back_substitute(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
 
 
+@plain_lirpa_warnings
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
     from ccdist_plugin.lirpa import import_auto_lirpa, margin_spec, refuse_unsound_lirpa_crown
 

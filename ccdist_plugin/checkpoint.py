@@ -70,9 +70,32 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
     The data goes to a temporary file beside ``path`` which then replaces it (``os.replace``); on
     any error the temporary file is removed and an existing checkpoint at ``path`` is untouched.
+    A failed write (a full disk, a folder gone read-only) is an ``OSError`` naming ``path``, also
+    where torch reports it as its own ``RuntimeError``.
     """
     payload = {"format": FORMAT, **payload}
-    return atomic_write(path, lambda fh: torch.save(payload, fh))
+
+    def write(fh) -> None:
+        try:
+            torch.save(payload, fh)
+        except RuntimeError as err:  # torch's zip writer hides the OSError of the file write
+            cause = _os_error_behind(err)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+
+    return atomic_write(path, write)
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The ``OSError`` an exception was raised while handling (torch's ``inline_container`` error
+    when the file write failed), or None."""
+    seen = err.__cause__ or err.__context__
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

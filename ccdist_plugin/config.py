@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "preset_description",
     "config_diff",
     "parse_override",
+    "convert_value",
 ]
 
 _METHOD_NOTE = "a name registered in ccdist_plugin.losses (list_losses())"
@@ -470,6 +472,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def convert_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` read as type ``tp`` the way a config field of that type is read (a float takes
+    ``0.5``, ``1`` or ``"2/255"``; a bool only true/false; ``X | None`` also None), for values the
+    dataclasses do not type themselves (``loss.options``); otherwise a ``ValueError`` naming ``key``.
+
+    >>> convert_value("2/255", float, "loss.options.lam") == 2 / 255
+    True
+    """
+    return _convert(value, tp, key)
+
+
 def _assign(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data
@@ -609,11 +622,21 @@ def list_presets() -> list[str]:
 
 
 def preset_description(name: str) -> str:
-    """The one-line description a preset file opens with (its first ``#`` comment; "" without one)."""
+    """The first sentence, whole, of the ``#`` comment a preset file opens with ("" without one).
+
+    >>> preset_description("digits-teacher")
+    "Quick start teacher: PGD-10 adversarial training on sklearn's 8x8 digits (CPU, well under a minute)."
+    """
     if name not in list_presets():
         raise ValueError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
-    first = (_preset_dir() / f"{name}.yaml").read_text().splitlines()[0]
-    return first.lstrip("# ").strip().rstrip(":") if first.startswith("#") else ""
+    header = []
+    for line in (_preset_dir() / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = " ".join(w for w in header if w)
+    end = re.search(r"[.!?](?=\s+[A-Z])", text)  # a sentence ends before a capital: "e.g. x" does not
+    return text[: end.end()] if end else text
 
 
 def load_preset(name: str) -> TrainConfig:

@@ -21,8 +21,8 @@ __all__ = ["atomic_write", "atomic_write_text", "file_sha256"]
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(fh)`` on a binary temporary file beside ``path``, then replace ``path`` by it.
 
-    The file ends up world-readable (0644), as a plainly written file would, rather than with
-    ``mkstemp``'s 0600.
+    An ``OSError`` of the write (a full disk) names ``path``. The file ends up world-readable
+    (0644), as a plainly written file would, rather than with ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,9 +34,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a failed write (a full disk) names no file: name the target, not the temporary
+        unnamed = isinstance(err, OSError) and err.filename is None and err.errno is not None
+        if unnamed and type(err).__module__ == "builtins":  # not a library's own OSError subclass
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     return path
 

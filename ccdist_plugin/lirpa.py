@@ -19,10 +19,15 @@ auto_LiRPA: https://github.com/Verified-Intelligence/auto_LiRPA (the plugin is t
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+import sys
+import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +73,64 @@ class _Traced:
 _TRACED: weakref.WeakKeyDictionary[nn.Module, _Traced] = weakref.WeakKeyDictionary()
 
 
+#: terminal colour codes (ESC [ ... m), which auto_LiRPA writes into some of its warnings
+_COLOUR_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: auto_LiRPA warnings already re-issued (each is shown once per process, as auto_LiRPA intends)
+_REISSUED: set[tuple[type, str, str, int]] = set()
+_F = TypeVar("_F", bound=Callable)
+
+
+def _reissue(caught: list[warnings.WarningMessage]) -> None:
+    """Issue recorded warnings again, under the process's own filters, without colour codes; an
+    auto_LiRPA warning only the first time."""
+    for w in caught:
+        text = _COLOUR_CODE.sub("", str(w.message))
+        key = (w.category, text, w.filename, w.lineno)
+        if "auto_LiRPA" in w.filename:
+            if key in _REISSUED:
+                continue
+            _REISSUED.add(key)
+        warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+
+
+def plain_lirpa_warnings(func: _F) -> _F:
+    """Decorator for the functions that call auto_LiRPA: its warnings come out as plain text (no raw
+    colour codes in logs, files and notebooks) and once each."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return func(*args, **kwargs)
+        finally:
+            _reissue(caught)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _first_import_keeping_logging_and_warnings() -> None:
+    """Import auto_LiRPA once without the global settings its import makes: it calls
+    ``logging.basicConfig`` (a root handler writing INFO to stdout, which would take over the
+    format of the program's own logs) and ``warnings.simplefilter("once")`` (which would show every
+    DeprecationWarning of the process). Both are put back; the import's warnings are re-issued
+    under the process's filters."""
+    if "auto_LiRPA" in sys.modules:
+        return
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # restores the filters on exit
+            warnings.simplefilter("always")
+            import auto_LiRPA  # noqa: F401
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        _reissue(caught)
+
+
 def import_auto_lirpa(network: nn.Module | None = None):
     """auto_LiRPA's ``BoundedModule``, ``BoundedTensor`` and ``PerturbationLpNorm``.
 
@@ -77,6 +140,7 @@ def import_auto_lirpa(network: nn.Module | None = None):
             ``UnsupportedLayerError`` (no engine here bounds that layer) and an ``ImportError``.
     """
     try:
+        _first_import_keeping_logging_and_warnings()
         from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
     except ImportError as exc:
         raise auto_lirpa_missing(network) from exc
@@ -107,6 +171,7 @@ def auto_lirpa_missing(network: nn.Module | None = None) -> AutoLirpaMissingErro
     )
 
 
+@plain_lirpa_warnings
 def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
     """auto_LiRPA's ``BoundedModule`` of ``module`` (cached), with the module's current buffers.
 
@@ -191,6 +256,7 @@ def _update_running_stats(module: nn.Module, bounded: nn.Module) -> None:
             bn.running_var.mul_(1 - momentum).add_(var * n / max(n - 1, 1), alpha=momentum)
 
 
+@plain_lirpa_warnings
 def lirpa_intervals(
     module: nn.Module,
     lower: Tensor,
@@ -249,6 +315,7 @@ def margin_spec(y: Tensor, num_classes: int, like: Tensor) -> Tensor:
     return eye[y].unsqueeze(1) - eye.unsqueeze(0)
 
 
+@plain_lirpa_warnings
 def lirpa_margin_bounds(
     model: nn.Module, lower: Tensor, upper: Tensor, y: Tensor, reference: Tensor, method: str = "CROWN-IBP"
 ) -> Tensor:
@@ -275,6 +342,7 @@ def lirpa_margin_bounds(
     return lb
 
 
+@plain_lirpa_warnings
 def check_lirpa_boundable(module: nn.Module, example: Tensor) -> None:
     """Raise :class:`LirpaUnsupportedError` when auto_LiRPA cannot compute IBP bounds for ``module``."""
     bounded = lirpa_bounded_module(module, example)

@@ -4,10 +4,13 @@ epoch), ``curves.png``, and the epoch's log line."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from ccdist_plugin.fileio import atomic_write_text
 
 __all__ = ["write_metrics", "plot_curves", "format_row"]
 
@@ -15,17 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
-    """``metrics.jsonl`` and ``metrics.csv`` in ``run_dir``: one row per epoch."""
-    with open(run_dir / "metrics.jsonl", "w") as fh:
-        for row in history:
-            fh.write(json.dumps(row) + "\n")
+    """``metrics.jsonl`` and ``metrics.csv`` in ``run_dir``: one row per epoch. Written atomically:
+    a full disk leaves the previous files whole."""
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    with open(run_dir / "metrics.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", table.getvalue())
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -228,6 +228,9 @@ class VerificationResult:
     workers: dict[str, dict[str, int]] = field(default_factory=dict)
     missing_by_shard: dict[str, list[int]] = field(default_factory=dict)
     results_files: list[str] = field(default_factory=list)
+    #: ``"i/n"`` for the summary a shard's run writes: partial, the instances no shard has verified
+    #: yet count as missing until :func:`merge_shards` writes the whole export's summary
+    shard: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,6 +249,13 @@ class VerificationResult:
 
         budget = f", budget {self.budget_s:g} s per instance" if self.budget_s is not None else ""
         lines = [f"Verification of {self.export_dir} (ε = {self.eps:.6g}, {self.total} test points{budget})"]
+        if self.shard is not None:
+            lines += [
+                "",
+                f"**Partial: written by shard {self.shard}.** It counts the verdicts every shard has written "
+                "so far; instances without one are missing (not certified). Once all shards have run, "
+                "`ccdist verify --export DIR --merge` writes the summary of the whole export.",
+            ]
         lines += ["", "| | points | % of total |", "|---|---:|---:|"]
         lines.append(row("clean accuracy", round(self.clean_accuracy * self.total)))
         if self.ibp_certified_accuracy is not None:
@@ -270,9 +280,12 @@ class VerificationResult:
             if key in ("late", "excluded", "alarm") and not self.counts.get(key):
                 continue
             lines.append(row(name, self.counts.get(key, 0)))
-        lines.append(
-            f"| **certified accuracy** | **{self.certified}** | **{100 * self.certified_accuracy:.2f}** |"
+        label = (
+            "certified accuracy"
+            if self.shard is None
+            else f"certified accuracy (partial, shard {self.shard})"
         )
+        lines.append(f"| **{label}** | **{self.certified}** | **{100 * self.certified_accuracy:.2f}** |")
         t = self.time_per_instance_s
         if t:
             lines += [
@@ -753,12 +766,21 @@ class _Job:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     write_error: list[str] = field(default_factory=list)
+    #: an unexpected exception of a worker thread, re-raised by the main thread (a bug, not a fault)
+    crashed: list[BaseException] = field(default_factory=list)
     #: every verifier process started, so that an interrupted run kills them at once
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def started(self, proc: subprocess.Popen) -> None:
         with self.write_lock:
             self.processes[:] = [p for p in self.processes if p.poll() is None] + [proc]
+
+
+def _workers_phrase(workers: int, mode: str) -> str:
+    """How a run verifies, for its log: ``"1 worker, α,β-CROWN loaded once per worker"``,
+    ``"2 workers, one α,β-CROWN process per instance"``."""
+    how = "α,β-CROWN loaded once per worker" if mode == "worker" else "one α,β-CROWN process per instance"
+    return f"{workers} worker{'s' if workers != 1 else ''}, {how}"
 
 
 def _write_verdict_bytes(fd: int, data: bytes) -> int:
@@ -878,7 +900,7 @@ def _worker_loop(job: _Job, tasks: queue.Queue, worker: str, persistent: bool) -
     verifier = (
         _PersistentVerifier(job.abcrown, job.python, work_root, worker, job.started) if persistent else None
     )
-    crashes = 0
+    crashes, r, point = 0, None, None
     try:
         while not job.stop.is_set():
             try:
@@ -923,6 +945,18 @@ def _worker_loop(job: _Job, tasks: queue.Queue, worker: str, persistent: bool) -
                     )
                     job.stop.set()
                     return
+    except OSError as err:  # e.g. a full disk while the instance's files were written
+        where = "" if r is None else f" at instance {r} (test point {point['index']})"
+        with job.write_lock:
+            job.write_error.append(
+                f"verification stopped{where}: {err} (working files under {work_root}). Instances "
+                "without a verdict are not counted; a resumed run verifies them"
+            )
+        job.stop.set()
+    except Exception as err:  # noqa: BLE001  (handed to the main thread, which raises it)
+        with job.write_lock:
+            job.crashed.append(err)
+        job.stop.set()
     finally:
         if verifier is not None:
             verifier.close()
@@ -981,6 +1015,7 @@ def run_verification(
         # the summary's table shows the message with the install command: the log says it once
         logger.error("branch and bound not run: α,β-CROWN not found")
         result = summarize(export, abcrown_ran=False, message=str(err), budget_s=budget)
+        result.shard = None if shard_t is None else f"{shard_t[0]}/{shard_t[1]}"
         _write_summary(export, result, shard_t)
         return result
 
@@ -999,12 +1034,11 @@ def run_verification(
             continue
         tasks.put((r, points[r]))
     logger.info(
-        "α,β-CROWN at %s: %d instances to run (%s, %d %s worker(s)), budget %g s, hard limit %g s",
+        "α,β-CROWN at %s: %d instances to run (%s, %s), budget %g s, hard limit %g s",
         abcrown,
         tasks.qsize(),
         shard_name,
-        workers,
-        mode,
+        _workers_phrase(int(workers), mode),
         budget,
         hard_limit,
     )
@@ -1035,6 +1069,8 @@ def run_verification(
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
+        if job.crashed:  # a worker thread failed unexpectedly: raised here, not printed by the thread
+            raise job.crashed[0]
     except BaseException:
         job.stop.set()
         with job.write_lock:
@@ -1045,9 +1081,9 @@ def run_verification(
             t.join(5)
         raise
     result = summarize(export, abcrown_ran=True, budget_s=budget)
-    if job.write_error:
+    result.shard = None if shard_t is None else f"{shard_t[0]}/{shard_t[1]}"
+    if job.write_error:  # the error raised below says it; the summary keeps it too
         result.message = "\n".join([*job.write_error, result.message]).strip()
-        logger.error("%s", job.write_error[0])
         try:
             _write_summary(export, result, shard_t)
         except OSError as err:

@@ -6,6 +6,7 @@ and that nothing was lost or miscounted. Runs are tiny (digits, a width-16 MLP, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -520,6 +521,226 @@ def test_labels_out_of_range_and_nan_pixels_from_the_python_api(tmp_path):
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         Trainer(model, cfg).fit(loader)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------- loss options, labels, full disk
+
+
+@pytest.mark.parametrize(
+    "method, option, value, expects",
+    [
+        ("crown_ibp", "crown_start", "abc", "expects a number"),
+        ("ibp_r", "reg_weight", "abc", "expects a number"),
+        ("sabr", "lam", "abc", "expects a number"),
+        ("ibp_r", "mask_incorrect", "abc", "expects true/false"),  # was taken as True
+        ("ibp_r", "reg_weight", ".inf", "must be finite"),
+    ],
+)
+def test_loss_option_of_the_wrong_type_gives_one_line(method, option, value, expects, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", "digits", *TINY, "--set", f"loss.method={method}"]
+    result = ccdist(*args, "--set", f"loss.options.{option}={value}", "--output-dir", run)
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert f"loss.options.{option}'" in line and expects in line
+    assert not (run / "checkpoint.pt").exists()
+
+
+def _valid_option(tp) -> object:
+    return True if tp is bool else 0.5
+
+
+def test_every_option_of_every_loss_is_type_checked_when_the_loss_is_built():
+    """One mechanism for all losses: each option is read as its constructor annotation says, so a
+    value of the wrong type is a ValueError naming it (from a config and from make_loss), and a
+    value the config reader accepts (``"2/255"``, an int for a float) builds the loss."""
+    import typing
+
+    from ccdist_plugin.config import LossConfig
+    from ccdist_plugin.losses import list_losses, loss_class, make_loss
+    from ccdist_plugin.models import mlp
+
+    teacher = mlp(1, 8, 10, width=16, depth=2)
+    checked = 0
+    for name in list_losses():
+        cls = loss_class(name)
+        hints = typing.get_type_hints(cls.__init__)
+        extra = {"eps_target": 0.1} if cls.ramp_target else {}
+        extra |= {"teacher": teacher} if cls.teacher_use == "required" else {}
+        config = {"alpha": 0.5} if "alpha" in cls.config_keys else {}
+        for option in cls.option_keys:
+            assert option in hints, f"{name}: option {option!r} has no type annotation to check it by"
+            valid = {k: _valid_option(hints[k]) for k in cls.required_options}
+            for wrong in ("abc", [1, 2], None):
+                options = {**valid, option: wrong}
+                if wrong is None and type(None) in typing.get_args(hints[option]):
+                    continue
+                with pytest.raises(ValueError, match=f"loss.options.{option}'? (expects|must)"):
+                    cls.from_config(LossConfig(method=name, options=options, **config), **extra)
+                with pytest.raises(ValueError, match=f"loss.options.{option}'? (expects|must)"):
+                    make_loss(name, **{**extra, **config, **options})
+            if hints[option] is float:
+                for text, value in (("1/4", 0.25), (1, 1.0)):
+                    loss = cls.from_config(
+                        LossConfig(method=name, options={**valid, option: text}, **config), **extra
+                    )
+                    assert getattr(loss, option) == value and isinstance(getattr(loss, option), float)
+                with pytest.raises(ValueError, match="must be finite"):
+                    make_loss(name, **{**extra, **config, **valid, option: float("nan")})
+            checked += 1
+    assert checked >= 8  # lam, temperature, four CROWN-IBP schedule ends, reg_weight, mask_incorrect
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_labels_out_of_range_given_to_a_loss_from_python(label):
+    from ccdist_plugin.bounds import certify
+    from ccdist_plugin.losses import CCDistLoss, make_loss
+    from ccdist_plugin.models import mlp
+
+    torch.manual_seed(0)
+    teacher, student = mlp(1, 8, 10, width=16, depth=2), mlp(1, 8, 10, width=16, depth=2)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, label])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)") as from_certify:
+        certify(student, x, y, 0.01, method="ibp")
+    for loss in (CCDistLoss(teacher, alpha=0.5), make_loss("sabr", lam=0.5), make_loss("ibp")):
+        with pytest.raises(ValueError) as info:
+            loss(student, x, y, 0.01)
+        assert str(info.value) == str(from_certify.value)  # the same words as certify
+    good = CCDistLoss(teacher, alpha=0.5)(student, x, torch.tensor([0, 1, 2, 9]), 0.01)
+    assert torch.isfinite(good.loss)
+
+
+class _DiskFullAfter:
+    """A file object that takes ``room`` bytes and then fails as a full disk does."""
+
+    def __init__(self, fh, room: int) -> None:
+        self._fh, self._room = fh, room
+
+    def write(self, data) -> int:
+        if len(data) > self._room:
+            self._fh.write(bytes(data[: self._room]))
+            self._room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+
+@pytest.mark.parametrize("room", [2000, 0])
+def test_disk_full_while_a_checkpoint_is_saved(room, tmp_path, monkeypatch):
+    """A full disk in the middle of torch.save (torch reports it as its own ``inline_container``
+    RuntimeError) or at its first byte: one line naming the file and the error, the previous
+    checkpoint intact, no temporary left, and ``--resume`` continues once there is room again."""
+    from ccdist_plugin import checkpoint as checkpoint_module
+
+    run = tmp_path / "run"
+    real_write, saves = checkpoint_module.atomic_write, []
+
+    def full_at_second_save(path, write):
+        saves.append(path)
+        if len(saves) < 2:
+            return real_write(path, write)
+        return real_write(path, lambda fh: write(_DiskFullAfter(fh, room)))
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write", full_at_second_save)
+    args = [*TEACHER, "--set", "schedule.epochs=2", "--output-dir", run]
+    result = ccdist(*args)
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    checkpoint = run / "checkpoint.pt"
+    assert f"{checkpoint}: No space left on device" in line
+    assert f"last checkpoint is kept at {checkpoint}, intact" in line and "--resume" in line
+    assert load_checkpoint(checkpoint)["epoch"] == 1 and len(saves) == 2
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # the epoch-2 row was written
+
+    monkeypatch.undo()  # room again: the run continues from epoch 1
+    result = ccdist(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(checkpoint)["epoch"] == 2
+
+
+def test_save_checkpoint_reports_a_full_disk_as_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    from ccdist_plugin import checkpoint as checkpoint_module
+
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1, "w": torch.zeros(1000)})
+    before = file_sha256(path)
+    real_write = checkpoint_module.atomic_write
+    monkeypatch.setattr(
+        checkpoint_module,
+        "atomic_write",
+        lambda p, write: real_write(p, lambda fh: write(_DiskFullAfter(fh, 700))),
+    )
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"epoch": 2, "w": torch.ones(1000)})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "inline_container" in repr(info.value.__cause__)  # what torch raised, kept as the cause
+    assert file_sha256(path) == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def _export_and_fake_verifier(root: Path, count: int) -> tuple[Path, Path]:
+    from test_verify import make_export, make_fake_abcrown
+
+    return make_export(root, ["bab"] * count), make_fake_abcrown(root, {})
+
+
+@pytest.mark.parametrize("mode", ["worker", "process"])
+def test_disk_full_during_verify_is_one_line_without_a_thread_traceback(mode, tmp_path, monkeypatch):
+    """The first file an instance writes (its command line) meets a full disk inside a worker
+    thread: the thread hands the error to the command (no 'Exception in thread' traceback), the
+    command prints one line, and a later run verifies every instance."""
+    import threading
+
+    from test_verify import calls
+
+    export, fake = _export_and_fake_verifier(tmp_path, 3)
+    real_write_text, thread_errors = Path.write_text, []
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "command.txt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(threading, "excepthook", lambda info: thread_errors.append(info.exc_value))
+    result = ccdist("verify", "--export", export, "--abcrown", fake, "--mode", mode)
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "verification stopped at instance 0 (test point 100)" in line and "No space left on device" in line
+    assert "a resumed run verifies them" in line
+    assert "Exception in thread" not in result.output and thread_errors == []
+    assert calls(fake) == []  # the run stopped before any verifier ran
+
+    monkeypatch.undo()
+    result = ccdist("verify", "--export", export, "--abcrown", fake, "--mode", mode)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((export / "verification.json").read_text())
+    assert summary["certified"] == 3 and summary["missing"] == []
+
+
+def test_an_unexpected_error_in_a_verify_worker_is_raised_by_the_run(tmp_path, monkeypatch):
+    """A bug in a worker thread is not printed by the thread and forgotten: run_verification
+    raises it (so the command shows it as the bug it is)."""
+    import threading
+
+    import ccdist_plugin.verify as verify_mod
+
+    export, fake = _export_and_fake_verifier(tmp_path, 2)
+    thread_errors: list[BaseException] = []
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(verify_mod, "_run_one", broken)
+    monkeypatch.setattr(threading, "excepthook", lambda info: thread_errors.append(info.exc_value))
+    with pytest.raises(KeyError, match="a bug"):
+        verify_mod.run_verification(export, abcrown_dir=fake, python=sys.executable)
+    assert thread_errors == []
 
 
 # ---------------------------------------------------------------------------------- housekeeping

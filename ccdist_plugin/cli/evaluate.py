@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ def run_eval(
         log=say,
     )
     points = []
+    curve_start = time.perf_counter()
     for factor in curve or []:
         e = factor * eps
         if factor == 1.0:
@@ -149,6 +151,9 @@ def run_eval(
             curve_settings = EvalSettings(**_curve_kwargs(settings, e))
             m = evaluate(model, x, y, curve_settings, progress=progress).metrics
         points.append({"eps": e, **{k: m.get(k) for k in _CURVE_KEYS}})
+    if points:  # the evaluation's time ("Eval time") includes the curve's passes
+        result.timings_s["eps_curve"] = time.perf_counter() - curve_start
+        result.timings_s["total"] = result.timings_s.get("total", 0.0) + result.timings_s["eps_curve"]
     record = reports.make_record(result, info, data_info, label=name, eps_curve=points)
     reports.write_json(record, out / "eval.json")
     (out / "eval.md").write_text(reports.eval_table([record]))
@@ -181,7 +186,7 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
 )
 @click.option("--count", type=int, default=None, help="number of test points (default: the whole test set)")
 @click.option("--start", default=0, show_default=True, help="index of the first test point")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--batch-size", default=256, show_default=True, help="test points per batch (every metric)")
 @click.option(
     "--attack",
     type=click.Choice(["pgd40", "autoattack", "none"]),
@@ -202,7 +207,9 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
     show_default=True,
     help="PGD step as a multiple of ε",
 )
-@click.option("--pgd-restarts", default=EVAL_PGD.restarts, show_default=True)
+@click.option(
+    "--pgd-restarts", default=EVAL_PGD.restarts, show_default=True, help="PGD random starts per test point"
+)
 @click.option("--methods", default="ibp,crown", show_default=True, help="certification by our bounds")
 @click.option(
     "--crown-intermediate",
@@ -493,12 +500,16 @@ def _sweep_teacher(cfg, out: Path, quiet: bool) -> Path | None:
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True, help="evaluate every run")
 @click.option("--count", type=int, default=None, help="test points per evaluation (default: all)")
 @click.option(
-    "--attack", type=click.Choice(["pgd40", "autoattack", "none"]), default="pgd40", show_default=True
+    "--attack",
+    type=click.Choice(["pgd40", "autoattack", "none"]),
+    default="pgd40",
+    show_default=True,
+    help="the evaluation attack, as for ccdist eval (autoattack: PGD-40 and AutoAttack)",
 )
 @click.option("--bab", is_flag=True, help="branch-and-bound certified accuracy too (slow)")
-@click.option("--bab-count", default=100, show_default=True)
-@click.option("--bab-timeout", default=600.0, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
+@click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
+@click.option("--quiet", is_flag=True, help="no progress bars or per-epoch logs")
 def sweep_command(
     param,
     values_text,

@@ -14,6 +14,7 @@ which is how the trainer finds it: recorded in the run's config.yaml, compared b
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from pathlib import Path
 
 import click
@@ -77,8 +78,11 @@ def _run(
         )
     except KeyboardInterrupt:
         _interrupted(checkpoint)
-    except OSError as err:  # e.g. the folder became read-only: say what is kept
-        raise OSError(err.errno, f"{err.strerror}; {_kept(checkpoint)}", err.filename) from err
+    except OSError as err:  # e.g. a full disk or a folder gone read-only: say what is kept
+        kept = _kept(checkpoint)
+        if checkpoint.is_file():
+            kept += ", intact (continue with --resume once the cause is fixed)"
+        raise OSError(err.errno, f"{err.strerror or err}; {kept}", err.filename) from err
     finally:
         distributed.cleanup()  # under torchrun (a no-op otherwise)
     if not distributed.is_main_process():
@@ -133,8 +137,13 @@ def presets_command() -> None:
     """List the packaged configurations (use them with --config NAME)."""
     from ccdist_plugin.config import preset_description
 
-    for name in list_presets():
-        click.echo(f"{name:24s} {preset_description(name)}")
+    names = list_presets()
+    width = max(map(len, names)) + 2
+    for name in names:  # the description wrapped under itself, never cut
+        lines = textwrap.wrap(preset_description(name), max(100 - width, 40)) or [""]
+        click.echo(f"{name:{width}s}{lines[0]}")
+        for line in lines[1:]:
+            click.echo(" " * width + line)
 
 
 @click.command("train-teacher")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ccdist_plugin.attacks import PGD
 from ccdist_plugin.latent import check_distill_layer
 from ccdist_plugin.models import CertifiedNet, check_compatible
-from ccdist_plugin.validate import check_batch, check_model
+from ccdist_plugin.validate import check_batch, check_labels, check_model
 
 if TYPE_CHECKING:
     from ccdist_plugin.config import LossConfig
@@ -147,8 +147,37 @@ class RobustLoss:
                 f"loss {cls.name!r} needs {', '.join(missing)}: set it with loss.options "
                 f"(e.g. --set loss.options.{missing[0]}=...)"
             )
-        kwargs.update(config.options)
+        kwargs.update(cls.option_values(config.options))
         return kwargs
+
+    @classmethod
+    def option_values(cls, options: dict[str, Any], where: str = "loss.options") -> dict[str, Any]:
+        """``options`` (of ``option_keys``) read as the types the constructor's annotations give,
+        as the config reads its own fields: a float option takes ``0.5``, ``1`` or ``"2/255"`` and
+        must be finite, a bool option only true/false. Anything else is a ``ValueError`` naming the
+        option, e.g. ``loss.options.lam expects a number``; the constructor then checks the range."""
+        import math
+        import typing
+
+        from ccdist_plugin.config import convert_value
+
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except (NameError, TypeError):  # a subclass annotating with names only a type checker sees
+            plain = {"float": float, "int": int, "bool": bool, "str": str}
+            hints = {k: plain.get(v, v) for k, v in cls.__init__.__annotations__.items()}
+        values: dict[str, Any] = {}
+        for key, value in options.items():
+            name = f"{where}.{key}"
+            if key in hints:
+                try:
+                    value = convert_value(value, hints[key], name)
+                except TypeError:  # a type the config reader does not know: the constructor checks it
+                    pass
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config key {name!r} must be finite, got {value}")
+            values[key] = value
+        return values
 
     @classmethod
     def from_config(
@@ -230,9 +259,15 @@ class RobustLoss:
     def __call__(
         self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, x_adv: Tensor | None = None
     ) -> LossOutput:
-        """The loss on a batch; ``x_adv``: the attack's output computed beforehand (gradient
-        accumulation attacks micro-batch by micro-batch; see :meth:`adversarial_batch`)."""
-        check_batch(model, x, y, eps, values=False)  # shapes and ε: no device sync per step
+        """The loss on the batch ``(x, y)`` at radius ``eps``; ``x_adv``: the attack's output computed
+        beforehand (gradient accumulation attacks micro-batch by micro-batch; see
+        :meth:`adversarial_batch`). Shapes and ε are checked, and labels held on the CPU must lie in
+        [0, num_classes) (a ``ValueError`` naming them, as ``certify`` says); on an accelerator that
+        range is left to the caller (``Trainer.fit`` checks its data), since reading it back would
+        cost a device synchronization every step."""
+        net = check_batch(model, x, y, eps, values=False)  # shapes and ε: no device sync per step
+        if y.device.type == "cpu":  # labels on the host: their range costs no device synchronization
+            check_labels(x, y, net.num_classes)
         self.check_student(model)
         latent = self.teacher is not None and self.distill_layer == "penultimate"
         attack = self.attack if self.needs_attack else None

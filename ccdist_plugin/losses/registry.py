@@ -88,4 +88,5 @@ def make_loss(name: str, **kwargs) -> RobustLoss:
     missing = [k for k in cls.required_options if k not in kwargs]
     if missing:
         raise ValueError(f"loss {name!r} needs {', '.join(missing)}")
-    return cls(**kwargs)
+    options = cls.option_values({k: v for k, v in kwargs.items() if k in cls.option_keys})
+    return cls(**{**kwargs, **options})
