@@ -60,6 +60,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Trainer": "ccdist_plugin.trainer",
     "train_teacher": "ccdist_plugin.trainer",
+    "build_model": "ccdist_plugin.trainer",
+    "load_data": "ccdist_plugin.trainer",
     "TrainConfig": "ccdist_plugin.config",
     "load_preset": "ccdist_plugin.config",
     "list_presets": "ccdist_plugin.config",

@@ -165,8 +165,7 @@ def _run_demo(out: Path, seed: int, say: Callable[[str], None], export: bool, ve
     models: dict[str, torch.nn.Module] = {}
     for label, cfg, teacher_key in runs:
         say(f"training {label} ({cfg.schedule.epochs} epochs, {cfg.loss.method}) ...")
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data.spec)
+        model = build_model(cfg, data.spec)  # initialized from cfg.seed
         teacher = models.get(teacher_key) if teacher_key else None
         t0 = time.perf_counter()
         fit = Trainer(model, cfg, teacher=teacher).fit(data.train, data.test)

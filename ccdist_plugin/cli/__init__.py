@@ -8,9 +8,10 @@
     ccdist demo                                      # the quick start on sklearn's digits
     ccdist eval / compare / sweep                    # tables and figures (cli/evaluate.py)
     ccdist export / verify                           # alpha,beta-CROWN (cli/verification.py)
+    ccdist configs [--path | --copy DIR]             # the packaged alpha,beta-CROWN templates
 
 Modules: :mod:`.common` (ε parsing, KEY=VALUE overrides, logging, checkpoint loading, one-line
-errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.verification`. Expected failures print one
+errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.verification`, :mod:`.configs`. Expected failures print one
 ``error: ...`` line and exit with status 2; ``--debug`` (before or after the command) shows
 tracebacks.
 """
@@ -46,7 +47,7 @@ def main(ctx: click.Context, debug: bool, malloc_tuning: bool) -> None:
 
 
 def _register() -> None:
-    from ccdist_plugin.cli import evaluate, train, verification
+    from ccdist_plugin.cli import configs, evaluate, train, verification
 
     for command in (
         train.presets_command,
@@ -58,6 +59,7 @@ def _register() -> None:
         evaluate.sweep_command,
         verification.export_command,
         verification.verify_command,
+        configs.configs_command,
     ):
         main.add_command(command)
 
