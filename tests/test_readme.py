@@ -169,3 +169,19 @@ def test_evaluation_page_example_is_the_demo_table_row():
     cells = dict(zip(names, [c.strip() for c in row.strip("|").split("|")], strict=True))
     quoted = tuple(round(float(cells[k]), 1) for k in ("Std.", "PGD-40", "IBP", "CROWN"))
     assert quoted == demo, (quoted, demo)
+
+
+def test_digits_training_commands_set_one_thread():
+    """The README's and the scaling page's digits training commands (outside torchrun, which sets one
+    thread per process itself) pass --threads 1: torch's default threads are many times slower for these
+    small networks on a shared CPU (docs/training.md, --threads)."""
+    commands = []
+    for page in (REPO / "README.md", REPO / "docs" / "scaling.md"):
+        for line in page.read_text().splitlines():
+            if "torchrun" in line or line.lstrip().startswith("#"):
+                continue
+            found = re.findall(r"ccdist train(?:-teacher)? --config digits[^`|#\n]*", line)
+            commands += [(page.name, command) for command in found]
+    assert len(commands) >= 3, commands
+    missing = [c for c in commands if "--threads 1" not in c[1]]
+    assert not missing, missing
