@@ -3,9 +3,10 @@
     python benchmarks/make_results.py
 
 Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results/reproduce_cpu.md``
-(``python benchmarks/reproduce_cpu.py``), ``docs/results/resnet_cpu.md`` (``python benchmarks/resnet_cpu.py``)
-and the written discussions ``docs/results/notes.md`` and ``resnet_cpu_notes.md`` (which quote only
-figures from those files), and writes ``docs/RESULTS.md``.
+(``python benchmarks/reproduce_cpu.py``), ``docs/results/resnet_cpu.md``
+(``python benchmarks/resnet_cpu.py``), ``docs/results/accumulate_memory.md``
+(``python benchmarks/accumulate_memory.py``) and the written discussions ``docs/results/notes.md`` and
+``resnet_cpu_notes.md`` (which quote only figures from those files), and writes ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ python benchmarks/reproduce_cpu.py --protocol paper-cpu --workers 2   # → docs
 python benchmarks/resnet_cpu.py --workers 2                 # → docs/results/resnet_cpu.* (issue 16's
                                    #   PreActResNet18 comparison; the reading: resnet_cpu_notes.md)
 python benchmarks/speed.py --only resnet --repeats 3 --threads 1 --out docs/results/resnet
+python benchmarks/accumulate_memory.py                       # → docs/results/accumulate_memory.*
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         ("## Speed: PreActResNet18", "resnet/speed.md"),
         ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
         ("## The allocator setting, in alternated fresh processes", "allocator/speed.md"),
+        ("## Gradient accumulation", "accumulate_memory.md"),
     ):
         path = docs / "results" / name
         if "/" in name and not path.is_file():

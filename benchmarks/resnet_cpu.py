@@ -22,6 +22,11 @@ overrides below, ``evaluation.prefilter``):
   memory) and the native full CROWN is far slower than CROWN-IBP on a CPU (docs/own_models.md).
 
 Output: ``<out>/<run>/result.json`` per run, then ``docs/results/resnet_cpu.{json,md}`` (``--docs``).
+
+A run already in ``--out`` is reused only when its recorded settings (``<run>/settings.json``: the run's
+width, epochs, seed, β, ... and, for CC-Dist, the teacher's weights by hash) equal this invocation's and its
+outputs are complete; otherwise the script stops before training with one line naming the run (exit 2).
+``--overwrite`` retrains exactly those runs (see ``reproduce_cpu.check_run_folder``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_analysis import paired_t_interval, per_seed_differences  # noqa: E402
-from reproduce_cpu import VAL_SIZE, _tensors, build_student, evaluate  # noqa: E402
+from reproduce_cpu import (  # noqa: E402
+    VAL_SIZE,
+    build_student,
+    check_run_folder,
+    evaluate,
+    split_tensors,
+    weights_sha256,
+)
 
 EPS = 2 / 255
 #: α = 0.05: the value chosen on validation for this subset and ε at CPU scale (cnn3, docs/RESULTS.md); the
@@ -99,8 +111,21 @@ def overrides(run: Run, out: Path) -> list[str]:
     ]
 
 
-def run_one(run: Run, root: str) -> dict[str, Any]:
-    """Train (resuming a killed run) and evaluate one run; writes ``<root>/<name>/result.json``."""
+def run_settings(run: Run, teacher_known: bool = True) -> dict[str, Any]:
+    """What a run records and a later invocation compares: the run without its name and teacher path, and
+    for CC-Dist the teacher's weights by hash (when ``teacher_known``: the teacher has finished)."""
+    settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "teacher")}
+    if run.kind == "teacher":
+        settings.pop("beta_w")  # a student's setting
+    if run.kind == "cc_dist" and run.teacher and teacher_known:
+        settings["teacher_sha256"] = weights_sha256(Path(run.teacher))
+    return json.loads(json.dumps(settings))
+
+
+def run_one(run: Run, root: str, overwrite: bool = False) -> dict[str, Any]:
+    """Train (resuming a killed run) and evaluate one run; writes ``<root>/<name>/result.json``. A run
+    already in its folder is reused only when its recorded settings equal this one's (``overwrite``: it is
+    retrained otherwise)."""
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from ccdist_plugin.config import load_config
@@ -109,6 +134,7 @@ def run_one(run: Run, root: str) -> dict[str, Any]:
 
     out = Path(root) / run.name
     result_path = out / "result.json"
+    check_run_folder(out, run_settings(run), overwrite)
     if result_path.is_file():
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +148,7 @@ def run_one(run: Run, root: str) -> dict[str, Any]:
     )
     model = trainer.fit(data.train, data.val, resume=ckpt.is_file()).model.cpu().eval()
     train_s = time.perf_counter() - t0
-    xt, yt = _tensors(data.test)
+    xt, yt = split_tensors(data.test)
     result = {
         "run": dataclasses.asdict(run),
         "train_s": train_s,
@@ -272,7 +298,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
     p.add_argument("--only", default="", help="run only these students (names, comma-separated), no report")
     p.add_argument("--docs", default="docs/results", help="where resnet_cpu.{json,md} go ('' for nowhere)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain the runs whose recorded settings differ from this invocation's, or whose outputs are "
+        "incomplete (without it such a run stops the script, exit 2); runs with the same settings are reused",
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     args = p.parse_args(argv)
+    try:
+        _main(args)
+    except (ValueError, OSError) as err:  # a setting or a run folder that cannot be used: one line, exit 2
+        if args.debug:
+            raise
+        print(f"error: {err}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args: argparse.Namespace) -> None:
     root = Path(args.out)
     teacher = Run("teacher", "teacher", 0, args.width, args.teacher_epochs, args.teacher_steps)
     ckpt = str(root / "teacher" / "checkpoint.pt")
@@ -293,12 +336,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.only:  # e.g. one more run beside a running invocation (each run's folder is locked)
         students = [s for s in students if s.name in args.only.split(",")]
+    if not args.overwrite:  # before anything starts: runs that cannot be reused stop the script
+        teacher_done = (root / "teacher" / "result.json").is_file()
+        for r in [teacher, *students]:
+            check_run_folder(root / r.name, run_settings(r, teacher_done), False, record=False)
     results: dict[str, dict] = {}
     with ProcessPoolExecutor(args.workers) as pool:
-        t_future = pool.submit(run_one, teacher, str(root))
-        futures = {s.name: pool.submit(run_one, s, str(root)) for s in students if s.kind == "cc_ibp"}
+        submit = lambda r: pool.submit(run_one, r, str(root), args.overwrite)  # noqa: E731
+        t_future = submit(teacher)
+        futures = {s.name: submit(s) for s in students if s.kind == "cc_ibp"}
         results["teacher"] = t_future.result()  # the CC-Dist runs need its checkpoint
-        futures |= {s.name: pool.submit(run_one, s, str(root)) for s in students if s.kind == "cc_dist"}
+        futures |= {s.name: submit(s) for s in students if s.kind == "cc_dist"}
         for name, fut in futures.items():
             results[name] = fut.result()
             print(f"{name}: {json.dumps({k: results[name]['test'][k] for k, _ in METRICS})}", flush=True)

@@ -15,7 +15,7 @@ instance by instance (a timeout in one and a verdict in the other can differ nea
 limit; any safe/unsafe disagreement is a bug). Nothing is asserted; results go to
 ``--out`` (JSON and a Markdown line).
 
-    source ~/.cache/abcrown-vendor/abcrown.env   # or set ABCROWN_DIR to α,β-CROWN's complete_verifier
+    ccdist install-verifier   # once (or set ABCROWN_DIR to α,β-CROWN's complete_verifier)
     python benchmarks/verifier_overhead.py --points 8
     python benchmarks/verifier_overhead.py --points 8 --cifar-root DIR   # + a CIFAR-10 (JPEG subset) cnn3
 
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from ccdist_plugin.data import load_dataset  # noqa: E402
 from ccdist_plugin.export import export_instances  # noqa: E402
+from ccdist_plugin.install import locate_verifier  # noqa: E402
 from ccdist_plugin.models import cnn3  # noqa: E402
 from ccdist_plugin.verify import find_abcrown, run_verification  # noqa: E402
 
@@ -86,7 +87,7 @@ def csv_verdicts(results_pkl: Path) -> list[str]:
 
 
 def measure(name: str, export_dir: Path, abcrown: Path, extra: list[str], mode: str, timeout: float) -> dict:
-    python = os.environ.get("ABCROWN_PYTHON") or sys.executable
+    python = locate_verifier().python
     n = sum(1 for line in (export_dir / "instances.csv").read_text().splitlines() if line.strip())
     results_pkl = export_dir / "csv_run_results.pkl"
     cmd = [python, str(abcrown / "abcrown.py"), "--config", str(export_dir / "abcrown.yaml")]
@@ -131,7 +132,11 @@ def main() -> None:
     ap.add_argument("--cifar-root", default=None, help="folder with cifar10-jpeg-*.npz (default: skip CIFAR)")
     ap.add_argument("--cifar-eps", type=float, default=2 / 255)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="α,β-CROWN's device for CIFAR")
-    ap.add_argument("--abcrown", default=None, help="α,β-CROWN's complete_verifier (default $ABCROWN_DIR)")
+    ap.add_argument(
+        "--abcrown",
+        default=None,
+        help="α,β-CROWN's complete_verifier (default: as ccdist verify finds it)",
+    )
     ap.add_argument("--abcrown-args", default="", help="extra α,β-CROWN options for both runs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")

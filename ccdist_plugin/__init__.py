@@ -7,8 +7,9 @@ Where things are:
   ``crown_ibp`` (differentiable CROWN-IBP for training), ``latent`` (bounds at the penultimate layer).
 - ``attacks``: ℓ∞ PGD and the one evaluation attack (``EVAL_PGD``).
 - ``losses``: CC-Dist, CC-IBP and the other losses, as drop-in objects that describe themselves.
-- ``trainer`` / ``config`` / ``schedules`` / ``regularizers`` / ``checkpoint`` / ``runlock``: the training
-  protocol (``trainer.training_step`` is one step).
+- ``trainer`` / ``step`` / ``train_data`` / ``training_logs`` / ``config`` / ``schedules`` /
+  ``regularizers`` / ``checkpoint`` / ``runlock``: the training protocol (``step.training_step`` is one
+  step).
 - ``data``: dataset loaders and augmentation; ``validate``: the input checks.
 - ``export`` / ``verify`` / ``abcrown_worker``: ONNX + VNN-LIB and α,β-CROWN.
 - ``evaluation`` / ``reports``: the pre-filter, metrics and reports.
@@ -53,8 +54,7 @@ from ccdist_plugin.models import (
     mlp,
     preact_resnet18,
 )
-
-__version__ = "0.1.0"
+from ccdist_plugin.version import __version__ as __version__
 
 # Heavier submodules load on first use, so `import ccdist_plugin` stays quick.
 _LAZY = {

@@ -45,6 +45,7 @@ from ccdist_plugin.validate import eps_tensor as _eps_tensor
 
 __all__ = [
     "UnsupportedLayerError",
+    "AutoLirpaMissingError",
     "input_box",
     "IntervalPropagation",
     "propagate_intervals",
@@ -90,6 +91,11 @@ _NATIVE_IBP = (
 class UnsupportedLayerError(TypeError, ValueError):
     """Raised when a bound is asked for through a layer no engine can bound soundly (the message
     names it). A ``ValueError`` too: it reports a model the user passed in."""
+
+
+class AutoLirpaMissingError(UnsupportedLayerError, ImportError):
+    """A bound needs auto_LiRPA, which is not installed (the message names the layer the native
+    engine cannot bound, when there is one, and the install command). An ``ImportError`` too."""
 
 
 #: the standard layers the engines know, each with the ``forward`` they assume: a subclass that
@@ -272,6 +278,12 @@ class _TrainBatchNorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+#: set by :mod:`ccdist_plugin.accumulate` while it trains on micro-batches: a train-mode BatchNorm then
+#: takes ``(normalized, mean, invstd)`` from ``hook(bn, stats_input, update_running_stats)`` (the
+#: whole batch's statistics) instead of computing them from ``stats_input``
+BATCH_STATISTICS_HOOK: Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor, Tensor]] | None = None
+
+
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """The running-average factor ``bn.forward`` would use now, counting this batch (as it does)."""
     bn.num_batches_tracked.add_(1)
@@ -293,16 +305,19 @@ def _bn_scale_shift(
     if bn.training or bn.running_mean is None:
         if stats_input is None:
             raise ValueError("BatchNorm in train mode needs a reference batch for its statistics")
-        track = update_running_stats and bn.track_running_stats and bn.running_mean is not None
-        normalized, mean, invstd = _TrainBatchNorm.apply(
-            stats_input,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if track else None,
-            bn.running_var if track else None,
-            _bn_momentum(bn) if track else 0.0,
-            bn.eps,
-        )
+        if BATCH_STATISTICS_HOOK is not None:  # gradient accumulation (ccdist_plugin.accumulate)
+            normalized, mean, invstd = BATCH_STATISTICS_HOOK(bn, stats_input, update_running_stats)
+        else:
+            track = update_running_stats and bn.track_running_stats and bn.running_mean is not None
+            normalized, mean, invstd = _TrainBatchNorm.apply(
+                stats_input,
+                bn.weight,
+                bn.bias,
+                bn.running_mean if track else None,
+                bn.running_var if track else None,
+                _bn_momentum(bn) if track else 0.0,
+                bn.eps,
+            )
         scale = invstd
     else:
         mean = bn.running_mean
@@ -965,7 +980,7 @@ def _native_crown(
 def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
     from ccdist_plugin.lirpa import import_auto_lirpa, margin_spec, refuse_unsound_lirpa_crown
 
-    BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa()
+    BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa(model)
     refuse_unsound_lirpa_crown(model, method)
     lo, hi = input_box(x, eps)
     eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)

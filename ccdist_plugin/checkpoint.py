@@ -199,3 +199,20 @@ def check_resumable(
             "Refusing to resume (pass the original teacher, or --allow-teacher-change to continue "
             "towards the new one)"
         )
+
+
+def describe_checkpoint(path: Path) -> str:
+    """``checkpoint.pt (a finished run, 3/3 epochs)``, ``... (an unfinished run, stopped after 1 of 3
+    epochs)``, or that the file is not a readable checkpoint: what an earlier run left, in words."""
+    try:
+        payload = load_checkpoint(path)
+    except ValueError:
+        return f"{path.name} (a file that is not a readable checkpoint)"
+    done = payload.get("epoch")
+    schedule = (payload.get("config") or {}).get("schedule") or {}
+    total = schedule.get("epochs") if isinstance(schedule, dict) else None
+    if not isinstance(done, int) or not isinstance(total, int):
+        return f"{path.name} (a checkpoint)"
+    if done >= total:
+        return f"{path.name} (a finished run, {done}/{total} epochs)"
+    return f"{path.name} (an unfinished run, stopped after {done} of {total} epochs)"

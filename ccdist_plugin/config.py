@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -256,6 +257,10 @@ class OptimConfig:
         shi_lambda: λ of the Shi et al. (2021) regularizer, applied during ramp-up with weight
             λ(1 − ε_t/ε) (0.5 on CIFAR-10, 0.2 on TinyImageNet/ImageNet64; 0 disables it).
         shi_tau: τ of the Shi regularizer (0.5).
+        accumulate: gradient accumulation: each batch is split into this many micro-batches whose
+            weighted gradients add up to the batch's, so that only one micro-batch's graph lives at a
+            time (1: off). It must divide ``batch_size``; BatchNorm layers normalize with the whole
+            batch's statistics (docs/training.md, "Gradient accumulation").
     """
 
     optimizer: str = "adam"
@@ -270,6 +275,7 @@ class OptimConfig:
     l1: float = 0.0
     shi_lambda: float = 0.5
     shi_tau: float = 0.5
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -288,6 +294,15 @@ class OptimConfig:
         _check(self.l1 >= 0, "optim.l1 must be >= 0")
         _check(self.shi_lambda >= 0, "optim.shi_lambda must be >= 0")
         _check(self.shi_tau > 0, "optim.shi_tau must be > 0")
+        _check(
+            type(self.accumulate) is int and self.accumulate >= 1,
+            f"optim.accumulate must be an integer >= 1, got {self.accumulate!r}",
+        )
+        _check(
+            self.batch_size % self.accumulate == 0,
+            f"optim.accumulate={self.accumulate} does not divide optim.batch_size={self.batch_size} "
+            "(each batch is split into that many equal micro-batches)",
+        )
         _check(
             list(self.lr_decay_epochs) == sorted(self.lr_decay_epochs),
             f"optim.lr_decay_epochs must be increasing, got {list(self.lr_decay_epochs)}",
@@ -421,9 +436,18 @@ class TrainConfig:
         >>> TrainConfig().override(["loss.alpha=0.25", "eps=2/255"]).loss.alpha
         0.25
         """
+        return self.override_values([parse_override(item) for item in assignments])
+
+    def override_values(self, values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> TrainConfig:
+        """Set dotted keys to values already parsed (``{"loss.alpha": 0.25}``, or ``(key, value)``
+        pairs applied in order) and revalidate: the checks of :meth:`override` (an unknown key is
+        named with the nearest valid one).
+
+        >>> TrainConfig().override_values({"loss.alpha": 0.25, "optim.lr": 1e-05}).optim.lr
+        1e-05
+        """
         data = self.to_dict()
-        for item in assignments:
-            key, value = parse_override(item)
+        for key, value in values.items() if isinstance(values, Mapping) else values:
             _assign(data, key, value)
         return TrainConfig.from_dict(data)
 

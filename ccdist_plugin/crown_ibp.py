@@ -40,6 +40,7 @@ from ccdist_plugin.bounds import (
     network_graph,
     propagate_intervals,
 )
+from ccdist_plugin.lirpa import INSTALL_COMMAND
 from ccdist_plugin.models import CertifiedNet
 
 __all__ = [
@@ -78,7 +79,7 @@ def check_crown_ibp_layers(features: nn.Module) -> None:
     raise UnsupportedLayerError(
         f"CROWN-IBP (native) cannot bound a {type(layer).__name__} layer{reason}; supported are {_SUPPORTED} "
         "(the crown_ibp loss trains other networks through auto_LiRPA's CROWN-IBP where auto_LiRPA is "
-        "installed, or use an IBP-based loss, e.g. cc_ibp or cc_dist)"
+        f"installed: {INSTALL_COMMAND}; or use an IBP-based loss, e.g. cc_ibp or cc_dist)"
     )
 
 

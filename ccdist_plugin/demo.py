@@ -12,15 +12,19 @@ figures of ``ccdist eval``): standard accuracy, accuracy under the evaluation at
 float64; on these networks CROWN runs with CROWN intermediate bounds, stated under the table), and
 prints a table.
 When :mod:`ccdist_plugin.export` is available it also exports the CC-Dist student and a handful of
-test points for α,β-CROWN (``<output_dir>/export``) and, when ``ABCROWN_DIR`` is set, verifies
-them (:func:`verify_hook`, ``ccdist_plugin.verify``; points not already certified by our IBP/CROWN
-or broken by PGD go to branch and bound with a short time limit).
+test points for α,β-CROWN (``<output_dir>/export``) and, when α,β-CROWN is installed
+(``ccdist install-verifier``, or ``ABCROWN_DIR`` set), verifies them (:func:`verify_hook`,
+``ccdist_plugin.verify``; points not already certified by our IBP/CROWN or broken by PGD go to
+branch and bound with a short time limit).
+
+An output folder that holds an earlier demo (one of the three checkpoints, or the export) is refused
+by ``ccdist demo`` unless ``--overwrite`` is given, which replaces the demo's own outputs
+(:data:`DEMO_OUTPUTS`) and leaves anything else in the folder alone.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,14 +34,21 @@ from typing import Any
 import torch
 
 from ccdist_plugin.config import load_preset
+from ccdist_plugin.install import locate_verifier
+from ccdist_plugin.runlock import TRAINING_OUTPUTS, claim_output_folder, describe_earlier_run
 from ccdist_plugin.trainer import Trainer, build_model, load_data
 
-__all__ = ["run_demo", "DemoResult", "evaluate_model", "verify_hook", "EXPORT_POINTS"]
+__all__ = ["run_demo", "DemoResult", "evaluate_model", "verify_hook", "EXPORT_POINTS", "DEMO_OUTPUTS"]
 
 log = logging.getLogger(__name__)
 
 #: test points exported for α,β-CROWN, and its time limit per point (branch and bound)
 EXPORT_POINTS, VERIFY_TIMEOUT_S = 10, 20.0
+#: the demo's runs (sub-folders of its output folder)
+DEMO_RUNS = ("teacher", "cc_ibp", "cc_dist")
+#: what marks an earlier demo in the output folder, and everything the demo writes there
+DEMO_MARKERS = (*(f"{run}/checkpoint.pt" for run in DEMO_RUNS), "export/manifest.json")
+DEMO_OUTPUTS = (*(f"{run}/{name}" for run in DEMO_RUNS for name in TRAINING_OUTPUTS), "export")
 
 
 @dataclass
@@ -101,13 +112,14 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
 
 def verify_hook(export_dir: Path, timeout_s: float = VERIFY_TIMEOUT_S) -> str | None:
     """Run α,β-CROWN (``ccdist_plugin.verify.run_verification``) on the demo's export when it is
-    installed (``ABCROWN_DIR`` set); returns a one-line summary, or None when it cannot run."""
-    if not os.environ.get("ABCROWN_DIR"):
+    installed (``ccdist install-verifier``, or ``ABCROWN_DIR`` set); returns a one-line summary, or
+    None when it cannot run."""
+    if locate_verifier().abcrown_dir is None:
         return None
     try:
         from ccdist_plugin.verify import run_verification
     except ImportError:
-        log.info("ABCROWN_DIR is set but ccdist_plugin.verify is not available; skipping verification")
+        log.info("α,β-CROWN is installed but ccdist_plugin.verify is not available; skipping verification")
         return None
     result = run_verification(export_dir, timeout_s=timeout_s)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()) if v)
@@ -124,6 +136,7 @@ def run_demo(
     echo: Callable[[str], None] | None = None,
     export: bool = True,
     verify: bool = True,
+    overwrite: bool | None = None,
 ) -> DemoResult:
     """Train the three networks and evaluate them (see the module docstring).
 
@@ -133,18 +146,33 @@ def run_demo(
         echo: progress messages go here (None: silent).
         export: export the CC-Dist student and :data:`EXPORT_POINTS` test points for α,β-CROWN
             (when :mod:`ccdist_plugin.export` is available).
-        verify: run α,β-CROWN on them when ``ABCROWN_DIR`` is set (:func:`verify_hook`).
+        verify: run α,β-CROWN on them when it is installed (:func:`verify_hook`).
+        overwrite: an earlier demo in ``output_dir``: ``False`` refuses it
+            (:class:`~ccdist_plugin.runlock.RunExistsError`, ``ccdist demo`` without ``--overwrite``),
+            ``True`` removes its outputs (:data:`DEMO_OUTPUTS`) first, ``None`` writes over it with a
+            warning.
     """
+    out = Path(output_dir)
+    if overwrite is None:
+        found = describe_earlier_run(out, DEMO_MARKERS)
+        if found is not None:
+            log.warning("%s holds an earlier demo (%s); this one writes over it", out, found)
+    else:
+        claim_output_folder(
+            out, DEMO_MARKERS, DEMO_OUTPUTS, overwrite=overwrite, resume_option=None, what="demo"
+        )
     threads = torch.get_num_threads()
     # these networks are tiny: one thread is faster than several (which spin-wait on a busy machine)
     torch.set_num_threads(1)
     try:
-        return _run_demo(Path(output_dir), seed, echo or (lambda _msg: None), export, verify)
+        return _run_demo(out, seed, echo or (lambda _msg: None), export, verify, overwrite)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out: Path, seed: int, say: Callable[[str], None], export: bool, verify: bool) -> DemoResult:
+def _run_demo(
+    out: Path, seed: int, say: Callable[[str], None], export: bool, verify: bool, overwrite: bool | None
+) -> DemoResult:
     start = time.perf_counter()
     base = [f"seed={seed}", "log.progress=false"]
     teacher_cfg = load_preset("digits-teacher").override(base + [f"log.output_dir={out / 'teacher'}"])
@@ -168,7 +196,9 @@ def _run_demo(out: Path, seed: int, say: Callable[[str], None], export: bool, ve
         model = build_model(cfg, data.spec)  # initialized from cfg.seed
         teacher = models.get(teacher_key) if teacher_key else None
         t0 = time.perf_counter()
-        fit = Trainer(model, cfg, teacher=teacher).fit(data.train, data.test)
+        # the folder was checked above: an earlier run's files left there (None) go before this run writes
+        replace = True if overwrite is None else overwrite
+        fit = Trainer(model, cfg, teacher=teacher).fit(data.train, data.test, overwrite=replace)
         train_s = time.perf_counter() - t0
         models["teacher" if cfg.role == "teacher" else label] = fit.model
         row = {"model": label, **evaluate_model(fit.model, x_test, y_test, eps), "train_s": train_s}
@@ -193,7 +223,7 @@ def _run_demo(out: Path, seed: int, say: Callable[[str], None], export: bool, ve
                 seed=seed,
             )
             result.export_dir = Path(getattr(exported, "out_dir", out / "export"))
-            if verify and os.environ.get("ABCROWN_DIR"):
+            if verify and locate_verifier().abcrown_dir is not None:
                 say("verifying the exported points with alpha,beta-CROWN ...")
                 result.verification = verify_hook(result.export_dir)
         except Exception as err:  # the demo's table must not depend on the optional export step

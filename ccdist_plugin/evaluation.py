@@ -700,7 +700,8 @@ def evaluate(
         progress: progress bars on a terminal, one log line per metric elsewhere.
         bab_dir: export directory for α,β-CROWN (required when ``settings.bab``).
         checkpoint_path, dataset_name: provenance recorded in the export manifest.
-        abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``).
+        abcrown_dir: α,β-CROWN's ``complete_verifier`` (default ``$ABCROWN_DIR``, else the folder
+            ``ccdist install-verifier`` recorded).
         log: where one-line progress messages go (default: the module logger).
     """
     _check_eval_inputs(model, x, y)
@@ -786,7 +787,10 @@ def _run_bab(
         info["certified"] = int(ver.certified)
     else:
         info["certified_accuracy"] = None
-        info["reason"] = "alpha,beta-CROWN not found (set ABCROWN_DIR): branch and bound not run"
+        info["reason"] = (
+            "alpha,beta-CROWN not found (install it with ccdist install-verifier, or set ABCROWN_DIR): "
+            "branch and bound not run"
+        )
         logger.warning(
             "BaB not run: %s", ver.message.splitlines()[0] if ver.message else "α,β-CROWN not found"
         )

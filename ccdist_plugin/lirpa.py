@@ -14,7 +14,7 @@ Parameters are shared with the traced copy (auto_LiRPA's graph holds the module'
 ``nn.Parameter`` objects), so the bounds' gradients reach the model.
 
 auto_LiRPA: https://github.com/Verified-Intelligence/auto_LiRPA (the plugin is tested at commit
-9d100ec07086; PyPI's 0.3 does not work with torch 2.x).
+9d100ec07086; PyPI's 0.3 does not work with torch 2.x); ``ccdist install-verifier`` installs it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from ccdist_plugin.install import INSTALL_COMMAND
+
+if TYPE_CHECKING:
+    from ccdist_plugin.bounds import AutoLirpaMissingError
 
 __all__ = [
     "lirpa_intervals",
@@ -33,6 +39,8 @@ __all__ = [
     "lirpa_bounded_module",
     "check_lirpa_boundable",
     "import_auto_lirpa",
+    "auto_lirpa_missing",
+    "INSTALL_COMMAND",
     "LirpaUnsupportedError",
 ]
 
@@ -60,17 +68,43 @@ class _Traced:
 _TRACED: weakref.WeakKeyDictionary[nn.Module, _Traced] = weakref.WeakKeyDictionary()
 
 
-def import_auto_lirpa():
-    """auto_LiRPA's ``BoundedModule``, ``BoundedTensor`` and ``PerturbationLpNorm``, or an ImportError
-    that says how to install it."""
+def import_auto_lirpa(network: nn.Module | None = None):
+    """auto_LiRPA's ``BoundedModule``, ``BoundedTensor`` and ``PerturbationLpNorm``.
+
+    Raises:
+        AutoLirpaMissingError: auto_LiRPA is not installed. The message names the install command
+            and, for a ``network`` the native engine cannot bound, its first such layer. It is an
+            ``UnsupportedLayerError`` (no engine here bounds that layer) and an ``ImportError``.
+    """
     try:
         from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "bounding this network needs auto_LiRPA: pip install 'git+https://github.com/Verified-Intelligence/"
-            "auto_LiRPA' (PyPI's 0.3 does not work with torch 2.x)"
-        ) from exc
+    except ImportError as exc:
+        raise auto_lirpa_missing(network) from exc
     return BoundedModule, BoundedTensor, PerturbationLpNorm
+
+
+def auto_lirpa_missing(network: nn.Module | None = None) -> AutoLirpaMissingError:
+    """The :class:`~ccdist_plugin.bounds.AutoLirpaMissingError` for bounding ``network`` without
+    auto_LiRPA, naming the first layer the native engine cannot bound (when there is one)."""
+    from ccdist_plugin.bounds import AutoLirpaMissingError, native_unsupported_layer
+
+    layer = None if network is None else native_unsupported_layer(network)
+    if layer is not None:
+        # a user's module with its own forward prints over many lines: its class names it
+        name = repr(layer)
+        if "\n" in name:
+            name = f"{type(layer).__name__} (a module with its own forward)"
+        what = (
+            f"no engine here can bound layer {name}: the native engine does not support it, and "
+            "auto_LiRPA, which may, is not installed"
+        )
+    elif network is not None:
+        what = f"bounding {type(network).__name__} through auto_LiRPA needs it, and it is not installed"
+    else:
+        what = "this bound needs auto_LiRPA, which is not installed"
+    return AutoLirpaMissingError(
+        f"{what}; install it and alpha,beta-CROWN at the tested commits with: {INSTALL_COMMAND}"
+    )
 
 
 def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
@@ -79,7 +113,7 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
     Raises:
         LirpaUnsupportedError: auto_LiRPA cannot trace or bound a layer (its message names it).
     """
-    bounded_module_cls, _, _ = import_auto_lirpa()
+    bounded_module_cls, _, _ = import_auto_lirpa(module)
     params = tuple(id(p) for p in module.parameters())
     first = next(iter(module.parameters()), example)
     shape = tuple(example.shape[1:])
@@ -172,7 +206,7 @@ def lirpa_intervals(
         graph order. Without a reference, a train-mode BatchNorm uses the statistics of the box
         centre, as in the native engine.
     """
-    _, bounded_tensor_cls, ptb_cls = import_auto_lirpa()
+    _, bounded_tensor_cls, ptb_cls = import_auto_lirpa(module)
     point = reference if reference is not None else (upper + lower) / 2
     if point.shape != lower.shape:
         # auto_LiRPA bounds the box at the forward point's batch: one reference row per box row
@@ -228,7 +262,7 @@ def lirpa_margin_bounds(
     on copies of the buffers; the training pass moved them already).
     """
     refuse_unsound_lirpa_crown(model, method)
-    _, bounded_tensor_cls, ptb_cls = import_auto_lirpa()
+    _, bounded_tensor_cls, ptb_cls = import_auto_lirpa(model)
     if reference.shape != lower.shape:
         raise ValueError(
             f"the reference batch {tuple(reference.shape)} must match the box {tuple(lower.shape)} "

@@ -121,10 +121,10 @@ def code_version() -> dict[str, Any]:
     """Package version, git commit (and whether the tree had changes), torch and python versions."""
     import torch
 
-    import ccdist_plugin
+    from ccdist_plugin.version import __version__
 
     out: dict[str, Any] = {
-        "package_version": getattr(ccdist_plugin, "__version__", "unknown"),
+        "package_version": __version__,
         "git_commit": None,
         "git_dirty": None,
         "torch": torch.__version__,

@@ -11,6 +11,14 @@ next run simply takes it over: stale locks need no manual clean-up. Where ``fcnt
 
 Holding the lock also makes every temporary file of an interrupted atomic write in the folder
 (``.checkpoint.pt.<random>.tmp``, ...) stale: they are removed when the lock is taken.
+
+The lock guards runs at the same time; :func:`claim_output_folder` guards the results of an earlier
+run. Every command that writes results (``ccdist train``, ``train-teacher``, ``eval``, ``sweep``,
+``demo``) asks it first: a folder holding what an earlier run wrote (a checkpoint, finished or not;
+an ``eval.json``; a sweep's runs) is refused with a :class:`RunExistsError` naming what was found
+and the choices (``--resume`` where the command can continue, another folder, ``--overwrite``).
+``--overwrite`` removes the earlier run's own outputs (the files the command writes, listed by the
+command) before the new run starts, and nothing else in the folder.
 """
 
 from __future__ import annotations
@@ -32,7 +40,17 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "RunFolderLockedError", "run_folder_lock", "prepare_output_folder"]
+__all__ = [
+    "LOCK_NAME",
+    "RunFolderLockedError",
+    "run_folder_lock",
+    "prepare_output_folder",
+    "RunExistsError",
+    "TRAINING_OUTPUTS",
+    "describe_earlier_run",
+    "remove_run_outputs",
+    "claim_output_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +59,22 @@ LOCK_NAME = ".ccdist.lock"
 
 class RunFolderLockedError(ValueError):
     """Another live process holds the run folder."""
+
+
+class RunExistsError(ValueError):
+    """The output folder holds an earlier run's results and the command was told neither to
+    continue it (``--resume``) nor to replace it (``--overwrite``); nothing was changed."""
+
+
+#: what a training run writes into its folder (``Trainer.fit``): what ``--overwrite`` removes there
+TRAINING_OUTPUTS = (
+    "checkpoint.pt",
+    "config.yaml",
+    "metrics.csv",
+    "metrics.jsonl",
+    "curves.png",
+    "tensorboard",
+)
 
 
 def prepare_output_folder(folder: str | os.PathLike) -> Path:
@@ -165,3 +199,95 @@ def _locked(folder: Path, holder: dict) -> RunFolderLockedError:
         f"run folder {str(folder)!r} is in use by another run, {_holder_text(holder)}. "
         "Wait for it to finish, or choose another --output-dir"
     )
+
+
+# ------------------------------------------------------------------------------ earlier runs
+
+
+def describe_earlier_run(folder: str | os.PathLike, markers: tuple[str, ...]) -> str | None:
+    """What an earlier run left in ``folder``, in words, or None.
+
+    ``markers`` are glob patterns relative to ``folder`` whose matches mean "a run was here" (e.g.
+    ``checkpoint.pt``, ``eval.json``, ``*/seed*/checkpoint.pt``). A checkpoint is described by its
+    progress (finished, or stopped after k of n epochs); the first two matches are named, the rest
+    counted.
+    """
+    from ccdist_plugin.checkpoint import describe_checkpoint
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found: list[Path] = []
+    for pattern in markers:
+        found += sorted(p for p in folder.glob(pattern) if p not in found)
+    if not found:
+        return None
+    words = []
+    for path in found[:2]:
+        rel = path.relative_to(folder)
+        text = describe_checkpoint(path) if path.suffix == ".pt" else path.name
+        words.append(text.replace(path.name, str(rel), 1))
+    more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+    return ", ".join(words) + more
+
+
+def remove_run_outputs(folder: str | os.PathLike, outputs: tuple[str, ...]) -> list[Path]:
+    """Remove what matches ``outputs`` (glob patterns relative to ``folder``: a run's own files and
+    folders) and nothing else; returns what was removed."""
+    import shutil
+
+    folder = Path(folder)
+    removed = []
+    for pattern in outputs:
+        for path in sorted(folder.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            else:
+                continue
+            removed.append(path)
+    return removed
+
+
+def claim_output_folder(
+    folder: str | os.PathLike,
+    markers: tuple[str, ...],
+    outputs: tuple[str, ...],
+    *,
+    overwrite: bool,
+    resume_option: str | None = "--resume",
+    folder_option: str = "--output-dir",
+    what: str = "run",
+) -> list[Path]:
+    """Before a new run writes into ``folder``: refuse, or with ``overwrite`` clear, an earlier run.
+
+    Args:
+        markers: glob patterns whose matches mean an earlier run is there (see
+            :func:`describe_earlier_run`).
+        outputs: glob patterns of everything the command writes; with ``overwrite`` these (and only
+            these) are removed before the new run starts.
+        overwrite: replace an earlier run (``--overwrite``) instead of refusing.
+        resume_option: how this command continues an earlier run (None: it cannot).
+        folder_option: how this command is given another folder.
+        what: what the command writes, for the message ("run", "evaluation", "sweep", "demo").
+
+    Returns the paths removed (empty when the folder held no earlier run).
+
+    Raises:
+        RunExistsError: the folder holds an earlier run and ``overwrite`` is false (one line naming
+            the run found and the choices; nothing was changed).
+    """
+    found = describe_earlier_run(folder, markers)
+    if found is None:
+        return []
+    if not overwrite:
+        choices = [f"{resume_option} to continue it"] if resume_option else []
+        choices += [f"another {folder_option} to keep it", "--overwrite to replace it"]
+        raise RunExistsError(
+            f"{str(folder)!r} already holds an earlier {what}: {found}; nothing was changed. "
+            f"Pass {', '.join(choices[:-1])}, or {choices[-1]}"
+        )
+    removed = remove_run_outputs(folder, outputs)
+    log.warning("--overwrite: removed the earlier %s in %s (%s)", what, folder, found)
+    return removed

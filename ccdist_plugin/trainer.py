@@ -13,7 +13,7 @@ The protocol (docs/method.md "Teacher" and "Student training") is configuration 
 Any loss object ``loss(model, x, y, eps) -> LossOutput(loss, terms, stats)`` works, so a user can pass
 their own; the config's ``loss.method`` otherwise picks a registered one, built from ``config.loss``
 by the loss class itself (:meth:`~ccdist_plugin.losses.RobustLoss.from_config`). What one training
-step does is :func:`training_step`. Training data may be a
+step does is :func:`~ccdist_plugin.step.training_step` (module ``step``). Training data may be a
 ``ccdist_plugin.data`` dataset (fast deterministic batches), a ``BatchIterator``, any torch
 ``Dataset`` or ``DataLoader`` yielding ``(x, y)`` with x in pixel space [0, 1], or a tuple of tensors.
 
@@ -25,20 +25,16 @@ Outputs in ``config.log.output_dir``: ``config.yaml`` (resolved), ``checkpoint.p
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ccdist_plugin import distributed
 from ccdist_plugin.batching import batch_slices
@@ -53,16 +49,18 @@ from ccdist_plugin.checkpoint import (
     state_sha256,
 )
 from ccdist_plugin.config import TrainConfig
-from ccdist_plugin.losses import LossStats, loss_class
+from ccdist_plugin.losses import loss_class
 from ccdist_plugin.models import CertifiedNet, create_model
 from ccdist_plugin.progress import progress_bar
-from ccdist_plugin.regularizers import (
-    ibp_preactivation_bounds,
-    l1_penalty,
-    normalized_input_box,
-    shi_regularizer,
-)
 from ccdist_plugin.schedules import EpsSchedule, LRSchedule
+from ccdist_plugin.step import (  # step_objective, REG_EPS_FLOOR: importable here as before step.py
+    REG_EPS_FLOOR,  # noqa: F401
+    NonFiniteLossError,
+    step_objective,  # noqa: F401
+    training_step,
+)
+from ccdist_plugin.train_data import EpochBatches, validation_tensors
+from ccdist_plugin.training_logs import format_row, plot_curves, write_metrics
 from ccdist_plugin.validate import check_batch
 
 __all__ = [
@@ -81,21 +79,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ε used for the Shi regularizer's bounds on batches where the schedule gives ε_t = 0 (docs/method.md)
-REG_EPS_FLOOR = 1e-6
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the epoch and batch.
-
-    Attributes:
-        terms: the step's logged terms (host floats), when known.
-    """
-
-    def __init__(self, message: str, terms: dict[str, float] | None = None) -> None:
-        super().__init__(message)
-        self.terms = terms or {}
 
 
 @dataclass
@@ -181,98 +165,6 @@ def build_loss(config: TrainConfig, teacher: nn.Module | None = None):
     return loss_class(config.loss.method).from_config(config.loss, teacher, eps_target=config.eps)
 
 
-# ------------------------------------------------------------------------------------------- data
-
-
-class _Batches:
-    """Deterministic per-epoch batches over whatever the user passed."""
-
-    def __init__(
-        self,
-        data: Any,
-        batch_size: int,
-        shuffle: bool,
-        augment: bool,
-        seed: int,
-        device,
-        channels_last: bool = False,
-    ):
-        from ccdist_plugin.data import ArrayDataset, BatchIterator
-
-        self.device = device
-        self.channels_last = channels_last
-        self.fingerprint: str | None = None
-        self._loader = None
-        self._dataset = None
-        self._iterator = None
-        if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            data = TensorDataset(*data)
-        if isinstance(data, ArrayDataset):
-            self.fingerprint = data.fingerprint()
-            self._iterator = BatchIterator(data, batch_size, shuffle, augment, seed, False, device)
-        elif isinstance(data, BatchIterator):
-            self.fingerprint = data.dataset.fingerprint()
-            self._iterator = data
-        elif isinstance(data, DataLoader):
-            self._loader = data
-        elif isinstance(data, Dataset):
-            self._dataset = data
-        else:
-            raise ValueError(
-                f"training data must be a ccdist_plugin.data dataset, a BatchIterator, a torch Dataset or "
-                f"DataLoader, or an (x, y) tuple of tensors; got {type(data).__name__}"
-            )
-        self._iterator = distributed.shard_batches(self._iterator)  # this rank's slices under torchrun
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-
-    def __len__(self) -> int:
-        if self._iterator is not None:
-            return len(self._iterator)
-        if self._loader is not None:
-            return len(self._loader)
-        return math.ceil(len(self._dataset) / self.batch_size)
-
-    def epoch(self, epoch: int):
-        if self._iterator is not None:
-            self._iterator.set_epoch(epoch)
-            source = self._iterator
-        elif self._loader is not None:
-            source = self._loader
-        else:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            source = DataLoader(self._dataset, self.batch_size, shuffle=self.shuffle, generator=gen)
-        for x, y in source:
-            if self.channels_last and x.ndim == 4:  # moved and laid out in one copy
-                x = x.to(self.device, memory_format=torch.channels_last)
-            yield x.to(self.device), y.to(self.device)
-
-
-def _validation_tensors(data: Any, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The first ``size`` examples of a validation set as (x, y) tensors (None when no data)."""
-    if data is None or size <= 0:
-        return None
-    from ccdist_plugin.data import ArrayDataset, BatchIterator
-
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0][:size], data[1][:size]
-    if isinstance(data, BatchIterator):
-        data = data.dataset
-    if isinstance(data, ArrayDataset):
-        x, y = data.uint8_batch(np.arange(min(size, len(data))))
-        return torch.from_numpy(x).float().div_(data.scale), torch.from_numpy(y)
-    source = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=256, shuffle=False)
-    xs, ys, n = [], [], 0
-    for x, y in source:
-        xs.append(x)
-        ys.append(y)
-        n += x.shape[0]
-        if n >= size:
-            break
-    if not xs:
-        return None
-    return torch.cat(xs)[:size], torch.cat(ys)[:size]
-
-
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Adam or SGD with momentum (``config.optim``) over the trainable parameters."""
     opt = config.optim
@@ -304,105 +196,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed + distributed.rank())  # under torchrun: distinct attack noise per rank
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-# ------------------------------------------------------------------------------------ one step
-
-
-def training_step(
-    model: nn.Module,
-    loss: Any,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps_t: float,
-    lr: float,
-    phase: str,
-    config: TrainConfig,
-) -> tuple[dict[str, float], torch.Tensor | None]:
-    """What one training step does (docs/method.md "Student training"):
-
-    1. the learning rate ``lr`` into every parameter group, ``model`` in train mode;
-    2. the objective (:func:`step_objective`): clean cross-entropy in the warm-up phase, else
-       ``loss(model, x, y, eps_t)`` plus, during the ramp, the Shi regularizer weighted
-       λ(1 − ε_t/ε); plus the ℓ1 penalty;
-    3. the logged terms reach the host in one copy (one device sync per step, not one per term);
-       a non-finite loss on any rank raises :class:`NonFiniteLossError` before any update;
-    4. backward, the gradient averaged over the torchrun ranks (weighted by their examples),
-       norm clipping, the optimizer step.
-
-    Returns:
-        ``(terms, logits)``: the logged terms as floats, and the clean logits in the warm-up
-        (for the training accuracy; None otherwise).
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    model.train()
-    total, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config)
-    terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
-    if not distributed.all_finite(math.isfinite(terms["loss"]), total.device):  # same on every rank
-        raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    distributed.average_gradients(list(model.parameters()), x.shape[0])
-    if config.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-    optimizer.step()
-    return terms, logits
-
-
-def step_objective(
-    model: nn.Module,
-    loss: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps_t: float,
-    phase: str,
-    config: TrainConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-    """The scalar a step minimizes, its detached terms and the warm-up's clean logits (see
-    :func:`training_step`)."""
-    terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
-    logits = None
-    if phase == "warmup":
-        logits = model(x)
-        total = F.cross_entropy(logits, y)
-        terms["clean_ce"] = total.detach()
-    else:
-        out = loss(model, x, y, eps_t)
-        total = out.loss
-        for key, value in (out.terms or {}).items():
-            terms[key] = torch.as_tensor(value, device=total.device).detach().float().mean()
-        if phase == "ramp" and config.optim.shi_lambda > 0:
-            stats = getattr(out, "stats", None)
-            stats = stats if isinstance(stats, LossStats) else LossStats()  # a user's loss may have none
-            if stats.preact_bounds and eps_t > 0:
-                bounds, box = stats.preact_bounds, _normalized_box(model, stats, x, eps_t)
-            else:
-                bounds, box = ibp_preactivation_bounds(model, x, max(eps_t, REG_EPS_FLOOR))
-            reg = shi_regularizer(bounds, box[0], box[1], config.optim.shi_tau)
-            weight = config.optim.shi_lambda * (1.0 - eps_t / config.eps)
-            total = total + weight * reg.total
-            terms["shi_tightness"] = reg.tightness.detach().float()
-            terms["shi_relu"] = reg.relu_balance.detach().float()
-    if config.optim.l1 > 0:
-        l1 = l1_penalty(model)
-        total = total + config.optim.l1 * l1
-        terms["l1_norm"] = l1.detach().float()
-    terms["loss"] = total.detach().float()
-    return total, terms, logits
-
-
-def _normalized_box(
-    model: nn.Module, stats: LossStats, x: torch.Tensor, eps_t: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalized input box the loss's bounds were computed over (SABR's small box, say); by
-    default the ε_t-ball ∩ [0, 1]."""
-    if stats.input_lb is None or stats.input_ub is None:
-        return normalized_input_box(model, x, eps_t)
-    lo, hi = stats.input_lb, stats.input_ub
-    norm = getattr(model, "normalize", None)
-    return (norm(lo), norm(hi)) if norm is not None else (lo, hi)
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -461,11 +254,18 @@ class Trainer:
             )
         if hasattr(loss, "check_student"):  # fail now, not at the first ramp batch
             loss.check_student(self.model)
+        if config.optim.accumulate > 1:
+            from ccdist_plugin.accumulate import check_accumulation
+
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                check_accumulation(self.model, loss)
         self.loss = loss
         # what a resumed run compares: the teacher's weights, wherever its file now lives
         self.teacher_sha256 = None if self.teacher is None else state_sha256(self.teacher)
         self.run_dir = Path(config.log.output_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        #: the (x, y) examples of the per-epoch validation metrics (set by :meth:`fit`; None: none)
+        self.validation: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def teacher(self) -> CertifiedNet | None:
@@ -479,6 +279,8 @@ class Trainer:
         val_data: Any = None,
         resume: bool | str | Path = False,
         allow_teacher_change: bool = False,
+        overwrite: bool | None = None,
+        on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
     ) -> FitResult:
         """Train for ``config.schedule.epochs`` epochs.
 
@@ -490,10 +292,23 @@ class Trainer:
                 checkpoint must come from the same config (apart from logging/device) and dataset,
                 and the same teacher weights (the file may have moved).
             allow_teacher_change: resume towards a teacher whose weights differ from the checkpoint's.
+            overwrite: what a new run (``resume`` false) does with an earlier run's checkpoint in
+                ``output_dir``: ``False`` refuses (:class:`~ccdist_plugin.runlock.RunExistsError`,
+                what ``ccdist train`` does without ``--overwrite``); ``True`` removes that run's
+                outputs (:data:`~ccdist_plugin.runlock.TRAINING_OUTPUTS`) first; ``None`` (the
+                default of the Python API) writes over them as the new run goes, with a warning.
+            on_epoch: called as ``on_epoch(trainer, row)`` at the end of every epoch, after the
+                validation metrics are in ``row`` and before the row is recorded (under torchrun:
+                on every rank; the validation metrics are rank 0's). It may add metrics to ``row``
+                (they are recorded with the epoch's; ``trainer.validation`` holds the validation
+                examples, ``trainer.model`` the network). An exception it raises stops training: the
+                epoch is recorded and checkpointed first, then the exception propagates (how
+                ``ccdist tune`` prunes a trial).
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
             RunFolderLockedError: another live process is training into the same output folder.
+            RunExistsError: ``overwrite=False`` and the folder holds an earlier run's checkpoint.
         """
         from ccdist_plugin.runlock import run_folder_lock
 
@@ -502,16 +317,36 @@ class Trainer:
             if distributed.is_main_process():
                 try:
                     owner.enter_context(run_folder_lock(self.run_dir))
+                    if not resume:  # under the lock: a live run's checkpoint is never taken for an old one
+                        self._claim_folder(overwrite)
                 except (ValueError, OSError) as err:
                     failure = err
             if not distributed.all_finite(failure is None, self.device):  # under torchrun: all stop
                 raise failure or ValueError(f"rank 0 could not take the run folder {self.run_dir}")
-            return self._fit(train_data, val_data, resume, allow_teacher_change)
+            return self._fit(train_data, val_data, resume, allow_teacher_change, on_epoch)
 
-    def _fit(self, train_data: Any, val_data: Any, resume: bool | str | Path, allow_teacher_change: bool):
+    def _claim_folder(self, overwrite: bool | None) -> None:
+        """A new run in a folder holding an earlier run's checkpoint: refuse, clear, or warn."""
+        from ccdist_plugin.runlock import TRAINING_OUTPUTS, claim_output_folder, describe_earlier_run
+
+        if overwrite is None:
+            found = describe_earlier_run(self.run_dir, (CHECKPOINT_NAME,))
+            if found is not None:
+                log.warning("%s holds an earlier run (%s); the new run writes over it", self.run_dir, found)
+            return
+        claim_output_folder(self.run_dir, (CHECKPOINT_NAME,), TRAINING_OUTPUTS, overwrite=overwrite)
+
+    def _fit(
+        self,
+        train_data: Any,
+        val_data: Any,
+        resume: bool | str | Path,
+        allow_teacher_change: bool,
+        on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    ):
         cfg = self.config
         _seed_everything(cfg.seed)
-        batches = _Batches(
+        batches = EpochBatches(
             train_data, cfg.optim.batch_size, True, cfg.data.augment, cfg.seed, self.device, cfg.channels_last
         )
         nb = len(batches)
@@ -519,7 +354,8 @@ class Trainer:
             raise ValueError("training data is empty")
         eps_schedule, lr_schedule = _schedules(cfg, nb)
         optimizer = build_optimizer(cfg, self.model)
-        val = _validation_tensors(val_data, cfg.log.val_size)
+        val = validation_tensors(val_data, cfg.log.val_size)
+        self.validation = val
         if val is not None:  # checked once here; the training batches at their first step
             check_batch(self.model, val[0], val[1])
 
@@ -550,6 +386,12 @@ class Trainer:
                 )
                 if main:
                     row.update(self._validate(val))
+                stop: Exception | None = None
+                if on_epoch is not None:
+                    try:
+                        on_epoch(self, row)
+                    except Exception as err:  # recorded first, raised below
+                        stop = err
                 history.append(row)
                 if main:
                     write_metrics(history, self.run_dir)
@@ -557,10 +399,12 @@ class Trainer:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
                             writer.add_scalar(key, value, epoch + 1)
-                log.info("epoch %d/%d: %s", epoch + 1, cfg.schedule.epochs, _fmt(row))
+                log.info("epoch %d/%d: %s", epoch + 1, cfg.schedule.epochs, format_row(row))
                 last = epoch + 1 == cfg.schedule.epochs
-                if last or (epoch + 1) % cfg.log.checkpoint_every == 0:
+                if last or stop is not None or (epoch + 1) % cfg.log.checkpoint_every == 0:
                     self._save(optimizer, epoch + 1, global_step, history, batches.fingerprint)
+                if stop is not None:
+                    raise stop
         finally:
             if writer is not None:
                 writer.close()
@@ -664,67 +508,11 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
 
-def write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
-    """``metrics.jsonl`` and ``metrics.csv`` in ``run_dir``: one row per epoch."""
-    with open(run_dir / "metrics.jsonl", "w") as fh:
-        for row in history:
-            fh.write(json.dumps(row) + "\n")
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    with open(run_dir / "metrics.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """``path`` (a PNG): the loss terms, the accuracies and ε/lr per epoch (needs matplotlib)."""
-    if not history:
-        return
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.debug("matplotlib is not installed; no curves.png")
-        return
-    fig = Figure(figsize=(12, 3.5))
-    FigureCanvasAgg(fig)
-    epochs = [r["epoch"] for r in history]
-    ax = fig.add_subplot(1, 3, 1)
-    for key in sorted({k for r in history for k in r if k.startswith("train_") and not k.endswith("acc")}):
-        ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key[6:])
-    ax.set_xlabel("epoch")
-    ax.set_yscale("symlog")
-    ax.set_title("training loss terms")
-    ax.legend(fontsize=6)
-    ax = fig.add_subplot(1, 3, 2)
-    for key in ("val_clean_acc", "val_ibp_cert_acc", "train_clean_acc"):
-        if any(key in r for r in history):
-            ax.plot(epochs, [r.get(key, float("nan")) for r in history], label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylim(0, 1)
-    ax.set_title("accuracy")
-    ax.legend(fontsize=6)
-    ax = fig.add_subplot(1, 3, 3)
-    ax.plot(epochs, [r["eps"] for r in history], label="ε (end of epoch)")
-    ax.set_xlabel("epoch")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [r["lr"] for r in history], color="tab:red", label="lr")
-    ax.set_title("ε and lr (red)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def _last_checkpoint_note(path: Path) -> str:
     """Where a stopped run can be continued from (or that nothing was saved yet)."""
     if path.is_file():
         return f"The last good checkpoint is kept at {path} (continue with --resume after fixing the cause)"
     return f"No checkpoint was written yet (none at {path}); nothing to resume from"
-
-
-def _fmt(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
 def train_teacher(

@@ -57,6 +57,7 @@ from typing import Any
 
 from ccdist_plugin.export import CONFIG_NAME, CSV_NAME, MANIFEST_NAME, ONNX_NAME, export_id_of
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
+from ccdist_plugin.install import INSTALL_HINT, locate_verifier
 
 __all__ = [
     "INSTALL_HELP",
@@ -101,17 +102,12 @@ MAX_WORKER_CRASHES = 3
 #: Seconds a worker may take to import α,β-CROWN (torch, auto_LiRPA) before it counts as failed.
 WORKER_START_LIMIT_S = 600.0
 
-INSTALL_HELP = """α,β-CROWN was not found. Install it, then point ABCROWN_DIR at its complete_verifier folder:
-  # from GitHub, at the commits this package is tested with (alpha-beta-CROWN 8250d5fbd530,
-  # auto_LiRPA 9d100ec07086; see docs/verification.md):
-  git clone --recursive https://github.com/Verified-Intelligence/alpha-beta-CROWN.git
-  pip install -e alpha-beta-CROWN/auto_LiRPA   # plus the packages in complete_verifier/requirements.txt
-  export ABCROWN_DIR=$PWD/alpha-beta-CROWN/complete_verifier
-Then run: ccdist verify --export DIR   (or pass --abcrown PATH)"""
+INSTALL_HELP = f"""α,β-CROWN was not found: {INSTALL_HINT},
+or point ABCROWN_DIR (or --abcrown) at an α,β-CROWN complete_verifier folder."""
 
 
 class AbcrownNotFoundError(FileNotFoundError):
-    """No ``abcrown.py`` at the given path or ``$ABCROWN_DIR``."""
+    """No ``abcrown.py`` at the given path, ``$ABCROWN_DIR`` or the recorded install."""
 
 
 class VerdictWriteError(OSError):
@@ -328,20 +324,27 @@ class VerificationResult:
 def find_abcrown(abcrown_dir: str | os.PathLike | None = None) -> Path:
     """The α,β-CROWN ``complete_verifier`` folder (holding ``abcrown.py``).
 
-    Looks at ``abcrown_dir``, then ``$ABCROWN_DIR``; accepts the repository root too.
+    Looks at ``abcrown_dir``, else ``$ABCROWN_DIR``, else the folder recorded by ``ccdist
+    install-verifier`` (:func:`ccdist_plugin.install.locate_verifier`); accepts the repository
+    root too.
 
     Raises:
-        AbcrownNotFoundError: with the install steps.
+        AbcrownNotFoundError: saying where it looked, with the install command.
     """
-    candidates = [abcrown_dir] if abcrown_dir is not None else [os.environ.get("ABCROWN_DIR")]
-    for c in candidates:
-        if not c:
-            continue
-        for p in (Path(c), Path(c) / "complete_verifier"):
-            if (p / "abcrown.py").is_file():
-                return p.resolve()
-    where = f"{abcrown_dir}" if abcrown_dir is not None else f"$ABCROWN_DIR={os.environ.get('ABCROWN_DIR')!r}"
-    raise AbcrownNotFoundError(f"no abcrown.py under {where}.\n{INSTALL_HELP}")
+    if abcrown_dir is not None:
+        folder, where = Path(abcrown_dir), str(abcrown_dir)
+    else:
+        located = locate_verifier()
+        if located.abcrown_dir is None:
+            raise AbcrownNotFoundError(
+                "α,β-CROWN is not installed (ABCROWN_DIR is unset and no install is recorded): "
+                + INSTALL_HINT
+            )
+        folder, where = located.abcrown_dir, f"{located.abcrown_dir} (from {located.origin})"
+    for p in (folder, folder / "complete_verifier"):
+        if (p / "abcrown.py").is_file():
+            return p.resolve()
+    raise AbcrownNotFoundError(f"no abcrown.py under {where}: {INSTALL_HINT}")
 
 
 def parse_shard(text: str | Sequence[int] | None) -> tuple[int, int] | None:
@@ -970,10 +973,13 @@ def run_verification(
     shard_t = parse_shard(shard)
     budget = float(timeout_s) if timeout_s is not None else float(manifest.get("timeout_s", 600.0))
     hard_limit = hard_limit_s(budget, grace_s)
+    if python is None and abcrown_dir is None:
+        python = locate_verifier().python  # the interpreter the recorded install went into
     try:
         abcrown = find_abcrown(abcrown_dir)
     except AbcrownNotFoundError as err:
-        logger.error("%s", err)
+        # the summary's table shows the message with the install command: the log says it once
+        logger.error("branch and bound not run: α,β-CROWN not found")
         result = summarize(export, abcrown_ran=False, message=str(err), budget_s=budget)
         _write_summary(export, result, shard_t)
         return result

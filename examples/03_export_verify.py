@@ -5,9 +5,9 @@ Run:
     python examples/03_export_verify.py [CHECKPOINT] [--count N]
 (CCDIST_EXAMPLES_FAST=1: a 2-epoch student, 5 points, 10 s per instance; what CI runs.)
 Without a checkpoint it first trains a CC-IBP student on scikit-learn's digits (about a minute
-on CPU). α,β-CROWN runs when ABCROWN_DIR points at it (installed as in docs/verification.md,
-"Install"); otherwise the script reports our own IBP/CROWN
-results and the install steps.
+on CPU). α,β-CROWN runs when it is installed (`ccdist install-verifier`, or ABCROWN_DIR pointing at it;
+docs/verification.md, "Install"); otherwise the script reports our own IBP/CROWN
+results and the install command.
 """
 
 import argparse

@@ -6,8 +6,8 @@ Run from the repository root:
     python examples/bring_your_own_model.py [--fast] [--out runs/byom]
 ``--fast`` (or CCDIST_EXAMPLE_FAST=1, or CCDIST_EXAMPLES_FAST=1) runs a few steps on a few points,
 for CI. α,β-CROWN runs
-when ABCROWN_DIR points at its ``complete_verifier`` folder and ``--fast`` is off (α,β-CROWN:
-https://github.com/Verified-Intelligence/alpha-beta-CROWN, docs/verification.md).
+when it is installed (``ccdist install-verifier``, or ABCROWN_DIR pointing at its
+``complete_verifier`` folder) and ``--fast`` is off (docs/verification.md, "Install").
 
 The network below has its own ``forward`` (a residual sum, a reused ReLU), so the plugin's native
 bound engine does not read it and its interval bounds come from auto_LiRPA (with the native
@@ -24,6 +24,7 @@ from torch import nn
 
 from ccdist_plugin.bounds import certify, check_boundable
 from ccdist_plugin.export import export_instances
+from ccdist_plugin.install import locate_verifier
 from ccdist_plugin.losses import AdversarialLoss, CCDistLoss, CrossEntropyLoss
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.verify import run_verification
@@ -109,7 +110,7 @@ print(f"student clean {res.correct.float().mean():.3f}, CROWN-certified {res.cer
 
 # 4. Export (ONNX without the normalization, VNN-LIB per undecided point) and verify when installed.
 #    verify_all: α,β-CROWN also re-checks the points our bounds and PGD already decided (a cross-check).
-verify = bool(os.environ.get("ABCROWN_DIR")) and not fast
+verify = locate_verifier().abcrown_dir is not None and not fast
 export = export_instances(
     student, (x_test, y_test), args.out, eps, count=points, timeout_s=30, verify_all=verify
 )
@@ -117,4 +118,4 @@ print(f"pre-filter outcomes: {export.counts}; α,β-CROWN instances: {export.num
 if verify:
     print(run_verification(export.out_dir).table())
 else:
-    print("α,β-CROWN not run (set ABCROWN_DIR and leave --fast off to verify the export)")
+    print("α,β-CROWN not run (install it with ccdist install-verifier and leave --fast off to verify)")

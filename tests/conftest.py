@@ -3,8 +3,11 @@ config (the trainer's and the losses' tests share them)."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,10 +16,27 @@ import pytest
 import torch
 
 from ccdist_plugin.config import TrainConfig
+from ccdist_plugin.install import locate_verifier
 from ccdist_plugin.models import cnn3, cnn7, mlp
 from ccdist_plugin.soundness import briefly_trained  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _adopt_installed_verifier() -> None:
+    """The verifier the user installed (``$ABCROWN_DIR``, else the ``ccdist install-verifier``
+    record) becomes ``$ABCROWN_DIR`` for the whole session, and ``$CCDIST_HOME`` a fresh folder: a
+    test that unsets ABCROWN_DIR sees no verifier, and no test reads or writes the user's record."""
+    located = locate_verifier()
+    if not os.environ.get("ABCROWN_DIR") and located.abcrown_dir is not None:
+        os.environ["ABCROWN_DIR"] = str(located.abcrown_dir)
+        os.environ.setdefault("ABCROWN_PYTHON", located.python)
+    home = tempfile.mkdtemp(prefix="ccdist-home-")
+    atexit.register(shutil.rmtree, home, True)
+    os.environ["CCDIST_HOME"] = home
+
+
+_adopt_installed_verifier()
 
 
 def has_auto_lirpa() -> bool:
@@ -25,7 +45,7 @@ def has_auto_lirpa() -> bool:
 
 requires_auto_lirpa = pytest.mark.skipif(
     not has_auto_lirpa(),
-    reason="auto_LiRPA is not installed (from its git repository: docs/verification.md, 'Install')",
+    reason="auto_LiRPA is not installed (ccdist install-verifier; docs/verification.md, 'Install')",
 )
 
 
@@ -39,7 +59,8 @@ def require_abcrown_dir() -> str:
     d = abcrown_dir()
     if d is None:
         pytest.skip(
-            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (docs/verification.md, 'Install')"
+            "alpha,beta-CROWN is not installed (ccdist install-verifier, or set ABCROWN_DIR; "
+            "docs/verification.md, 'Install')"
         )
     return str(d)
 

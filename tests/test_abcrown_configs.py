@@ -42,7 +42,7 @@ def _complete_verifier() -> Path | None:
 VERIFIER = _complete_verifier()
 needs_vendor = pytest.mark.skipif(
     VERIFIER is None,
-    reason="no alpha,beta-CROWN sources: $ABCROWN_DIR is not set (docs/verification.md, 'Install')",
+    reason="no alpha,beta-CROWN sources: not installed (ccdist install-verifier, or set ABCROWN_DIR)",
 )
 
 _VALIDATE = """
@@ -184,9 +184,7 @@ def test_documented_command_runs(tmp_path, name):
     --results_file EXPORT_DIR/abcrown_results.pkl` (+ the documented CPU override) verifies an export."""
     abcrown_dir = os.environ.get("ABCROWN_DIR")
     if not abcrown_dir or not (Path(abcrown_dir) / "abcrown.py").is_file():
-        pytest.skip(
-            "ABCROWN_DIR is not set to an installed alpha,beta-CROWN (docs/verification.md, 'Install')"
-        )
+        pytest.skip("alpha,beta-CROWN is not installed (ccdist install-verifier, or set ABCROWN_DIR)")
     from ccdist_plugin.export import export_instances
     from ccdist_plugin.models import cnn3, mlp
 

@@ -9,11 +9,17 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, has_auto_lirpa
+
+from ccdist_plugin.bounds import UnsupportedLayerError
+from ccdist_plugin.lirpa import INSTALL_COMMAND
 
 EXAMPLES = REPO / "examples"
 PYTHON_EXAMPLES = sorted(EXAMPLES.glob("*.py"))
 SHELL_EXAMPLES = sorted(EXAMPLES.glob("*.sh"))
+#: examples whose network only auto_LiRPA bounds (tests/test_without_auto_lirpa.py checks what a user
+#: gets without it: an UnsupportedLayerError naming the layer and the install command)
+NEEDS_AUTO_LIRPA = {"bring_your_own_model.py"}
 
 
 @pytest.mark.parametrize("script", PYTHON_EXAMPLES, ids=lambda p: p.name)
@@ -28,6 +34,13 @@ def test_python_example_runs(script, tmp_path, monkeypatch, capsys, caplog):
     caplog.set_level(logging.INFO, logger="ccdist_plugin")  # whatever an earlier test (a --quiet CLI) set
     try:
         runpy.run_path(str(script), run_name="__main__")
+    except UnsupportedLayerError as err:
+        # without auto_LiRPA, what a user of the example gets: the layer and the install command
+        assert script.name in NEEDS_AUTO_LIRPA and not has_auto_lirpa(), err
+        assert INSTALL_COMMAND in str(err), err
+        pytest.skip(
+            f"{script.name} needs auto_LiRPA, which is not installed (install it with: {INSTALL_COMMAND})"
+        )
     except SystemExit as stop:  # 03_export_verify exits 2 with the install steps when α,β-CROWN is absent
         assert script.name == "03_export_verify.py" and stop.code == 2, stop.code
     finally:

@@ -111,8 +111,11 @@ def test_second_run_into_a_held_folder_is_refused(tmp_path, teacher):
         assert (run / "checkpoint.pt").read_bytes() == b"the first run's model"  # nothing overwritten
     finally:
         holder.communicate("", timeout=60)
-    # the holder has ended: its folder is free again
+    # the holder has ended: its folder is free again, and its checkpoint is replaced only when asked to
     result = ccdist(*TEACHER, "--output-dir", run)
+    assert result.exit_code == 2 and "--overwrite" in error_line(result)
+    assert (run / "checkpoint.pt").read_bytes() == b"the first run's model"
+    result = ccdist(*TEACHER, "--output-dir", run, "--overwrite")
     assert result.exit_code == 0, result.output
     assert not (run / ".ccdist.lock").exists()
 
@@ -177,6 +180,126 @@ def test_replaced_teacher_is_refused_on_resume_and_moved_teacher_accepted(tmp_pa
     assert (
         load_checkpoint(run / "checkpoint.pt")["teacher_sha256"] == load_checkpoint(student)["teacher_sha256"]
     )
+
+
+# ------------------------------------------------------------------- nothing overwritten (issue 21 §4)
+
+
+def _finished_run_copy(src: Path, run: Path, epoch: int | None = None) -> Path:
+    """``run/checkpoint.pt``: a copy of a finished run's checkpoint (``epoch``: as if stopped after it)."""
+    run.mkdir(parents=True)
+    if epoch is None:
+        (run / "checkpoint.pt").write_bytes(src.read_bytes())
+    else:
+        payload = load_checkpoint(src)
+        payload["epoch"] = epoch
+        payload.pop("format", None)
+        save_checkpoint(run / "checkpoint.pt", payload)
+    (run / "notes.txt").write_text("mine")  # not the run's: never removed
+    return run / "checkpoint.pt"
+
+
+def test_second_train_into_a_finished_run_is_refused_unless_overwrite(tmp_path, teacher, student):
+    run = tmp_path / "run"
+    ckpt = _finished_run_copy(student, run)
+    before = file_sha256(ckpt)
+    result = ccdist(*STUDENT, "--teacher", teacher, "--output-dir", run)  # the same command again
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "checkpoint.pt (a finished run, 2/2 epochs)" in line and str(run) in line
+    assert "--resume" in line and "another --output-dir" in line and "--overwrite" in line
+    assert file_sha256(ckpt) == before and sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt",
+        "notes.txt",
+    ]
+    result = ccdist(*STUDENT, "--teacher", teacher, "--output-dir", run, "--resume", "--overwrite")
+    assert result.exit_code == 2 and "pass one" in result.output and file_sha256(ckpt) == before
+    # --overwrite: the earlier run's outputs are replaced, other files kept
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.old").write_text("the earlier run's")
+    result = ccdist(*STUDENT, "--teacher", teacher, "--output-dir", run, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert file_sha256(ckpt) != before and load_checkpoint(ckpt)["epoch"] == 2
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "tensorboard").exists()
+
+
+def test_train_teacher_into_an_unfinished_run_is_refused_naming_resume(tmp_path, teacher):
+    run = tmp_path / "run"
+    args = [*TEACHER, "--set", "schedule.epochs=2", "--output-dir", run]
+    ckpt = _finished_run_copy(teacher, run, epoch=1)
+    payload = load_checkpoint(ckpt)
+    payload["config"]["schedule"]["epochs"] = 2  # a killed 2-epoch run
+    payload.pop("format")
+    save_checkpoint(ckpt, payload)
+    before = file_sha256(ckpt)
+    result = ccdist(*args)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "an unfinished run, stopped after 1 of 2 epochs" in line and "--resume to continue it" in line
+    assert file_sha256(ckpt) == before
+
+
+def test_eval_into_a_folder_with_results_is_refused_unless_overwrite(tmp_path, student):
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", student, "--count", "8", "--curve-eps", "", "--quiet", "--out", out]
+    assert ccdist(*args).exit_code == 0
+    (out / "eval.json").write_text('{"mine": 1}')  # stands for a record this run must not replace
+    (out / "notes.txt").write_text("mine")
+    result = ccdist(*args)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "earlier evaluation: eval.json" in line and "another --out" in line and "--overwrite" in line
+    assert "--resume" not in line and json.loads((out / "eval.json").read_text()) == {"mine": 1}
+    result = ccdist(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "eval.json").read_text())["count"] == 8 and (out / "notes.txt").is_file()
+
+
+def test_sweep_refuses_an_earlier_sweep_resumes_only_equal_runs_and_overwrites(tmp_path):
+    out = tmp_path / "sweep"
+    sets = ["loss.method=cc_ibp", "teacher.preset=null", "model.width=16", "schedule.epochs=1"]
+    sets += ["schedule.warmup_epochs=0", "schedule.ramp_up_epochs=1", "optim.lr_decay_epochs=[]"]
+    sets += ["log.val_size=32", "log.plot=false", "log.tensorboard=false", "optim.batch_size=500"]
+    args = ["sweep", "--param", "alpha", "--values", "0.5", "--config", "digits", "--no-eval", "--quiet"]
+    args += [a for s in sets for a in ("--set", s)] + ["--output-dir", out]
+    assert ccdist(*args).exit_code == 0
+    ckpt = out / "alpha=0.5" / "seed0" / "checkpoint.pt"
+    before = file_sha256(ckpt)
+    result = ccdist(*args)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "earlier sweep" in line and "alpha=0.5/seed0/checkpoint.pt (a finished run, 1/1 epochs)" in line
+    assert "--resume" in line and "--overwrite" in line and file_sha256(ckpt) == before
+    result = ccdist(*args, "--resume")  # the same settings: kept, not retrained
+    assert result.exit_code == 0 and "kept" in result.output and file_sha256(ckpt) == before
+    result = ccdist(*args, "--resume", "--set", "optim.lr=0.0001")  # other settings: not taken for these
+    assert result.exit_code == 2 and "optim.lr" in error_line(result) and file_sha256(ckpt) == before
+    result = ccdist(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert file_sha256(ckpt) != before
+
+
+def test_demo_into_an_earlier_demo_is_refused_and_overwrite_removes_only_its_outputs(
+    tmp_path, student, monkeypatch
+):
+    from ccdist_plugin import demo
+
+    out = tmp_path / "demo"
+    _finished_run_copy(student, out / "cc_dist")
+    (out / "export").mkdir()
+    (out / "mine.txt").write_text("mine")
+    result = ccdist("demo", "--output-dir", out, "--quiet")
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "earlier demo: cc_dist/checkpoint.pt (a finished run, 2/2 epochs)" in line
+    assert "another --output-dir" in line and "--overwrite" in line and "--resume" not in line
+    assert (out / "cc_dist" / "checkpoint.pt").is_file()
+    seen = []
+    monkeypatch.setattr(
+        demo, "_run_demo", lambda out, *rest: seen.append(sorted(p.name for p in out.rglob("*")))
+    )
+    demo.run_demo(out, overwrite=True)
+    assert seen == [["cc_dist", "mine.txt", "notes.txt"]]  # the run's checkpoint and export/ are gone
 
 
 # ---------------------------------------------------------------------------------- NaN models
@@ -471,3 +594,94 @@ def test_real_sigint_in_a_training_process(tmp_path):
     assert err.strip().splitlines()[-1].strip().endswith("--resume")
     assert shlex.quote(str(run)) in err and not (run / ".ccdist.lock").exists()
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
+
+
+# ------------------------------------------------------------- benchmarks/reproduce_cpu.py (issue 21 §5)
+
+
+def _reproduce_cpu(argv: list[str], capsys) -> tuple[int, str]:
+    """``benchmarks/reproduce_cpu.py ARGV`` in this process: (exit status, stderr)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reproduce_cpu
+
+    capsys.readouterr()
+    try:
+        reproduce_cpu.main([str(a) for a in argv])
+    except SystemExit as stop:
+        return int(stop.code), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+PAPER_CPU_SMOKE = ["--protocol", "paper-cpu", "--dataset", "digits", "--epochs", "2", "--teacher-epochs", "1"]
+PAPER_CPU_SMOKE += ["--seeds", "2", "--alphas", "0.5", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def paper_cpu_alpha_stage(tmp_path_factory) -> Path:
+    """A paper-cpu run folder (digits, smoke size) after ``--until select-alpha``."""
+    root = tmp_path_factory.mktemp("paper-cpu") / "runs"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reproduce_cpu
+
+    reproduce_cpu.main(
+        [*PAPER_CPU_SMOKE, "--out", str(root), "--docs", str(root.parent / "docs"), "--until", "select-alpha"]
+    )
+    return root
+
+
+@pytest.mark.parametrize("deleted", ["teacher-s0", "cc_ibp-a0.5-s0"])
+def test_reproduce_cpu_next_stage_after_a_deleted_checkpoint(
+    deleted, paper_cpu_alpha_stage, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("ABCROWN_DIR", raising=False)
+    root = tmp_path / "runs"
+    import shutil
+
+    shutil.copytree(paper_cpu_alpha_stage, root)
+    (root / deleted / "checkpoint.pt").unlink()
+    kept = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "running.lock"}
+    argv = [*PAPER_CPU_SMOKE, "--beta-sweep", "1,5", "--out", root, "--docs", tmp_path / "docs"]
+    code, err = _reproduce_cpu([*argv, "--until", "select-beta"], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert str(root / deleted) in line and "checkpoint.pt" in line and "--overwrite" in line
+    now = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "running.lock"}
+    assert now == kept  # nothing trained, nothing removed
+
+
+def test_reproduce_cpu_beta_sweep_without_the_papers_beta(tmp_path, capsys):
+    root = tmp_path / "runs"
+    argv = [*PAPER_CPU_SMOKE, "--beta-sweep", "1,20", "--out", root, "--docs", tmp_path / "docs"]
+    code, err = _reproduce_cpu(argv, capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "--beta-sweep 1,20 must contain 5" in line and "1,5,20" in line
+    assert not root.exists()
+    code, err = _reproduce_cpu([*PAPER_CPU_SMOKE, "--beta-sweep", "1,x", "--out", root], capsys)
+    assert code == 2 and "--beta-sweep takes comma-separated numbers" in _one_error_line(err)
+
+
+def test_resnet_cpu_refuses_a_run_with_other_settings(tmp_path, capsys):
+    """resnet_cpu reuses a run only with its recorded settings: a teacher of 2 epochs is not taken for 3."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import resnet_cpu
+
+    root = tmp_path / "runs"
+    old = resnet_cpu.Run("teacher", "teacher", 0, 8, 2, 5)
+    (root / "teacher").mkdir(parents=True)
+    (root / "teacher" / "settings.json").write_text(json.dumps(resnet_cpu.run_settings(old)))
+    (root / "teacher" / "result.json").write_text("{}")
+    (root / "teacher" / "checkpoint.pt").write_bytes(b"the 2-epoch teacher")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        resnet_cpu.main(["--out", str(root), "--teacher-epochs", "3", "--seeds", "1", "--docs", ""])
+    assert stop.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "epochs: 2 there, 3 now" in line and str(root / "teacher") in line
+    assert (root / "teacher" / "checkpoint.pt").read_bytes() == b"the 2-epoch teacher"

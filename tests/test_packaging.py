@@ -202,6 +202,7 @@ OPTIONAL_MODULES = {
     "autoattack": "docs/evaluation.md",
     "pyautoattack": "docs/evaluation.md",
     "torchattacks": "docs/evaluation.md",
+    "optuna": "docs/tuning.md",  # ccdist tune; the tune extra
 }
 
 
@@ -227,6 +228,7 @@ def _third_party_imports(root: Path) -> dict[str, list[tuple[str, bool]]]:
     project; unconditional = a statement at a module's top level (not in a function, class or try)."""
     scripts = ("tests", "benchmarks", "examples")  # modules the tests import by path
     local = {"ccdist_plugin", *(p.stem for folder in scripts for p in (REPO / folder).glob("*.py"))}
+    local |= {p.parent.name for folder in scripts for p in (REPO / folder).glob("*/__init__.py")}
     found: dict[str, list[tuple[str, bool]]] = {}
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text())

@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import reproduce_cpu as rc  # noqa: E402
+from reproduction.jobs import build_unseeded  # noqa: E402
+from reproduction.runfolders import lock_is_stale, wait_or_lock  # noqa: E402
 
 
 def test_schedule_is_the_papers_scaled():
@@ -101,7 +103,7 @@ def test_same_seed_gives_both_methods_the_same_start_and_batches(tmp_path):
     cfg = rc.paper_cpu_config(rc.Job("x", "digits", "cc_ibp", 3, 0.5, protocol="paper-cpu"), tmp_path / "x")
     torch.manual_seed(cfg.seed)
     load_model(teacher)
-    unseeded = rc._unseeded(cfg, data.spec).state_dict()
+    unseeded = build_unseeded(cfg, data.spec).state_dict()
     assert not all(torch.equal(unseeded[k], states["cc_ibp"][0][k]) for k in unseeded)
     other_seed = rc.build_student(cfg.replace(seed=4), data.spec).state_dict()
     assert not all(torch.equal(other_seed[k], states["cc_ibp"][0][k]) for k in other_seed)
@@ -184,13 +186,13 @@ def test_lock_of_a_killed_run_is_taken_over_at_once(tmp_path):
     dead.wait()
     lock, done = tmp_path / "running.lock", tmp_path / "result.json"
     lock.write_text(f"{dead.pid} {socket.gethostname()}")
-    assert rc._stale(lock)
-    rc._wait_or_lock(lock, done, poll_s=60.0)  # returns at once, holding the lock
-    assert lock.read_text().split()[0] == str(os.getpid()) and not rc._stale(lock)
+    assert lock_is_stale(lock)
+    wait_or_lock(lock, done, poll_s=60.0)  # returns at once, holding the lock
+    assert lock.read_text().split()[0] == str(os.getpid()) and not lock_is_stale(lock)
     lock.write_text(f"{os.getpid()} another-host")  # another host's fresh lock: live until 3 hours old
-    assert not rc._stale(lock)
+    assert not lock_is_stale(lock)
     os.utime(lock, (0, 0))
-    assert rc._stale(lock)
+    assert lock_is_stale(lock)
 
 
 @pytest.mark.slow  # trains 4 epochs in a subprocess, kills it, resumes
@@ -219,3 +221,85 @@ def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
     assert json.loads((run / "train_time.json").read_text())["resumed"] is True
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 5)) and "test" in res
+
+
+def _stage(argv: list[str], capsys) -> tuple[int, str]:
+    """Run the script's ``main``; (exit status, stderr)."""
+    capsys.readouterr()
+    try:
+        rc.main(argv)
+    except SystemExit as stop:
+        return int(stop.code), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_a_stage_reuses_an_earlier_stage_only_with_the_same_settings(tmp_path, monkeypatch, capsys):
+    """Issue 21: `--until teacher --teacher-epochs 1`, then `--teacher-epochs 3 --until select-alpha`, used
+    to reuse the 1-epoch teacher and report 3 epochs. Now it stops (exit 2, one line, nothing changed);
+    the same settings are reused."""
+    _teacher_stage_then_other_settings(tmp_path, monkeypatch, capsys)
+
+
+def _teacher_stage_then_other_settings(tmp_path, monkeypatch, capsys) -> tuple[list[str], Path]:
+    monkeypatch.delenv("ABCROWN_DIR", raising=False)
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    base = [
+        "--protocol", "paper-cpu", "--dataset", "digits", "--epochs", "2", "--seeds", "2", "--alphas", "0.5",
+        "--beta-sweep", "1,5", "--workers", "1", "--out", str(root), "--docs", str(docs),
+    ]  # fmt: skip
+    assert _stage([*base, "--teacher-epochs", "1", "--until", "teacher"], capsys)[0] == 0
+    teacher = root / "teacher-s0"
+    before = (teacher / "checkpoint.pt").read_bytes()
+    code, err = _stage([*base, "--teacher-epochs", "3", "--until", "select-alpha"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(teacher) in err and "teacher_epochs: 1 there, 3 now" in err and "--overwrite" in err
+    assert (teacher / "checkpoint.pt").read_bytes() == before and not (root / "cc_ibp-a0.5-s0").exists()
+    # the report of runs with other settings is refused too (it would misstate them)
+    code, err = _stage([*base, "--teacher-epochs", "3", "--report-only"], capsys)
+    assert code == 2 and "teacher_epochs: 1 there, 3 now" in err
+    # the same settings again: reused (another stage continues)
+    assert _stage([*base, "--teacher-epochs", "1", "--until", "teacher"], capsys)[0] == 0
+    assert (teacher / "checkpoint.pt").read_bytes() == before
+    return base, teacher
+
+
+@pytest.mark.slow  # retrains the teacher and runs the α stage (about a minute on 2 busy cores)
+def test_overwrite_retrains_only_the_stage_whose_settings_differ(tmp_path, monkeypatch, capsys):
+    base, teacher = _teacher_stage_then_other_settings(tmp_path, monkeypatch, capsys)
+    root = teacher.parent
+    # --overwrite: the teacher is retrained with 3 epochs
+    assert _stage([*base, "--teacher-epochs", "3", "--until", "select-alpha", "--overwrite"], capsys)[0] == 0
+    epochs = [json.loads(line)["epoch"] for line in (teacher / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert json.loads((teacher / "result.json").read_text())["job"]["teacher_epochs"] == 3
+    assert json.loads((teacher / "settings.json").read_text())["teacher_epochs"] == 3
+    assert (root / "cc_ibp-a0.5-s0" / "result.json").is_file()
+
+
+def test_a_cc_dist_run_is_reused_only_with_the_same_teacher_weights(tmp_path):
+    """A CC-Dist run records its teacher's weights: after the teacher was retrained (same settings, other
+    weights) the run is refused, and with overwrite retrained."""
+    from ccdist_plugin.checkpoint import save_checkpoint, state_sha256
+    from ccdist_plugin.config import load_preset
+    from ccdist_plugin.data import load_dataset
+    from ccdist_plugin.trainer import build_model
+
+    net = build_model(load_preset("digits-teacher"), load_dataset("digits").spec)
+    teacher = tmp_path / "teacher-s0" / "checkpoint.pt"
+    save_checkpoint(teacher, {"arch": dict(net.arch), "model_state": net.state_dict()})
+    (teacher.parent / "train_time.json").write_text("{}")
+    job = rc.Job("cc_dist-x", "digits", "cc_dist", 0, 0.5, 5.0, str(teacher), epochs=2, protocol="paper-cpu")
+    settings = rc.job_settings(job, rc.teacher_weights_sha256(job))
+    assert settings["teacher_sha256"] == state_sha256(net)
+    run = tmp_path / "cc_dist-x"
+    rc.check_run_folder(run, settings, overwrite=False)
+    (run / "result.json").write_text(json.dumps({"job": {}}))
+    (run / "checkpoint.pt").write_bytes(b"trained towards the first teacher")
+    rc.check_run_folder(run, settings, overwrite=False)  # the same teacher: reusable
+    other = {**settings, "teacher_sha256": state_sha256(torch.nn.Linear(1, 1))}
+    with pytest.raises(rc.RunSettingsError, match="teacher_sha256"):
+        rc.check_run_folder(run, other, overwrite=False)
+    assert (run / "checkpoint.pt").is_file()
+    (run / "notes.txt").write_text("mine")
+    rc.check_run_folder(run, other, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", rc.SETTINGS_NAME]

@@ -317,13 +317,14 @@ def test_without_abcrown_reports_our_bounds(tmp_path, monkeypatch):
     assert res.ibp_certified_accuracy == pytest.approx(
         0.25
     ) and res.crown_certified_accuracy == pytest.approx(0.25)
-    assert "git clone" in res.message
+    assert "ccdist install-verifier" in res.message and "None" not in res.message
     assert json.loads((export / "verification.json").read_text())["abcrown_ran"] is False
     from ccdist_plugin.cli import main
 
     cli = CliRunner().invoke(main, ["verify", "--export", str(export)])
     assert cli.exit_code == 2
-    assert "CROWN-certified" in cli.output and "ABCROWN_DIR" in cli.output
+    assert "CROWN-certified" in cli.output and "ABCROWN_DIR is unset" in cli.output
+    assert cli.output.count("ccdist install-verifier") == 1, cli.output  # the hint once, not twice
 
 
 def test_find_abcrown_and_parse_shard(tmp_path, monkeypatch):
@@ -332,7 +333,7 @@ def test_find_abcrown_and_parse_shard(tmp_path, monkeypatch):
     assert find_abcrown(tmp_path) == (tmp_path / "complete_verifier").resolve()
     monkeypatch.setenv("ABCROWN_DIR", str(tmp_path / "complete_verifier"))
     assert find_abcrown() == (tmp_path / "complete_verifier").resolve()
-    with pytest.raises(FileNotFoundError, match="ABCROWN_DIR"):
+    with pytest.raises(FileNotFoundError, match="nowhere.*ccdist install-verifier"):
         find_abcrown(tmp_path / "nowhere")
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
     for bad in ("4/4", "x", "1/0", "-1/2"):

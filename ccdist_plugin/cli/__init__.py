@@ -7,21 +7,23 @@
     ccdist train --config cifar10-2 --teacher runs/cifar10-2-teacher/checkpoint.pt
     ccdist demo                                      # the quick start on sklearn's digits
     ccdist eval / compare / sweep                    # tables and figures (cli/evaluate.py)
+    ccdist tune                                      # hyper-parameter search, Optuna (cli/tune.py)
     ccdist export / verify                           # alpha,beta-CROWN (cli/verification.py)
+    ccdist install-verifier                          # auto_LiRPA + alpha,beta-CROWN (cli/install.py)
     ccdist configs [--path | --copy DIR]             # the packaged alpha,beta-CROWN templates
 
 Modules: :mod:`.common` (ε parsing, KEY=VALUE overrides, logging, checkpoint loading, one-line
-errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.verification`, :mod:`.configs`. Expected failures print one
-``error: ...`` line and exit with status 2; ``--debug`` (before or after the command) shows
-tracebacks.
+errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.tune`, :mod:`.verification`, :mod:`.install`,
+:mod:`.configs`. Expected failures print one ``error: ...`` line and exit with status 2; ``--debug``
+(before or after the command) shows tracebacks.
 """
 
 from __future__ import annotations
 
 import click
 
-from ccdist_plugin import __version__
 from ccdist_plugin.cli.common import CcdistGroup
+from ccdist_plugin.version import __version__
 
 __all__ = ["main"]
 
@@ -47,7 +49,7 @@ def main(ctx: click.Context, debug: bool, malloc_tuning: bool) -> None:
 
 
 def _register() -> None:
-    from ccdist_plugin.cli import configs, evaluate, train, verification
+    from ccdist_plugin.cli import configs, evaluate, install, train, tune, verification
 
     for command in (
         train.presets_command,
@@ -57,8 +59,10 @@ def _register() -> None:
         evaluate.eval_command,
         evaluate.compare_command,
         evaluate.sweep_command,
+        tune.tune_command,
         verification.export_command,
         verification.verify_command,
+        install.install_verifier_command,
         configs.configs_command,
     ):
         main.add_command(command)

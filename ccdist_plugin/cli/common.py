@@ -33,6 +33,7 @@ __all__ = [
     "checkpoint_dataset",
     "checkpoint_eps",
     "load_checkpoint_and_model",
+    "needs_teacher",
     "quote_command",
     "invoked_command",
 ]
@@ -202,6 +203,14 @@ def setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     logging.getLogger("ccdist_plugin").setLevel(level)
+
+
+def needs_teacher(cfg) -> bool:
+    """Whether the config's loss distils from a teacher (the loss class says so)."""
+    from ccdist_plugin import losses
+
+    method = cfg.loss.method
+    return method in losses.list_losses() and losses.loss_class(method).teacher_use == "required"
 
 
 def load_checkpoint_and_model(path: str | Path):

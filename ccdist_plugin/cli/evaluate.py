@@ -8,6 +8,10 @@
     ccdist compare runs/a/eval runs/b/eval ... --out compare            # mean ± std table and plots
     ccdist sweep --param beta --values 0.01,0.02,0.05 --config digits --teacher T.pt --seeds 0,1
 
+An output folder that already holds results is refused (exit 2, one line): ``eval --out`` holding an
+``eval.json``, a ``sweep`` folder holding its runs. ``--overwrite`` replaces them (the files the command
+writes there, nothing else); ``sweep --resume`` continues an earlier sweep with the same settings.
+
 See ``docs/evaluation.md``.
 """
 
@@ -26,14 +30,25 @@ from ccdist_plugin.cli.common import (
     checkpoint_dataset,
     checkpoint_eps,
     load_checkpoint_and_model,
+    needs_teacher,
     parse_eps,
     parse_float_list,
     parse_names,
     parse_overrides,
     setup_logging,
 )
+from ccdist_plugin.runlock import TRAINING_OUTPUTS, claim_output_folder
 
-__all__ = ["eval_command", "compare_command", "sweep_command", "run_eval", "compare_records"]
+__all__ = [
+    "eval_command",
+    "compare_command",
+    "sweep_command",
+    "run_eval",
+    "compare_records",
+    "EVAL_OUTPUTS",
+    "SWEEP_MARKERS",
+    "SWEEP_OUTPUTS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +57,18 @@ _CURVE_KEYS = ("standard_acc", "pgd_acc", "ibp_cert_acc", "crown_cert_acc", "cro
 #: multiples of ε at which ``ccdist eval`` draws the accuracy-vs-ε curve by default
 DEFAULT_CURVE = "0,0.5,1,1.5,2"
 _PARAM_KEYS = {"beta": "loss.beta", "alpha": "loss.alpha"}
+#: what ``ccdist eval`` writes into ``--out`` (``--overwrite`` removes these, nothing else)
+EVAL_OUTPUTS = ("eval.json", "eval.md", "accuracy_vs_eps.png", "teacher_comparison.md", "teacher", "bab")
+#: a sweep's runs are ``<out>/<param>=<value>/seed<seed>``; its teacher (when it trains one) ``<out>/teacher``
+_SWEEP_RUNS = ("*=*/seed*", "teacher")
+#: what marks an earlier sweep in its folder, and everything a sweep writes there
+SWEEP_MARKERS = tuple(f"{run}/checkpoint.pt" for run in _SWEEP_RUNS) + ("compare.md",)
+SWEEP_OUTPUTS = (
+    *(f"{run}/{name}" for run in _SWEEP_RUNS for name in (*TRAINING_OUTPUTS, "eval")),
+    "compare.md",
+    "accuracy_vs_eps.png",
+    "sweep_*.png",
+)
 
 
 def _test_points(
@@ -213,8 +240,15 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
 @click.option("--compare-teacher", default=None, type=click.Path(exists=True, dir_okay=False), help="Table 2")
 @click.option("--label", default=None, help="method name in the tables (default: from the loss)")
 @click.option("--out", "out_dir", default=None, help="output folder (default: <checkpoint folder>/eval)")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an earlier evaluation in --out (eval.json, eval.md, plots, teacher/, bab/; other files are "
+    "kept); without it such a folder is refused",
+)
 @click.option("--seed", default=0, show_default=True, help="seed of the attacks' random starts")
 @click.option("--quiet", is_flag=True, help="no progress bars or logs")
+# over 80 lines only by its signature (one parameter per option); the body is the command's steps in order
 def eval_command(
     checkpoint,
     data_name,
@@ -240,6 +274,7 @@ def eval_command(
     compare_teacher,
     label,
     out_dir,
+    overwrite,
     seed,
     quiet,
 ):
@@ -252,6 +287,15 @@ def eval_command(
         curve = parse_float_list(curve_eps, "--curve-eps") if curve_eps else []
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+    claim_output_folder(
+        out,
+        ("eval.json",),
+        EVAL_OUTPUTS,
+        overwrite=overwrite,
+        resume_option=None,
+        folder_option="--out",
+        what="evaluation",
+    )
     settings = dict(
         batch_size=batch_size,
         attack=attack,
@@ -282,21 +326,34 @@ def eval_command(
     record = run_eval(checkpoint, out, settings, label=label, **common)
     records = [record]
     if compare_teacher is not None:
-        teacher = run_eval(compare_teacher, out / "teacher", settings, **{**common, "eps": record["eps"]})
-        records.append(teacher)
-        table2 = reports.teacher_table(teacher, record)
-        (out / "teacher_comparison.md").write_text(table2)
-        record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
-        reports.write_json(record, out / "eval.json")
-        (out / "eval.md").write_text(reports.eval_table(records) + "\n" + table2)
-        if record["eps_curve"] and teacher["eps_curve"]:
-            reports.plot_accuracy_vs_eps(records, out / "accuracy_vs_eps.png")
+        records.append(_compare_teacher(compare_teacher, record, out, settings, common))
     click.echo(reports.eval_table(records))
     if compare_teacher is not None:
         click.echo(reports.teacher_table(records[1], records[0]))
     written = ["eval.json", "eval.md"] + (["accuracy_vs_eps.png"] if record["eps_curve"] else [])
     written += ["teacher_comparison.md"] if compare_teacher else []
     click.echo(f"wrote {', '.join(str(out / w) for w in written)}")
+
+
+def _compare_teacher(
+    teacher_checkpoint: str,
+    record: dict[str, Any],
+    out: Path,
+    settings: dict[str, Any],
+    common: dict[str, Any],
+) -> dict[str, Any]:
+    """``eval --compare-teacher``: evaluate the teacher at the student's ε (into ``out/teacher``), write
+    Table 2, and add the teacher to the student's ``eval.json``, ``eval.md`` and ε plot. Returns the
+    teacher's record."""
+    teacher = run_eval(teacher_checkpoint, out / "teacher", settings, **{**common, "eps": record["eps"]})
+    table2 = reports.teacher_table(teacher, record)
+    (out / "teacher_comparison.md").write_text(table2)
+    record["teacher"] = {k: v for k, v in teacher.items() if k != "per_example"}
+    reports.write_json(record, out / "eval.json")
+    (out / "eval.md").write_text(reports.eval_table([record, teacher]) + "\n" + table2)
+    if record["eps_curve"] and teacher["eps_curve"]:
+        reports.plot_accuracy_vs_eps([record, teacher], out / "accuracy_vs_eps.png")
+    return teacher
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,19 +404,69 @@ def compare_command(runs, out_dir, group_by, sweep_param):
 # --------------------------------------------------------------------------------------------
 
 
-def _needs_teacher(cfg) -> bool:
-    """Whether the config's loss distils from a teacher (the loss class says so)."""
-    from ccdist_plugin import losses
-
-    method = cfg.loss.method
-    return method in losses.list_losses() and losses.loss_class(method).teacher_use == "required"
-
-
 def _epochs_done(checkpoint: Path) -> int:
     """Epochs an earlier (possibly interrupted) run of a sweep finished: 0 when there is no checkpoint."""
     from ccdist_plugin.checkpoint import load_checkpoint
 
     return int(load_checkpoint(checkpoint).get("epoch", 0)) if checkpoint.is_file() else 0
+
+
+def _check_kept_run(checkpoint: Path, cfg, teacher_sha256: str | None) -> None:
+    """A finished run of an earlier sweep is kept only when it was trained with these settings (and
+    towards a teacher with these weights); ``ValueError`` naming the differences otherwise."""
+    from ccdist_plugin.checkpoint import check_resumable, load_checkpoint
+
+    try:
+        check_resumable(load_checkpoint(checkpoint), cfg, None, teacher_sha256)
+    except ValueError as err:
+        raise ValueError(
+            f"{checkpoint}: the earlier sweep's run cannot be kept: {err}. Pass --overwrite to retrain the "
+            "sweep, or another --output-dir"
+        ) from None
+
+
+def _sweep_runs(
+    config: str, extra: list[str], param: str, key: str, values: list[str], seeds: list[int], out: Path
+):
+    """``(value, seed, config, run folder)`` of every run of a sweep."""
+    from ccdist_plugin.config import load_config
+
+    runs = []
+    for value in values:
+        for seed in seeds:
+            run_dir = out / f"{param}={value}" / f"seed{seed}"
+            cfg = load_config(config, extra + [f"{key}={value}", f"seed={seed}", f"log.output_dir={run_dir}"])
+            runs.append((value, seed, cfg, run_dir))
+    return runs
+
+
+def _sweep_teacher(cfg, out: Path, quiet: bool) -> Path | None:
+    """The teacher of a sweep whose loss needs one and that was given none: the preset the config names,
+    trained (or resumed, or kept when finished with the same settings) in ``out/teacher``; None when the
+    loss needs no teacher."""
+    from ccdist_plugin.config import load_preset
+    from ccdist_plugin.trainer import Trainer, build_model, load_data
+
+    if not needs_teacher(cfg):
+        return None
+    t_preset = cfg.teacher.preset
+    if not t_preset:
+        raise ValueError(f"loss {cfg.loss.method!r} needs a teacher: pass --teacher")
+    t_dir = out / "teacher"
+    teacher_path = t_dir / "checkpoint.pt"
+    t_cfg = load_preset(t_preset).override(
+        [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
+    )
+    done = _epochs_done(teacher_path)
+    if done < t_cfg.schedule.epochs:
+        click.echo(f"{'resuming' if done else 'training'} the teacher ({t_preset}) in {t_dir} ...")
+        data = load_data(t_cfg)
+        Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
+            data.train, data.val if data.val is not None else data.test, resume=done > 0, overwrite=False
+        )
+    else:
+        _check_kept_run(teacher_path, t_cfg, None)
+    return teacher_path
 
 
 @click.command("sweep")
@@ -372,6 +479,17 @@ def _epochs_done(checkpoint: Path) -> int:
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds (mean ± std over them)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="config override (repeatable)")
 @click.option("--output-dir", default=None, help="folder of the sweep (default runs/sweep-<config>-<param>)")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="continue an earlier sweep in the folder: finished runs with the same settings are kept, "
+    "interrupted ones continued",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an earlier sweep in the folder (its runs, teacher and plots; other files are kept)",
+)
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True, help="evaluate every run")
 @click.option("--count", type=int, default=None, help="test points per evaluation (default: all)")
 @click.option(
@@ -389,6 +507,8 @@ def sweep_command(
     seeds,
     overrides,
     output_dir,
+    resume,
+    overwrite,
     do_eval,
     count,
     attack,
@@ -398,7 +518,6 @@ def sweep_command(
     quiet,
 ):
     """Train (and evaluate) one run per value of a parameter and seed; the β sweep of Figure 1."""
-    from ccdist_plugin.config import load_config, load_preset
     from ccdist_plugin.trainer import Trainer, build_model, load_data
 
     setup_logging(quiet)
@@ -407,50 +526,38 @@ def sweep_command(
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     if not values or not seed_list:
         raise click.BadParameter("need at least one value and one seed")
+    if resume and overwrite:
+        raise click.BadParameter("--resume continues the earlier sweep, --overwrite replaces it: pass one")
     base_name = Path(config).stem
     out = Path(output_dir or f"runs/sweep-{base_name}-{param}")
     extra = list(overrides) + (["log.progress=false"] if quiet else [])
     try:
-        runs = []
-        for value in values:
-            for seed in seed_list:
-                run_dir = out / f"{param}={value}" / f"seed{seed}"
-                cfg = load_config(
-                    config, extra + [f"{key}={value}", f"seed={seed}", f"log.output_dir={run_dir}"]
-                )
-                runs.append((value, seed, cfg, run_dir))
+        runs = _sweep_runs(config, extra, param, key, values, seed_list, out)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--param/--values/--set") from err
-    teacher_path = teacher
-    if teacher_path is None and _needs_teacher(runs[0][2]):
-        t_preset = runs[0][2].teacher.preset
-        if not t_preset:
-            raise ValueError(f"loss {runs[0][2].loss.method!r} needs a teacher: pass --teacher")
-        t_dir = out / "teacher"
-        teacher_path = t_dir / "checkpoint.pt"
-        if not teacher_path.is_file():
-            click.echo(f"training the teacher ({t_preset}) into {t_dir} ...")
-            t_cfg = load_preset(t_preset).override(
-                [f"log.output_dir={t_dir}"] + (["log.progress=false"] if quiet else [])
-            )
-            data = load_data(t_cfg)
-            Trainer(build_model(t_cfg, data.spec), t_cfg).fit(
-                data.train, data.val if data.val is not None else data.test
-            )
+    if not resume:  # an earlier sweep here is kept unless --overwrite
+        claim_output_folder(out, SWEEP_MARKERS, SWEEP_OUTPUTS, overwrite=overwrite, what="sweep")
+    teacher_path = teacher if teacher is not None else _sweep_teacher(runs[0][2], out, quiet)
+    teacher_sha = None
+    if teacher_path is not None:
+        from ccdist_plugin.checkpoint import load_model, state_sha256
+
+        teacher_sha = state_sha256(load_model(teacher_path))
     records = []
     for value, seed, cfg, run_dir in runs:
         ckpt = run_dir / "checkpoint.pt"
         done = _epochs_done(ckpt)
+        if teacher_path is not None and needs_teacher(cfg):  # the trainer reads it from the config
+            cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher_path)))
         if done >= cfg.schedule.epochs:
-            click.echo(f"{param}={value} seed {seed}: {ckpt} exists, not retrained")
+            _check_kept_run(ckpt, cfg, teacher_sha if needs_teacher(cfg) else None)
+            click.echo(f"{param}={value} seed {seed}: {ckpt} has the same settings, kept (not retrained)")
         else:
             verb = f"resuming (after epoch {done})" if done else "training"
             click.echo(f"{verb} {param}={value} seed {seed} into {run_dir} ...")
             data = load_data(cfg)
-            if teacher_path is not None and _needs_teacher(cfg):  # the trainer reads it from the config
-                cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher_path)))
             Trainer(build_model(cfg, data.spec), cfg).fit(
-                data.train, data.val if data.val is not None else data.test, resume=done > 0
+                data.train, data.val if data.val is not None else data.test, resume=done > 0, overwrite=False
             )
         if do_eval:
             settings = dict(attack=attack, bab=bab, bab_count=bab_count, bab_timeout_s=bab_timeout)

@@ -2,7 +2,9 @@
 
 ``--config`` takes a preset name or a YAML file; ``--set key=value`` (repeatable) overrides any
 config key (``--set loss.alpha=0.5 --set schedule.epochs=10``); ``--resume`` continues an
-interrupted run from its checkpoint; ``--quiet`` silences progress bars and per-epoch logs.
+interrupted run from its checkpoint; ``--overwrite`` replaces an earlier run in the output folder
+(without either, a folder holding a run's checkpoint is refused: nothing is overwritten by
+accident); ``--quiet`` silences progress bars and per-epoch logs.
 
 The teacher of ``ccdist train --teacher CKPT`` goes into the run's config (``teacher.checkpoint``),
 which is how the trainer finds it: recorded in the run's config.yaml, compared by its weights on
@@ -46,8 +48,13 @@ def resolve_config(
         raise click.BadParameter(str(err), param_hint="--config/--set") from err
 
 
-def _run(cfg: TrainConfig, resume: bool, allow_teacher_change: bool, threads: int | None) -> None:
+def _run(
+    cfg: TrainConfig, resume: bool, allow_teacher_change: bool, threads: int | None, overwrite: bool = False
+) -> None:
     import torch
+
+    if resume and overwrite:
+        raise click.BadParameter("--resume continues the earlier run, --overwrite replaces it: pass one")
 
     if threads is not None:  # small networks on a busy CPU: 1 thread can be many times faster
         torch.set_num_threads(threads)
@@ -64,7 +71,9 @@ def _run(cfg: TrainConfig, resume: bool, allow_teacher_change: bool, threads: in
     checkpoint = Path(cfg.log.output_dir) / "checkpoint.pt"
     try:
         trainer = Trainer(model, cfg)  # the teacher (if any) is cfg.teacher.checkpoint
-        result = trainer.fit(data.train, val, resume=resume, allow_teacher_change=allow_teacher_change)
+        result = trainer.fit(
+            data.train, val, resume=resume, allow_teacher_change=allow_teacher_change, overwrite=overwrite
+        )
     except KeyboardInterrupt:
         _interrupted(checkpoint)
     except OSError as err:  # e.g. the folder became read-only: say what is kept
@@ -106,6 +115,12 @@ _set_option = click.option(
 )
 _quiet_option = click.option("--quiet", is_flag=True, help="no progress bars or per-epoch logs")
 _resume_option = click.option("--resume", is_flag=True, help="continue from <output_dir>/checkpoint.pt")
+_overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an earlier run in the output folder (its checkpoint, config.yaml, metrics, curves.png, "
+    "tensorboard/; other files are kept); without it, or --resume, such a folder is refused",
+)
 _output_option = click.option("--output-dir", default=None, help="run directory (default: the config's)")
 _threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice)"
@@ -126,10 +141,17 @@ def presets_command() -> None:
 @_set_option
 @_quiet_option
 @_resume_option
+@_overwrite_option
 @_output_option
 @_threads_option
 def train_teacher_command(
-    config: str, overrides, quiet: bool, resume: bool, output_dir: str | None, threads: int | None
+    config: str,
+    overrides,
+    quiet: bool,
+    resume: bool,
+    overwrite: bool,
+    output_dir: str | None,
+    threads: int | None,
 ) -> None:
     """Train a PGD adversarially-trained teacher (docs/method.md "Teacher")."""
     setup_logging(quiet)
@@ -140,7 +162,7 @@ def train_teacher_command(
             f"(e.g. {cfg.name}-teacher) or `ccdist train`",
             param_hint="--config",
         )
-    _run(cfg, resume, False, threads)
+    _run(cfg, resume, False, threads, overwrite)
 
 
 @click.command("train")
@@ -154,6 +176,7 @@ def train_teacher_command(
     is_flag=True,
     help="with --resume: continue towards a teacher whose weights differ from the checkpoint's",
 )
+@_overwrite_option
 @_output_option
 @_threads_option
 def train_command(
@@ -163,6 +186,7 @@ def train_command(
     quiet: bool,
     resume: bool,
     allow_teacher_change: bool,
+    overwrite: bool,
     output_dir: str | None,
     threads: int | None,
 ) -> None:
@@ -177,7 +201,7 @@ def train_command(
         if not Path(teacher).is_file():
             raise click.BadParameter(f"teacher checkpoint {teacher!r} does not exist", param_hint="--teacher")
         cfg = cfg.replace(teacher=dataclasses.replace(cfg.teacher, checkpoint=str(teacher)))
-    _run(cfg, resume, allow_teacher_change, threads)
+    _run(cfg, resume, allow_teacher_change, threads, overwrite)
 
 
 @click.command("demo")
@@ -185,12 +209,22 @@ def train_command(
 @click.option("--quiet", is_flag=True, help="only print the final table")
 @click.option("--seed", default=0, show_default=True, help="seed of every run")
 @click.option("--no-verify", is_flag=True, help="skip alpha,beta-CROWN even when ABCROWN_DIR is set")
-def demo_command(output_dir: str, quiet: bool, seed: int, no_verify: bool) -> None:
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an earlier demo in the output folder (its three runs and export/); without it such a "
+    "folder is refused",
+)
+def demo_command(output_dir: str, quiet: bool, seed: int, no_verify: bool, overwrite: bool) -> None:
     """Quick start on sklearn's digits: PGD teacher, CC-IBP and CC-Dist students, one table (< 2 min)."""
     from ccdist_plugin.demo import run_demo
 
     setup_logging(True)
     result = run_demo(
-        output_dir=output_dir, seed=seed, echo=None if quiet else click.echo, verify=not no_verify
+        output_dir=output_dir,
+        seed=seed,
+        echo=None if quiet else click.echo,
+        verify=not no_verify,
+        overwrite=overwrite,
     )
     click.echo(result.table())

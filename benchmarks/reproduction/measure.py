@@ -1,0 +1,103 @@
+"""What the reproduction measures of a trained network: the test and validation metrics by the package's
+pre-filter, the paper's appendix E.1 diagnostics, and the machine the figures were measured on."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def split_tensors(ds, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` (default: all) images of a split as floats in [0, 1], and their labels."""
+    n = len(ds) if count is None else min(count, len(ds))
+    x, y = ds.uint8_batch(np.arange(n))
+    return torch.from_numpy(x).float().div_(ds.scale), torch.from_numpy(y)
+
+
+#: the validation split's cheaper selection attack (not a reported figure): PGD-10, step ε/4
+VAL_PGD_STEPS, VAL_PGD_STEP = 10, 0.25
+
+
+def eval_attack_text() -> str:
+    """The evaluation attack (PGD-40) in words, for the report."""
+    from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, describe_pgd
+
+    return f"{describe_pgd(EVAL_PGD)}, as {EVAL_PGD_SOURCE}"
+
+
+def evaluate(
+    model, x: torch.Tensor, y: torch.Tensor, eps: float, pgd_steps: int = 40, points: bool = False
+) -> dict[str, Any]:
+    """Standard, PGD-``pgd_steps``, IBP- and CROWN-IBP-certified accuracy (fractions) of an eval-mode model,
+    by the package's pre-filter (``evaluation.prefilter``, the cascade of ``ccdist eval`` and the export).
+
+    PGD-40 is the evaluation attack ``attacks.EVAL_PGD``; PGD-10 (validation) steps ε/4. ``crown_cert``
+    is the fraction certified by IBP or CROWN-IBP (the key keeps its historic name; the tables call it
+    CROWN-IBP-cert). ``unsound_points`` counts certified points that PGD broke (must be 0); ``attack``
+    names the attack. ``points``: also the per-point outcomes (positions in ``x``: ``labels`` and the
+    positions that are ``correct``, ``pgd_robust``, ``crown_certified``), for the paired per-point analysis.
+    """
+    from ccdist_plugin.attacks import EVAL_PGD, PGD, describe_pgd
+    from ccdist_plugin.evaluation import prefilter
+
+    attack = EVAL_PGD if pgd_steps == EVAL_PGD.steps else PGD(steps=pgd_steps, step_size=VAL_PGD_STEP)
+    t0 = time.perf_counter()
+    pre = prefilter(model.eval(), x, y, eps, attack=attack, crown_intermediate="ibp", batch_size=250)
+    status = pre.status
+    n = len(x)
+    certified = torch.tensor([st in ("certified_ibp", "certified_crown") for st in status], dtype=torch.bool)
+    robust = pre.correct & ~pre.broken
+    out: dict[str, Any] = {
+        "n": n,
+        "attack": describe_pgd(attack),
+        "std": float(pre.correct.float().mean()),
+        f"pgd{pgd_steps}": float(robust.float().mean()),
+        "ibp_cert": float(pre.certified["ibp"].float().mean()),
+        "crown_cert": float(certified.float().mean()),
+        "unsound_points": status.count("alarm"),
+        "eval_s": time.perf_counter() - t0,
+    }
+    if points:
+        out["points"] = {
+            "labels": [int(v) for v in y.tolist()],
+            **{
+                k: [int(i) for i in torch.nonzero(v).flatten().tolist()]
+                for k, v in (("correct", pre.correct), ("pgd_robust", robust), ("crown_certified", certified))
+            },
+        }
+    return out
+
+
+def diagnostics(model, teacher, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
+    """The paper's appendix E.1 diagnostics that need the network: the IBP loss (mean CE of the IBP
+    worst-case logits at ε, eval mode) and, when a teacher is given, the teacher-student feature distance
+    (mean over points of Σ_i (h_s,i(x) − h_t,i(x))², clean inputs: the distillation term at ε = 0)."""
+    from ccdist_plugin.bounds import margin_lower_bound
+    from ccdist_plugin.evaluation import ibp_loss_from_margins
+
+    model.eval()
+    losses, dist = [], []
+    with torch.no_grad():
+        for s in range(0, len(x), 250):
+            xb, yb = x[s : s + 250], y[s : s + 250]
+            losses.append(ibp_loss_from_margins(margin_lower_bound(model, xb, yb, eps).double(), yb))
+            if teacher is not None:
+                dist.append(((model.features(xb) - teacher.eval().features(xb)) ** 2).sum(1))
+    out = {"ibp_loss": float(torch.cat(losses).mean())}
+    if dist:
+        out["feature_distance"] = float(torch.cat(dist).double().mean())
+    return out
+
+
+def machine_text() -> str:
+    """The machine the figures were measured on, in words, for the reports."""
+    from ccdist_plugin.reports import machine_info
+
+    m = machine_info()
+    return (
+        f"{m['cpu']}, {m['logical_cpus']} logical CPUs (shared with other jobs), torch {m['torch']}, "
+        f"Python {m['python']}, {m['system']}"
+    )

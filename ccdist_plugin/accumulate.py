@@ -1,0 +1,208 @@
+"""Gradient accumulation (``optim.accumulate: k``): one optimizer step from k micro-batches.
+
+A batch of B examples is split into k consecutive micro-batches (sizes differ by at most one; a
+batch smaller than k gives B micro-batches of one). Each micro-batch's objective is weighted by its
+share n_m/B of the batch and backpropagated on its own, so only one micro-batch's autograd graph
+lives at a time; the gradients add up in ``.grad`` and the optimizer steps once. For an objective
+that is a mean of per-example terms (every loss's cross-entropies and distillation terms, the ℓ1
+penalty, which is counted once in all), the accumulated gradient is the whole batch's.
+
+BatchNorm in train mode couples the examples of a batch through its statistics. With k > 1 and a
+network that has a BatchNorm, the step runs in three phases (docs/training.md, "Gradient
+accumulation"):
+
+1. the attack, micro-batch by micro-batch (the network is in eval mode there: running statistics,
+   no coupling; its random starts come from the CPU generator: the numbers the whole batch would draw);
+2. the whole objective on the whole batch without autograd (no graph is kept), recording, in
+   order, every train-mode BatchNorm call: its batch mean and 1/std, and the running statistics
+   moved once, exactly as the one-batch step moves them. The logged terms are this pass's;
+3. each micro-batch's objective with every train-mode BatchNorm normalizing with the recorded
+   whole-batch statistics (:class:`BatchStatistics` in replay), then its backward.
+
+The forward values (losses, bounds, adversarial outputs, running statistics) are therefore those
+of the one-batch step. The gradient is not exactly: in the one-batch step the gradient also flows
+through the batch statistics into every example of the batch, coupling all of them. Here a
+micro-batch's backward differentiates the statistics as if they were its own micro-batch's (their
+values stay the whole batch's μ and σ): the gradient reaching a BatchNorm's input is
+(γ/σ)·(g − mean_m(g) − (x − μ_m)·mean_m(g·(x − μ))/σ²), with means over the micro-batch m (μ_m its
+own mean) where the one-batch step takes them over the batch. So a per-channel shift of a
+BatchNorm's input (the bias of a convolution before it, say) gets no gradient, as in the one-batch
+step, and the difference is the gap between a micro-batch's means and the batch's, which shrinks as
+micro-batches grow; a micro-batch of one
+example gets no gradient through a BatchNorm1d at all, so keep micro-batches large. Differentiating
+through the whole batch's statistics exactly needs, per BatchNorm layer in depth, one more pass over
+all micro-batches (or the whole batch's graph, which accumulation exists to avoid). With k = 1 the
+replay reproduces the one-batch gradient (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ccdist_plugin import bounds
+
+__all__ = ["micro_batches", "train_mode_batchnorms", "BatchStatistics", "check_accumulation"]
+
+
+def micro_batches(batch_size: int, k: int) -> list[slice]:
+    """k consecutive slices covering ``range(batch_size)``, sizes differing by at most one (the first
+    ones larger); ``min(k, batch_size)`` slices, so a batch smaller than k gives slices of one."""
+    if k < 1:
+        raise ValueError(f"accumulate must be >= 1, got {k}")
+    k = max(1, min(k, batch_size))
+    base, extra = divmod(batch_size, k)
+    out, start = [], 0
+    for i in range(k):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+def train_mode_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that normalize with batch statistics in its current mode."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+
+
+def check_accumulation(model: nn.Module, loss: object) -> None:
+    """``ValueError`` when a step of ``model`` with ``loss`` cannot be accumulated with whole-batch
+    BatchNorm statistics (only asked when the network has a BatchNorm).
+
+    The loss must be a :class:`~ccdist_plugin.losses.RobustLoss` (its attack is run apart from its
+    objective), the network's features must be bounded by the native IBP engine (auto_LiRPA's
+    BatchNorm cannot be given statistics), and SyncBatchNorm is refused (its statistics span ranks).
+    """
+    from ccdist_plugin.bounds import native_unsupported_layer
+    from ccdist_plugin.losses import RobustLoss
+
+    if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        raise ValueError("optim.accumulate > 1 does not support SyncBatchNorm; use accumulate: 1")
+    if not isinstance(loss, RobustLoss):
+        raise ValueError(
+            f"optim.accumulate > 1 with a BatchNorm network needs a ccdist_plugin loss (RobustLoss), got "
+            f"{type(loss).__name__}"
+        )
+    from ccdist_plugin.losses import CrownIBPLoss
+
+    layer = native_unsupported_layer(getattr(model, "features", model))
+    if layer is not None or (isinstance(loss, CrownIBPLoss) and not loss.keeps_ibp_record(model)):
+        raise ValueError(
+            "optim.accumulate > 1 with a BatchNorm network needs layers the native engines bound (this "
+            "network goes through auto_LiRPA, whose BatchNorm cannot be given statistics); use accumulate: 1"
+        )
+
+
+@dataclass
+class _Record:
+    bn: nn.Module
+    mean: Tensor
+    invstd: Tensor
+    count: int  # elements per channel of the whole batch
+
+
+@dataclass
+class BatchStatistics:
+    """Records every train-mode BatchNorm call of a whole-batch pass, then replays those statistics
+    in the passes of its micro-batches (see the module docstring).
+
+    Use :meth:`recording` around the whole-batch pass (no autograd needed) and :meth:`replaying`
+    around each micro-batch's pass, giving the micro-batch's size and the batch's.
+    """
+
+    records: list[_Record] = field(default_factory=list)
+    _index: int = 0
+    _fraction: float = 1.0
+
+    # -------------------------------------------------------------------- the two modes
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module) -> Iterator[BatchStatistics]:
+        self.records.clear()
+        with _hooked(model, self._record):
+            yield self
+
+    @contextlib.contextmanager
+    def replaying(self, model: nn.Module, micro_size: int, batch_size: int) -> Iterator[BatchStatistics]:
+        self._index, self._fraction = 0, micro_size / batch_size
+        with _hooked(model, self._replay):
+            yield self
+        if self._index != len(self.records):
+            raise RuntimeError(
+                f"a micro-batch pass made {self._index} BatchNorm calls, the whole-batch pass "
+                f"{len(self.records)}: the step's passes differ between them"
+            )
+
+    # -------------------------------------------------------------------- the hooks
+    def _record(self, bn, x: Tensor, update_running_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+        track = update_running_stats and bn.track_running_stats and bn.running_mean is not None
+        # the very call of the one-batch step (same kernel, same running-statistics update)
+        out, mean, invstd = torch.native_batch_norm(
+            x,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            True,
+            bounds._bn_momentum(bn) if track else 0.0,
+            bn.eps,
+        )
+        self.records.append(_Record(bn, mean.detach(), invstd.detach(), x.numel() // x.shape[1]))
+        return out, mean, invstd
+
+    def _replay(self, bn, x: Tensor, update_running_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if self._index >= len(self.records) or self.records[self._index].bn is not bn:
+            raise RuntimeError(
+                "a micro-batch pass called its BatchNorm layers in another order than the whole-batch "
+                "pass: the step's passes differ between them"
+            )
+        rec = self.records[self._index]
+        self._index += 1
+        dims = [0, *range(2, x.ndim)]
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        # value: the whole batch's statistic; gradient: as if the micro-batch's own statistic (see
+        # the module docstring), linearized at the whole batch's value
+        own_mean = x.mean(dims)
+        mean = rec.mean + (own_mean - own_mean.detach())
+        own_var = (x - own_mean.view(view)).square().mean(dims)
+        invstd = rec.invstd + (-0.5 * rec.invstd.pow(3)) * (own_var - own_var.detach())
+        out = (x - mean.view(view)) * invstd.view(view)
+        if bn.weight is not None:
+            out = out * bn.weight.view(view)
+        if bn.bias is not None:
+            out = out + bn.bias.view(view)
+        return out, mean, invstd
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, hook) -> Iterator[None]:
+    """Route every train-mode BatchNorm of ``model`` through ``hook``: its forward (plain passes) and
+    the IBP engine's (``bounds.BATCH_STATISTICS_HOOK``)."""
+    if bounds.BATCH_STATISTICS_HOOK is not None:
+        raise RuntimeError("batch statistics are already being recorded or replayed")
+    patched = []
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.forward = functools.partial(_forward, bn, bn.forward, hook)
+            patched.append(bn)
+    bounds.BATCH_STATISTICS_HOOK = hook
+    try:
+        yield
+    finally:
+        bounds.BATCH_STATISTICS_HOOK = None
+        for bn in patched:
+            del bn.forward
+
+
+def _forward(bn, original, hook, x: Tensor) -> Tensor:
+    if not (bn.training or bn.running_mean is None):
+        return original(x)  # eval mode (the attack): running statistics, nothing to share
+    return hook(bn, x, bn.training)[0]

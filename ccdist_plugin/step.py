@@ -1,0 +1,200 @@
+"""One training step (docs/method.md "Student training"): :func:`training_step` sets the learning rate,
+computes the objective (:func:`step_objective`: the warm-up's clean cross-entropy, else the loss plus,
+during the ramp, the Shi regularizer; plus ℓ1), refuses a non-finite loss (:class:`NonFiniteLossError`)
+and updates the network. :class:`~ccdist_plugin.trainer.Trainer` calls it once per batch."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccdist_plugin import distributed
+from ccdist_plugin.config import TrainConfig
+from ccdist_plugin.losses import LossStats
+from ccdist_plugin.regularizers import (
+    ibp_preactivation_bounds,
+    l1_penalty,
+    normalized_input_box,
+    shi_regularizer,
+)
+
+__all__ = ["NonFiniteLossError", "training_step", "step_objective", "REG_EPS_FLOOR"]
+
+#: ε used for the Shi regularizer's bounds on batches where the schedule gives ε_t = 0 (docs/method.md)
+REG_EPS_FLOOR = 1e-6
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and batch.
+
+    Attributes:
+        terms: the step's logged terms (host floats), when known.
+    """
+
+    def __init__(self, message: str, terms: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.terms = terms or {}
+
+
+def training_step(
+    model: nn.Module,
+    loss: Any,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_t: float,
+    lr: float,
+    phase: str,
+    config: TrainConfig,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """What one training step does (docs/method.md "Student training"):
+
+    1. the learning rate ``lr`` into every parameter group, ``model`` in train mode;
+    2. the objective (:func:`step_objective`): clean cross-entropy in the warm-up phase, else
+       ``loss(model, x, y, eps_t)`` plus, during the ramp, the Shi regularizer weighted
+       λ(1 − ε_t/ε); plus the ℓ1 penalty;
+    3. the logged terms reach the host in one copy (one device sync per step, not one per term);
+       a non-finite loss on any rank raises :class:`NonFiniteLossError` before any update;
+    4. backward, the gradient averaged over the torchrun ranks (weighted by their examples),
+       norm clipping, the optimizer step.
+
+    Returns:
+        ``(terms, logits)``: the logged terms as floats, and the clean logits in the warm-up
+        (for the training accuracy; None otherwise).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    if config.optim.accumulate > 1:
+        terms, logits = _accumulated_gradients(model, loss, optimizer, x, y, eps_t, phase, config)
+    else:
+        total, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config)
+        terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+        if not distributed.all_finite(math.isfinite(terms["loss"]), total.device):  # same on every rank
+            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+    distributed.average_gradients(list(model.parameters()), x.shape[0])
+    if config.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    return terms, logits
+
+
+def _accumulated_gradients(
+    model: nn.Module,
+    loss: Any,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_t: float,
+    phase: str,
+    config: TrainConfig,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The gradient of one step accumulated over ``config.optim.accumulate`` micro-batches, left in
+    ``.grad`` (:mod:`ccdist_plugin.accumulate`: each micro-batch's objective weighted by its share of
+    the batch; a network with BatchNorm normalizes with the whole batch's statistics)."""
+    from ccdist_plugin.accumulate import (
+        BatchStatistics,
+        check_accumulation,
+        micro_batches,
+        train_mode_batchnorms,
+    )
+
+    batch = x.shape[0]
+    parts = micro_batches(batch, config.optim.accumulate)
+    stats = x_adv = None
+    optimizer.zero_grad(set_to_none=True)
+    if train_mode_batchnorms(model):
+        if phase != "warmup":
+            check_accumulation(model, loss)
+            x_adv = torch.cat([loss.adversarial_batch(model, x[p], y[p], eps_t) for p in parts])
+        stats = BatchStatistics()
+        with torch.no_grad(), stats.recording(model):  # whole-batch values; no graph kept
+            _, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config, x_adv)
+        terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+        if not distributed.all_finite(math.isfinite(terms["loss"]), x.device):
+            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+    sums: dict[str, torch.Tensor] = {}
+    logit_parts = []
+    for part in parts:
+        size = part.stop - part.start
+        adv = None if x_adv is None else x_adv[part]
+        with stats.replaying(model, size, batch) if stats is not None else contextlib.nullcontext():
+            total, part_terms, part_logits = step_objective(
+                model, loss, x[part], y[part], eps_t, phase, config, adv
+            )
+        (total * (size / batch)).backward()
+        if stats is None:
+            for key, value in part_terms.items():
+                sums[key] = sums.get(key, 0.0) + value * (size / batch)
+            if part_logits is not None:
+                logit_parts.append(part_logits.detach())
+    if stats is None:
+        terms = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))
+        logits = torch.cat(logit_parts) if logit_parts else None
+        if not distributed.all_finite(math.isfinite(terms["loss"]), x.device):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+    return terms, logits
+
+
+def step_objective(
+    model: nn.Module,
+    loss: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_t: float,
+    phase: str,
+    config: TrainConfig,
+    x_adv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """The scalar a step minimizes, its detached terms and the warm-up's clean logits (see
+    :func:`training_step`); ``x_adv``: a precomputed adversarial batch for the loss (gradient
+    accumulation runs the attack apart)."""
+    terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
+    logits = None
+    if phase == "warmup":
+        logits = model(x)
+        total = F.cross_entropy(logits, y)
+        terms["clean_ce"] = total.detach()
+    else:
+        out = loss(model, x, y, eps_t) if x_adv is None else loss(model, x, y, eps_t, x_adv=x_adv)
+        total = out.loss
+        for key, value in (out.terms or {}).items():
+            terms[key] = torch.as_tensor(value, device=total.device).detach().float().mean()
+        if phase == "ramp" and config.optim.shi_lambda > 0:
+            stats = getattr(out, "stats", None)
+            stats = stats if isinstance(stats, LossStats) else LossStats()  # a user's loss may have none
+            if stats.preact_bounds and eps_t > 0:
+                bounds, box = stats.preact_bounds, _normalized_box(model, stats, x, eps_t)
+            else:
+                bounds, box = ibp_preactivation_bounds(model, x, max(eps_t, REG_EPS_FLOOR))
+            reg = shi_regularizer(bounds, box[0], box[1], config.optim.shi_tau)
+            weight = config.optim.shi_lambda * (1.0 - eps_t / config.eps)
+            total = total + weight * reg.total
+            terms["shi_tightness"] = reg.tightness.detach().float()
+            terms["shi_relu"] = reg.relu_balance.detach().float()
+    if config.optim.l1 > 0:
+        l1 = l1_penalty(model)
+        total = total + config.optim.l1 * l1
+        terms["l1_norm"] = l1.detach().float()
+    terms["loss"] = total.detach().float()
+    return total, terms, logits
+
+
+def _normalized_box(
+    model: nn.Module, stats: LossStats, x: torch.Tensor, eps_t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized input box the loss's bounds were computed over (SABR's small box, say); by
+    default the ε_t-ball ∩ [0, 1]."""
+    if stats.input_lb is None or stats.input_ub is None:
+        return normalized_input_box(model, x, eps_t)
+    lo, hi = stats.input_lb, stats.input_ub
+    norm = getattr(model, "normalize", None)
+    return (norm(lo), norm(hi)) if norm is not None else (lo, hi)

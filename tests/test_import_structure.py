@@ -1,0 +1,99 @@
+"""The import-structure check (.ci/check_imports.py): it finds circles, upward imports and private
+names taken across modules in small packages written here, and passes on the package itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / ".ci" / "check_imports.py"
+LAYERS = [["low"], ["mid", "sub.a"], ["sub.b"], ["sub"], ["high"], [""]]
+
+
+def run_check(package: Path, layers: list[list[str]] | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(SCRIPT), str(package)]
+    if layers is not None:
+        table = package.parent / "layers.json"
+        table.write_text(json.dumps(layers))
+        args += ["--layers", str(table)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    pkg = root / "pkg"
+    for name, text in {"__init__.py": "", "sub/__init__.py": "", **files}.items():
+        path = pkg / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return pkg
+
+
+CLEAN = {
+    "low.py": "X = 1\n",
+    "mid.py": "from pkg.low import X\n",
+    "sub/a.py": "from .. import low\n",
+    "sub/b.py": "from pkg.sub.a import low\n",
+    "sub/__init__.py": "from pkg.sub.b import low\n",
+    "high.py": "import pkg.sub\nfrom pkg.mid import X\n",
+    "__init__.py": "from pkg.high import X\n",
+}
+
+
+def test_clean_package_passes(tmp_path):
+    result = run_check(write_package(tmp_path, CLEAN), LAYERS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no import circle" in result.stdout
+
+
+def test_function_level_circle_is_found(tmp_path):
+    files = dict(CLEAN, **{"mid.py": "def f():\n    from pkg.sub import a\n", "sub/a.py": "import pkg.mid\n"})
+    result = run_check(write_package(tmp_path, files), LAYERS)
+    assert result.returncode == 1
+    assert "import circle: pkg.mid <-> pkg.sub.a" in result.stdout
+
+
+def test_upward_import_is_found(tmp_path):
+    files = dict(CLEAN, **{"low.py": "def f():\n    from pkg.high import X\n    return X\n"})
+    result = run_check(write_package(tmp_path, files), LAYERS)
+    assert result.returncode == 1
+    assert "pkg.low (layer 0) imports pkg.high from the higher layer 4" in result.stdout
+
+
+def test_private_name_across_modules_is_found(tmp_path):
+    files = dict(CLEAN, **{"low.py": "_hidden = 1\n", "mid.py": "from .low import _hidden\n"})
+    result = run_check(write_package(tmp_path, files), LAYERS)
+    assert result.returncode == 1
+    assert "private name(s) _hidden imported from pkg.low" in result.stdout
+
+
+def test_type_checking_import_counts(tmp_path):
+    guarded = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.high import X\n"
+    result = run_check(write_package(tmp_path, dict(CLEAN, **{"mid.py": guarded})), LAYERS)
+    assert result.returncode == 1
+    assert "imports pkg.high from the higher layer" in result.stdout
+
+
+def test_unplaced_module_is_found(tmp_path):
+    result = run_check(write_package(tmp_path, dict(CLEAN, **{"stray.py": ""})), LAYERS)
+    assert result.returncode == 1
+    assert "pkg.stray: in no layer" in result.stdout
+
+
+def test_not_a_package_is_a_usage_error(tmp_path):
+    result = run_check(tmp_path)
+    assert result.returncode == 2
+    assert "is not a package" in result.stderr
+
+
+SPLIT = (REPO / "ccdist_plugin" / "bounds" / "__init__.py").is_file()
+
+
+@pytest.mark.skipif(not SPLIT, reason="layout not split")
+def test_the_package_itself_holds():
+    result = run_check(REPO / "ccdist_plugin")
+    assert result.returncode == 0, result.stdout
