@@ -60,6 +60,8 @@ from ccdist_plugin.version import __version__ as __version__
 _LAZY = {
     "Trainer": "ccdist_plugin.trainer",
     "train_teacher": "ccdist_plugin.trainer",
+    "build_model": "ccdist_plugin.trainer",
+    "load_data": "ccdist_plugin.trainer",
     "TrainConfig": "ccdist_plugin.config",
     "load_preset": "ccdist_plugin.config",
     "list_presets": "ccdist_plugin.config",

@@ -193,8 +193,7 @@ def _run_demo(
     models: dict[str, torch.nn.Module] = {}
     for label, cfg, teacher_key in runs:
         say(f"training {label} ({cfg.schedule.epochs} epochs, {cfg.loss.method}) ...")
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data.spec)
+        model = build_model(cfg, data.spec)  # initialized from cfg.seed
         teacher = models.get(teacher_key) if teacher_key else None
         t0 = time.perf_counter()
         # the folder was checked above: an earlier run's files left there (None) go before this run writes

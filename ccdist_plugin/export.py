@@ -65,6 +65,7 @@ __all__ = [
     "write_vnnlib",
     "template_path",
     "list_templates",
+    "copy_templates",
     "write_abcrown_config",
     "export_instances",
     "set_aside_verdicts",
@@ -319,6 +320,41 @@ def export_onnx(
 def list_templates() -> list[str]:
     """Names of the α,β-CROWN templates in ``abcrown_configs/``."""
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml")) if TEMPLATE_DIR.is_dir() else []
+
+
+def copy_templates(dest: str | os.PathLike) -> dict[str, str]:
+    """Copy the packaged α,β-CROWN templates into ``dest`` (created if needed), e.g. to edit them or
+    to pass them to abcrown.py by hand.
+
+    Never overwrites: a file of the same name that differs raises ``FileExistsError`` before anything
+    is written; one that is already identical is left alone.
+
+    Returns:
+        ``{file name: "copied" | "unchanged"}``.
+    """
+    dest = Path(dest)
+    sources = sorted(TEMPLATE_DIR.glob("*.yaml"))
+    if not sources:
+        raise ExportError(f"no α,β-CROWN templates found in {TEMPLATE_DIR}; is the package installed whole?")
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"{dest} exists and is not a folder")
+    status: dict[str, str] = {}
+    for src in sources:
+        target = dest / src.name
+        if not target.exists():
+            status[src.name] = "copied"
+        elif target.is_file() and target.read_bytes() == src.read_bytes():
+            status[src.name] = "unchanged"
+        else:
+            raise FileExistsError(
+                f"{target} exists and differs from the packaged {src.name}; nothing was copied "
+                "(move it away, or copy into another folder)"
+            )
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        if status[src.name] == "copied":
+            atomic_write_text(dest / src.name, src.read_text())
+    return status
 
 
 def template_path(template: str | os.PathLike) -> Path:

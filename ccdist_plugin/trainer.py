@@ -113,18 +113,33 @@ def load_data(config: TrainConfig):
     return load_dataset(config.data.name, **config.data.load_kwargs())
 
 
-def build_model(config: TrainConfig, spec) -> CertifiedNet:
-    """The network of ``config.model`` for a dataset spec (input shape, classes, normalization)."""
+def build_model(config: TrainConfig, spec, seeded: bool = True) -> CertifiedNet:
+    """The network of ``config.model`` for a dataset spec (input shape, classes, normalization),
+    initialized from ``config.seed``.
+
+    The ``ccdist`` commands build their networks here too, so the same config gives the same initial
+    weights through the Python API and the command line, whatever ran before in the process. The
+    caller's random state is left as it was. ``seeded=False`` draws the initialization from the
+    process's random state instead (and advances it).
+    """
     c, h, _ = spec.input_shape
-    return create_model(
-        config.model.name,
-        in_channels=c,
-        input_size=h,
-        num_classes=spec.num_classes,
-        mean=list(spec.mean),
-        std=list(spec.std),
-        **config.model.constructor_kwargs(),
-    )
+
+    def build() -> CertifiedNet:
+        return create_model(
+            config.model.name,
+            in_channels=c,
+            input_size=h,
+            num_classes=spec.num_classes,
+            mean=list(spec.mean),
+            std=list(spec.std),
+            **config.model.constructor_kwargs(),
+        )
+
+    if not seeded:
+        return build()
+    with torch.random.fork_rng(devices=[]):  # the network is built on the CPU
+        torch.manual_seed(config.seed)
+        return build()
 
 
 def load_teacher(

@@ -1,9 +1,11 @@
 """Quick start through the Python API: a PGD teacher and a CC-Dist student on scikit-learn's digits.
 
 Run (CPU, about a minute):  python examples/quickstart.py
-It does in Python what `ccdist train-teacher --config digits-teacher` and
-`ccdist train --config digits --teacher ...` do on the command line, and logs one line per epoch
-(progress bars too, on a terminal). CCDIST_EXAMPLES_FAST=1 trains for 1-2 epochs only (what CI runs).
+It does in Python what `ccdist train-teacher --config digits-teacher --threads 1` and
+`ccdist train --config digits --teacher ... --threads 1` do on the command line (the same seeds, so the
+same models: `build_model` initializes from the config's seed, as the commands do), and logs one line
+per epoch (progress bars too, on a terminal). CCDIST_EXAMPLES_FAST=1 trains for 1-2 epochs only (what
+CI runs).
 """
 
 import logging

@@ -393,3 +393,40 @@ def test_fit_checks_its_data_once(digits, tmp_path):
         Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x * 255, y))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         Trainer(_model(digits.spec), cfg, loss=StubIBPLoss()).fit((x, y), (x, y + 10))
+
+
+def test_the_api_and_the_cli_train_the_same_model_from_one_config(tmp_path):
+    """``build_model`` initializes from ``config.seed`` (the CLI builds through it too): the same config
+    gives identical weights through ``Trainer`` and ``ccdist train``, whatever the caller's random state."""
+    from click.testing import CliRunner
+
+    from ccdist_plugin.cli import main
+    from ccdist_plugin.config import load_config
+    from ccdist_plugin.trainer import load_data
+
+    config_file = tmp_path / "config.yaml"
+    short = ["schedule.epochs=2", "optim.lr_decay_epochs=[]"]
+    _cfg(tmp_path, "seed=3", "loss.method=cc_ibp", *short).to_yaml(config_file)
+    cli = CliRunner().invoke(
+        main, ["train", "--config", str(config_file), "--output-dir", str(tmp_path / "cli"), "--quiet"]
+    )
+    assert cli.exit_code == 0, cli.output
+
+    cfg = load_config(str(config_file), [f"log.output_dir={tmp_path / 'api'}"])
+    data = load_data(cfg)  # as examples/quickstart.py does
+    torch.manual_seed(12345)  # the caller's random state neither matters nor changes
+    expected_draw = torch.rand(4)
+    torch.manual_seed(12345)
+    model = build_model(cfg, data.spec)
+    assert torch.equal(torch.rand(4), expected_draw)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    other_seed = build_model(cfg.override(["seed=4"]), data.spec).state_dict()
+    assert any(not torch.equal(initial[k], other_seed[k]) for k in initial)  # the seed is what decides
+    Trainer(model, cfg).fit(data.train, data.test)
+
+    cli_state = load_checkpoint(tmp_path / "cli" / "checkpoint.pt")["model_state"]
+    api_state = load_checkpoint(tmp_path / "api" / "checkpoint.pt")["model_state"]
+    assert cli_state.keys() == api_state.keys()
+    for key in cli_state:
+        assert torch.equal(cli_state[key], api_state[key]), key
+    assert any(not torch.equal(initial[k], api_state[k]) for k in initial)  # it trained

@@ -7,8 +7,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .plan import CIFAR_EPS, DIGITS_VAL, PAPER_CPU, VAL_SIZE
 
 
@@ -133,12 +131,11 @@ def paper_cpu_config(job: Job, out: Path):
 
 
 def build_student(cfg, spec):
-    """The run's initial network. Seeded here, right before it is built: whatever ran before in the process
-    (loading a teacher builds a network too) must not change it, so the same seed gives CC-IBP and CC-Dist
-    the same initialization (paired runs)."""
+    """The run's initial network, initialized from ``cfg.seed`` (``build_model`` seeds it): whatever ran
+    before in the process (loading a teacher builds a network too) does not change it, so the same seed
+    gives CC-IBP and CC-Dist the same initialization (paired runs)."""
     from ccdist_plugin.trainer import build_model
 
-    torch.manual_seed(cfg.seed)
     return build_model(cfg, spec)
 
 
@@ -147,7 +144,7 @@ def build_unseeded(cfg, spec):
     as published; the paper-cpu protocol seeds it: :func:`build_student`)."""
     from ccdist_plugin.trainer import build_model
 
-    return build_model(cfg, spec)
+    return build_model(cfg, spec, seeded=False)
 
 
 def issue9_config(job: Job, out: Path):

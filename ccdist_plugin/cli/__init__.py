@@ -10,11 +10,12 @@
     ccdist tune                                      # hyper-parameter search, Optuna (cli/tune.py)
     ccdist export / verify                           # alpha,beta-CROWN (cli/verification.py)
     ccdist install-verifier                          # auto_LiRPA + alpha,beta-CROWN (cli/install.py)
+    ccdist configs [--path | --copy DIR]             # the packaged alpha,beta-CROWN templates
 
 Modules: :mod:`.common` (ε parsing, KEY=VALUE overrides, logging, checkpoint loading, one-line
-errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.tune`, :mod:`.verification`, :mod:`.install`.
-Expected failures print one ``error: ...`` line and exit with status 2; ``--debug`` (before or after
-the command) shows tracebacks.
+errors), :mod:`.train`, :mod:`.evaluate`, :mod:`.tune`, :mod:`.verification`, :mod:`.install`,
+:mod:`.configs`. Expected failures print one ``error: ...`` line and exit with status 2; ``--debug``
+(before or after the command) shows tracebacks.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(ctx: click.Context, debug: bool, malloc_tuning: bool) -> None:
 
 
 def _register() -> None:
-    from ccdist_plugin.cli import evaluate, install, train, tune, verification
+    from ccdist_plugin.cli import configs, evaluate, install, train, tune, verification
 
     for command in (
         train.presets_command,
@@ -62,6 +63,7 @@ def _register() -> None:
         verification.export_command,
         verification.verify_command,
         install.install_verifier_command,
+        configs.configs_command,
     ):
         main.add_command(command)
 

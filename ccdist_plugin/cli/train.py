@@ -67,8 +67,7 @@ def _run(
         data = load_data(cfg)
     except DatasetNotFoundError as err:
         raise data_not_found(err, DATA_ROOT_HINT) from err
-    torch.manual_seed(cfg.seed)  # the initialization depends on the seed only
-    model = build_model(cfg, data.spec)
+    model = build_model(cfg, data.spec)  # initialized from cfg.seed, as through the Python API
     val = data.val if data.val is not None else data.test
     checkpoint = Path(cfg.log.output_dir) / "checkpoint.pt"
     try:

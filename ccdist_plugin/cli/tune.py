@@ -169,7 +169,6 @@ class _Objective:
         return self._data[key]
 
     def __call__(self, trial) -> float:
-        import torch
 
         from ccdist_plugin.trainer import NonFiniteLossError, Trainer, build_model
         from ccdist_plugin.tune import suggest, trial_config, trial_dir
@@ -184,8 +183,7 @@ class _Objective:
             trial.set_user_attr("failure", str(err))
             raise ValueError(f"trial {trial.number} ({_params_text(params)}): {err}") from err
         data = self.data(cfg)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data.spec)
+        model = build_model(cfg, data.spec)  # initialized from cfg.seed
         epochs = cfg.schedule.epochs
         reported = [0]
 
