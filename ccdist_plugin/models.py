@@ -188,8 +188,8 @@ class CertifiedNet(nn.Module):
                 reported here rather than at the first training step; and that the graph the
                 bounds describe is the forward (``ccdist_plugin.bounds.graphcheck``): tracing
                 ``features`` must not warn, and on probe batches of sizes 1 to 5 spread over [0, 1]
-                the forward must equal the bounded graph. Without the check, certification still compares the
-                two on the points it certifies and certifies nothing where they differ.
+                the forward must equal the bounded graph. Without the check, certification still
+                compares the two on the points it certifies and certifies nothing where they differ.
 
         Raises:
             ValueError: ``head`` is not an ``nn.Linear``; the shapes do not fit; no engine can
@@ -218,20 +218,7 @@ class CertifiedNet(nn.Module):
             std=None if std is None else list(std),
         )
         net = cls(nn.Sequential(normalize, features), head, shape, arch)
-        was_training = features.training  # the wrapped network keeps the mode features had
-        try:
-            net.eval()  # a shape probe must not move BatchNorm running statistics
-            with torch.no_grad():
-                first = next(iter(features.parameters()), None)
-                zeros = torch.zeros(2, *shape)
-                if first is not None:
-                    zeros = zeros.to(first.device, first.dtype)
-                    normalize.to(first.device, first.dtype)
-                probe = features(normalize(zeros))
-        except Exception as exc:
-            raise ValueError(f"CertifiedNet.wrap: features fail on a (2, {shape}) input: {exc}") from exc
-        finally:
-            net.train(was_training)
+        zeros, probe = _probe_features(net, features, normalize, shape)
         if probe.ndim != 2 or probe.shape[1] != head.in_features:
             raise ValueError(
                 f"CertifiedNet.wrap: features map (B, {shape}) to {tuple(probe.shape)}, but the head takes "
@@ -244,6 +231,28 @@ class CertifiedNet(nn.Module):
                 )
             _wrap_check(net, zeros.detach())
         return net
+
+
+def _probe_features(
+    net: CertifiedNet, features: nn.Module, normalize: Normalize, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (2, *shape) batch of zeros (on the features' device and dtype, where ``normalize`` moves
+    too) and the features of it, for ``CertifiedNet.wrap``'s shape check."""
+    was_training = features.training  # the wrapped network keeps the mode features had
+    try:
+        net.eval()  # a shape probe must not move BatchNorm running statistics
+        with torch.no_grad():
+            first = next(iter(features.parameters()), None)
+            zeros = torch.zeros(2, *shape)
+            if first is not None:
+                zeros = zeros.to(first.device, first.dtype)
+                normalize.to(first.device, first.dtype)
+            probe = features(normalize(zeros))
+    except Exception as exc:
+        raise ValueError(f"CertifiedNet.wrap: features fail on a (2, {shape}) input: {exc}") from exc
+    finally:
+        net.train(was_training)
+    return zeros, probe
 
 
 def _normalize_layer(
