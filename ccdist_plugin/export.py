@@ -1,8 +1,8 @@
 """The old path of the α,β-CROWN export: the same names as :mod:`ccdist_plugin.verification.export`
 (the pipeline) and :mod:`ccdist_plugin.verification.writers` (ONNX, VNN-LIB, ``abcrown.yaml``).
 
-Kept so that ``from ccdist_plugin.export import export_instances`` goes on working; new code
-imports from :mod:`ccdist_plugin.verification`.
+Kept so that code that imports these names from here goes on working; new code imports them
+from :mod:`ccdist_plugin.verification`.
 """
 
 from ccdist_plugin.verification.export import (

@@ -4,8 +4,8 @@
 :mod:`ccdist_plugin.verification.reports` (summaries) and
 :mod:`ccdist_plugin.verification.processes` (one α,β-CROWN process).
 
-Kept so that ``from ccdist_plugin.verify import run_verification`` goes on working; new code
-imports from :mod:`ccdist_plugin.verification`.
+Kept so that code that imports these names from here goes on working; new code imports them
+from :mod:`ccdist_plugin.verification`.
 """
 
 from ccdist_plugin.verification.processes import WORKER_SCRIPT, WORKER_START_LIMIT_S, run_instance
