@@ -58,7 +58,7 @@ class PrefilterResult:
         timings_s: seconds per stage (``standard``, ``ibp``, ``crown``, ``pgd``).
         soundness_alarm: None, or why no point is certified: certification found that the network's
             outputs are not those of the graph its bounds describe
-            (:class:`ccdist_plugin.graphcheck.BoundedGraphMismatch`); every margin bound is then
+            (:class:`BoundedGraphMismatch`, the bound engine's graph check); every margin bound is then
             −inf, nothing is proved and every correct point is an ``alarm``.
     """
 

@@ -277,7 +277,7 @@ def export_instances(
 
     Raises:
         BoundedGraphMismatch: the pre-filter's soundness alarm (the network's outputs are not
-            its bounded graph's, ``ccdist_plugin.graphcheck``): nothing is certified and nothing
+            its bounded graph's, the bound engine's graph check): nothing is certified and nothing
             is exported; an earlier export in ``out_dir`` is left as it was.
     """
     eps = _checked_eps(model, eps, timeout_s, methods)
