@@ -29,7 +29,18 @@ from pathlib import Path
 #: to the package). Where new code goes: docs/architecture.md.
 LAYERS: list[list[str]] = [
     # foundations: no imports from the package
-    ["version", "fileio", "progress", "malloc", "batching", "schedules", "data", "abcrown_worker", "install"],
+    # (verification.abcrown_worker is a standalone script, run by path: the standard library only)
+    [
+        "version",
+        "fileio",
+        "progress",
+        "malloc",
+        "batching",
+        "schedules",
+        "data",
+        "verification.abcrown_worker",
+        "install",
+    ],
     ["models"],
     ["validate"],
     # the bound engine, bottom-up: layer rules, the auto_LiRPA backend, IBP, then CROWN and the check
@@ -48,13 +59,16 @@ LAYERS: list[list[str]] = [
     ["soundness", "checkpoint", "distributed", "accumulate"],
     ["runlock", "train_data", "training_logs", "step"],
     ["trainer"],
-    # the verification pipeline: pre-filter, export, α,β-CROWN runs and their records
-    ["verification.prefilter"],
+    # the verification pipeline, bottom-up: the pre-filter (cascade) and the export's files (writers),
+    # the export, verdict records, summaries (reports), α,β-CROWN processes, the runner and its pool
+    ["verification.cascade", "verification.writers"],
     ["verification.export"],
     ["verification.records"],
+    ["verification.reports", "verification.processes"],
     ["verification.runner"],
-    ["verification.reports"],
     ["verification"],
+    # the old paths of the export and the runs: re-exports of verification's names
+    ["export", "verify"],
     ["evaluation"],
     ["reports", "demo", "tune"],
     ["cli"],

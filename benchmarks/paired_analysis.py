@@ -211,7 +211,7 @@ def verdicts_from_export(
     ``missing``, not certified). Raises ValueError when ``checkpoint`` is given and is not the file the
     export was made from, or when a record names another test point, model or ε than the manifest.
     """
-    from ccdist_plugin.verify import summarize
+    from ccdist_plugin.verification import summarize
 
     export = Path(export_dir)
     manifest = json.loads((export / "manifest.json").read_text())

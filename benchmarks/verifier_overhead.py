@@ -44,10 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ccdist_plugin.data import load_dataset  # noqa: E402
-from ccdist_plugin.export import export_instances  # noqa: E402
 from ccdist_plugin.install import locate_verifier  # noqa: E402
 from ccdist_plugin.models import cnn3  # noqa: E402
-from ccdist_plugin.verify import find_abcrown, run_verification  # noqa: E402
+from ccdist_plugin.verification import (  # noqa: E402
+    export_instances,  # noqa: E402
+    find_abcrown,
+    run_verification,
+)
 
 CPU_OVERRIDE = ["--device", "cpu", "--batch_size", "64", "--pgd_restarts", "10", "--pgd_steps", "100"]
 

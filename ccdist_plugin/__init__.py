@@ -14,8 +14,9 @@ Where things are:
   ``regularizers`` / ``checkpoint`` / ``runlock``: the training protocol (``step.training_step`` is one
   step).
 - ``data``: dataset loaders and augmentation; ``validate``: the input checks.
-- ``export`` / ``verify`` / ``abcrown_worker``: ONNX + VNN-LIB and α,β-CROWN.
-- ``evaluation`` / ``reports``: the pre-filter, metrics and reports.
+- ``verification``: the pre-filter (``cascade``), ONNX + VNN-LIB export, α,β-CROWN runs (``runner``,
+  ``abcrown_worker``), verdicts and their summaries (``export`` and ``verify`` are its old paths).
+- ``evaluation`` / ``reports``: metrics and reports.
 - ``cli``: the ``ccdist`` commands.
 """
 

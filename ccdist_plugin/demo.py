@@ -11,10 +11,10 @@ figures of ``ccdist eval``): standard accuracy, accuracy under the evaluation at
 (:data:`ccdist_plugin.attacks.EVAL_PGD`, PGD-40), IBP-certified and CROWN-certified accuracy (sound,
 float64; on these networks CROWN runs with CROWN intermediate bounds, stated under the table), and
 prints a table.
-When :mod:`ccdist_plugin.export` is available it also exports the CC-Dist student and a handful of
+When :mod:`ccdist_plugin.verification` is available it also exports the CC-Dist student and a handful of
 test points for α,β-CROWN (``<output_dir>/export``) and, when α,β-CROWN is installed
 (``ccdist install-verifier``, or ``ABCROWN_DIR`` set), verifies them (:func:`verify_hook`,
-``ccdist_plugin.verify``; points not already certified by our IBP/CROWN or broken by PGD go to
+``ccdist_plugin.verification``; points not already certified by our IBP/CROWN or broken by PGD go to
 branch and bound with a short time limit).
 
 An output folder that holds an earlier demo (one of the three checkpoints, or the export) is refused
@@ -111,15 +111,17 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
 
 
 def verify_hook(export_dir: Path, timeout_s: float = VERIFY_TIMEOUT_S) -> str | None:
-    """Run α,β-CROWN (``ccdist_plugin.verify.run_verification``) on the demo's export when it is
+    """Run α,β-CROWN (``ccdist_plugin.verification.run_verification``) on the demo's export when it is
     installed (``ccdist install-verifier``, or ``ABCROWN_DIR`` set); returns a one-line summary, or
     None when it cannot run."""
     if locate_verifier().abcrown_dir is None:
         return None
     try:
-        from ccdist_plugin.verify import run_verification
+        from ccdist_plugin.verification import run_verification
     except ImportError:
-        log.info("α,β-CROWN is installed but ccdist_plugin.verify is not available; skipping verification")
+        log.info(
+            "α,β-CROWN is installed but ccdist_plugin.verification is not available; skipping verification"
+        )
         return None
     result = run_verification(export_dir, timeout_s=timeout_s)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()) if v)
@@ -145,7 +147,7 @@ def run_demo(
         seed: seed of every run.
         echo: progress messages go here (None: silent).
         export: export the CC-Dist student and :data:`EXPORT_POINTS` test points for α,β-CROWN
-            (when :mod:`ccdist_plugin.export` is available).
+            (when :mod:`ccdist_plugin.verification` is available).
         verify: run α,β-CROWN on them when it is installed (:func:`verify_hook`).
         overwrite: an earlier demo in ``output_dir``: ``False`` refuses it
             (:class:`~ccdist_plugin.runlock.RunExistsError`, ``ccdist demo`` without ``--overwrite``),
@@ -206,7 +208,7 @@ def _run_demo(
         say(f"  {label}: standard {row['standard']:.3f}, IBP-certified {row['ibp']:.3f} ({train_s:.1f} s)")
 
     try:
-        from ccdist_plugin.export import export_instances
+        from ccdist_plugin.verification import export_instances
     except ImportError:
         export_instances = None
     if export and export_instances is not None:

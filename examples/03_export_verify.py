@@ -18,8 +18,7 @@ import os
 
 from ccdist_plugin.checkpoint import load_checkpoint, load_model
 from ccdist_plugin.data import load_dataset
-from ccdist_plugin.export import export_instances
-from ccdist_plugin.verify import run_verification
+from ccdist_plugin.verification import export_instances, run_verification
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 FAST = os.environ.get("CCDIST_EXAMPLES_FAST") == "1"

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from ccdist_plugin.bounds import certify, check_boundable
-from ccdist_plugin.export import export_instances
 from ccdist_plugin.install import locate_verifier
 from ccdist_plugin.losses import AdversarialLoss, CCDistLoss, CrossEntropyLoss
 from ccdist_plugin.models import CertifiedNet
-from ccdist_plugin.verify import run_verification
+from ccdist_plugin.verification import export_instances, run_verification
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 parser = argparse.ArgumentParser()

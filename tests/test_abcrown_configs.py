@@ -94,7 +94,7 @@ def test_configs_accepted_by_abcrown_parser(tmp_path):
 
 @needs_vendor
 def test_generated_config_accepted(tmp_path):
-    from ccdist_plugin.export import write_abcrown_config
+    from ccdist_plugin.verification import write_abcrown_config
 
     paths = []
     for name in ("cifar10", "teacher", "digits"):
@@ -185,8 +185,8 @@ def test_documented_command_runs(tmp_path, name):
     abcrown_dir = os.environ.get("ABCROWN_DIR")
     if not abcrown_dir or not (Path(abcrown_dir) / "abcrown.py").is_file():
         pytest.skip("alpha,beta-CROWN is not installed (ccdist install-verifier, or set ABCROWN_DIR)")
-    from ccdist_plugin.export import export_instances
     from ccdist_plugin.models import cnn3, mlp
+    from ccdist_plugin.verification import export_instances
 
     torch.manual_seed(0)
     if name == "digits":

@@ -18,14 +18,15 @@ from click.testing import CliRunner
 from torch import nn
 
 from ccdist_plugin.bounds import (
+    CERT_TOL,
     certify,
     elided_margin_lower_bound,
     input_box,
     interval_bounds,
     margin_lower_bound,
 )
-from ccdist_plugin.export import (
-    CERT_TOL,
+from ccdist_plugin.models import cnn3, mlp
+from ccdist_plugin.verification import (
     ExportError,
     export_instances,
     export_onnx,
@@ -34,7 +35,6 @@ from ccdist_plugin.export import (
     write_abcrown_config,
     write_vnnlib,
 )
-from ccdist_plugin.models import cnn3, mlp
 
 # --------------------------------------------------------------------------------------------
 # An independent VNN-LIB reader (shares no code with the writer): s-expressions → boxes + disjunction

@@ -347,7 +347,7 @@ def test_nan_outputs_are_never_correct_and_eval_json_is_strict(tmp_path, student
 
 
 def test_template_names_are_not_resolved_against_the_working_directory(tmp_path, monkeypatch):
-    from ccdist_plugin.export import template_path
+    from ccdist_plugin.verification import template_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits").mkdir()
@@ -728,7 +728,7 @@ def test_an_unexpected_error_in_a_verify_worker_is_raised_by_the_run(tmp_path, m
     raises it (so the command shows it as the bug it is)."""
     import threading
 
-    import ccdist_plugin.verify as verify_mod
+    import ccdist_plugin.verification.runner as runner_mod
 
     export, fake = _export_and_fake_verifier(tmp_path, 2)
     thread_errors: list[BaseException] = []
@@ -736,10 +736,10 @@ def test_an_unexpected_error_in_a_verify_worker_is_raised_by_the_run(tmp_path, m
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(verify_mod, "_run_one", broken)
+    monkeypatch.setattr(runner_mod, "_run_one", broken)
     monkeypatch.setattr(threading, "excepthook", lambda info: thread_errors.append(info.exc_value))
     with pytest.raises(KeyError, match="a bug"):
-        verify_mod.run_verification(export, abcrown_dir=fake, python=sys.executable)
+        runner_mod.run_verification(export, abcrown_dir=fake, python=sys.executable)
     assert thread_errors == []
 
 

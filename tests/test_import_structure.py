@@ -94,12 +94,6 @@ def test_not_a_package_is_a_usage_error(tmp_path):
     assert "is not a package" in result.stderr
 
 
-# both packages of issue 22 in place (the bound engine, then the verification pipeline): the whole
-# package must then hold; until the second lands, its modules are the only violations left
-SPLIT = all((REPO / "ccdist_plugin" / part / "__init__.py").is_file() for part in ("bounds", "verification"))
-
-
-@pytest.mark.skipif(not SPLIT, reason="layout not split")
 def test_the_package_itself_holds():
     result = run_check(REPO / "ccdist_plugin")
     assert result.returncode == 0, result.stdout

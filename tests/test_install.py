@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from ccdist_plugin import install
 from ccdist_plugin.cli import main
 from ccdist_plugin.install import PINNED, InstallError, Source, install_verifier, locate_verifier
-from ccdist_plugin.verify import AbcrownNotFoundError, find_abcrown
+from ccdist_plugin.verification import AbcrownNotFoundError, find_abcrown
 
 #: An offline copy of the three source trees, laid out as --from expects: $CCDIST_VERIFIER_SOURCES,
 #: else the contributors' copy beside the checkout (the slow test skips without one).
@@ -417,7 +417,7 @@ def test_full_install_into_a_fresh_environment(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "check: abcrown.py, auto_LiRPA and onnx2pytorch import" in first.stdout
     where = subprocess.run(
-        [str(python), "-c", "from ccdist_plugin.verify import find_abcrown; print(find_abcrown())"],
+        [str(python), "-c", "from ccdist_plugin.verification import find_abcrown; print(find_abcrown())"],
         env=env,
         capture_output=True,
         text=True,

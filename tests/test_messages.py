@@ -67,7 +67,8 @@ def test_presets_show_whole_sentences():
 def test_verify_log_and_shard_summaries(tmp_path, caplog):
     from test_verify import make_export, make_fake_abcrown
 
-    from ccdist_plugin.verify import _workers_phrase, merge_shards, run_verification
+    from ccdist_plugin.verification import merge_shards, run_verification
+    from ccdist_plugin.verification.runner import _workers_phrase
 
     assert _workers_phrase(1, "worker") == "1 worker, α,β-CROWN loaded once per worker"
     assert _workers_phrase(2, "process") == "2 workers, one α,β-CROWN process per instance"

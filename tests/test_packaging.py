@@ -21,15 +21,15 @@ from click.testing import CliRunner
 from conftest import REPO
 
 import ccdist_plugin
-from ccdist_plugin import export
+from ccdist_plugin.verification import writers
 
 PACKAGE_TEMPLATES = REPO / "ccdist_plugin" / "abcrown_configs"
 TOP_LEVEL_TEMPLATES = REPO / "abcrown_configs"
 
 
 def test_templates_are_package_data():
-    assert export.TEMPLATE_DIR.resolve() == (REPO / "ccdist_plugin" / "abcrown_configs").resolve()
-    assert set(export.list_templates()) >= {"digits", "cifar10", "tinyimagenet", "imagenet64", "teacher"}
+    assert writers.TEMPLATE_DIR.resolve() == (REPO / "ccdist_plugin" / "abcrown_configs").resolve()
+    assert set(writers.list_templates()) >= {"digits", "cifar10", "tinyimagenet", "imagenet64", "teacher"}
     pyproject = (REPO / "pyproject.toml").read_text()  # (tomllib is Python >= 3.11)
     package_data = re.search(r"\[tool\.setuptools\.package-data\]\nccdist_plugin = (.*)", pyproject).group(1)
     assert '"abcrown_configs/*.yaml"' in package_data
@@ -71,12 +71,12 @@ def test_configs_prints_the_packaged_folder_and_lists_the_templates():
 
     path = CliRunner().invoke(main, ["configs", "--path"])
     assert path.exit_code == 0, path.output
-    assert Path(path.output.strip()) == export.TEMPLATE_DIR
-    assert sorted(p.stem for p in Path(path.output.strip()).glob("*.yaml")) == export.list_templates()
+    assert Path(path.output.strip()) == writers.TEMPLATE_DIR
+    assert sorted(p.stem for p in Path(path.output.strip()).glob("*.yaml")) == writers.list_templates()
     listing = CliRunner().invoke(main, ["configs"])
     assert listing.exit_code == 0, listing.output
-    assert str(export.TEMPLATE_DIR) in listing.output
-    assert all(f"{name}.yaml" in listing.output for name in export.list_templates())
+    assert str(writers.TEMPLATE_DIR) in listing.output
+    assert all(f"{name}.yaml" in listing.output for name in writers.list_templates())
 
 
 def test_configs_copy_writes_identical_files_and_never_overwrites(tmp_path):
@@ -88,7 +88,7 @@ def test_configs_copy_writes_identical_files_and_never_overwrites(tmp_path):
     for src in PACKAGE_TEMPLATES.glob("*.yaml"):
         assert (dest / src.name).read_bytes() == src.read_bytes()
     again = CliRunner().invoke(main, ["configs", "--copy", str(dest)])  # idempotent
-    assert again.exit_code == 0 and again.output.count("unchanged") == len(export.list_templates())
+    assert again.exit_code == 0 and again.output.count("unchanged") == len(writers.list_templates())
 
     edited = dest / "digits.yaml"
     edited.write_text(edited.read_text() + "# my edit\n")

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import requires_auto_lirpa
 
-from ccdist_plugin import evaluation
 from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD
 from ccdist_plugin.bounds import CERT_TOL, CertifyResult, resolve_crown_intermediate
 from ccdist_plugin.evaluation import STATUSES, EvalSettings, evaluate, prefilter
 from ccdist_plugin.models import cnn3, cnn7, mlp
+from ccdist_plugin.verification import cascade
+from ccdist_plugin.verification import export as export_mod
 
 
 def _digits_like(n: int = 40, seed: int = 0):
@@ -52,7 +53,7 @@ def test_an_unsound_certificate_broken_by_the_attack_is_an_alarm_never_certified
         correct = model(x).argmax(1) == y
         return CertifyResult(margin_lb=margin, certified=correct, correct=correct)
 
-    monkeypatch.setattr(evaluation, "certify", lying_certify)
+    monkeypatch.setattr(cascade, "certify", lying_certify)
     torch.manual_seed(0)
     model = mlp(1, 8, 10, width=32, depth=2, init="default").eval()
     x, _ = _digits_like()
@@ -70,16 +71,16 @@ def test_an_unsound_certificate_broken_by_the_attack_is_an_alarm_never_certified
 
 def test_export_uses_the_prefilter(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.verification import export_instances
 
     calls = []
-    real = evaluation.prefilter
+    real = export_mod.prefilter
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "prefilter", spy)
+    monkeypatch.setattr(export_mod, "prefilter", spy)
     model = _model()
     x, y = _digits_like(8)
     res = export_instances(model, (x, y), tmp_path, 0.01, attack_steps=3, attack_restarts=1)

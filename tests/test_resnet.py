@@ -368,7 +368,7 @@ def test_bad_models_get_one_clear_error_each():
 
 
 def test_residual_net_onnx_matches_pytorch(tmp_path, trained_prn, digits):
-    from ccdist_plugin.export import export_onnx
+    from ccdist_plugin.verification import export_onnx
 
     model = trained_prn.eval()
     x = model.normalize(digits[0][:32])
@@ -443,8 +443,7 @@ def test_real_abcrown_verifies_a_residual_net(tmp_path, digits):
     CROWN certifies comes back safe, every point PGD broke does not."""
     abcrown = require_abcrown_dir()
     from ccdist_plugin.bounds import certify
-    from ccdist_plugin.export import export_instances
-    from ccdist_plugin.verify import VerificationResult, run_verification
+    from ccdist_plugin.verification import VerificationResult, export_instances, run_verification
 
     x, y = digits
     torch.manual_seed(0)

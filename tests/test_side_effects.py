@@ -91,7 +91,7 @@ def test_native_crown_in_train_mode_on_batchnorm1d_runs_and_matches_its_batch_st
 
 def test_export_onnx_of_the_unnormalized_view_leaves_shared_layers_as_they_were(tmp_path):
     pytest.importorskip("onnxruntime")
-    from ccdist_plugin.export import export_onnx
+    from ccdist_plugin.verification import export_onnx
 
     for name, model in _models():
         for mode, m in _modes(model):
@@ -103,7 +103,7 @@ def test_export_onnx_of_the_unnormalized_view_leaves_shared_layers_as_they_were(
 def test_evaluate_and_export_instances_leave_the_model_unchanged(tmp_path):
     pytest.importorskip("onnxruntime")
     from ccdist_plugin.evaluation import EvalSettings, evaluate
-    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.verification import export_instances
 
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
     for name, model in _models():

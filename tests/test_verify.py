@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from conftest import require_abcrown_dir
 from torch import nn
 
-from ccdist_plugin.export import export_id_of
 from ccdist_plugin.fileio import file_sha256
-from ccdist_plugin.verify import (
+from ccdist_plugin.verification import (
     VerificationResult,
+    export_id_of,
     find_abcrown,
     merge_shards,
     parse_shard,
@@ -281,7 +281,7 @@ def test_soundness_alarms(tmp_path, caplog):
             "point_000104.vnnlib": "unsat",
         },
     )
-    with caplog.at_level(logging.ERROR, logger="ccdist_plugin.verify"):
+    with caplog.at_level(logging.ERROR, logger="ccdist_plugin.verification"):
         res = run_verification(export, abcrown_dir=fake, python=sys.executable)
     assert len(res.soundness_alarms) == 3
     assert sum("SOUNDNESS ALARM" in r.getMessage() for r in caplog.records) == 3
@@ -360,8 +360,8 @@ def test_real_abcrown_agrees_with_our_bounds_and_attacks(tmp_path):
     abcrown = require_abcrown_dir()
     sk = pytest.importorskip("sklearn.datasets")
     from ccdist_plugin.bounds import certify
-    from ccdist_plugin.export import export_instances
     from ccdist_plugin.models import mlp
+    from ccdist_plugin.verification import export_instances
 
     d = sk.load_digits()
     x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)

@@ -24,8 +24,8 @@ import pytest
 import torch
 from test_verify import _alive, calls, make_export, make_fake_abcrown, record_for
 
-import ccdist_plugin.verify as verify_mod
-from ccdist_plugin.verify import (
+import ccdist_plugin.verification.records as records_mod
+from ccdist_plugin.verification import (
     VerdictWriteError,
     check_export,
     hard_limit_s,
@@ -67,7 +67,7 @@ def _tiny_model(seed: int):
 def test_reexport_over_verdicts_starts_a_fresh_verification(tmp_path):
     """Re-exporting another model at a larger ε into a verified folder: the old "safe" verdicts
     (one per csv row) must not be credited to the new export."""
-    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.verification import export_instances
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 1, 4, 4, generator=g)
@@ -196,11 +196,11 @@ def test_tampered_exports_are_excluded_with_the_reason(tmp_path, tamper):
 
 def test_pre_certified_point_broken_by_our_pgd_is_an_alarm(tmp_path):
     """The export/verify path raises the same alarm as evaluate: bounds and attack disagree."""
-    from ccdist_plugin.evaluation import PrefilterResult
-    from ccdist_plugin.export import _point_record
+    from ccdist_plugin.verification import PrefilterResult
+    from ccdist_plugin.verification.export import _point_record
 
     margins = torch.full((1, 3), 1.0, dtype=torch.float64)
-    pre = PrefilterResult(  # what evaluation.prefilter returns when bounds and attack disagree
+    pre = PrefilterResult(  # what prefilter returns when bounds and attack disagree
         status=["alarm"],
         prediction=torch.tensor([0]),
         correct=torch.tensor([True]),
@@ -298,7 +298,7 @@ def test_killed_verification_leaves_no_verifier_running(tmp_path):
     export = make_export(tmp_path, ["bab"] * 2)
     fake = make_fake_abcrown(tmp_path, {"point_000100.vnnlib": "hang"})
     code = (
-        "import sys; from ccdist_plugin.verify import run_verification; "
+        "import sys; from ccdist_plugin.verification import run_verification; "
         f"run_verification({str(export)!r}, abcrown_dir={str(fake)!r}, timeout_s=100, python=sys.executable)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -336,7 +336,7 @@ def test_truncated_result_line_is_not_counted_and_rerun(tmp_path):
 def test_disk_full_while_writing_a_verdict(tmp_path, monkeypatch):
     export = make_export(tmp_path, ["bab"] * 3)
     fake = make_fake_abcrown(tmp_path, {})
-    real_write, written = verify_mod._write_verdict_bytes, []
+    real_write, written = records_mod._write_verdict_bytes, []
 
     def full_after_one(fd: int, data: bytes) -> int:
         if written:
@@ -345,7 +345,7 @@ def test_disk_full_while_writing_a_verdict(tmp_path, monkeypatch):
         written.append(data)
         return real_write(fd, data)
 
-    monkeypatch.setattr(verify_mod, "_write_verdict_bytes", full_after_one)
+    monkeypatch.setattr(records_mod, "_write_verdict_bytes", full_after_one)
     with pytest.raises(VerdictWriteError, match="No space left") as info:
         run_verification(export, abcrown_dir=fake, python=sys.executable)
     assert len(calls(fake)) == 2  # the run stopped at the verdict it could not write

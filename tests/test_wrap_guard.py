@@ -264,7 +264,7 @@ def test_eval_prefilter_alarms_and_certifies_nothing(name, batch):
 
 @pytest.mark.parametrize("name", _params(INJECTED))
 def test_export_prefilter_alarms_and_exports_nothing(name, batch, tmp_path):
-    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.verification import export_instances
 
     x, y = batch[0][:8], batch[1][:8]
     net = _injected(name, x)

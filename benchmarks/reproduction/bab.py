@@ -43,7 +43,7 @@ def _export_for_bab(
     device: str = "cpu",
 ) -> None:
     """ONNX + VNN-LIB of the first ``count`` points, with α,β-CROWN's CPU settings."""
-    from ccdist_plugin.export import export_instances
+    from ccdist_plugin.verification import export_instances
 
     export_instances(
         model,
@@ -69,7 +69,7 @@ def run_bab(
     torch.set_num_threads(1)
     from ccdist_plugin.checkpoint import load_model
     from ccdist_plugin.data import load_dataset
-    from ccdist_plugin.verify import run_verification
+    from ccdist_plugin.verification import run_verification
 
     out = Path(root) / name
     path = out / "bab.json"

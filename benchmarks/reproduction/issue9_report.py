@@ -50,7 +50,7 @@ def report_from_disk(root: str, alphas, sweep, args, wall_s: float) -> None:
     for export in Path(root).glob("*/bab"):  # interrupted: what finished (missing points: not certified)
         name = export.parent.name
         if name not in bab and (export / "instances.csv").is_file():
-            from ccdist_plugin.verify import merge_shards
+            from ccdist_plugin.verification import merge_shards
 
             try:
                 res = merge_shards(export)

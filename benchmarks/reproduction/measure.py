@@ -41,7 +41,7 @@ def evaluate(
     positions that are ``correct``, ``pgd_robust``, ``crown_certified``), for the paired per-point analysis.
     """
     from ccdist_plugin.attacks import EVAL_PGD, PGD, describe_pgd
-    from ccdist_plugin.evaluation import prefilter
+    from ccdist_plugin.verification import prefilter
 
     attack = EVAL_PGD if pgd_steps == EVAL_PGD.steps else PGD(steps=pgd_steps, step_size=VAL_PGD_STEP)
     t0 = time.perf_counter()

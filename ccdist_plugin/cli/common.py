@@ -60,8 +60,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     import yaml
 
     kinds: list[type[BaseException]] = [ValueError, OSError, json.JSONDecodeError, yaml.YAMLError]
-    from ccdist_plugin.export import ExportError
     from ccdist_plugin.trainer import NonFiniteLossError
+    from ccdist_plugin.verification import ExportError
 
     kinds += [ExportError, NonFiniteLossError]
     return tuple(kinds)

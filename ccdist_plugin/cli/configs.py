@@ -29,7 +29,7 @@ __all__ = ["configs_command"]
 )
 def configs_command(print_path: bool, copy_to: str | None) -> None:
     """The packaged alpha,beta-CROWN templates: list them, print their folder or copy them."""
-    from ccdist_plugin.export import TEMPLATE_DIR, copy_templates, list_templates
+    from ccdist_plugin.verification import TEMPLATE_DIR, copy_templates, list_templates
 
     if print_path and copy_to is not None:
         raise CliError("give --path or --copy DIR, not both")

@@ -111,7 +111,7 @@ def run_eval(
         curve: multiples of ε for the accuracy-vs-ε curve (PGD and IBP/CROWN, no AutoAttack/BaB).
     """
     from ccdist_plugin.evaluation import EvalSettings, evaluate
-    from ccdist_plugin.export import DATASET_TEMPLATES
+    from ccdist_plugin.verification import DATASET_TEMPLATES
 
     payload, model = load_checkpoint_and_model(checkpoint)
     cfg = payload.get("config") or {}

@@ -1,7 +1,7 @@
 """``ccdist export`` and ``ccdist verify``: complete verification with α,β-CROWN.
 
-The libraries are :mod:`ccdist_plugin.export` (ONNX + VNN-LIB + manifest) and
-:mod:`ccdist_plugin.verify` (running α,β-CROWN, merging verdicts); this module only reads the
+The library is :mod:`ccdist_plugin.verification` (``export``: ONNX + VNN-LIB + manifest;
+``runner`` and ``reports``: running α,β-CROWN, merging verdicts); this module only reads the
 command line and prints. See ``docs/verification.md``.
 """
 
@@ -99,7 +99,7 @@ def export_command(
     overrides,
 ):
     """Export a checkpoint and test points as ONNX + VNN-LIB for α,β-CROWN."""
-    from ccdist_plugin.export import DATASET_TEMPLATES, export_instances
+    from ccdist_plugin.verification import DATASET_TEMPLATES, export_instances
 
     setup_logging(False)
     try:
@@ -192,7 +192,7 @@ def verify_command(
     Exit status: 0 done, 2 α,β-CROWN not found (our IBP/CROWN results still reported),
     3 soundness alarm.
     """
-    from ccdist_plugin.verify import merge_shards, run_verification
+    from ccdist_plugin.verification import merge_shards, run_verification
 
     setup_logging(False)
     if merge:

@@ -1,4 +1,4 @@
-"""Run α,β-CROWN (unmodified) for :mod:`ccdist_plugin.verify`, in one of two ways.
+"""Run α,β-CROWN (unmodified) for :mod:`ccdist_plugin.verification.runner`, in one of two ways.
 
 ``python abcrown_worker.py ABCROWN_DIR --once ARGS…``
     One instance, exactly as ``python ABCROWN_DIR/abcrown.py ARGS…`` would run it.
@@ -18,7 +18,10 @@ included) as soon as the process that started it is gone: a verification killed 
 leaves no verifier running beside its retry.
 
 The script uses the standard library only, so it runs under whichever interpreter has
-α,β-CROWN installed (``$ABCROWN_PYTHON``), with or without this package.
+α,β-CROWN installed (``$ABCROWN_PYTHON``), with or without this package. It is run by path;
+its own folder (the package's ``verification/``, whose module names such as ``export`` or
+``reports`` are common words) is taken off ``sys.path`` so that no module of α,β-CROWN or of its
+dependencies imports one of them by mistake.
 """
 
 from __future__ import annotations
@@ -102,7 +105,13 @@ def _serve(abcrown_dir: str) -> None:
         reply.write(json.dumps(answer) + "\n")
 
 
+def _forget_own_folder() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+
+
 def main(argv: list[str]) -> None:
+    _forget_own_folder()
     if len(argv) < 2 or argv[1] not in ("--once", "--serve"):
         sys.exit("usage: abcrown_worker.py ABCROWN_DIR (--serve | --once ARGS...)")
     _start_watchdog()
