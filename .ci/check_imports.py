@@ -43,12 +43,13 @@ LAYERS: list[list[str]] = [
     ],
     ["models"],
     ["validate"],
-    # the bound engine, bottom-up; the package's __init__ re-exports it
+    # the bound engine, bottom-up: layer rules, the auto_LiRPA backend, IBP, then CROWN and the check
+    # that the bounded graph is the forward, then what uses them; the package's __init__ re-exports it
     ["bounds.layers"],
     ["bounds.lirpa"],
     ["bounds.ibp"],
-    ["bounds.crown"],
-    ["bounds.certify", "bounds.crown_ibp", "bounds.penultimate"],
+    ["bounds.crown", "bounds.graphcheck"],
+    ["bounds.certification", "bounds.crown_ibp", "bounds.penultimate"],
     ["bounds"],
     ["attacks"],
     ["config", "regularizers"],

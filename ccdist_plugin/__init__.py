@@ -3,8 +3,11 @@
 Where things are:
 - ``models``: certifiable networks (``features`` + affine ``head``, normalization inside; residual
   blocks; ``CertifiedNet.wrap`` for your own).
-- ``bounds``: IBP, last-layer elision, CROWN, float-safe ``certify``; ``lirpa`` (auto_LiRPA backend),
-  ``crown_ibp`` (differentiable CROWN-IBP for training), ``latent`` (bounds at the penultimate layer).
+- ``bounds/``: the bound engine, bottom-up: ``layers`` (supported layers, ``UnsupportedLayerError``,
+  BatchNorm's scale and shift), ``lirpa`` (auto_LiRPA backend), ``ibp`` (IBP, last-layer elision),
+  ``crown`` (back-substitution), ``graphcheck`` (the bounded graph is the forward), ``certification``
+  (float-safe ``certify``), ``crown_ibp`` (differentiable CROWN-IBP for training), ``penultimate``
+  (bounds at the penultimate layer); ``ccdist_plugin.bounds`` re-exports their public names.
 - ``attacks``: ℓ∞ PGD and the one evaluation attack (``EVAL_PGD``).
 - ``losses``: CC-Dist, CC-IBP and the other losses, as drop-in objects that describe themselves.
 - ``trainer`` / ``step`` / ``train_data`` / ``training_logs`` / ``config`` / ``schedules`` /

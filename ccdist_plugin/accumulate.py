@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ccdist_plugin import bounds
+from ccdist_plugin.bounds import layers as bound_layers
 
 __all__ = ["micro_batches", "train_mode_batchnorms", "BatchStatistics", "check_accumulation"]
 
@@ -152,7 +152,7 @@ class BatchStatistics:
             bn.running_mean if track else None,
             bn.running_var if track else None,
             True,
-            bounds._bn_momentum(bn) if track else 0.0,
+            bound_layers.bn_momentum(bn) if track else 0.0,
             bn.eps,
         )
         self.records.append(_Record(bn, mean.detach(), invstd.detach(), x.numel() // x.shape[1]))
@@ -185,19 +185,19 @@ class BatchStatistics:
 @contextlib.contextmanager
 def _hooked(model: nn.Module, hook) -> Iterator[None]:
     """Route every train-mode BatchNorm of ``model`` through ``hook``: its forward (plain passes) and
-    the IBP engine's (``bounds.BATCH_STATISTICS_HOOK``)."""
-    if bounds.BATCH_STATISTICS_HOOK is not None:
+    the IBP engine's (``ccdist_plugin.bounds.layers.BATCH_STATISTICS_HOOK``)."""
+    if bound_layers.BATCH_STATISTICS_HOOK is not None:
         raise RuntimeError("batch statistics are already being recorded or replayed")
     patched = []
     for bn in model.modules():
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
             bn.forward = functools.partial(_forward, bn, bn.forward, hook)
             patched.append(bn)
-    bounds.BATCH_STATISTICS_HOOK = hook
+    bound_layers.BATCH_STATISTICS_HOOK = hook
     try:
         yield
     finally:
-        bounds.BATCH_STATISTICS_HOOK = None
+        bound_layers.BATCH_STATISTICS_HOOK = None
         for bn in patched:
             del bn.forward
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ __all__ = [
     "list_models",
     "shi_init",
     "check_compatible",
+    "register_wrap_check",
 ]
 
 
@@ -91,6 +92,22 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.branch(x) + self.shortcut(x)
+
+
+#: what ``CertifiedNet.wrap(check_bounds=True)`` runs on the network it built, ``check(net, example)``
+_wrap_check: Callable[[CertifiedNet, torch.Tensor], None] | None = None
+
+
+def register_wrap_check(check: Callable[[CertifiedNet, torch.Tensor], None]) -> None:
+    """Set the check ``CertifiedNet.wrap(check_bounds=True)`` runs on the network it built (with an
+    input batch of its shape): that an engine bounds it and that its bounded graph is its forward.
+
+    The bound engine knows what it can bound, and sits above the models, which import nothing from
+    it; :mod:`ccdist_plugin.bounds.graphcheck` registers its check when it is imported, which
+    ``import ccdist_plugin`` (so any import of this module) does.
+    """
+    global _wrap_check
+    _wrap_check = check
 
 
 class CertifiedNet(nn.Module):
@@ -169,10 +186,10 @@ class CertifiedNet(nn.Module):
             check_bounds: check now that one of the two engines can bound ``features`` (tracing it
                 with auto_LiRPA when the native engine cannot), so that an unsupported layer is
                 reported here rather than at the first training step; and that the graph the
-                bounds describe is the forward (``ccdist_plugin.graphcheck``): tracing ``features``
-                must not warn, and on probe batches of sizes 1 to 5 spread over [0, 1] the forward
-                must equal the bounded graph. Without the check, certification still compares the
-                two on the points it certifies and certifies nothing where they differ.
+                bounds describe is the forward (``ccdist_plugin.bounds.graphcheck``): tracing
+                ``features`` must not warn, and on probe batches of sizes 1 to 5 spread over [0, 1]
+                the forward must equal the bounded graph. Without the check, certification still
+                compares the two on the points it certifies and certifies nothing where they differ.
 
         Raises:
             ValueError: ``head`` is not an ``nn.Linear``; the shapes do not fit; no engine can
@@ -201,41 +218,41 @@ class CertifiedNet(nn.Module):
             std=None if std is None else list(std),
         )
         net = cls(nn.Sequential(normalize, features), head, shape, arch)
-        was_training = features.training  # the wrapped network keeps the mode features had
-        try:
-            net.eval()  # a shape probe must not move BatchNorm running statistics
-            with torch.no_grad():
-                first = next(iter(features.parameters()), None)
-                zeros = torch.zeros(2, *shape)
-                if first is not None:
-                    zeros = zeros.to(first.device, first.dtype)
-                    normalize.to(first.device, first.dtype)
-                probe = features(normalize(zeros))
-        except Exception as exc:
-            raise ValueError(f"CertifiedNet.wrap: features fail on a (2, {shape}) input: {exc}") from exc
-        finally:
-            net.train(was_training)
+        zeros, probe = _probe_features(net, features, normalize, shape)
         if probe.ndim != 2 or probe.shape[1] != head.in_features:
             raise ValueError(
                 f"CertifiedNet.wrap: features map (B, {shape}) to {tuple(probe.shape)}, but the head takes "
                 f"(B, {head.in_features}); end features with a flatten to the head's input width"
             )
         if check_bounds:
-            from ccdist_plugin.bounds import check_boundable
-            from ccdist_plugin.graphcheck import (
-                BoundedGraphMismatch,
-                check_forward_is_bounded_graph,
-                check_traces_cleanly,
-            )
-
-            try:
-                # the trace first: a data-dependent forward is refused before auto_LiRPA traces it
-                check_traces_cleanly(net.features, zeros.detach())
-                check_boundable(net)
-                check_forward_is_bounded_graph(net)
-            except BoundedGraphMismatch as exc:
-                raise BoundedGraphMismatch(f"CertifiedNet.wrap: {exc}") from None
+            if _wrap_check is None:  # never skipped silently
+                raise RuntimeError(
+                    "CertifiedNet.wrap: no bound engine registered its check (import ccdist_plugin.bounds)"
+                )
+            _wrap_check(net, zeros.detach())
         return net
+
+
+def _probe_features(
+    net: CertifiedNet, features: nn.Module, normalize: Normalize, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (2, *shape) batch of zeros (on the features' device and dtype, where ``normalize`` moves
+    too) and the features of it, for ``CertifiedNet.wrap``'s shape check."""
+    was_training = features.training  # the wrapped network keeps the mode features had
+    try:
+        net.eval()  # a shape probe must not move BatchNorm running statistics
+        with torch.no_grad():
+            first = next(iter(features.parameters()), None)
+            zeros = torch.zeros(2, *shape)
+            if first is not None:
+                zeros = zeros.to(first.device, first.dtype)
+                normalize.to(first.device, first.dtype)
+            probe = features(normalize(zeros))
+    except Exception as exc:
+        raise ValueError(f"CertifiedNet.wrap: features fail on a (2, {shape}) input: {exc}") from exc
+    finally:
+        net.train(was_training)
+    return zeros, probe
 
 
 def _normalize_layer(

@@ -270,7 +270,7 @@ def test_bad_input_gives_one_clear_error(call, match):
 @pytest.mark.parametrize("name", ["mlp", "cnn3", "cnn7"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_ibp_equals_auto_lirpa(name, mode, digits, trained_models):
-    from ccdist_plugin.bounds import _auto_lirpa_margin
+    from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     model = trained_models[name]
     model.train(mode == "train")

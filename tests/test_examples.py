@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, has_auto_lirpa
 
 from ccdist_plugin.bounds import UnsupportedLayerError
-from ccdist_plugin.lirpa import INSTALL_COMMAND
+from ccdist_plugin.bounds.lirpa import INSTALL_COMMAND
 
 EXAMPLES = REPO / "examples"
 PYTHON_EXAMPLES = sorted(EXAMPLES.glob("*.py"))

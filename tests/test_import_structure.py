@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from ccdist_plugin import models
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / ".ci" / "check_imports.py"
@@ -90,10 +94,50 @@ def test_not_a_package_is_a_usage_error(tmp_path):
     assert "is not a package" in result.stderr
 
 
-SPLIT = (REPO / "ccdist_plugin" / "bounds" / "__init__.py").is_file()
-
-
-@pytest.mark.skipif(not SPLIT, reason="layout not split")
 def test_the_package_itself_holds():
     result = run_check(REPO / "ccdist_plugin")
     assert result.returncode == 0, result.stdout
+
+
+# models sit below the bound engine and import nothing from it; CertifiedNet.wrap's check is the bound
+# engine's, registered when it is imported
+
+WRAP_IN_A_FRESH_PROCESS = """
+import torch
+from torch import nn
+from ccdist_plugin.models import CertifiedNet
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        v = x.flatten(1)
+        return torch.relu(self.a(v)) if v.mean() > 0.5 else torch.relu(self.b(v))
+
+try:
+    CertifiedNet.wrap(Branching(), nn.Linear(4, 2), (1, 2, 2))
+except ValueError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_wrap_in_a_fresh_process_runs_the_bound_engines_check():
+    """Importing only ``ccdist_plugin.models`` still gets wrap's refusal (the package's import
+    registers the check)."""
+    result = subprocess.run(
+        [sys.executable, "-c", WRAP_IN_A_FRESH_PROCESS], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("BoundedGraphMismatch CertifiedNet.wrap: features have data-dependent")
+
+
+def test_wrap_without_a_registered_check_refuses_rather_than_skips(monkeypatch):
+    monkeypatch.setattr(models, "_wrap_check", None)
+    with pytest.raises(RuntimeError, match="no bound engine registered its check"):
+        models.CertifiedNet.wrap(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), nn.Linear(4, 2), (1, 2, 2))
+    net = models.CertifiedNet.wrap(
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), nn.Linear(4, 2), (1, 2, 2), check_bounds=False
+    )
+    assert net(torch.zeros(3, 1, 2, 2)).shape == (3, 2)

@@ -335,7 +335,7 @@ def test_loss_stats_are_typed():
 def test_the_training_step_does_not_recheck_its_own_box(monkeypatch):
     """The loss builds its boxes valid by construction: propagate_intervals' lower <= upper check (a
     device sync) is skipped there, and kept for boxes a user passes in."""
-    import ccdist_plugin.bounds as bounds_module
+    import ccdist_plugin.bounds.ibp as bounds_module
 
     calls = []
     monkeypatch.setattr(bounds_module, "check_box", lambda lo, hi: calls.append(1))

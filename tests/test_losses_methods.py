@@ -18,9 +18,9 @@ from ccdist_plugin.bounds import (
     propagate_intervals,
     with_batch_statistics,
 )
+from ccdist_plugin.bounds.crown_ibp import crown_ibp_margin_bounds
+from ccdist_plugin.bounds.penultimate import penultimate_index, propagate_split
 from ccdist_plugin.config import LossConfig, TrainConfig, load_preset
-from ccdist_plugin.crown_ibp import crown_ibp_margin_bounds
-from ccdist_plugin.latent import penultimate_index, propagate_split
 from ccdist_plugin.losses import (
     CCDistLoss,
     CrownIBPLoss,
@@ -250,7 +250,7 @@ def test_crown_ibp_bound_is_never_violated(make, train):
 @pytest.mark.parametrize("train", [False, True])
 def test_crown_ibp_bound_matches_auto_lirpa(train):
     pytest.importorskip("auto_LiRPA")
-    from ccdist_plugin.bounds import _auto_lirpa_margin
+    from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     model = conv()
     x, y = batch(n=8)
@@ -336,13 +336,13 @@ class Block(nn.Module):
 def test_crown_ibp_without_auto_lirpa_refuses_layers_it_cannot_bound(monkeypatch):
     """Where auto_LiRPA is missing (simulated), a network the native back-substitution cannot take
     gets one error naming the layer, before any work."""
-    import ccdist_plugin.lirpa
+    import ccdist_plugin.bounds.lirpa
     from ccdist_plugin.bounds import UnsupportedLayerError
 
     def missing():
         raise ImportError("no auto_LiRPA")
 
-    monkeypatch.setattr(ccdist_plugin.lirpa, "import_auto_lirpa", missing)
+    monkeypatch.setattr(ccdist_plugin.bounds.lirpa, "import_auto_lirpa", missing)
     torch.manual_seed(0)
     model = mlp(1, 8, 10, width=16, depth=2, activation="tanh")
     x, y = batch()
@@ -363,7 +363,7 @@ def test_crown_ibp_trains_other_networks_through_auto_lirpa(kind):
     """tanh and a user's block: the loss's bound is auto_LiRPA's CROWN-IBP (train-mode BatchNorm with
     the clean batch's statistics), sound, differentiable, and the statistics move once."""
     pytest.importorskip("auto_LiRPA")
-    from ccdist_plugin.bounds import _auto_lirpa_margin
+    from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     torch.manual_seed(0)
     if kind == "tanh":
@@ -435,7 +435,7 @@ def test_crown_ibp_on_residual_nets_is_the_evaluation_bound_and_sound(make, trai
 @pytest.mark.parametrize("train", [False, True])
 def test_crown_ibp_on_a_residual_net_matches_auto_lirpa(train):
     pytest.importorskip("auto_LiRPA")
-    from ccdist_plugin.bounds import _auto_lirpa_margin
+    from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     model = settle(prn(), batch()[0])
     x, y = batch(n=8)
@@ -643,7 +643,7 @@ def test_crown_ibp_through_average_pooling():
     lb.sum().backward()  # the pooling transpose is differentiable
     assert model.features[1].weight.grad is not None
     try:
-        from ccdist_plugin.bounds import _auto_lirpa_margin
+        from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
         ref = _auto_lirpa_margin(model, x, y, EPS, "CROWN-IBP")
     except ImportError:

@@ -11,7 +11,6 @@ import torch
 from conftest import briefly_trained, require_abcrown_dir, requires_auto_lirpa
 from torch import nn
 
-from ccdist_plugin import bounds
 from ccdist_plugin.bounds import (
     UnsupportedLayerError,
     check_boundable,
@@ -23,6 +22,7 @@ from ccdist_plugin.bounds import (
     propagate_intervals,
     with_batch_statistics,
 )
+from ccdist_plugin.bounds import ibp as bounds
 from ccdist_plugin.losses import CCDistLoss
 from ccdist_plugin.models import (
     CertifiedNet,

@@ -21,7 +21,7 @@ from ccdist_plugin.bounds import (
     margin_lower_bound,
     propagate_intervals,
 )
-from ccdist_plugin.lirpa import INSTALL_COMMAND, import_auto_lirpa
+from ccdist_plugin.bounds.lirpa import INSTALL_COMMAND, import_auto_lirpa
 from ccdist_plugin.models import CertifiedNet, Normalize, mlp
 
 INSTALL = "ccdist install-verifier"

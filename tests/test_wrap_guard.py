@@ -16,14 +16,13 @@ import torch
 from conftest import requires_auto_lirpa
 from torch import nn
 
-from ccdist_plugin import graphcheck
-from ccdist_plugin.bounds import check_boundable, margin_lower_bound
-from ccdist_plugin.evaluation import EvalSettings, evaluate, prefilter
-from ccdist_plugin.graphcheck import (
+from ccdist_plugin.bounds import check_boundable, graphcheck, margin_lower_bound
+from ccdist_plugin.bounds.graphcheck import (
     BoundedGraphMismatch,
     check_margins_at_points,
     graph_is_forward_by_construction,
 )
+from ccdist_plugin.evaluation import EvalSettings, evaluate, prefilter
 from ccdist_plugin.models import CertifiedNet, Residual, cnn3, cnn7, mlp, preact_resnet18
 from ccdist_plugin.soundness import sampled_extremes
 

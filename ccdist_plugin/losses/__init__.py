@@ -26,7 +26,7 @@ without autograd. A loss then combines the resulting tensors:
 MTL-IBP and SABR accept a teacher too: they then add β R(1) (appendix E.3, MTL-IBP-Dist and
 SABR-Dist; for SABR the bounds are the small box's); so does CROWN-IBP. With
 ``distill_layer="penultimate"`` R is taken on the input of the penultimate affine layer instead of
-the features (appendix E.9; :mod:`ccdist_plugin.latent`).
+the features (appendix E.9; :mod:`ccdist_plugin.bounds.penultimate`).
 
 Every loss class describes itself (:class:`RobustLoss` class attributes ``name``, ``label``,
 ``teacher_use``, ``config_keys``, ``option_keys``) and is registered in one table: the trainer builds

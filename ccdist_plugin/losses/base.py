@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from ccdist_plugin.attacks import PGD
-from ccdist_plugin.latent import check_distill_layer
+from ccdist_plugin.bounds.penultimate import check_distill_layer
 from ccdist_plugin.models import CertifiedNet, check_compatible
 from ccdist_plugin.validate import check_batch, check_labels, check_model
 

@@ -17,7 +17,7 @@ from ccdist_plugin.bounds import (
     input_box,
     propagate_intervals,
 )
-from ccdist_plugin.latent import latent_features, propagate_split
+from ccdist_plugin.bounds.penultimate import latent_features, propagate_split
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
 
@@ -115,7 +115,7 @@ def loss_inputs(
         keep_all: keep the IBP pass's per-layer bounds and BatchNorm maps in ``ibp_record``.
         latent: also return the earlier feature space of appendix E.9 (``latent_*``): the input of
             the penultimate affine layer, with bounds from the same pass split at that layer
-            (:func:`ccdist_plugin.latent.propagate_split`; no layer is propagated twice).
+            (:func:`ccdist_plugin.bounds.penultimate.propagate_split`; no layer is propagated twice).
     """
     check_batch(model, x, y, eps, values=False)  # per training step: shapes only, no device sync
     if x_adv is None:

@@ -40,10 +40,10 @@ class CrownIBPLoss(RobustLoss):
         z = b·z_CROWN-IBP + (1 − b)·z_IBP,   loss = κ·CE(f(x), y) + (1 − κ)·CE(−z, y),
 
     where z_CROWN-IBP is one CROWN back-substitution from the output with the IBP pre-activation
-    bounds of the same pass (:mod:`ccdist_plugin.crown_ibp`, native, differentiable; train-mode
+    bounds of the same pass (:mod:`ccdist_plugin.bounds.crown_ibp`, native, differentiable; train-mode
     BatchNorm uses the clean batch's statistics for both bounds; for a network that back-substitution
     cannot take, e.g. tanh or a wrapped model, auto_LiRPA's CROWN-IBP with the same BatchNorm
-    semantics, :func:`ccdist_plugin.lirpa.lirpa_margin_bounds`) and z_IBP the IBP bound with
+    semantics, :func:`ccdist_plugin.bounds.lirpa.lirpa_margin_bounds`) and z_IBP the IBP bound with
     last-layer elision. Both weights move linearly with the ε ramp, s = ε_t/ε_target:
     b = crown_start → crown_end (1 → 0: CROWN-IBP bounds early, pure IBP at the target ε, as in
     auto_LiRPA's training examples, which weigh the CROWN-IBP bound by (ε_max − ε_t)/ε_max) and
@@ -97,15 +97,15 @@ class CrownIBPLoss(RobustLoss):
 
     def keeps_ibp_record(self, model: CertifiedNet) -> bool:
         """The native back-substitution needs the record; a network it cannot take goes to auto_LiRPA."""
-        from ccdist_plugin.crown_ibp import crown_ibp_unsupported_layer
+        from ccdist_plugin.bounds.crown_ibp import crown_ibp_unsupported_layer
 
         return crown_ibp_unsupported_layer(model.features) is None
 
     def __call__(
         self, model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, x_adv: Tensor | None = None
     ) -> LossOutput:
-        from ccdist_plugin.crown_ibp import check_crown_ibp_layers
-        from ccdist_plugin.lirpa import import_auto_lirpa, lirpa_bounded_module
+        from ccdist_plugin.bounds.crown_ibp import check_crown_ibp_layers
+        from ccdist_plugin.bounds.lirpa import import_auto_lirpa, lirpa_bounded_module
 
         # a layer the native back-substitution cannot take goes to auto_LiRPA; without auto_LiRPA,
         # one error naming the layer, before any work
@@ -126,8 +126,8 @@ class CrownIBPLoss(RobustLoss):
         return _linear(self.crown_start, self.crown_end, s), _linear(self.kappa_start, self.kappa_end, s)
 
     def objective(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        from ccdist_plugin.crown_ibp import crown_ibp_from_propagation
-        from ccdist_plugin.lirpa import lirpa_margin_bounds
+        from ccdist_plugin.bounds.crown_ibp import crown_ibp_from_propagation
+        from ccdist_plugin.bounds.lirpa import lirpa_margin_bounds
 
         b, kappa = self.weights(inp.eps)
         z = inp.z_lb

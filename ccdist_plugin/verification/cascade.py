@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ccdist_plugin.attacks import EVAL_PGD, PGD, describe_pgd
 from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import CERT_TOL, certify, input_box, resolve_crown_intermediate, training_restorer
-from ccdist_plugin.graphcheck import BoundedGraphMismatch
+from ccdist_plugin.bounds.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.progress import progress_bar
 

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from ccdist_plugin.attacks import PGD
 from ccdist_plugin.bounds import CERT_TOL, training_restorer
+from ccdist_plugin.bounds.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
-from ccdist_plugin.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
 from ccdist_plugin.verification.cascade import PrefilterResult, prefilter

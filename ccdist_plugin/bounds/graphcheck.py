@@ -11,11 +11,14 @@ sampled margins fall below the "certified" lower bounds.
 
 Two checks refuse such networks, one for each place a certificate can come from:
 
-- :func:`check_forward_is_bounded_graph` (run by :meth:`CertifiedNet.wrap`): tracing ``features``
-  must not raise a ``TracerWarning`` (the tracer's own notice that a tensor became a Python value,
-  so the trace may hold for its example only), and on probe batches of several sizes (1, 2, 3, 5)
-  spread over the box [0, 1] (its corners, constant levels, uniform points) the forward's features
-  must equal the bounded graph's (its interval bounds at ε = 0).
+- :func:`check_wrapped_network` (run by :meth:`CertifiedNet.wrap`, which this module registers it
+  with: models sit below the bound engine and import nothing from it): an engine must bound the
+  features (:func:`~ccdist_plugin.bounds.ibp.check_boundable`), and, by
+  :func:`check_forward_is_bounded_graph`, tracing ``features`` must not raise a ``TracerWarning``
+  (the tracer's own notice that a tensor became a Python value, so the trace may hold for its
+  example only), and on probe batches of several sizes (1, 2, 3, 5) spread over the box [0, 1]
+  (its corners, constant levels, uniform points) the forward's features must equal the bounded
+  graph's (its interval bounds at ε = 0).
 - :func:`check_graph_at_points` and :func:`check_margins_at_points` (run by
   :func:`ccdist_plugin.bounds.certify`, so by the pre-filter of ``ccdist eval`` and of the
   α,β-CROWN export), after the same trace check: on the very points being certified, the same
@@ -33,11 +36,19 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ccdist_plugin.models import CertifiedNet, Normalize, Residual
+from ccdist_plugin.bounds.ibp import check_boundable, propagate_intervals
+from ccdist_plugin.bounds.layers import (
+    UnsupportedLayerError,
+    native_ibp_supports,
+    refuse_uncertifiable,
+    training_restorer,
+)
+from ccdist_plugin.models import CertifiedNet, Normalize, Residual, register_wrap_check
 
 __all__ = [
     "BoundedGraphMismatch",
     "check_forward_is_bounded_graph",
+    "check_wrapped_network",
     "check_graph_at_points",
     "check_margins_at_points",
     "check_traces_cleanly",
@@ -94,8 +105,6 @@ def graph_is_forward_by_construction(features: nn.Module) -> bool:
     no instance replaces what a call runs, and no forward hook (of a module or global) is set.
     Every built-in architecture is such a network; a network with its own ``forward`` is not.
     """
-    from ccdist_plugin.bounds import _native_ibp_supports
-
     module_hooks = torch.nn.modules.module
     if getattr(module_hooks, "_global_forward_hooks", None) or getattr(
         module_hooks, "_global_forward_pre_hooks", None
@@ -110,7 +119,7 @@ def graph_is_forward_by_construction(features: nn.Module) -> bool:
         if cls in _CONTAINER_FORWARDS:
             if cls.forward is not _CONTAINER_FORWARDS[cls]:
                 return False
-        elif cls not in _NATIVE_LEAVES or not _native_ibp_supports(m):
+        elif cls not in _NATIVE_LEAVES or not native_ibp_supports(m):
             return False
     return True
 
@@ -139,8 +148,6 @@ def graph_mismatch(model: CertifiedNet, x: Tensor, features: Tensor | None = Non
     traced at another batch size) is a mismatch too. Runs in the model's current mode; nothing in
     the model is modified.
     """
-    from ccdist_plugin.bounds import UnsupportedLayerError, propagate_intervals
-
     with torch.no_grad():
         h = model.features(x) if features is None else features
         try:
@@ -186,8 +193,6 @@ def check_traces_cleanly(features: nn.Module, example: Tensor) -> None:
             running statistics), named.
         BoundedGraphMismatch: naming the warning and the line of ``features`` that caused it.
     """
-    from ccdist_plugin.bounds import _refuse_uncertifiable, training_restorer
-
     if graph_is_forward_by_construction(features):
         return
     restore = training_restorer(features)
@@ -196,7 +201,7 @@ def check_traces_cleanly(features: nn.Module, example: Tensor) -> None:
     try:
         # a layer no engine bounds in eval mode gets its own error first (a BatchNorm without
         # running statistics also warns when traced: it normalizes with the batch's statistics)
-        _refuse_uncertifiable(features)
+        refuse_uncertifiable(features)
         try:
             with warnings.catch_warnings(record=True) as recorded:
                 warnings.simplefilter("always")
@@ -260,8 +265,6 @@ def check_forward_is_bounded_graph(model: CertifiedNet, seed: int = 0) -> None:
     Raises:
         BoundedGraphMismatch: the first problem found, named.
     """
-    from ccdist_plugin.bounds import training_restorer
-
     if graph_is_forward_by_construction(model.features):
         return
     first = next(iter(model.parameters()), None)
@@ -341,3 +344,26 @@ def check_margins_at_points(logits: Tensor, y: Tensor, margin_lb: Tensor) -> Non
             f"the lower bounds of the logit differences exceed the network's own differences at points "
             f"{rows[:10]}{' ...' if len(rows) > 10 else ''} of the batch, by up to {worst:.3g}"
         )
+
+
+def check_wrapped_network(net: CertifiedNet, example: Tensor) -> None:
+    """What ``CertifiedNet.wrap(check_bounds=True)`` runs on the network it built: an engine must bound
+    ``net.features`` (:func:`~ccdist_plugin.bounds.ibp.check_boundable`) and its bounded graph must be
+    its forward (:func:`check_forward_is_bounded_graph`). ``example`` is an input batch of the right shape.
+
+    Raises:
+        UnsupportedLayerError: no engine can bound a layer (named).
+        BoundedGraphMismatch: the first problem found, named, after ``CertifiedNet.wrap:``.
+    """
+    try:
+        # the trace first: a data-dependent forward is refused before auto_LiRPA traces it
+        check_traces_cleanly(net.features, example)
+        check_boundable(net)
+        check_forward_is_bounded_graph(net)
+    except BoundedGraphMismatch as exc:
+        raise BoundedGraphMismatch(f"CertifiedNet.wrap: {exc}") from None
+
+
+# CertifiedNet.wrap runs these checks: importing the bound engine (which ``import ccdist_plugin`` does)
+# hands them to it.
+register_wrap_check(check_wrapped_network)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ccdist_plugin.bounds import IntervalPropagation, flat_layers, propagate_intervals
+from ccdist_plugin.bounds.ibp import IntervalPropagation, propagate_intervals
+from ccdist_plugin.bounds.layers import flat_layers
 from ccdist_plugin.models import CertifiedNet
 
 __all__ = ["DISTILL_LAYERS", "penultimate_index", "latent_features", "propagate_split", "check_distill_layer"]

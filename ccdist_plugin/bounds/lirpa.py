@@ -27,15 +27,18 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from ccdist_plugin.bounds.layers import (
+    AutoLirpaMissingError,
+    UnsupportedLayerError,
+    bn_momentum,
+    native_unsupported_layer,
+)
 from ccdist_plugin.install import INSTALL_COMMAND
-
-if TYPE_CHECKING:
-    from ccdist_plugin.bounds import AutoLirpaMissingError
 
 __all__ = [
     "lirpa_intervals",
@@ -150,8 +153,6 @@ def import_auto_lirpa(network: nn.Module | None = None):
 def auto_lirpa_missing(network: nn.Module | None = None) -> AutoLirpaMissingError:
     """The :class:`~ccdist_plugin.bounds.AutoLirpaMissingError` for bounding ``network`` without
     auto_LiRPA, naming the first layer the native engine cannot bound (when there is one)."""
-    from ccdist_plugin.bounds import AutoLirpaMissingError, native_unsupported_layer
-
     layer = None if network is None else native_unsupported_layer(network)
     if layer is not None:
         # a user's module with its own forward prints over many lines: its class names it
@@ -235,8 +236,6 @@ def lirpa_bounded_module(module: nn.Module, example: Tensor) -> nn.Module:
 def _update_running_stats(module: nn.Module, bounded: nn.Module) -> None:
     """Move each train-mode BatchNorm's running statistics as ``bn(batch)`` would, from the batch
     statistics auto_LiRPA's forward pass just computed (its own buffers are copies)."""
-    from ccdist_plugin.bounds import _bn_momentum
-
     modules = dict(module.named_modules())
     with torch.no_grad():
         for node in bounded.nodes():
@@ -250,7 +249,7 @@ def _update_running_stats(module: nn.Module, bounded: nn.Module) -> None:
                 continue
             value = node.inputs[0].forward_value
             n = value.numel() // value.shape[1]
-            momentum = _bn_momentum(bn)
+            momentum = bn_momentum(bn)
             mean, var = node.current_mean.detach(), node.current_var.detach()
             bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             bn.running_var.mul_(1 - momentum).add_(var * n / max(n - 1, 1), alpha=momentum)
@@ -299,8 +298,6 @@ def refuse_unsound_lirpa_crown(model: nn.Module, method: str) -> None:
     Measured with auto_LiRPA 9d100ec: its CROWN bound through a dilated convolution lies above
     margins found by sampling (tests/test_layer_audit.py); the native engine bounds those soundly.
     """
-    from ccdist_plugin.bounds import UnsupportedLayerError
-
     dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.dilation) != (1, 1)]
     if dilated and method != "IBP":
         raise UnsupportedLayerError(

@@ -20,7 +20,7 @@ over the native engine's layers (Normalize, Linear, Conv2d, BatchNorm1d/2d, ReLU
 AvgPool2d, Identity, eval-mode Dropout). For anything else (tanh, a custom module, a wrapped
 network that only auto_LiRPA bounds) :func:`check_crown_ibp_layers` raises
 :class:`ccdist_plugin.bounds.UnsupportedLayerError` naming the layer; the ``crown_ibp`` loss then
-trains through auto_LiRPA's CROWN-IBP (:func:`ccdist_plugin.lirpa.lirpa_margin_bounds`) where
+trains through auto_LiRPA's CROWN-IBP (:func:`ccdist_plugin.bounds.lirpa.lirpa_margin_bounds`) where
 auto_LiRPA is installed.
 """
 
@@ -28,19 +28,21 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ccdist_plugin.bounds import (
+from ccdist_plugin.bounds.crown import back_substitute
+from ccdist_plugin.bounds.ibp import (
     IntervalPropagation,
-    UnsupportedLayerError,
-    back_substitute,
-    check_supported_layer,
     elided_margin_lower_bound,
     elision_matrix,
     input_box,
-    native_unsupported_layer,
-    network_graph,
     propagate_intervals,
 )
-from ccdist_plugin.lirpa import INSTALL_COMMAND
+from ccdist_plugin.bounds.layers import (
+    UnsupportedLayerError,
+    check_supported_layer,
+    native_unsupported_layer,
+    network_graph,
+)
+from ccdist_plugin.bounds.lirpa import INSTALL_COMMAND
 from ccdist_plugin.models import CertifiedNet
 
 __all__ = [

@@ -1,0 +1,394 @@
+"""CROWN back-substitution (Zhang et al. 2018) over a network's graph, for evaluation.
+
+- :func:`back_substitute` — a linear function of one graph node pulled back through the layers to
+  the input box, each ReLU relaxed linearly (the adaptive lower relaxation of CROWN, the chord
+  above); at a residual join the coefficients go down both branches and add where they meet.
+  Differentiable: CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) uses it too.
+- :func:`crown_margin_lower_bound` — CROWN lower bounds on the logit differences, with CROWN
+  (``intermediate="crown"``) or IBP (``"ibp"``, CROWN-IBP) pre-activation bounds, natively or
+  through auto_LiRPA (``backend="auto_lirpa"``) as the reference implementation.
+- :func:`resolve_crown_intermediate` — what ``intermediate="auto"`` picks for a network.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ccdist_plugin.batching import batch_slices
+from ccdist_plugin.bounds.ibp import elision_matrix, input_box, native_intervals
+from ccdist_plugin.bounds.layers import (
+    PAD_MODES,
+    PASSTHROUGH,
+    GraphNode,
+    UnsupportedLayerError,
+    check_supported_layer,
+    conv_pads,
+    native_ibp_supports,
+    native_unsupported_layer,
+    network_graph,
+    refuse_uncertifiable,
+)
+from ccdist_plugin.bounds.lirpa import (
+    import_auto_lirpa,
+    margin_spec,
+    plain_lirpa_warnings,
+    refuse_unsound_lirpa_crown,
+)
+from ccdist_plugin.models import CertifiedNet, Normalize
+from ccdist_plugin.validate import check_inputs, check_labels, check_model
+
+__all__ = [
+    "back_substitute",
+    "CROWN_INTERMEDIATE",
+    "resolve_crown_intermediate",
+    "crown_margin_lower_bound",
+]
+
+#: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
+_CROWN_BUDGET = 2**26
+
+
+def _node_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
+    """Output shape (without batch) of every node of ``network_graph(features)`` (node 0: the input).
+
+    From an interval pass on the first example, which changes nothing in the model (a forward
+    pass would move a train-mode BatchNorm's running statistics, and BatchNorm1d in train mode
+    refuses a batch of one).
+    """
+    first = x[:1]
+    ibp = native_intervals(features, first, first, None, keep_all=True, update_running_stats=False)
+    return [first.shape[1:]] + [lb.shape[1:] for lb, _ in ibp.layer_bounds]
+
+
+def _conv_transpose(layer: nn.Conv2d, a: Tensor, in_shape: torch.Size) -> Tensor:
+    """The adjoint of ``layer``'s linear part applied to coefficients ``a`` (N, C_out, H', W'):
+    the transposed convolution onto the padded input, then the adjoint of the padding."""
+    left, right, top, bottom = conv_pads(layer)
+    height, width = in_shape[-2] + top + bottom, in_shape[-1] + left + right
+    reach = [layer.dilation[d] * (layer.kernel_size[d] - 1) + 1 for d in range(2)]
+    # rows/columns of the padded input that no window reaches (stride remainder) get coefficient 0
+    extra = (
+        height - ((a.shape[-2] - 1) * layer.stride[0] + reach[0]),
+        width - ((a.shape[-1] - 1) * layer.stride[1] + reach[1]),
+    )
+    padded = F.conv_transpose2d(a, layer.weight, None, layer.stride, 0, extra, layer.groups, layer.dilation)
+    if layer.padding_mode == "zeros":
+        return padded[..., top : top + in_shape[-2], left : left + in_shape[-1]]
+    # reflect/replicate/circular padding copies inputs: its adjoint adds each padded entry's
+    # coefficient back onto the input it copies (the vector-Jacobian product of F.pad)
+    with torch.enable_grad():
+        probe = torch.zeros(a.shape[0], *in_shape, dtype=a.dtype, device=a.device, requires_grad=True)
+        out = F.pad(probe, (left, right, top, bottom), mode=PAD_MODES[layer.padding_mode])
+        # create_graph: in training (CROWN-IBP) the result must stay differentiable in ``a``
+        (grad,) = torch.autograd.grad(out, probe, padded, create_graph=padded.requires_grad)
+    return grad
+
+
+def _linear_adjoint(layer: nn.Module, a: Tensor, in_shape: torch.Size) -> Tensor:
+    """``a`` pulled back through a bias-free linear layer (a · layer(z) = (layerᵀ a) · z) by autograd."""
+    b, m = a.shape[:2]
+    with torch.enable_grad():
+        z = a.new_zeros(b * m, *in_shape, requires_grad=True)
+        out = layer(z)
+        # create_graph: in training (CROWN-IBP) the result must stay differentiable in ``a``
+        (grad,) = torch.autograd.grad(
+            out, z, grad_outputs=a.reshape(b * m, *out.shape[1:]), create_graph=a.requires_grad
+        )
+    return grad.reshape(b, m, *in_shape)
+
+
+def _backward_layer(
+    layer: nn.Module,
+    a: Tensor,
+    bias: Tensor,
+    in_shape: torch.Size,
+    preact: tuple[Tensor, Tensor] | None,
+    affine: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed)."""
+    check_supported_layer(layer)
+    b, m = a.shape[:2]
+    if isinstance(layer, nn.Linear):
+        if layer.bias is not None:
+            bias = bias + a @ layer.bias
+        return a @ layer.weight, bias
+    if isinstance(layer, nn.Conv2d):
+        if layer.bias is not None:
+            bias = bias + torch.einsum("bmchw,c->bm", a, layer.bias)
+        flat = _conv_transpose(layer, a.reshape(b * m, *a.shape[2:]), in_shape)
+        return flat.reshape(b, m, *in_shape), bias
+    if isinstance(layer, (nn.modules.batchnorm._BatchNorm, Normalize)):
+        scale, shift = affine
+        view = (1, 1, -1) + (1,) * (a.ndim - 3)
+        per_channel = a.flatten(3).sum(-1) if a.ndim > 3 else a  # (B, m, C): sum the positions first
+        return a * scale.reshape(view), bias + per_channel @ shift.reshape(-1)
+    if isinstance(layer, nn.ReLU):
+        l, u = preact
+        l, u = l.unsqueeze(1), u.unsqueeze(1)
+        active, inactive = l >= 0, u <= 0
+        unstable = ~(active | inactive)
+        denom = torch.where(unstable, u - l, torch.ones_like(u))
+        chord = torch.where(unstable, u / denom, torch.zeros_like(u))
+        up_slope = torch.where(active, torch.ones_like(u), chord)
+        up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
+        low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
+        # the slope by the coefficient's sign, the intercepts by one batched product: few
+        # coefficient-sized temporaries (this is most of the cost of a CROWN-IBP training step)
+        bias = bias + torch.bmm(a.clamp(max=0).flatten(2), up_icpt.flatten(1).unsqueeze(-1)).squeeze(-1)
+        return a * torch.where(a >= 0, low_slope, up_slope), bias
+    if isinstance(layer, nn.Flatten):
+        return a.reshape(b, m, *in_shape), bias
+    if isinstance(layer, nn.AvgPool2d):
+        return _linear_adjoint(layer, a, in_shape), bias
+    if isinstance(layer, PASSTHROUGH) and native_ibp_supports(layer):
+        return a, bias
+    raise UnsupportedLayerError(
+        f"native CROWN does not support {layer!r}; use method='ibp' or backend='auto_lirpa'"
+    )
+
+
+def back_substitute(
+    nodes: list[GraphNode],
+    start: int,
+    shapes: list[torch.Size],
+    preact: dict[int, tuple[Tensor, Tensor]],
+    affine: dict[int, tuple[Tensor, Tensor]],
+    a: Tensor,
+    bias: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+) -> Tensor:
+    """Lower bound of ``a · node_start(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
+
+    ``a`` is (B, m, *shape of node ``start``) and ``bias`` (B, m); ``preact[n]`` are the bounds of
+    the input of activation node n and ``affine[n]`` the (scale, shift) of BatchNorm/Normalize node
+    n. Nodes are visited in reverse topological order; at a residual join the coefficients go to
+    both branches and add up where the branches meet again. Returns (B, m).
+
+    Differentiable (no ``no_grad`` inside): evaluation CROWN (:func:`crown_margin_lower_bound`) and
+    CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) both use it.
+    """
+    coeffs = {start: a}
+    for n in range(start, 0, -1):
+        if n not in coeffs:
+            continue
+        a, node = coeffs.pop(n), nodes[n]
+        if node.layer is None:
+            targets = [(i, a) for i in node.inputs]
+        else:
+            a, bias = _backward_layer(
+                node.layer, a, bias, shapes[node.inputs[0]], preact.get(n), affine.get(n)
+            )
+            targets = [(node.inputs[0], a)]
+        for i, part in targets:
+            coeffs[i] = coeffs[i] + part if i in coeffs else part
+    a_flat = coeffs.pop(0).flatten(2)
+    centre = ((hi + lo) / 2).flatten(1).unsqueeze(-1)
+    radius = ((hi - lo) / 2).flatten(1).unsqueeze(-1)
+    return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
+
+
+#: how CROWN obtains the pre-activation bounds of its ReLU relaxations
+CROWN_INTERMEDIATE = ("crown", "ibp", "auto")
+
+
+def _crown_costs(model: CertifiedNet) -> list[int]:
+    """Per ReLU after the first (the first's bounds are exact from IBP): the coefficients one
+    example's back-substitution holds, 2 × its neurons × the largest layer below it."""
+    x = torch.full(
+        (1, *model.input_shape), 0.5, dtype=model.head.weight.dtype, device=model.head.weight.device
+    )
+    nodes = network_graph(model.features)
+    shapes = _node_shapes(model.features, x)
+    # a ReLU node's input is node inputs[0]; every node it depends on has a smaller index
+    sources = [node.inputs[0] for node in nodes if isinstance(node.layer, nn.ReLU)]
+    return [
+        2 * math.prod(shapes[s]) * max(math.prod(shape) for shape in shapes[: s + 1]) for s in sources[1:]
+    ]
+
+
+def resolve_crown_intermediate(
+    model: CertifiedNet, intermediate: str = "auto", max_crown_elements: int = 2**23
+) -> str:
+    """What ``intermediate`` means for ``model``: ``"crown"`` (CROWN, every pre-activation
+    bound by back-substitution) or ``"ibp"`` (CROWN-IBP, every one from IBP).
+
+    ``"auto"`` is CROWN when every back-substitution holds at most ``max_crown_elements``
+    coefficients per example (digits-size networks), else CROWN-IBP (every CIFAR-size CNN-7
+    layer is above it: full CROWN there costs minutes per point on a CPU). Report the result
+    under its own name: a CROWN-IBP certificate is not a CROWN one.
+    """
+    if intermediate not in CROWN_INTERMEDIATE:
+        raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
+    if intermediate != "auto":
+        return intermediate
+    model = check_model(model)
+    if native_unsupported_layer(model.features) is not None:
+        return "crown"  # only auto_LiRPA bounds this network: its full CROWN
+    return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
+
+
+@torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
+def _native_crown(
+    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
+) -> Tensor:
+    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
+    the network's graph (residual blocks included)."""
+    nodes = network_graph(model.features)
+    lo, hi = input_box(x, eps)
+    ibp = native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
+    shapes = [x.shape[1:]] + [bound[0].shape[1:] for bound in ibp.layer_bounds]
+    affine = {n + 1: scale_shift for n, scale_shift in ibp.channel_affine.items()}
+    preact: dict[int, tuple[Tensor, Tensor]] = {}
+    bsz = x.shape[0]
+    for n, node in enumerate(nodes):
+        if isinstance(node.layer, nn.Tanh):
+            raise UnsupportedLayerError(
+                "native CROWN supports ReLU networks; use backend='auto_lirpa' for tanh"
+            )
+        if not isinstance(node.layer, nn.ReLU):
+            continue
+        src = node.inputs[0]
+        l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
+        # Before the first activation the network is affine (every node there precedes it) and
+        # IBP is exact per neuron.
+        if intermediate == "crown" and preact:
+            # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
+            # stable neuron's relaxation is exact, so its bounds change nothing downstream.
+            unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
+            largest = max(math.prod(shape) for shape in shapes[: src + 1])
+            # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
+            rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
+            l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
+            for s in range(0, unstable.numel(), rows_per_pass):
+                idx = unstable[s : s + rows_per_pass]
+                rows = x.new_zeros(idx.numel(), l[0].numel())
+                rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
+                rows = rows.reshape(-1, *l.shape[1:])
+                spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
+                bound = back_substitute(
+                    nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
+                )
+                half = idx.numel()
+                l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
+                u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
+            l, u = l_flat.view_as(l), u_flat.view_as(u)
+        preact[n] = (l, u)
+    w_diff, b_diff = elision_matrix(model.head, y)
+    return back_substitute(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
+
+
+@plain_lirpa_warnings
+def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, method: str) -> Tensor:
+    BoundedModule, BoundedTensor, PerturbationLpNorm = import_auto_lirpa(model)
+    refuse_unsound_lirpa_crown(model, method)
+    lo, hi = input_box(x, eps)
+    eps_val = float(eps) if not isinstance(eps, Tensor) or eps.ndim == 0 else eps.view(-1, 1, 1, 1)
+    ptb = PerturbationLpNorm(norm=float("inf"), eps=eps_val, x_L=lo, x_U=hi)
+    c = margin_spec(y, model.num_classes, x)
+    # auto_LiRPA's default "patches" mode for convolutions fails on some graphs (max-pooling after
+    # a residual sum, seen at commit 9d100ec07086); the dense "matrix" mode is the fallback.
+    # Some auto_LiRPA operators (max-pooling) build tensors in the default dtype: under float64
+    # bounds (certify) the default follows x for the call, and is restored after it.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)
+    failures: list[str] = []
+    try:
+        for conv_mode in ("patches", "matrix"):
+            # A copy: tracing runs forward passes, which would move a train-mode BatchNorm's running
+            # statistics; the whole batch as the dummy so that train-mode BatchNorm1d sees > 1 value.
+            net = copy.deepcopy(model)
+            opts = {"conv_mode": conv_mode}
+            bounded = BoundedModule(net, x, device=x.device, verbose=False, bound_opts=opts)
+            bounded.train(model.training)
+            bounded(x)  # a forward pass on x sets the batch statistics a train-mode BatchNorm bounds with
+            try:
+                lb, _ = bounded.compute_bounds(
+                    x=(BoundedTensor(x, ptb),), C=c, method=method, bound_upper=False
+                )
+                break
+            except RuntimeError as exc:
+                failures.append(f"{conv_mode} mode: {str(exc).splitlines()[0][:200]}")
+                if conv_mode == "matrix":
+                    # measured at 9d100ec: a 32×32 PreActResNet18 fails in patches mode (a shape error
+                    # inside auto_LiRPA) and its dense matrices ran out of memory; say so in one line
+                    raise UnsupportedLayerError(
+                        f"auto_LiRPA could not compute {method} bounds for this network "
+                        f"({'; '.join(failures)}); "
+                        "use the native backend (backend='native', --crown-backend native) or CROWN-IBP "
+                        "(intermediate='ibp', --crown-intermediate ibp)"
+                    ) from exc
+                logging.getLogger(__name__).info("auto_LiRPA %s, patches mode: %s; matrix mode", method, exc)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return lb
+
+
+def crown_margin_lower_bound(
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str = "auto",
+    backend: str = "auto",
+    max_crown_elements: int = 2**23,
+    chunk: int = 512,
+) -> Tensor:
+    """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
+
+    Args:
+        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained
+            (:func:`resolve_crown_intermediate` says which one ``"auto"`` picks for a model).
+            ``"crown"``: by back-substitution for every layer, intersected with IBP so never
+            looser (CROWN, Zhang et al. 2018): costly on CIFAR-size networks (memory stays
+            bounded: neurons and examples are processed in chunks). ``"ibp"``: from IBP
+            (CROWN-IBP, Zhang et al. 2020). ``"auto"``: ``"crown"`` when every back-substitution
+            holds at most ``max_crown_elements`` coefficients per example, else ``"ibp"``.
+        backend: ``"native"`` (this module: ReLU networks of ``nn.Sequential`` and
+            :class:`Residual` blocks, whose join sums the two branches' back-substituted
+            coefficients), ``"auto_lirpa"`` (auto_LiRPA's ``compute_bounds(method="CROWN" or
+            "CROWN-IBP")`` with the elision matrix as C), or ``"auto"``: native when it supports
+            every layer (every built-in model, residual ones included), auto_LiRPA otherwise
+            (networks made with ``CertifiedNet.wrap`` of other layers).
+        chunk: the most neurons bounded per back-substitution batch (memory knob).
+
+    The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
+    u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
+    without autograd (the result carries no gradient). The model is not modified.
+    """
+    model = check_model(model)
+    check_inputs(model, x)
+    check_labels(x, y, model.num_classes)
+    if backend not in ("auto", "native", "auto_lirpa"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    refuse_uncertifiable(model.features)
+    if backend == "auto":
+        backend = "native" if native_unsupported_layer(model.features) is None else "auto_lirpa"
+    if backend == "auto_lirpa":
+        if intermediate not in CROWN_INTERMEDIATE:
+            raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
+        # auto_LiRPA bounds any graph: "auto" means its full CROWN
+        method = "CROWN-IBP" if intermediate == "ibp" else "CROWN"
+        return _auto_lirpa_margin(model, x, y, eps, method)
+    kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
+    # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
+    # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
+    # with the batch's statistics, so a batch in train mode is never split.
+    if not model.training and x.shape[0] > 1:
+        largest = max(math.prod(s) for s in _node_shapes(model.features, x))
+        rows = max(2 * chunk if kind == "crown" else 0, model.num_classes)
+        per_batch = max(1, _CROWN_BUDGET // (rows * largest))
+        if x.shape[0] > per_batch:
+            eps_t = torch.as_tensor(eps)
+            parts = []
+            for sl in batch_slices(x.shape[0], per_batch):
+                e = eps_t[sl] if eps_t.ndim == 1 else eps
+                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
+            return torch.cat(parts)
+    return _native_crown(model, x, y, eps, kind, chunk)
