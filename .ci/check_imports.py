@@ -68,7 +68,7 @@ LAYERS: list[list[str]] = [
     ["verification.runner"],
     ["verification"],
     # the old paths of the export and the runs: re-exports of verification's names
-    ["export", "verify"],
+    ["export", "verify", "lirpa", "crown_ibp", "latent"],
     ["evaluation"],
     ["reports", "demo", "tune"],
     ["cli"],

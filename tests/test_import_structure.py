@@ -141,3 +141,18 @@ def test_wrap_without_a_registered_check_refuses_rather_than_skips(monkeypatch):
         nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), nn.Linear(4, 2), (1, 2, 2), check_bounds=False
     )
     assert net(torch.zeros(3, 1, 2, 2)).shape == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("lirpa", "bounds.lirpa"), ("crown_ibp", "bounds.crown_ibp"), ("latent", "bounds.penultimate")],
+)
+def test_old_bound_module_paths_give_the_same_objects(old, new):
+    """The modules that moved into bounds/ keep their old import paths for users' code."""
+    import importlib
+
+    old_module = importlib.import_module(f"ccdist_plugin.{old}")
+    new_module = importlib.import_module(f"ccdist_plugin.{new}")
+    assert sorted(old_module.__all__) == sorted(new_module.__all__)
+    for name in new_module.__all__:
+        assert getattr(old_module, name) is getattr(new_module, name), name
