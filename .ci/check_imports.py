@@ -1,5 +1,6 @@
 """Check the package's import structure: no import circle, no import from a lower layer up to a higher
-one, no private name taken from another module.
+one, no private name taken from another module; and its sizes: no module over 700 lines, no function
+over 80 lines unless a comment right above it says why.
 
     python .ci/check_imports.py [PACKAGE_DIR] [--layers FILE]
 
@@ -12,6 +13,10 @@ with ``--layers``, used by the checker's own tests). A module belongs to the mos
 names it or a package above it; a module that no entry names is an error, so that new code is placed on
 purpose. A module may import modules of its own layer or of lower ones. Within one layer the import
 graph must still be free of circles.
+
+The size limits keep every module readable top-down: a module over ``MAX_MODULE_LINES`` lines is an
+error, and so is a function over ``MAX_FUNCTION_LINES`` lines (docstring included) without a ``#``
+comment on the line right above its ``def`` or its first decorator saying why it stays whole.
 
 Exit status: 0 when the structure holds, 1 with one line per violation otherwise, 2 on bad usage.
 """
@@ -75,6 +80,10 @@ LAYERS: list[list[str]] = [
     # the package facade may re-export anything
     [""],
 ]
+
+
+MAX_MODULE_LINES = 700
+MAX_FUNCTION_LINES = 80
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,29 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def size_problems(path: Path, root: Path) -> list[str]:
+    """A module over the line limit; functions over theirs without a comment saying why."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    shown = path.relative_to(root.parent)
+    problems = []
+    if len(lines) > MAX_MODULE_LINES:
+        problems.append(f"{shown}: {len(lines)} lines (more than {MAX_MODULE_LINES}): split it by concern")
+    for node in ast.walk(ast.parse(text, filename=str(path))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        above = {first - 2, node.lineno - 2}  # above the first decorator, or between them and the def
+        explained = any(i >= 0 and lines[i].lstrip().startswith("#") for i in above)
+        if length > MAX_FUNCTION_LINES and not explained:
+            problems.append(
+                f"{shown}:{node.lineno}: {node.name} is {length} lines (more than {MAX_FUNCTION_LINES}): "
+                "split it into named steps, or say why it stays whole in a comment right above it"
+            )
+    return problems
+
+
 def check(root: Path, layers: list[list[str]]) -> list[str]:
     """The violations in the package at ``root``, one line each."""
     package = root.name
@@ -214,6 +246,8 @@ def check(root: Path, layers: list[list[str]]) -> list[str]:
                     f"{at}: {shown[imp.source]} (layer {src_layer}) imports {shown[imp.target]} "
                     f"from the higher layer {dst_layer}"
                 )
+    for path in files:
+        problems += size_problems(path, root)
     for component in circles(graph):
         problems.append("import circle: " + " <-> ".join(shown[m] for m in component))
     return problems
@@ -236,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"check_imports: {len(problems)} violation(s) in {root.name}", file=sys.stderr)
         return 1
-    print(f"check_imports: {root.name}: no import circle, no upward import, no private import")
+    print(
+        f"check_imports: {root.name}: no import circle, no upward import, no private import, "
+        f"no module over {MAX_MODULE_LINES} lines, no unexplained function over {MAX_FUNCTION_LINES}"
+    )
     return 0
 
 

@@ -156,3 +156,20 @@ def test_old_bound_module_paths_give_the_same_objects(old, new):
     assert sorted(old_module.__all__) == sorted(new_module.__all__)
     for name in new_module.__all__:
         assert getattr(old_module, name) is getattr(new_module, name), name
+
+
+def test_sizes_are_limited_unless_a_comment_says_why(tmp_path):
+    """A module over 700 lines and a function over 80 lines without a comment above it are refused."""
+    long_body = "".join(f"    x{i} = {i}\n" for i in range(85))
+    files = dict(
+        CLEAN,
+        **{
+            "low.py": "X = 1\n" + "\n" * 700,
+            "mid.py": f"def long():\n{long_body}\n\n# why: one table\ndef explained():\n{long_body}",
+        },
+    )
+    result = run_check(write_package(tmp_path, files), LAYERS)
+    assert result.returncode == 1
+    assert "pkg/low.py: 701 lines (more than 700)" in result.stdout
+    assert "pkg/mid.py:1: long is 86 lines" in result.stdout
+    assert "explained" not in result.stdout
