@@ -9,15 +9,20 @@ Where things are:
   (float-safe ``certify``), ``crown_ibp`` (differentiable CROWN-IBP for training), ``penultimate``
   (bounds at the penultimate layer); ``ccdist_plugin.bounds`` re-exports their public names.
 - ``attacks``: ℓ∞ PGD and the one evaluation attack (``EVAL_PGD``).
-- ``losses``: CC-Dist, CC-IBP and the other losses, as drop-in objects that describe themselves.
+- ``losses/``: CC-Dist, CC-IBP and the other losses, as drop-in objects that describe themselves:
+  ``terms`` (pure functions), ``inputs`` (the per-batch attack + bound pass), ``base``
+  (``RobustLoss``), ``expressive``, ``distillation``, ``scheduled``, ``registry``.
 - ``trainer`` / ``step`` / ``train_data`` / ``training_logs`` / ``config`` / ``schedules`` /
   ``regularizers`` / ``checkpoint`` / ``runlock``: the training protocol (``step.training_step`` is one
   step).
 - ``data``: dataset loaders and augmentation; ``validate``: the input checks.
 - ``verification``: the pre-filter (``cascade``), ONNX + VNN-LIB export, α,β-CROWN runs (``runner``,
   ``abcrown_worker``), verdicts and their summaries (``export`` and ``verify`` are its old paths).
-- ``evaluation`` / ``reports``: metrics and reports.
+- ``evaluation`` / ``reports``: metrics and reports; ``demo``: the quick start; ``tune``: ``ccdist tune``.
+- ``accumulate``: gradient accumulation; ``install``: ``ccdist install-verifier``.
 - ``cli``: the ``ccdist`` commands.
+
+The layers and the rule for where new code goes: docs/architecture.md.
 """
 
 from importlib import import_module as _import_module
