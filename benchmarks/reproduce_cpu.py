@@ -76,10 +76,12 @@ from reproduction.runfolders import (  # noqa: E402, F401
     RUN_OUTPUTS,
     SETTINGS_NAME,
     RunSettingsError,
+    add_run_folder_options,
     check_run_folder,
     job_settings,
     preflight,
     run_folder_problem,
+    run_script,
     teacher_weights_sha256,
     weights_sha256,
 )
@@ -159,28 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
     parser.add_argument("--docs", default="docs", help="where results/ and img/ go")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="retrain the runs whose recorded settings differ from this invocation's, or whose outputs are "
-        "incomplete (without it such a run stops the script, exit 2); runs with the same settings are reused",
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error instead of one line"
-    )
+    add_run_folder_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        _main(args)
-    except (ValueError, OSError) as err:  # a setting or a run folder that cannot be used: one line, exit 2
-        if args.debug:
-            raise
-        print(f"error: {err}  (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(_main, parser.parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -48,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_analysis import paired_t_interval, per_seed_differences  # noqa: E402
 from reproduce_cpu import (  # noqa: E402
     VAL_SIZE,
+    add_run_folder_options,
     build_student,
     check_run_folder,
     evaluate,
+    run_script,
     split_tensors,
     weights_sha256,
 )
@@ -298,21 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
     p.add_argument("--only", default="", help="run only these students (names, comma-separated), no report")
     p.add_argument("--docs", default="docs/results", help="where resnet_cpu.{json,md} go ('' for nowhere)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="retrain the runs whose recorded settings differ from this invocation's, or whose outputs are "
-        "incomplete (without it such a run stops the script, exit 2); runs with the same settings are reused",
-    )
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    args = p.parse_args(argv)
-    try:
-        _main(args)
-    except (ValueError, OSError) as err:  # a setting or a run folder that cannot be used: one line, exit 2
-        if args.debug:
-            raise
-        print(f"error: {err}  (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+    add_run_folder_options(p)
+    run_script(_main, p.parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> None:

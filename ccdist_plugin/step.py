@@ -74,9 +74,8 @@ def training_step(
         terms, logits = _accumulated_gradients(model, loss, optimizer, x, y, eps_t, phase, config)
     else:
         total, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config)
-        terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
-        if not distributed.all_finite(math.isfinite(terms["loss"]), total.device):  # same on every rank
-            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+        terms = _host_terms(term_tensors)
+        _refuse_non_finite(terms, total.device)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
     distributed.average_gradients(list(model.parameters()), x.shape[0])
@@ -117,9 +116,8 @@ def _accumulated_gradients(
         stats = BatchStatistics()
         with torch.no_grad(), stats.recording(model):  # whole-batch values; no graph kept
             _, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config, x_adv)
-        terms = dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
-        if not distributed.all_finite(math.isfinite(terms["loss"]), x.device):
-            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+        terms = _host_terms(term_tensors)
+        _refuse_non_finite(terms, x.device)
     sums: dict[str, torch.Tensor] = {}
     logit_parts = []
     for part in parts:
@@ -136,12 +134,26 @@ def _accumulated_gradients(
             if part_logits is not None:
                 logit_parts.append(part_logits.detach())
     if stats is None:
-        terms = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))
+        terms = _host_terms(sums)
         logits = torch.cat(logit_parts) if logit_parts else None
-        if not distributed.all_finite(math.isfinite(terms["loss"]), x.device):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
+        _refuse_non_finite(terms, x.device, optimizer)
     return terms, logits
+
+
+def _host_terms(term_tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged terms as host floats, in one copy (one device sync, not one per term)."""
+    return dict(zip(term_tensors, torch.stack(list(term_tensors.values())).tolist(), strict=True))
+
+
+def _refuse_non_finite(
+    terms: dict[str, float], device: torch.device, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Raise :class:`NonFiniteLossError` when the loss is not finite on any rank (the same decision on
+    every rank); ``optimizer``: its gradients, already accumulated, are cleared first."""
+    if not distributed.all_finite(math.isfinite(terms["loss"]), device):
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"non-finite training loss ({terms['loss']})", terms)
 
 
 def step_objective(

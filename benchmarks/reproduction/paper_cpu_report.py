@@ -13,7 +13,7 @@ from typing import Any
 
 from .measure import machine_text
 from .plan import paper_cpu_names, select_by_validation
-from .runfolders import RunSettingsError
+from .runfolders import RunSettingsError, settings_differences
 
 
 def _bab_verdicts(root: Path, name: str, method: str, seed: int) -> list | None:
@@ -47,18 +47,19 @@ def paper_cpu_analysis(root: str | Path, plan: dict[str, Any]) -> dict[str, Any]
     _check_results_follow_plan(root, results, plan)
     ds = plan["dataset"]
     out: dict[str, Any] = {"plan": plan, "selection": {}, "comparisons": {}, "groups": {}}
-    alpha_rows = {a: results.get(f"cc_ibp-a{a:g}-s0") for a in plan["alphas"]}
-    if not all(r and "val" in r for r in alpha_rows.values()):
+    alpha_choice = _validation_choice({a: results.get(f"cc_ibp-a{a:g}-s0") for a in plan["alphas"]})
+    if alpha_choice is None:
         out["status"] = "α selection not finished"
         return out
-    alpha = select_by_validation(alpha_rows)
-    out["selection"]["alpha"] = {"chosen": alpha, "val": {f"{a:g}": r["val"] for a, r in alpha_rows.items()}}
+    out["selection"]["alpha"] = alpha_choice
+    alpha = alpha_choice["chosen"]
     beta_rows = {b: results.get(f"cc_dist-a{alpha:g}-b{b:g}-s0") for b in plan["beta_sweep"]}
-    if not all(r and "val" in r for r in beta_rows.values()):
+    beta_choice = _validation_choice(beta_rows)
+    if beta_choice is None:
         out["status"] = "β selection not finished"
         return out
-    beta = select_by_validation(beta_rows)
-    out["selection"]["beta_w"] = {"chosen": beta, "val": {f"{b:g}": r["val"] for b, r in beta_rows.items()}}
+    out["selection"]["beta_w"] = beta_choice
+    beta = beta_choice["chosen"]
     teacher = results.get("teacher-s0", {}).get("test")
     out["teacher"] = teacher and {k: v for k, v in teacher.items() if k != "points"}
     names = paper_cpu_names(plan, alpha)
@@ -75,6 +76,14 @@ def paper_cpu_analysis(root: str | Path, plan: dict[str, Any]) -> dict[str, Any]
             out["comparisons"][g] = _comparison(root, results, per_seed, groups[g], names["cc_ibp"], g, ds)
     out["status"] = "ok"
     return out
+
+
+def _validation_choice(rows: dict[float, dict | None]) -> dict[str, Any] | None:
+    """A swept setting's value chosen on validation (``chosen``) and each candidate's validation metrics
+    (``val``), from its seed-0 runs' results; None while one of them has not been evaluated."""
+    if not all(r and "val" in r for r in rows.values()):
+        return None
+    return {"chosen": select_by_validation(rows), "val": {f"{v:g}": r["val"] for v, r in rows.items()}}
 
 
 def _seed_rows(root: Path, results: dict[str, dict], group: str, run_names: list[str]) -> dict[int, dict]:
@@ -168,11 +177,7 @@ def _check_results_follow_plan(root: Path, results: dict[str, dict], plan: dict[
         job = result.get("job") or {}
         if job.get("protocol") != "paper-cpu":
             continue
-        differ = [
-            f"{k}: {job[k]!r} there, {plan[k]!r} now"
-            for k in PLAN_KEYS_OF_RUNS
-            if k in job and job[k] != plan[k]
-        ]
+        differ = settings_differences(job, plan, PLAN_KEYS_OF_RUNS)
         if differ:
             raise RunSettingsError(
                 f"{root / name} was run with other settings ({'; '.join(differ)}), which this report "

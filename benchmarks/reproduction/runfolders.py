@@ -3,16 +3,21 @@ invocation may reuse it (``settings.json``), and the lock a process takes on a r
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
 import socket
+import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ccdist_plugin.runlock import TRAINING_OUTPUTS, remove_run_outputs
 
 from .jobs import Job
 
@@ -28,12 +33,7 @@ UNRECORDED_FIELDS = ("name", "teacher", "evaluate_test", "evaluate_val", "device
 TEACHER_UNUSED_FIELDS = ("epochs", "alpha", "beta_w")
 #: what this script writes in a run's folder: what ``--overwrite`` removes there before the run is retrained
 RUN_OUTPUTS = (
-    "checkpoint.pt",
-    "config.yaml",
-    "metrics.csv",
-    "metrics.jsonl",
-    "curves.png",
-    "tensorboard",
+    *TRAINING_OUTPUTS,  # the training run's own (``Trainer.fit``)
     SETTINGS_NAME,
     "train_time.json",
     "result.json",
@@ -108,16 +108,21 @@ def _recorded_settings(out: Path) -> dict[str, Any] | None:
     return None
 
 
+def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """Each of ``keys`` that both hold with different values, in words (``key: X there, Y now``)."""
+    return [
+        f"{key}: {recorded[key]!r} there, {wanted[key]!r} now"
+        for key in keys
+        if key in recorded and recorded[key] != wanted[key]
+    ]
+
+
 def run_folder_problem(out: Path, settings: dict[str, Any]) -> tuple[str, str] | None:
     """Why the run in ``out`` cannot be reused for ``settings`` (its settings differ, or its outputs are
     incomplete) and what the user can do, in words; None when it can (or the folder holds no run)."""
     recorded = _recorded_settings(out)
     if recorded is not None:
-        differ = [
-            f"{key}: {recorded[key]!r} there, {settings[key]!r} now"
-            for key in settings
-            if key in recorded and recorded[key] != settings[key]
-        ]
+        differ = settings_differences(recorded, settings, settings)
         if differ:
             return f"holds a run with other settings ({'; '.join(differ)})", OTHER_SETTINGS_CHOICES
     finished = [n for n in ("result.json", "train_time.json") if (out / n).is_file()]
@@ -135,8 +140,6 @@ def check_run_folder(out: Path, settings: dict[str, Any], overwrite: bool, recor
         problem, choices = found
         if not overwrite:
             raise RunSettingsError(f"{out} {problem}; nothing was changed. {choices}")
-        from ccdist_plugin.runlock import remove_run_outputs
-
         remove_run_outputs(out, RUN_OUTPUTS)
         log.warning("--overwrite: %s %s; its outputs were removed, it is retrained", out, problem)
     if record:
@@ -154,6 +157,31 @@ def preflight(jobs: list[Job], root: str, overwrite: bool) -> None:
     for job in jobs:
         out = Path(root) / job.name
         check_run_folder(out, job_settings(job, teacher_weights_sha256(job, wait=False)), False, record=False)
+
+
+def add_run_folder_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that keeps its runs in run folders: ``--overwrite`` and ``--debug``."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain the runs whose recorded settings differ from this invocation's, or whose outputs are "
+        "incomplete (without it such a run stops the script, exit 2); runs with the same settings are reused",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of one line"
+    )
+
+
+def run_script(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """``main(args)``; a setting or a run folder that cannot be used (``ValueError``, ``OSError``) ends
+    the script with one line and exit 2 (with ``--debug``: the traceback)."""
+    try:
+        main(args)
+    except (ValueError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def wait_for_run(run_dir: Path, poll_s: float = 2.0) -> None:

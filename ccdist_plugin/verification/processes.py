@@ -27,6 +27,9 @@ __all__ = [
     "run_instance",
     "abcrown_args",
     "read_verdict",
+    "write_command",
+    "killed_outcome",
+    "exit_status_outcome",
     "kill_group",
     "verifier_python",
 ]
@@ -71,6 +74,30 @@ def read_verdict(results_file: Path, log_path: Path) -> tuple[str, str]:
     return verdict, ""
 
 
+def write_command(work_dir: Path, python: str | None, abcrown_dir: Path, args: Sequence[str]) -> None:
+    """Record in ``work_dir/command.txt`` the α,β-CROWN command line an instance amounts to (what a
+    user runs by hand to reproduce it), however it is actually run."""
+    shown = [verifier_python(python), str(Path(abcrown_dir) / "abcrown.py"), *args]
+    (work_dir / "command.txt").write_text(" ".join(shlex.quote(c) for c in shown) + "\n")
+
+
+def killed_outcome(seconds: float, hard_limit_s: float, log_path: Path) -> tuple[str, float, None, bool, str]:
+    """The ``(verdict, seconds, returncode, killed, detail)`` of an instance killed at its hard limit."""
+    return (
+        "timeout",
+        seconds,
+        None,
+        True,
+        f"killed after the hard limit of {hard_limit_s:g} s; log {log_path}",
+    )
+
+
+def exit_status_outcome(seconds: float, returncode: int, log_path: Path) -> tuple[str, float, int, bool, str]:
+    """The ``(verdict, seconds, returncode, killed, detail)`` of an α,β-CROWN run that exited with a
+    non-zero status."""
+    return "error", seconds, returncode, False, f"α,β-CROWN exited with status {returncode}; log {log_path}"
+
+
 def run_instance(
     abcrown_dir: Path,
     config: Path,
@@ -98,8 +125,7 @@ def run_instance(
     results_file.unlink(missing_ok=True)
     args = abcrown_args(config, onnx_path, vnnlib_path, results_file, timeout_s, extra_args)
     cmd = [verifier_python(python), str(WORKER_SCRIPT), str(abcrown_dir), "--once", *args]
-    shown = [verifier_python(python), str(Path(abcrown_dir) / "abcrown.py"), *args]
-    (work_dir / "command.txt").write_text(" ".join(shlex.quote(c) for c in shown) + "\n")
+    write_command(work_dir, python, abcrown_dir, args)
     start = time.monotonic()
     killed = False
     with open(log_path, "w") as log:
@@ -120,15 +146,9 @@ def run_instance(
             kill_group(proc)  # whatever α,β-CROWN left running in its group (e.g. MIP solvers)
     seconds = time.monotonic() - start
     if killed:
-        return (
-            "timeout",
-            seconds,
-            None,
-            True,
-            f"killed after the hard limit of {hard_limit_s:g} s; log {log_path}",
-        )
+        return killed_outcome(seconds, hard_limit_s, log_path)
     if rc != 0:
-        return "error", seconds, rc, False, f"α,β-CROWN exited with status {rc}; log {log_path}"
+        return exit_status_outcome(seconds, rc, log_path)
     verdict, detail = read_verdict(results_file, log_path)
     return verdict, seconds, rc, False, detail
 

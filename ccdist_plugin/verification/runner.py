@@ -28,7 +28,6 @@ import errno
 import logging
 import os
 import queue
-import shlex
 import subprocess
 import threading
 import time
@@ -43,10 +42,12 @@ from ccdist_plugin.verification.processes import (
     PersistentVerifier,
     WorkerGone,
     abcrown_args,
+    exit_status_outcome,
     kill_group,
+    killed_outcome,
     read_verdict,
     run_instance,
-    verifier_python,
+    write_command,
 )
 from ccdist_plugin.verification.records import (
     VERIFY_DIR,
@@ -245,25 +246,18 @@ def _run_in_worker(
     results_file = work_dir / "result.txt"
     results_file.unlink(missing_ok=True)
     args = abcrown_args(job.config, job.onnx, vnnlib, results_file, job.budget_s, job.extra_args)
-    shown = [verifier_python(job.python), str(job.abcrown / "abcrown.py"), *args]
-    (work_dir / "command.txt").write_text(" ".join(shlex.quote(c) for c in shown) + "\n")
+    write_command(work_dir, job.python, job.abcrown, args)
     log = work_dir / "abcrown.log"
     start = time.monotonic()
     status, code, killed, detail = verifier.run(args, work_dir, job.hard_limit)
     seconds = time.monotonic() - start
     if killed:
-        return (
-            "timeout",
-            seconds,
-            None,
-            True,
-            f"killed after the hard limit of {job.hard_limit:g} s; log {log}",
-        )
+        return killed_outcome(seconds, job.hard_limit, log)
     if status == "ok" or (status == "exit" and code == 0):
         verdict, why = read_verdict(results_file, log)
         return verdict, seconds, None, False, why
     if status == "exit":
-        return "error", seconds, code, False, f"α,β-CROWN exited with status {code}; log {log}"
+        return exit_status_outcome(seconds, code, log)
     why = detail.strip().splitlines()[-1] if detail.strip() else "?"
     return "error", seconds, None, False, f"α,β-CROWN raised: {why}"
 
