@@ -3,10 +3,6 @@ place, and built by name with :func:`make_loss`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
 from ccdist_plugin.losses.base import LOSS_CONFIG_FIELDS, TEACHER_USES, RobustLoss
 from ccdist_plugin.losses.distillation import CCDist0Loss, CCDist1Loss, CCDistLoss, LogitDistLoss
 from ccdist_plugin.losses.expressive import (
