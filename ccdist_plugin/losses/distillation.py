@@ -3,15 +3,10 @@ distillation (equation 14)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.attacks import PGD
-
-if TYPE_CHECKING:
-    pass
 from ccdist_plugin.losses.expressive import (
     CCIBPLoss,
 )

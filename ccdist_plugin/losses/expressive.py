@@ -3,20 +3,15 @@ adversarial training (α = 0), MTL-IBP, Exp-IBP (De Palma et al. 2024) and SABR 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ccdist_plugin.attacks import PGD
-from ccdist_plugin.validate import eps_tensor
-
-if TYPE_CHECKING:
-    pass
 from ccdist_plugin.losses.base import RobustLoss
 from ccdist_plugin.losses.inputs import LossInputs
 from ccdist_plugin.losses.terms import cc_combination, margin_ce
+from ccdist_plugin.validate import eps_tensor
 
 
 def _check_alpha(alpha: float) -> float:

@@ -5,7 +5,6 @@ the adversarial batch and the IBP box through the network, then the teacher; los
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,12 +17,9 @@ from ccdist_plugin.bounds import (
     propagate_intervals,
 )
 from ccdist_plugin.bounds.penultimate import latent_features, propagate_split
+from ccdist_plugin.losses.terms import logit_differences
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
-
-if TYPE_CHECKING:
-    pass
-from ccdist_plugin.losses.terms import logit_differences
 
 
 @dataclass

@@ -3,21 +3,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.attacks import PGD
-from ccdist_plugin.models import CertifiedNet
-from ccdist_plugin.validate import eps_tensor
-
-if TYPE_CHECKING:
-    pass
 from ccdist_plugin.losses.base import RobustLoss
 from ccdist_plugin.losses.inputs import LossInputs, LossOutput
 from ccdist_plugin.losses.terms import margin_ce, ramp_progress
+from ccdist_plugin.models import CertifiedNet
+from ccdist_plugin.validate import eps_tensor
 
 
 def _linear(start: float, end: float, progress: float) -> float:

@@ -3,14 +3,9 @@ combinations of CC-IBP and CC-Dist, the distillation term R, and the ε-ramp pro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
 
 
 def margin_ce(z: Tensor, y: Tensor) -> Tensor:
