@@ -5,8 +5,10 @@
 Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results/reproduce_cpu.md``
 (``python benchmarks/reproduce_cpu.py``), ``docs/results/resnet_cpu.md``
 (``python benchmarks/resnet_cpu.py``), ``docs/results/accumulate_memory.md``
-(``python benchmarks/accumulate_memory.py``) and the written discussions ``docs/results/notes.md`` and
-``resnet_cpu_notes.md`` (which quote only figures from those files), and writes ``docs/RESULTS.md``.
+(``python benchmarks/accumulate_memory.py``), ``docs/results/verifier_overhead.md``
+(``python benchmarks/verifier_overhead.py``) and the written discussions ``docs/results/notes.md``,
+``resnet_cpu_notes.md`` and ``verifier_overhead_notes.md`` (which quote only figures from those
+files), and writes ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ python benchmarks/resnet_cpu.py --workers 2                 # → docs/results/r
                                    #   PreActResNet18 comparison; the reading: resnet_cpu_notes.md)
 python benchmarks/speed.py --only resnet --repeats 3 --threads 1 --out docs/results/resnet
 python benchmarks/accumulate_memory.py                       # → docs/results/accumulate_memory.*
+python benchmarks/verifier_overhead.py --points 12 --timeout 10 --rounds 2 --cifar-root DIR \\
+                                   # → docs/results/verifier_overhead.* (issue 23: ccdist verify's cost)
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
         ("## The allocator setting, in alternated fresh processes", "allocator/speed.md"),
         ("## Gradient accumulation", "accumulate_memory.md"),
+        ("## `ccdist verify` against one α,β-CROWN process over the csv", "verifier_overhead.md"),
+        ("### Reading", "verifier_overhead_notes.md"),
     ):
         path = docs / "results" / name
         if "/" in name and not path.is_file():

@@ -7,16 +7,21 @@ with every point sent to α,β-CROWN (``verify_all``), and then times, on the sa
 - **csv**: one ``abcrown.py --config <export>/abcrown.yaml`` process over ``instances.csv``
   (α,β-CROWN's own batch mode; start-up paid once);
 - **ours**: :func:`ccdist_plugin.verify.run_verification` (by default one persistent worker,
-  ``--mode worker``; ``--mode process`` times one process per instance);
+  ``--mode worker``; ``--mode process`` times one process per instance).
 
-each as the whole run's wall-clock time divided by the number of instances, start-up included.
-The figure is the ratio ours / csv (goal ≤ 1.2). The verdicts of the two runs are compared
-instance by instance (a timeout in one and a verdict in the other can differ near the time
-limit; any safe/unsafe disagreement is a bug). Nothing is asserted; results go to
-``--out`` (JSON and a Markdown line).
+The two routes run ``--rounds`` times, interleaved (csv, ours | ours, csv | ...), so that a change
+of load over the run falls on both. Per route and round the script reports the wall-clock time and
+the CPU time (user + system of this process and of its children, each waited for before it is
+read) per instance, start-up included, and the number of instances that hit the time budget
+(``timeout``): on a shared machine a budget hit in one route and not the other moves the wall time
+without any change of cost, so a ratio is only evidence where the budget hits agree. The figures
+are the ratios ours / csv in wall and in CPU time, per round and their median (goal ≤ 1.2). The
+verdicts of the two routes are compared instance by instance (a timeout in one and a verdict in the
+other can differ near the time limit; any safe/unsafe disagreement is a bug). Nothing is asserted;
+results go to ``--out`` (JSON and a Markdown table).
 
     ccdist install-verifier   # once (or set ABCROWN_DIR to α,β-CROWN's complete_verifier)
-    python benchmarks/verifier_overhead.py --points 8
+    python benchmarks/verifier_overhead.py --points 12 --timeout 10 --rounds 4
     python benchmarks/verifier_overhead.py --points 8 --cifar-root DIR   # + a CIFAR-10 (JPEG subset) cnn3
 
 The CIFAR-10 export uses ``abcrown_configs/cifar10.yaml`` with its CPU override unless ``--device
@@ -30,11 +35,15 @@ import json
 import logging
 import os
 import pickle
+import resource
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,6 +60,7 @@ from ccdist_plugin.verification import (  # noqa: E402
     find_abcrown,
     run_verification,
 )
+from ccdist_plugin.verification.records import VERIFY_DIR  # noqa: E402
 
 CPU_OVERRIDE = ["--device", "cpu", "--batch_size", "64", "--pgd_restarts", "10", "--pgd_steps", "100"]
 
@@ -89,40 +99,154 @@ def csv_verdicts(results_pkl: Path) -> list[str]:
     return out
 
 
-def measure(name: str, export_dir: Path, abcrown: Path, extra: list[str], mode: str, timeout: float) -> dict:
-    python = locate_verifier().python
-    n = sum(1 for line in (export_dir / "instances.csv").read_text().splitlines() if line.strip())
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its reaped children so far.
+
+    A child's time is added to ``RUSAGE_CHILDREN`` only once it has been waited for: both routes
+    wait for theirs (``subprocess.run``; :func:`run_verification` closes every worker, which kills
+    its process group and waits for it, before it returns)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed(run: Callable[[], list[str | None]]) -> dict:
+    """Run one route; its wall and CPU seconds, the load average before it, and its verdicts."""
+    load = os.getloadavg()[0]
+    cpu0, wall0 = _cpu_seconds(), time.monotonic()
+    verdicts = run()
+    wall, cpu = time.monotonic() - wall0, _cpu_seconds() - cpu0
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "load_before": round(load, 2),
+        "verdicts": verdicts,
+    }
+
+
+def run_csv(export_dir: Path, abcrown: Path, extra: list[str], n: int) -> list[str | None]:
+    """One α,β-CROWN process over ``instances.csv``; its verdicts in csv order."""
     results_pkl = export_dir / "csv_run_results.pkl"
+    results_pkl.unlink(missing_ok=True)
+    python = locate_verifier().python
     cmd = [python, str(abcrown / "abcrown.py"), "--config", str(export_dir / "abcrown.yaml")]
     cmd += ["--results_file", str(results_pkl), *extra]
-    logging.info("%s: one α,β-CROWN process over %d instances: %s", name, n, shlex.join(cmd))
-    start = time.monotonic()
+    logging.info("one α,β-CROWN process over %d instances: %s", n, shlex.join(cmd))
     with open(export_dir / "csv_run.log", "w") as log:
         subprocess.run(cmd, cwd=export_dir, stdout=log, stderr=subprocess.STDOUT, check=True)
-    csv_s = time.monotonic() - start
-    logging.info("%s: ccdist verify (%s mode) over the same instances", name, mode)
-    start = time.monotonic()
-    res = run_verification(export_dir, abcrown_dir=abcrown, extra_args=extra, mode=mode, timeout_s=timeout)
-    ours_s = time.monotonic() - start
-    ours = {r["instance"]: r["verdict"] for r in res.instances}
     theirs = csv_verdicts(results_pkl)
-    pairs = [(ours.get(r), theirs[r] if r < len(theirs) else None) for r in range(n)]
+    return [theirs[r] if r < len(theirs) else None for r in range(n)]
+
+
+def run_ours(export_dir: Path, abcrown: Path, extra: list[str], n: int, mode: str, timeout: float) -> list:
+    """:func:`run_verification` from scratch (earlier rounds' verdicts removed); its verdicts."""
+    shutil.rmtree(export_dir / VERIFY_DIR, ignore_errors=True)
+    logging.info("ccdist verify (%s mode) over the same %d instances", mode, n)
+    res = run_verification(export_dir, abcrown_dir=abcrown, extra_args=extra, mode=mode, timeout_s=timeout)
+    ours = {r["instance"]: r["verdict"] for r in res.instances}
+    return [ours.get(r) for r in range(n)]
+
+
+DECIDED = ("safe", "unsafe", "timeout")  # anything else (error, no verdict) is an error
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def summarize_rounds(rounds: list[dict[str, dict]], n: int) -> dict:
+    """Per route and per round: seconds per instance (wall, CPU), budget hits (``timeout``
+    verdicts), and the ratios ours / csv with their medians over the rounds; the verdict
+    agreement per round, and the safe/unsafe disagreements over all rounds (any is a bug).
+
+    ``rounds[k][route]`` for route ``csv`` and ``ours`` holds ``wall_s``, ``cpu_s`` (whole run)
+    and ``verdicts`` (per instance: safe / unsafe / timeout / error / None)."""
+    out: dict = {"rounds": len(rounds)}
+    for route in ("csv", "ours"):
+        out[route] = {
+            "wall_per_instance_s": [round(r[route]["wall_s"] / n, 3) for r in rounds],
+            "cpu_per_instance_s": [round(r[route]["cpu_s"] / n, 3) for r in rounds],
+            "budget_hits": [sum(v == "timeout" for v in r[route]["verdicts"]) for r in rounds],
+            "errors": [sum(v not in DECIDED for v in r[route]["verdicts"]) for r in rounds],
+        }
+        for key in ("wall_per_instance_s", "cpu_per_instance_s"):
+            out[route][f"median_{key}"] = _median(out[route][key])
+    for kind in ("wall", "cpu"):
+        ratios = [round(r["ours"][f"{kind}_s"] / r["csv"][f"{kind}_s"], 3) for r in rounds]
+        out[f"{kind}_ratio"] = ratios
+        out[f"median_{kind}_ratio"] = _median(ratios)
+    pairs = [list(zip(r["ours"]["verdicts"], r["csv"]["verdicts"], strict=True)) for r in rounds]
+    out["same_verdicts"] = [sum(a == b for a, b in p) for p in pairs]
+    out["safe_unsafe_disagreements"] = sum({a, b} == {"safe", "unsafe"} for p in pairs for a, b in p)
+    return out
+
+
+def measure(
+    name: str, export_dir: Path, abcrown: Path, extra: list[str], mode: str, timeout: float, rounds: int
+) -> dict:
+    """The two routes over the same instances, ``rounds`` times, interleaved: csv, ours | ours,
+    csv | csv, ours ... so that a change of load over the run falls on both."""
+    n = sum(1 for line in (export_dir / "instances.csv").read_text().splitlines() if line.strip())
+    runs = {
+        "csv": lambda: run_csv(export_dir, abcrown, extra, n),
+        "ours": lambda: run_ours(export_dir, abcrown, extra, n, mode, timeout),
+    }
+    measured = []
+    for k in range(rounds):
+        order = ("csv", "ours") if k % 2 == 0 else ("ours", "csv")
+        this = {}
+        for route in order:
+            logging.info("%s: round %d/%d, %s", name, k + 1, rounds, route)
+            this[route] = _timed(runs[route])
+        measured.append(this)
     return {
         "dataset": name,
         "instances": n,
         "mode": mode,
+        "timeout_s": timeout,
         "abcrown_args": extra,
-        "csv_total_s": round(csv_s, 2),
-        "ours_total_s": round(ours_s, 2),
-        "csv_per_instance_s": round(csv_s / n, 3),
-        "ours_per_instance_s": round(ours_s / n, 3),
-        "ratio": round(ours_s / csv_s, 3),
-        "same_verdicts": sum(a == b for a, b in pairs),
-        "safe_unsafe_disagreements": sum({a, b} == {"safe", "unsafe"} for a, b in pairs),
-        "verdicts_ours": [a for a, _ in pairs],
-        "verdicts_csv": [b for _, b in pairs],
         "torch_threads": torch.get_num_threads(),
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        **summarize_rounds(measured, n),
+        "measured": measured,
     }
+
+
+def _fmt(values: list, spec: str = ".2f") -> str:
+    return ", ".join(format(v, spec) for v in values)
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    """The Markdown table written beside the JSON (every figure from ``rows``)."""
+    lines = [
+        "| dataset | instances, budget | route | wall s/instance (per round) | CPU s/instance (per round) "
+        "| budget hits (per round) | same verdicts (per round) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for route, label in (("csv", "one α,β-CROWN over the csv"), ("ours", f"ccdist verify ({r['mode']})")):
+            d = r[route]
+            lines.append(
+                f"| {r['dataset']} | {r['instances']}, {r['timeout_s']:g} s | {label} "
+                f"| {d['median_wall_per_instance_s']:.2f} ({_fmt(d['wall_per_instance_s'])}) "
+                f"| {d['median_cpu_per_instance_s']:.2f} ({_fmt(d['cpu_per_instance_s'])}) "
+                f"| {_fmt(d['budget_hits'], 'd')} | {_fmt(r['same_verdicts'], 'd')} of {r['instances']} |"
+            )
+        lines.append(
+            f"| {r['dataset']} | | **ratio ours / csv** (median) | **{r['median_wall_ratio']:.2f}** "
+            f"({_fmt(r['wall_ratio'])}) | **{r['median_cpu_ratio']:.2f}** ({_fmt(r['cpu_ratio'])}) "
+            f"| | {r['safe_unsafe_disagreements']} safe/unsafe disagreements |"
+        )
+    loads = ", ".join(
+        f"{r['dataset']}: {_fmt([m[route]['load_before'] for m in r['measured'] for route in m])}"
+        for r in rows
+    )
+    note = (
+        "Rounds interleaved (csv first in odd rounds, ours first in even ones); medians over rounds; "
+        "CPU = user + system seconds of the benchmark process and its reaped children. "
+        f"1-minute load average before each run: {loads}."
+    )
+    return f"`{command}`\n\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 
 def main() -> None:
@@ -142,6 +266,7 @@ def main() -> None:
     )
     ap.add_argument("--abcrown-args", default="", help="extra α,β-CROWN options for both runs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the two routes")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "verifier_overhead.json"))
     args = ap.parse_args()
@@ -172,24 +297,16 @@ def main() -> None:
             verify_all=True,
             dataset_name=name,
         )
-        rows.append(measure(name, export.out_dir, abcrown, override + extra, args.mode, args.timeout))
-        logging.info("%s", json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("verdicts")}))
+        rows.append(
+            measure(name, export.out_dir, abcrown, override + extra, args.mode, args.timeout, args.rounds)
+        )
+        logging.info("%s", json.dumps({k: v for k, v in rows[-1].items() if k != "measured"}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": shlex.join(sys.argv), "results": rows}, indent=1) + "\n")
-    lines = [
-        "| dataset | instances | one α,β-CROWN over the csv (s/instance) | ccdist verify (s/instance) "
-        "| ratio | same verdicts |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['dataset']} | {r['instances']} | {r['csv_per_instance_s']:.2f} "
-        f"| {r['ours_per_instance_s']:.2f} ({r['mode']}) | {r['ratio']:.2f} "
-        f"| {r['same_verdicts']}/{r['instances']} |"
-        for r in rows
-    ]
-    out.with_suffix(".md").write_text(f"`{shlex.join(sys.argv)}`\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(rows, shlex.join(sys.argv))
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
