@@ -54,6 +54,7 @@ LAYERS: list[list[str]] = [
     ["bounds.lirpa"],
     ["bounds.ibp"],
     ["bounds.crown", "bounds.graphcheck"],
+    ["bounds.alpha_crown"],
     ["bounds.certification", "bounds.crown_ibp", "bounds.penultimate"],
     ["bounds"],
     ["attacks"],

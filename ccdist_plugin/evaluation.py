@@ -111,6 +111,8 @@ class EvalSettings:
         crown_backend: ``"auto"`` (native when it supports every layer, else auto_LiRPA: networks
             made with ``CertifiedNet.wrap``), ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN,
             faster for full CROWN on convolutional networks; needs auto_LiRPA installed).
+        alpha_crown: α-CROWN (:mod:`ccdist_plugin.bounds.alpha_crown`) after IBP and CROWN on the
+            points they leave uncertified (native ReLU networks): ``alpha_crown_cert_acc``.
         tol: certification tolerance (see :data:`CERT_TOL`).
         seed: seed of the attacks' random starts.
         bab: run branch-and-bound (α,β-CROWN) on the first ``bab_count`` points.
@@ -128,6 +130,7 @@ class EvalSettings:
     methods: tuple[str, ...] = ("ibp", "crown")
     crown_intermediate: str = "auto"
     crown_backend: str = "auto"
+    alpha_crown: bool = False
     tol: float = CERT_TOL
     seed: int = 0
     bab: bool = False
@@ -188,7 +191,8 @@ class EvalResult:
     Attributes:
         count: number of test points N.
         metrics: ``standard_acc``, ``pgd_acc``, ``autoattack_acc``, ``ibp_cert_acc``,
-            ``crown_cert_acc`` (CROWN), ``crown_ibp_cert_acc`` (CROWN-IBP), ``bab_cert_acc``,
+            ``crown_cert_acc`` (CROWN), ``crown_ibp_cert_acc`` (CROWN-IBP), ``alpha_crown_cert_acc``
+            (certified by IBP, CROWN or α-CROWN; only with ``alpha_crown``), ``bab_cert_acc``,
             ``ibp_loss``.
         timings_s: wall-clock seconds per metric (``standard``, ``pgd``, ``autoattack``, ``ibp``,
             ``crown``, ``bab``, ``total``).
@@ -215,7 +219,13 @@ class EvalResult:
     @property
     def best_certified_acc(self) -> float | None:
         """The largest sound certified accuracy computed (IBP, CROWN, CROWN-IBP, BaB)."""
-        keys = ("ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc", "bab_cert_acc")
+        keys = (
+            "ibp_cert_acc",
+            "crown_cert_acc",
+            "crown_ibp_cert_acc",
+            "alpha_crown_cert_acc",
+            "bab_cert_acc",
+        )
         vals = [v for v in (self.metrics.get(k) for k in keys) if v is not None]
         return max(vals) if vals else None
 
@@ -358,12 +368,19 @@ def _record_certified(result: EvalResult, pre: PrefilterResult, y: Tensor) -> No
     for key in ("ibp_cert_acc", "crown_cert_acc", "crown_ibp_cert_acc", "ibp_loss"):
         result.metrics[key] = None
     for method, cert in pre.certified.items():
-        name = "ibp_cert_acc" if method == "ibp" else crown_metric_name(pre.crown_intermediate)
+        name = {"ibp": "ibp_cert_acc", "alpha_crown": "alpha_crown_cert_acc"}.get(
+            method
+        ) or crown_metric_name(pre.crown_intermediate)
         result.metrics[name] = _mean(cert)
         result.per_example[name.replace("_cert_acc", "_certified")] = cert.tolist()
         if method in pre.timings_s:  # not when a soundness alarm stopped certification before it
             result.timings_s[method] = pre.timings_s[method]
-        label = {"ibp_cert_acc": "IBP", "crown_cert_acc": "CROWN", "crown_ibp_cert_acc": "CROWN-IBP"}[name]
+        label = {
+            "ibp_cert_acc": "IBP",
+            "crown_cert_acc": "CROWN",
+            "crown_ibp_cert_acc": "CROWN-IBP",
+            "alpha_crown_cert_acc": "α-CROWN",
+        }[name]
         _alarm(result, cert, pre.broken, label, "PGD")
     if pre.soundness_alarm is not None:
         result.soundness_alarms.append(pre.soundness_alarm)  # every certified figure is 0
@@ -503,6 +520,7 @@ def evaluate(
         attack=s.pgd,
         crown_intermediate=s.crown_intermediate,
         crown_backend=s.crown_backend,
+        alpha_crown=s.alpha_crown,
         tol=s.tol,
         batch_size=s.batch_size,
         generator=torch.Generator().manual_seed(s.seed),
@@ -547,6 +565,7 @@ def _run_bab(
         checkpoint_path=checkpoint_path,
         config_overrides=dict(s.bab_overrides),
         seed=s.seed,
+        alpha_crown=s.alpha_crown,
     )
     say(f"branch and bound: {exported.num_instances} instances for alpha,beta-CROWN ({exported.counts})")
     ver = run_verification(out, abcrown_dir=abcrown_dir, timeout_s=s.bab_timeout_s)

@@ -14,6 +14,8 @@ bottom-up; each module imports only those above it in this list:
   :func:`check_boundable`.
 - :mod:`~ccdist_plugin.bounds.crown` — CROWN back-substitution (Zhang et al. 2018) for evaluation,
   :func:`crown_margin_lower_bound`, optionally through auto_LiRPA (``backend="auto_lirpa"``).
+- :mod:`~ccdist_plugin.bounds.alpha_crown` — α-CROWN: CROWN with the ReLU lower-relaxation slopes
+  optimized per point (:func:`alpha_crown_margin_lower_bound`), the pre-filter's optional stage.
 - :mod:`~ccdist_plugin.bounds.graphcheck` — the bounded graph must be the network's forward: what
   ``CertifiedNet.wrap`` refuses, and the soundness alarms of certification.
 - :mod:`~ccdist_plugin.bounds.certification` — :func:`certify`, float-safe certified decisions
@@ -31,6 +33,7 @@ branches and adds them where the branches meet. Any other module (e.g. a network
 BatchNorm semantics; a layer neither engine bounds raises :class:`UnsupportedLayerError`.
 """
 
+from ccdist_plugin.bounds.alpha_crown import alpha_crown_margin_lower_bound
 from ccdist_plugin.bounds.certification import CERT_TOL, CertifyResult, certify
 from ccdist_plugin.bounds.crown import (
     CROWN_INTERMEDIATE,
@@ -73,6 +76,7 @@ __all__ = [
     "elided_margin_lower_bound",
     "margin_lower_bound",
     "crown_margin_lower_bound",
+    "alpha_crown_margin_lower_bound",
     "CROWN_INTERMEDIATE",
     "resolve_crown_intermediate",
     "check_supported_layer",

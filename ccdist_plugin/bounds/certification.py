@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ccdist_plugin.batching import batch_slices
+from ccdist_plugin.bounds.alpha_crown import alpha_crown_margin_lower_bound
 from ccdist_plugin.bounds.crown import crown_margin_lower_bound
 from ccdist_plugin.bounds.graphcheck import (
     check_graph_at_points,
@@ -77,8 +78,10 @@ def certify(
     give the forward's features, and no bound may exceed the margin at the point itself.
 
     Args:
-        method: ``"ibp"`` or ``"crown"`` (extra keyword arguments go to
-            :func:`crown_margin_lower_bound`).
+        method: ``"ibp"``, ``"crown"`` or ``"alpha_crown"`` (extra keyword arguments go to
+            :func:`crown_margin_lower_bound` or
+            :func:`ccdist_plugin.bounds.alpha_crown.alpha_crown_margin_lower_bound`; α-CROWN's
+            slopes are optimized on the float64 copy, and its bound recomputed there from them).
 
     Raises:
         ccdist_plugin.bounds.graphcheck.BoundedGraphMismatch: the soundness alarm when any of those
@@ -87,8 +90,8 @@ def certify(
     model = check_model(model)
     check_inputs(model, x)
     check_labels(x, y, model.num_classes)
-    if method not in ("ibp", "crown"):
-        raise ValueError(f"method must be 'ibp' or 'crown', got {method!r}")
+    if method not in ("ibp", "crown", "alpha_crown"):
+        raise ValueError(f"method must be 'ibp', 'crown' or 'alpha_crown', got {method!r}")
     net = copy.deepcopy(model).double().eval()
     x64, eps64 = x.double(), eps.double() if isinstance(eps, Tensor) else float(eps)
     if x.shape[0]:
@@ -102,8 +105,10 @@ def certify(
         check_graph_at_points(net, x64[sl], features)
         if method == "ibp":
             lb = margin_lower_bound(net, x64[sl], y[sl], e)
-        else:
+        elif method == "crown":
             lb = crown_margin_lower_bound(net, x64[sl], y[sl], e, **crown_kwargs).double()
+        else:
+            lb = alpha_crown_margin_lower_bound(net, x64[sl], y[sl], e, **crown_kwargs).double()
         check_margins_at_points(logits, y[sl], lb)
         parts.append(lb)
         correct.append(logits.argmax(1) == y[sl])

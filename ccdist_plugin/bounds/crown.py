@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,8 @@ from ccdist_plugin.validate import check_inputs, check_labels, check_model
 
 __all__ = [
     "back_substitute",
+    "CrownRelaxation",
+    "crown_relaxation",
     "CROWN_INTERMEDIATE",
     "resolve_crown_intermediate",
     "crown_margin_lower_bound",
@@ -110,8 +113,12 @@ def _backward_layer(
     in_shape: torch.Size,
     preact: tuple[Tensor, Tensor] | None,
     affine: tuple[Tensor, Tensor] | None,
+    lower_slope: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed)."""
+    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed).
+
+    ``lower_slope``: for a ReLU, the slopes in [0, 1] of the lower relaxation of its unstable
+    neurons (broadcastable to ``a``; α-CROWN); None: CROWN's adaptive choice."""
     check_supported_layer(layer)
     b, m = a.shape[:2]
     if isinstance(layer, nn.Linear):
@@ -137,7 +144,12 @@ def _backward_layer(
         chord = torch.where(unstable, u / denom, torch.zeros_like(u))
         up_slope = torch.where(active, torch.ones_like(u), chord)
         up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
-        low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
+        if lower_slope is None:
+            low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
+        else:
+            # any slope in [0, 1] gives a line below ReLU on [l, u] through the origin; stable
+            # neurons keep their exact slope (1 when active, 0 when inactive)
+            low_slope = torch.where(unstable, lower_slope, active.to(u.dtype))
         # the slope by the coefficient's sign, the intercepts by one batched product: few
         # coefficient-sized temporaries (this is most of the cost of a CROWN-IBP training step)
         bias = bias + torch.bmm(a.clamp(max=0).flatten(2), up_icpt.flatten(1).unsqueeze(-1)).squeeze(-1)
@@ -163,6 +175,7 @@ def back_substitute(
     bias: Tensor,
     lo: Tensor,
     hi: Tensor,
+    lower_slopes: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """Lower bound of ``a · node_start(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
 
@@ -172,8 +185,12 @@ def back_substitute(
     both branches and add up where the branches meet again. Returns (B, m).
 
     Differentiable (no ``no_grad`` inside): evaluation CROWN (:func:`crown_margin_lower_bound`) and
-    CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) both use it.
+    CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) both use it. ``lower_slopes[n]``
+    (optional, per ReLU node n, broadcastable to (B, m, *its shape), values in [0, 1]) replaces
+    CROWN's lower relaxation slopes of that node's unstable neurons (α-CROWN): the bound is sound
+    for any such slopes.
     """
+    lower_slopes = lower_slopes or {}
     coeffs = {start: a}
     for n in range(start, 0, -1):
         if n not in coeffs:
@@ -183,7 +200,7 @@ def back_substitute(
             targets = [(i, a) for i in node.inputs]
         else:
             a, bias = _backward_layer(
-                node.layer, a, bias, shapes[node.inputs[0]], preact.get(n), affine.get(n)
+                node.layer, a, bias, shapes[node.inputs[0]], preact.get(n), affine.get(n), lower_slopes.get(n)
             )
             targets = [(node.inputs[0], a)]
         for i, part in targets:
@@ -234,12 +251,27 @@ def resolve_crown_intermediate(
     return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
 
 
+@dataclass
+class CrownRelaxation:
+    """What CROWN's final back-substitution needs (:func:`crown_relaxation`): the graph of the
+    features, every node's output shape (node 0: the input), the pre-activation bounds of every
+    ReLU node, the (scale, shift) of every BatchNorm/Normalize node, and the input box."""
+
+    nodes: list[GraphNode]
+    shapes: list[torch.Size]
+    preact: dict[int, tuple[Tensor, Tensor]]
+    affine: dict[int, tuple[Tensor, Tensor]]
+    lo: Tensor
+    hi: Tensor
+
+
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
-def _native_crown(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
-) -> Tensor:
-    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
-    the network's graph (residual blocks included)."""
+def crown_relaxation(
+    model: CertifiedNet, x: Tensor, eps: float | Tensor, intermediate: str, chunk: int = 512
+) -> CrownRelaxation:
+    """The native CROWN's ReLU relaxations on the ball around ``x``: pre-activation bounds by
+    CROWN (``intermediate="crown"``) or IBP (``"ibp"``), over the network's graph (residual blocks
+    included). The model must be in eval mode and every layer native (not checked here)."""
     nodes = network_graph(model.features)
     lo, hi = input_box(x, eps)
     ibp = native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
@@ -280,8 +312,20 @@ def _native_crown(
                 u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
             l, u = l_flat.view_as(l), u_flat.view_as(u)
         preact[n] = (l, u)
+    return CrownRelaxation(nodes, shapes, preact, affine, lo, hi)
+
+
+@torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
+def _native_crown(
+    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
+) -> Tensor:
+    """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
+    the network's graph (residual blocks included)."""
+    r = crown_relaxation(model, x, eps, intermediate, chunk)
     w_diff, b_diff = elision_matrix(model.head, y)
-    return back_substitute(nodes, len(nodes) - 1, shapes, preact, affine, w_diff, b_diff, lo, hi)
+    return back_substitute(
+        r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi
+    )
 
 
 @plain_lirpa_warnings

@@ -226,6 +226,11 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
     show_default=True,
     help="auto: native unless a layer needs auto_LiRPA; auto_lirpa: its CROWN (faster full CROWN on CNN-7)",
 )
+@click.option(
+    "--alpha-crown",
+    is_flag=True,
+    help="alpha-CROWN (optimized ReLU slopes) after IBP/CROWN on what they leave: alpha_crown_cert_acc",
+)
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
 @click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
@@ -271,6 +276,7 @@ def eval_command(
     methods,
     crown_intermediate,
     crown_backend,
+    alpha_crown,
     bab,
     bab_count,
     bab_timeout,
@@ -312,6 +318,7 @@ def eval_command(
         methods=parse_names(methods),
         crown_intermediate=crown_intermediate,
         crown_backend=crown_backend,
+        alpha_crown=alpha_crown,
         seed=seed,
         bab=bab,
         bab_count=bab_count,

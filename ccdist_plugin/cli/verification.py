@@ -64,6 +64,11 @@ __all__ = ["export_command", "verify_command"]
     help="also send misclassified, pre-certified and PGD-broken points to α,β-CROWN (cross-check)",
 )
 @click.option("--methods", default="ibp,crown", show_default=True, help="our bounds used as pre-checks")
+@click.option(
+    "--alpha-crown",
+    is_flag=True,
+    help="alpha-CROWN (optimized ReLU slopes) after IBP/CROWN; what it proves skips alpha,beta-CROWN",
+)
 @click.option("--attack-steps", default=50, show_default=True, help="PGD steps of the pre-check (0: none)")
 @click.option("--attack-restarts", default=3, show_default=True, help="PGD restarts of the pre-check")
 @click.option(
@@ -93,6 +98,7 @@ def export_command(
     drop_proven,
     verify_all,
     methods,
+    alpha_crown,
     attack_steps,
     attack_restarts,
     abcrown_device,
@@ -132,11 +138,13 @@ def export_command(
         dataset_name=name,
         checkpoint_path=checkpoint,
         config_overrides=cfg_overrides,
+        alpha_crown=alpha_crown,
     )
     c = result.counts
     click.echo(
         f"{len(result.points)} test points, eps={eps:.6g}: {c['misclassified']} misclassified, "
-        f"{c['pre-certified']} pre-certified (IBP/CROWN), {c['attacked']} broken by PGD, "
+        f"{c['pre-certified']} pre-certified ({'IBP/CROWN/α-CROWN' if alpha_crown else 'IBP/CROWN'}), "
+        f"{c['attacked']} broken by PGD, "
         f"{c['bab']} for branch-and-bound; {result.num_instances} α,β-CROWN instances in {result.out_dir}"
     )
     click.echo(f"next: {quote_command(['ccdist', 'verify', '--export', result.out_dir])}")

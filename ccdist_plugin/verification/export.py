@@ -15,8 +15,8 @@ An export directory holds everything α,β-CROWN needs, in VNN-COMP layout:
 - ``manifest.json``: model and data provenance, ε, normalization, a fresh export id, the sha256 of
   ``model.onnx`` and of every VNN-LIB file, and the pre-filter outcome of every point:
   ``misclassified`` (clean prediction wrong), ``pre-certified`` (every difference proved by
-  IBP/CROWN), ``attacked`` (PGD found a counterexample), ``bab`` (sent to α,β-CROWN). A verdict
-  counts only when it carries this export id and these hashes
+  IBP/CROWN, or α-CROWN when asked), ``attacked`` (PGD found a counterexample), ``bab`` (sent to
+  α,β-CROWN). A verdict counts only when it carries this export id and these hashes
   (:mod:`ccdist_plugin.verification.records`).
 - ``abcrown.yaml``: the α,β-CROWN template (``abcrown_configs/<name>.yaml``) with absolute paths
   filled in; ``python abcrown.py --config <dir>/abcrown.yaml`` verifies every instance.
@@ -159,8 +159,8 @@ def _point_record(
         "label": label,
         "prediction": int(pre.prediction[pos]),
         "correct": bool(pre.correct[pos]),
-        **{f"{m}_certified": bool(pre.certified[m][pos]) for m in methods},
-        **{f"{m}_margin_lb": float(pre.margin_lb[m][pos][others].min()) for m in methods},
+        **{f"{m}_certified": bool(pre.certified[m][pos]) for m in _bound_names(pre, methods)},
+        **{f"{m}_margin_lb": float(pre.margin_lb[m][pos][others].min()) for m in _bound_names(pre, methods)},
         "proved": [j for j in others if bool(pre.proved[pos, j])],
         "pgd_broken": bool(pre.broken[pos]),
         "pgd_margin": float(pre.adv_margin[pos]),
@@ -168,7 +168,7 @@ def _point_record(
     }
     if status == "misclassified":
         outcome = "misclassified"
-    elif status in ("certified_ibp", "certified_crown"):
+    elif status in ("certified_ibp", "certified_crown", "certified_alpha_crown"):
         outcome = "pre-certified"
     elif status == "alarm":
         # our bounds and our attack disagree: a bug in one of them. The point stays
@@ -185,6 +185,11 @@ def _point_record(
         outcome = "bab"
     record["outcome"] = outcome
     return record
+
+
+def _bound_names(pre: PrefilterResult, methods: Sequence[str]) -> list[str]:
+    """Our bounds the pre-filter ran: ``methods``, and α-CROWN when it ran."""
+    return [*methods, *(["alpha_crown"] if "alpha_crown" in pre.margin_lb else [])]
 
 
 def set_aside_verdicts(out_dir: str | os.PathLike, old_manifest: str | None = None) -> Path | None:
@@ -237,6 +242,7 @@ def export_instances(
     checkpoint_path: str | os.PathLike | None = None,
     config_overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    alpha_crown: bool = False,
 ) -> ExportResult:
     """Export ``model`` and the test points ``start … start+count−1`` for α,β-CROWN.
 
@@ -271,6 +277,9 @@ def export_instances(
             their outcome still decides whether they count as certified.
         dataset_name, checkpoint_path: provenance recorded in the manifest.
         config_overrides: dotted α,β-CROWN keys for ``abcrown.yaml``, e.g. ``{"general.device": "cpu"}``.
+        alpha_crown: α-CROWN as a pre-filter stage after IBP and CROWN
+            (:func:`ccdist_plugin.verification.cascade.prefilter`): what it certifies is
+            pre-certified and not sent to branch and bound.
 
     Returns:
         An :class:`ExportResult`.
@@ -293,7 +302,7 @@ def export_instances(
         PGD(steps=attack_steps, restarts=attack_restarts, objective="margin") if attack_steps > 0 else None
     )
     onnx_path = out / ONNX_NAME
-    pre, max_diff = _prefilter_and_onnx(model, x, y, eps, methods, attack, seed, onnx_path)
+    pre, max_diff = _prefilter_and_onnx(model, x, y, eps, methods, attack, seed, onnx_path, alpha_crown)
 
     mean = model.normalize.mean.flatten().tolist()
     std = model.normalize.std.flatten().tolist()
@@ -374,6 +383,7 @@ def _prefilter_and_onnx(
     attack: PGD | None,
     seed: int,
     onnx_path: Path,
+    alpha_crown: bool = False,
 ) -> tuple[PrefilterResult, float]:
     """The pre-filter's outcome on the points and the exported model's largest |PyTorch − ONNX|
     difference; the model's train/eval flags are restored afterwards.
@@ -388,7 +398,9 @@ def _prefilter_and_onnx(
     try:
         torch.manual_seed(seed)
         # the IBP → CROWN → PGD cascade shared with `ccdist eval` (one rule for both paths)
-        pre = prefilter(model, x, y, eps, methods=methods, attack=attack, tol=CERT_TOL)
+        pre = prefilter(
+            model, x, y, eps, methods=methods, attack=attack, tol=CERT_TOL, alpha_crown=alpha_crown
+        )
         if pre.soundness_alarm is not None:
             # the ONNX graph is traced as the bounds' graph is: α,β-CROWN would verify another network
             raise BoundedGraphMismatch(f"nothing exported: {pre.soundness_alarm}")

@@ -1,0 +1,233 @@
+"""α-CROWN: sound for any slopes in [0, 1], never below CROWN, and its pre-filter stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import briefly_trained, digits, require_abcrown_dir, tiny_cnn3  # noqa: F401
+
+from ccdist_plugin.bounds import (
+    UnsupportedLayerError,
+    alpha_crown_margin_lower_bound,
+    back_substitute,
+    certify,
+    crown_margin_lower_bound,
+    elision_matrix,
+)
+from ccdist_plugin.bounds.crown import crown_relaxation
+from ccdist_plugin.models import CertifiedNet, mlp
+from ccdist_plugin.soundness import attacked_margins, sampled_extremes
+from ccdist_plugin.verification import prefilter
+
+EPS = 0.05
+
+
+def _points(n: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _networks():
+    """An MLP and a CNN-3, each at random weights and briefly trained (more unstable ReLUs)."""
+    x, y = _points(32, seed=5)
+    torch.manual_seed(0)
+    plain = {"mlp": mlp(1, 8, 10, width=32, depth=2), "cnn3": tiny_cnn3()}
+    nets = {f"{k}-random": v.eval() for k, v in plain.items()}
+    torch.manual_seed(1)
+    trained = {"mlp": mlp(1, 8, 10, width=32, depth=2), "cnn3": tiny_cnn3(seed=1)}
+    nets.update({f"{k}-trained": briefly_trained(v, x, y, EPS).eval() for k, v in trained.items()})
+    return nets
+
+
+NETS = _networks()
+
+
+def _observed_margins(net: CertifiedNet, x, y) -> torch.Tensor:
+    """The smallest margins seen at uniform samples and at PGD points of the ball."""
+    sampled = sampled_extremes(net, x, y, EPS, samples=32, generator=torch.Generator().manual_seed(2)).z_min
+    return torch.minimum(sampled, attacked_margins(net, x, y, EPS, steps=5))
+
+
+def _random_slope_bound(net: CertifiedNet, x, y, seed: int) -> torch.Tensor:
+    """The final back-substitution with uniformly random lower slopes in [0, 1]."""
+    r = crown_relaxation(net, x, EPS, "crown")
+    w_diff, b_diff = elision_matrix(net.head, y)
+    g = torch.Generator().manual_seed(seed)
+    slopes = {
+        n: torch.rand(l.unsqueeze(1).expand(-1, 10, *l.shape[1:]).shape, generator=g)
+        for n, (l, _) in r.preact.items()
+    }
+    with torch.no_grad():
+        return back_substitute(
+            r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi, slopes
+        )
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_bound_lies_below_sampled_and_attacked_margins_for_random_and_optimized_slopes(name):
+    net = NETS[name]
+    x, y = _points(6)
+    observed = _observed_margins(net, x, y)
+    bounds = [_random_slope_bound(net, x, y, seed) for seed in range(3)]
+    bounds.append(alpha_crown_margin_lower_bound(net, x, y, EPS))
+    for lb in bounds:
+        assert torch.isfinite(lb).all()
+        assert (lb <= observed + 1e-5).all(), float((lb - observed).max())
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_alpha_crown_is_never_below_crown_and_improves_somewhere(name):
+    net = NETS[name]
+    x, y = _points()
+    crown = crown_margin_lower_bound(net, x, y, EPS, intermediate="crown", backend="native")
+    alpha = alpha_crown_margin_lower_bound(net, x, y, EPS, intermediate="crown")
+    assert (alpha >= crown).all()
+    if name == "cnn3-trained":
+        assert (alpha > crown + 1e-6).any()  # many unstable ReLUs there: the slopes do move the bound
+
+
+def test_equals_crown_when_no_relu_is_unstable():
+    net = NETS["cnn3-random"]
+    x, y = _points()
+    eps = 1e-6  # every ReLU stable: no slope to optimize
+    r = crown_relaxation(net, x, eps, "crown")
+    assert not any(bool(((l < 0) & (u > 0)).any()) for l, u in r.preact.values())
+    crown = crown_margin_lower_bound(net, x, y, eps, intermediate="crown", backend="native")
+    assert torch.equal(alpha_crown_margin_lower_bound(net, x, y, eps, intermediate="crown"), crown)
+
+
+def test_zero_steps_give_crown_bit_for_bit():
+    net = NETS["mlp-trained"]
+    x, y = _points()
+    crown = crown_margin_lower_bound(net, x, y, EPS, intermediate="crown", backend="native")
+    assert torch.equal(alpha_crown_margin_lower_bound(net, x, y, EPS, intermediate="crown", steps=0), crown)
+
+
+def test_certify_alpha_crown_decides_in_float64_and_certifies_a_superset_of_crown():
+    net = NETS["mlp-trained"]
+    x, y = _points(24)
+    crown = certify(net, x, y, EPS, method="crown", intermediate="crown")
+    alpha = certify(net, x, y, EPS, method="alpha_crown", intermediate="crown")
+    assert alpha.margin_lb.dtype == torch.float64
+    assert bool((alpha.certified | ~crown.certified).all())
+    assert (alpha.margin_lb >= crown.margin_lb).all()
+
+
+def test_a_network_native_crown_cannot_take_is_refused_naming_the_layer():
+    net = mlp(1, 8, 10, width=16, depth=1, activation="tanh").eval()
+    x, y = _points(2)
+    with pytest.raises(UnsupportedLayerError, match="Tanh"):
+        alpha_crown_margin_lower_bound(net, x, y, EPS)
+
+
+def test_train_mode_and_bad_settings_are_refused():
+    x, y = _points(2)
+    net = mlp(1, 8, 10, width=16, depth=1)
+    with pytest.raises(ValueError, match="eval"):
+        alpha_crown_margin_lower_bound(net.train(), x, y, EPS)
+    with pytest.raises(ValueError, match="steps"):
+        alpha_crown_margin_lower_bound(net.eval(), x, y, EPS, steps=-1)
+
+
+def test_prefilter_stage_certifies_a_superset_of_crown_and_nothing_pgd_breaks(digits):  # noqa: F811
+    x, y = digits
+    x, y = x[:60], y[:60]
+    torch.manual_seed(3)
+    net = briefly_trained(mlp(1, 8, 10, width=32, depth=2), x, y, 0.05, steps=60).eval()
+    eps = 0.03
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    base = prefilter(net, x, y, eps, generator=gen())
+    with_alpha = prefilter(net, x, y, eps, generator=gen(), alpha_crown=True)
+    certified = ("certified_ibp", "certified_crown", "certified_alpha_crown")
+    before = {i for i, s in enumerate(base.status) if s in certified}
+    after = {i for i, s in enumerate(with_alpha.status) if s in certified}
+    assert before <= after
+    assert "alpha_crown" in with_alpha.timings_s
+    assert with_alpha.counts()["alarm"] == 0
+    assert not any(bool(with_alpha.broken[i]) for i in after)
+    # the new status is exactly the points certified only once α-CROWN's bounds are added
+    new = {i for i, s in enumerate(with_alpha.status) if s == "certified_alpha_crown"}
+    assert new == after - before
+    assert bool((with_alpha.certified["alpha_crown"] | ~with_alpha.certified["crown"]).all())
+
+
+@pytest.mark.abcrown
+def test_alpha_beta_crown_never_refutes_a_point_alpha_crown_certifies(tmp_path, digits):  # noqa: F811
+    """Points certified in the pre-filter with the α-CROWN stage, each sent to α,β-CROWN
+    (``verify_all``, on CPU): none comes back unsafe, and no soundness alarm."""
+    abcrown = require_abcrown_dir()
+    from ccdist_plugin.verification import export_instances, run_verification
+
+    x, y = digits
+    net = briefly_trained(tiny_cnn3(seed=3), x[:1000], y[:1000], 0.05, steps=150).eval()
+    eps = 0.04  # measured: a point or two of these 120 are certified by α-CROWN and not by CROWN
+    pool_x, pool_y = x[1500:1620], y[1500:1620]
+    pre = prefilter(net, pool_x, pool_y, eps, alpha_crown=True, generator=torch.Generator().manual_seed(0))
+    alpha_only = [i for i, s in enumerate(pre.status) if s == "certified_alpha_crown"][:4]
+    others = [i for i, s in enumerate(pre.status) if s in ("certified_crown", "undecided")][:2]
+    assert alpha_only, pre.counts()  # the stage certifies points CROWN does not on this network
+    pick = torch.tensor(alpha_only + others)
+    export = export_instances(
+        net,
+        (pool_x[pick], pool_y[pick]),
+        tmp_path / "export",
+        eps,
+        timeout_s=20,
+        verify_all=True,
+        alpha_crown=True,
+    )
+    statuses = {p["index"]: p["prefilter_status"] for p in export.points}
+    assert sum(s == "certified_alpha_crown" for s in statuses.values()) == len(alpha_only)
+    cheap_attack = ["--pgd_restarts", "2", "--pgd_steps", "20"]
+    res = run_verification(export.out_dir, abcrown_dir=abcrown, grace_s=60, extra_args=cheap_attack)
+    assert res.abcrown_ran and not res.soundness_alarms, res.soundness_alarms
+    verdicts = {r["index"]: r["verdict"] for r in res.instances}
+    for index, status in statuses.items():
+        if status.startswith("certified"):
+            assert verdicts[index] != "unsafe", (index, status)
+
+
+def test_evaluate_records_alpha_crown_certified_accuracy(digits):  # noqa: F811
+    from ccdist_plugin.evaluation import EvalSettings, evaluate
+
+    x, y = digits
+    torch.manual_seed(3)
+    net = briefly_trained(mlp(1, 8, 10, width=32, depth=2), x[:200], y[:200], 0.05, steps=30).eval()
+    res = evaluate(net, x[:30], y[:30], EvalSettings(eps=0.03, alpha_crown=True), progress=False)
+    m = res.metrics
+    assert m["alpha_crown_cert_acc"] >= max(m["crown_cert_acc"], m["ibp_cert_acc"])
+    assert "alpha_crown" in res.timings_s and not res.soundness_alarms
+    assert len(res.per_example["alpha_crown_certified"]) == 30
+
+
+def test_an_unsound_alpha_crown_bound_broken_by_the_attack_is_an_alarm(monkeypatch, digits):  # noqa: F811
+    """Inject an α-CROWN that claims every difference is proved: the points PGD breaks are alarms."""
+    from ccdist_plugin.bounds import CertifyResult
+    from ccdist_plugin.verification import cascade
+
+    real = cascade.certify
+
+    def lying(model, x, y, eps, method="ibp", **kw):
+        if method != "alpha_crown":
+            return real(model, x, y, eps, method=method, **kw)
+        margin = torch.ones(x.shape[0], model.num_classes, dtype=torch.float64)
+        correct = model(x).argmax(1) == y
+        return CertifyResult(
+            margin_lb=margin.scatter(1, y.view(-1, 1), float("inf")), certified=correct, correct=correct
+        )
+
+    monkeypatch.setattr(cascade, "certify", lying)
+    x, y = digits
+    torch.manual_seed(3)
+    net = mlp(1, 8, 10, width=32, depth=2)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for idx in torch.randint(0, 1000, (200, 64), generator=torch.Generator().manual_seed(0)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    net.eval()  # accurate and not robust: PGD breaks most points at this ε
+    pre = prefilter(net, x[:30], y[:30], 0.3, alpha_crown=True, generator=torch.Generator().manual_seed(0))
+    broken_correct = [i for i in range(30) if bool(pre.broken[i]) and bool(pre.correct[i])]
+    assert broken_correct, pre.counts()
+    assert all(pre.status[i] == "alarm" for i in broken_correct)
+    assert "certified_alpha_crown" not in [pre.status[i] for i in broken_correct]
