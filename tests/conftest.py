@@ -43,10 +43,10 @@ def has_auto_lirpa() -> bool:
     return importlib.util.find_spec("auto_LiRPA") is not None
 
 
-requires_auto_lirpa = pytest.mark.skipif(
-    not has_auto_lirpa(),
-    reason="auto_LiRPA is not installed (ccdist install-verifier; docs/verification.md, 'Install')",
-)
+#: why a test that needs auto_LiRPA skips: it is not installed, and how to install it
+AUTO_LIRPA_MISSING = "auto_LiRPA is not installed (ccdist install-verifier; docs/verification.md, 'Install')"
+
+requires_auto_lirpa = pytest.mark.skipif(not has_auto_lirpa(), reason=AUTO_LIRPA_MISSING)
 
 
 def abcrown_dir() -> Path | None:

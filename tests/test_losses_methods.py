@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AUTO_LIRPA_MISSING
 from torch import nn
 
 from ccdist_plugin.attacks import PGD, pgd_attack
@@ -249,7 +250,7 @@ def test_crown_ibp_bound_is_never_violated(make, train):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_crown_ibp_bound_matches_auto_lirpa(train):
-    pytest.importorskip("auto_LiRPA")
+    pytest.importorskip("auto_LiRPA", reason=AUTO_LIRPA_MISSING)
     from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     model = conv()
@@ -362,7 +363,7 @@ def test_crown_ibp_without_auto_lirpa_refuses_layers_it_cannot_bound(monkeypatch
 def test_crown_ibp_trains_other_networks_through_auto_lirpa(kind):
     """tanh and a user's block: the loss's bound is auto_LiRPA's CROWN-IBP (train-mode BatchNorm with
     the clean batch's statistics), sound, differentiable, and the statistics move once."""
-    pytest.importorskip("auto_LiRPA")
+    pytest.importorskip("auto_LiRPA", reason=AUTO_LIRPA_MISSING)
     from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     torch.manual_seed(0)
@@ -434,7 +435,7 @@ def test_crown_ibp_on_residual_nets_is_the_evaluation_bound_and_sound(make, trai
 
 @pytest.mark.parametrize("train", [False, True])
 def test_crown_ibp_on_a_residual_net_matches_auto_lirpa(train):
-    pytest.importorskip("auto_LiRPA")
+    pytest.importorskip("auto_LiRPA", reason=AUTO_LIRPA_MISSING)
     from ccdist_plugin.bounds.crown import _auto_lirpa_margin
 
     model = settle(prn(), batch()[0])

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import requires_auto_lirpa
+from conftest import AUTO_LIRPA_MISSING, requires_auto_lirpa
 from torch import nn
 
 from ccdist_plugin.bounds import check_boundable, graphcheck, margin_lower_bound
@@ -157,7 +157,7 @@ def test_unguarded_per_sample_loop_fails_later_inside_torch(batch):
 )
 def test_wrap_refuses_each_model_with_one_error(name, problem, batch):
     if name in NEEDS_LIRPA:
-        pytest.importorskip("auto_LiRPA")
+        pytest.importorskip("auto_LiRPA", reason=AUTO_LIRPA_MISSING)
     with pytest.raises(BoundedGraphMismatch, match=rf"^CertifiedNet\.wrap: .*{problem}") as info:
         _model(name, batch[0])
     message = str(info.value)
