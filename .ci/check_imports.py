@@ -50,7 +50,7 @@ LAYERS: list[list[str]] = [
     ["validate"],
     # the bound engine, bottom-up: layer rules, the auto_LiRPA backend, IBP, then CROWN and the check
     # that the bounded graph is the forward, then what uses them; the package's __init__ re-exports it
-    ["bounds.layers"],
+    ["bounds.layers", "bounds.relaxations"],
     ["bounds.lirpa"],
     ["bounds.ibp"],
     ["bounds.crown", "bounds.graphcheck"],

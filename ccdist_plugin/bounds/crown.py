@@ -41,6 +41,7 @@ from ccdist_plugin.bounds.lirpa import (
     plain_lirpa_warnings,
     refuse_unsound_lirpa_crown,
 )
+from ccdist_plugin.bounds.relaxations import RELAXED_ACTIVATIONS, activation_relaxation, apply_lower
 from ccdist_plugin.models import CertifiedNet, Normalize
 from ccdist_plugin.validate import check_inputs, check_labels, check_model
 
@@ -135,25 +136,9 @@ def _backward_layer(
         view = (1, 1, -1) + (1,) * (a.ndim - 3)
         per_channel = a.flatten(3).sum(-1) if a.ndim > 3 else a  # (B, m, C): sum the positions first
         return a * scale.reshape(view), bias + per_channel @ shift.reshape(-1)
-    if isinstance(layer, nn.ReLU):
+    if isinstance(layer, RELAXED_ACTIVATIONS):
         l, u = preact
-        l, u = l.unsqueeze(1), u.unsqueeze(1)
-        active, inactive = l >= 0, u <= 0
-        unstable = ~(active | inactive)
-        denom = torch.where(unstable, u - l, torch.ones_like(u))
-        chord = torch.where(unstable, u / denom, torch.zeros_like(u))
-        up_slope = torch.where(active, torch.ones_like(u), chord)
-        up_icpt = torch.where(unstable, -u * l / denom, torch.zeros_like(u))
-        if lower_slope is None:
-            low_slope = torch.where(active | (unstable & (u > -l)), torch.ones_like(u), torch.zeros_like(u))
-        else:
-            # any slope in [0, 1] gives a line below ReLU on [l, u] through the origin; stable
-            # neurons keep their exact slope (1 when active, 0 when inactive)
-            low_slope = torch.where(unstable, lower_slope, active.to(u.dtype))
-        # the slope by the coefficient's sign, the intercepts by one batched product: few
-        # coefficient-sized temporaries (this is most of the cost of a CROWN-IBP training step)
-        bias = bias + torch.bmm(a.clamp(max=0).flatten(2), up_icpt.flatten(1).unsqueeze(-1)).squeeze(-1)
-        return a * torch.where(a >= 0, low_slope, up_slope), bias
+        return apply_lower(a, bias, activation_relaxation(layer, l.unsqueeze(1), u.unsqueeze(1), lower_slope))
     if isinstance(layer, nn.Flatten):
         return a.reshape(b, m, *in_shape), bias
     if isinstance(layer, nn.AvgPool2d):
