@@ -3,21 +3,22 @@ accumulated gradient of a BatchNorm network is from the one-batch gradient.
 
     python benchmarks/accumulate_memory.py            # → docs/results/accumulate_memory.{json,md}
 
-Memory: for each k (default 1 and 4), a fresh subprocess builds CNN-7 (64-64-128-128-128, w = 512) and a
+Memory and time: for each k (default 1 and 4; k > 1 with each ``optim.batchnorm_gradient``, exact
+and micro_batch), a fresh subprocess builds CNN-7 (64-64-128-128-128, w = 512) and a
 frozen teacher of the same architecture, then runs 2 CC-Dist steps (α = 0.5, β = 5/w, the 1-step 10ε
 attack, ε = 2/255, in the ramp with the Shi regularizer, Adam, clipping at 10) on one batch of 128
 32×32 images (the CIFAR-10 JPEG subset when ``CCDIST_DATA`` finds it, else uniform noise: the same
 cost). The weights are the Shi et al. initialization, with running statistics taken from that batch;
 the teacher is a copy of the student read in eval mode (memory needs no trained network). It
 reports ``ru_maxrss`` (the process's peak resident memory) before the steps and at the end, with
-``ccdist_plugin.malloc.retain_freed_memory`` applied as the ``ccdist`` command applies it. The k
-values run in separate processes because a peak, once reached, stays.
+``ccdist_plugin.malloc.retain_freed_memory`` applied as the ``ccdist`` command applies it, and the
+wall and CPU seconds per step. The rows run in separate processes because a peak, once reached,
+stays; ``--rounds`` repeats them, the order reversed in even rounds (a shared machine's load drifts).
 
 Gradient: in one more subprocess, the gradient of the warm-up step (clean cross-entropy; the random
 network's IBP bounds are too loose for the CC-Dist loss to be at an ordinary scale) with k = 1 and with
-each other k, from the same weights: the relative ℓ2 distance ‖g_k − g_1‖/‖g_1‖ over all parameters,
-and the logged losses of both (docs/training.md, "Gradient accumulation": with BatchNorm the
-gradient through the batch statistics is taken per micro-batch).
+each other k and mode, from the same weights: the relative ℓ2 distance ‖g_k − g_1‖/‖g_1‖ over all
+parameters, and the logged losses of both (docs/training.md, "Gradient accumulation").
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -38,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _batch, _machine  # noqa: E402
 
 EPS = 2 / 255
+#: optim.batchnorm_gradient values compared for k > 1
+MODES = ("exact", "micro_batch")
 
 
-def _setup(k: int):
+def _setup(k: int, mode: str = "exact"):
     from ccdist_plugin.config import TrainConfig
     from ccdist_plugin.models import cnn7
     from ccdist_plugin.trainer import build_loss, build_optimizer
@@ -53,6 +58,7 @@ def _setup(k: int):
             "loss.alpha=0.5",
             "optim.batch_size=128",
             f"optim.accumulate={k}",
+            f"optim.batchnorm_gradient={mode}",
             "optim.shi_lambda=0.5",
         ]
     )
@@ -74,16 +80,26 @@ def _setup(k: int):
     return cfg, model, loss, build_optimizer(cfg, model)
 
 
-def child(k: int, steps: int) -> dict[str, Any]:
+def child(k: int, mode: str, steps: int) -> dict[str, Any]:
     from ccdist_plugin.trainer import training_step
 
-    cfg, model, loss, optimizer = _setup(k)
+    cfg, model, loss, optimizer = _setup(k, mode)
     x, y, _ = _batch(128)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         training_step(model, loss, optimizer, x, y, EPS / 2, cfg.optim.lr, "ramp", cfg)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"k": k, "maxrss_before_mib": before / 1024, "maxrss_mib": after / 1024, "steps": steps}
+    return {
+        "k": k,
+        "mode": mode if k > 1 else "-",
+        "maxrss_before_mib": before / 1024,
+        "maxrss_mib": after / 1024,
+        "steps": steps,
+        "wall_s_per_step": wall / steps,
+        "cpu_s_per_step": cpu / steps,
+    }
 
 
 def gradient_child(ks: list[int]) -> dict[str, Any]:
@@ -91,26 +107,29 @@ def gradient_child(ks: list[int]) -> dict[str, Any]:
 
     x, y, _ = _batch(128)
     grads, losses = {}, {}
-    for k in [1, *ks]:
-        cfg, model, loss, optimizer = _setup(k)
+    runs = [(1, "exact")] + [(k, mode) for k in ks for mode in MODES]
+    for k, mode in runs:
+        cfg, model, loss, optimizer = _setup(k, mode)
         model.train()
         torch.manual_seed(1)  # the same attack start for every k
         if k == 1:
             total, terms, _ = step_objective(model, loss, x, y, EPS / 2, "warmup", cfg)
             total.backward()
-            losses[k] = float(terms["loss"])
+            losses[k, mode] = float(terms["loss"])
         else:
             terms, _ = _accumulated_gradients(model, loss, optimizer, x, y, EPS / 2, "warmup", cfg)
-            losses[k] = terms["loss"]
-        grads[k] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    base = grads[1]
+            losses[k, mode] = terms["loss"]
+        grads[k, mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    base = grads[1, "exact"]
     return {
-        str(k): {
-            "relative_l2": float((grads[k] - base).norm() / base.norm()),
-            "loss": losses[k],
-            "loss_k1": losses[1],
+        f"{k}/{mode}": {
+            "k": k,
+            "mode": mode,
+            "relative_l2": float((grads[k, mode] - base).norm() / base.norm()),
+            "loss": losses[k, mode],
+            "loss_k1": losses[1, "exact"],
         }
-        for k in ks
+        for k, mode in runs[1:]
     }
 
 
@@ -122,36 +141,46 @@ def _run_child(args: list[str]) -> dict[str, Any]:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = [
-        "<!-- python benchmarks/accumulate_memory.py  (memory and gradient tables; equality: "
+        "<!-- python benchmarks/accumulate_memory.py  (memory, time and gradient tables; equality: "
         "python -m pytest tests/test_accumulate.py) -->",
         "",
         '`optim.accumulate: k` (docs/training.md, "Gradient accumulation"). Equality, checked by '
-        "`tests/test_accumulate.py`: without BatchNorm, k = 1, 2, 4 give the same step to 1e-5 (CC-Dist, "
-        "SABR, MTL-IBP, PGD-AT, warm-up), and one digits epoch with k = 1 and k = 2 ends at the same weights "
-        "to 1e-4; with BatchNorm, the logged losses and the running statistics are the one-batch step's "
-        "and the gradient is not (second table).",
+        "`tests/test_accumulate.py`: k = 1, 2, 4 give the same step to 1e-5 (CC-Dist, SABR, MTL-IBP, "
+        "PGD-AT, warm-up), with and without BatchNorm (with BatchNorm: `optim.batchnorm_gradient: exact`, "
+        "the default), and one digits epoch with k = 1 and k = 2 ends at the same weights to 1e-4 (an MLP, "
+        "and a BatchNorm CNN in float64). With BatchNorm the logged losses and the running statistics are "
+        "the one-batch step's in both modes; the gradient is the one-batch step's in `exact` mode and not "
+        "in `micro_batch` mode (second table).",
         "",
-        "Peak resident memory of a process running 2 CC-Dist steps on CNN-7 (64-64-128-128-128, w = 512), "
-        "batch 128, 32×32, each k in a fresh process:",
+        "Peak resident memory and time of a process running 2 CC-Dist steps (ramp, Shi regularizer on) on "
+        "CNN-7 (64-64-128-128-128, w = 512), batch 128, 32×32, each row in a fresh process; "
+        f"{result.get('rounds', 1)} round(s), the order reversed in even rounds; medians over rounds:",
         "",
-        "| k (micro-batches of 128/k) | peak RSS before the steps (MiB) | peak RSS after 2 steps (MiB) | "
-        "growth during the steps (MiB) |",
-        "|---|---|---|---|",
+        "| k (micro-batches of 128/k) | BatchNorm gradient | peak RSS before the steps (MiB) | "
+        "peak RSS after 2 steps (MiB) | growth during the steps (MiB) | CPU s/step | wall s/step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["memory"]:
         growth = row["maxrss_mib"] - row["maxrss_before_mib"]
         before, after = row["maxrss_before_mib"], row["maxrss_mib"]
-        lines.append(f"| {row['k']} | {before:.0f} | {after:.0f} | {growth:.0f} |")
+        lines.append(
+            f"| {row['k']} | {row.get('mode', '-')} | {before:.0f} | {after:.0f} | {growth:.0f} | "
+            f"{row.get('cpu_s_per_step', math.nan):.2f} | {row.get('wall_s_per_step', math.nan):.2f} |"
+        )
     lines += [
         "",
         "Distance of the accumulated gradient from the one-batch gradient on that CNN-7 (BatchNorm after "
-        "every layer), warm-up step, same weights and batch:",
+        "every layer, float32), warm-up step, same weights and batch:",
         "",
-        "| k | ‖g_k − g_1‖ / ‖g_1‖ (CNN-7, warm-up step) | logged loss, k | logged loss, k = 1 |",
-        "|---|---|---|---|",
+        "| k | BatchNorm gradient | ‖g_k − g_1‖ / ‖g_1‖ (CNN-7, warm-up step) | logged loss, k | "
+        "logged loss, k = 1 |",
+        "|---|---|---|---|---|",
     ]
-    for k, row in result["gradient"].items():
-        lines.append(f"| {k} | {row['relative_l2']:.3g} | {row['loss']:.6f} | {row['loss_k1']:.6f} |")
+    for key, row in result["gradient"].items():
+        k, mode = row.get("k", key), row.get("mode", "micro_batch")
+        lines.append(
+            f"| {k} | {mode} | {row['relative_l2']:.3g} | {row['loss']:.6f} | {row['loss_k1']:.6f} |"
+        )
     m = result["machine"]
     lines.append("")
     lines.append(
@@ -161,12 +190,26 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per configuration (the rows of the first round), the median of each figure over the rounds."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        row = dict(first)
+        for key in ("maxrss_before_mib", "maxrss_mib", "wall_s_per_step", "cpu_s_per_step"):
+            row[key] = statistics.median(r[i][key] for r in rounds)
+        row["cpu_s_per_step_rounds"] = [r[i]["cpu_s_per_step"] for r in rounds]
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default="1,4", help="comma-separated values of optim.accumulate")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--out", default="docs/results", help="folder for accumulate_memory.{json,md}")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory/time runs")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="exact", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args(argv)
@@ -179,14 +222,20 @@ def main(argv: list[str] | None = None) -> None:
 
     retain_freed_memory()  # as the ccdist command does
     if args.child is not None:
-        print(json.dumps(child(args.child, steps=2)))
+        print(json.dumps(child(args.child, args.mode, steps=2)))
         return
     if args.gradient_child is not None:
         print(json.dumps(gradient_child([int(k) for k in args.gradient_child.split(",")])))
         return
     ks = [int(k) for k in args.ks.split(",")]
     threads = ["--threads", str(args.threads)]
-    memory = [_run_child(["--child", str(k), *threads]) for k in ks]
+    configs = [(k, mode) for k in ks for mode in (("exact",) if k == 1 else MODES)]
+    rounds = []
+    for r in range(args.rounds):
+        order = configs if r % 2 == 0 else configs[::-1]
+        done = {c: _run_child(["--child", str(c[0]), "--mode", c[1], *threads]) for c in order}
+        rounds.append([done[c] for c in configs])
+    memory = _median_rows(rounds)
     others = sorted({2, *(k for k in ks if k != 1)})
     gradient = _run_child(["--gradient-child", ",".join(map(str, others)), *threads])
     data = "CIFAR-10 JPEG subset" if _batch(1)[2] is not None else "uniform noise (CCDIST_DATA not set)"
@@ -195,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "data": data,
         "argv": sys.argv[1:] if argv is None else argv,
+        "rounds": args.rounds,
         "memory": memory,
         "gradient": gradient,
         "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),

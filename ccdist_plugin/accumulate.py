@@ -8,8 +8,7 @@ that is a mean of per-example terms (every loss's cross-entropies and distillati
 penalty, which is counted once in all), the accumulated gradient is the whole batch's.
 
 BatchNorm in train mode couples the examples of a batch through its statistics. With k > 1 and a
-network that has a BatchNorm, the step runs in three phases (docs/training.md, "Gradient
-accumulation"):
+network that has a BatchNorm, the step runs in phases (docs/training.md, "Gradient accumulation"):
 
 1. the attack, micro-batch by micro-batch (the network is in eval mode there: running statistics,
    no coupling; its random starts come from the CPU generator: the numbers the whole batch would draw);
@@ -20,19 +19,25 @@ accumulation"):
    whole-batch statistics (:class:`BatchStatistics` in replay), then its backward.
 
 The forward values (losses, bounds, adversarial outputs, running statistics) are therefore those
-of the one-batch step. The gradient is not exactly: in the one-batch step the gradient also flows
-through the batch statistics into every example of the batch, coupling all of them. Here a
-micro-batch's backward differentiates the statistics as if they were its own micro-batch's (their
-values stay the whole batch's μ and σ): the gradient reaching a BatchNorm's input is
-(γ/σ)·(g − mean_m(g) − (x − μ_m)·mean_m(g·(x − μ))/σ²), with means over the micro-batch m (μ_m its
-own mean) where the one-batch step takes them over the batch. So a per-channel shift of a
-BatchNorm's input (the bias of a convolution before it, say) gets no gradient, as in the one-batch
-step, and the difference is the gap between a micro-batch's means and the batch's, which shrinks as
-micro-batches grow; a micro-batch of one
-example gets no gradient through a BatchNorm1d at all, so keep micro-batches large. Differentiating
-through the whole batch's statistics exactly needs, per BatchNorm layer in depth, one more pass over
-all micro-batches (or the whole batch's graph, which accumulation exists to avoid). With k = 1 the
-replay reproduces the one-batch gradient (tested).
+of the one-batch step. For the gradient there are two modes (``optim.batchnorm_gradient``):
+
+- ``exact``: in phase 3 the statistics are leaves of the graph, shared by all micro-batches, so the
+  backward passes leave in ``.grad`` the gradient that does not go through the statistics and, on
+  the leaves, the objective's gradient with respect to every recorded statistic. What goes through
+  the statistics is then pulled back into the examples by adjoint passes (:meth:`BatchStatistics.
+  adjoint_surrogate`): a statistic is a sum over the whole batch, mean = Σx/n and
+  1/std = (Σ(x − mean)²/n + eps)^(−1/2), so its gradient reaches every example's input x of that
+  BatchNorm call as g_mean/n − g_invstd·invstd³·(x − mean)/n, and each micro-batch's share is its
+  own examples' part of the sum. Backpropagating that share through the micro-batch's replayed
+  graph adds to ``.grad`` and, since x itself depends on the statistics of earlier BatchNorm calls,
+  to their leaves: another adjoint pass takes those, and so on until no statistic receives a
+  gradient (one pass per BatchNorm layer in depth at most). The result is the whole batch's
+  gradient, up to rounding (tested against the one-batch step for k = 2 and 4).
+- ``micro_batch``: one pass; a micro-batch's backward differentiates the statistics as if they were
+  its own micro-batch's (at the whole batch's values): the gradient reaching a BatchNorm's input is
+  (γ/σ)·(g − mean_m(g) − (x − μ_m)·mean_m(g·(x − μ))/σ²), with means over the micro-batch m where
+  the one-batch step takes them over the batch. Cheaper, and an approximation that improves as
+  micro-batches grow (a micro-batch of one example gets no gradient through a BatchNorm1d).
 """
 
 from __future__ import annotations
@@ -47,7 +52,16 @@ from torch import Tensor, nn
 
 from ccdist_plugin.bounds import layers as bound_layers
 
-__all__ = ["micro_batches", "train_mode_batchnorms", "BatchStatistics", "check_accumulation"]
+__all__ = [
+    "BATCHNORM_GRADIENTS",
+    "micro_batches",
+    "train_mode_batchnorms",
+    "BatchStatistics",
+    "check_accumulation",
+]
+
+#: the ways gradient accumulation differentiates through BatchNorm statistics (module docstring)
+BATCHNORM_GRADIENTS = ("exact", "micro_batch")
 
 
 def micro_batches(batch_size: int, k: int) -> list[slice]:
@@ -108,6 +122,11 @@ class _Record:
     mean: Tensor
     invstd: Tensor
     count: int  # elements per channel of the whole batch
+    # exact mode: the statistics as leaves of every micro-batch's graph (their .grad: the objective's
+    # gradient with respect to them), and the micro-batch's input of this call in an adjoint pass
+    mean_leaf: Tensor | None = None
+    invstd_leaf: Tensor | None = None
+    captured: Tensor | None = None
 
 
 @dataclass
@@ -116,12 +135,20 @@ class BatchStatistics:
     in the passes of its micro-batches (see the module docstring).
 
     Use :meth:`recording` around the whole-batch pass (no autograd needed) and :meth:`replaying`
-    around each micro-batch's pass, giving the micro-batch's size and the batch's.
+    around each micro-batch's pass, giving the micro-batch's size and the batch's. ``gradient``:
+    ``"exact"`` (the statistics are leaves; finish with :meth:`statistics_gradients` and
+    :meth:`adjoint_surrogate`) or ``"micro_batch"`` (see the module docstring).
     """
 
     records: list[_Record] = field(default_factory=list)
+    gradient: str = "exact"
     _index: int = 0
     _fraction: float = 1.0
+    _capture: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gradient not in BATCHNORM_GRADIENTS:
+            raise ValueError(f"gradient must be one of {BATCHNORM_GRADIENTS}, got {self.gradient!r}")
 
     # -------------------------------------------------------------------- the two modes
     @contextlib.contextmanager
@@ -131,8 +158,18 @@ class BatchStatistics:
             yield self
 
     @contextlib.contextmanager
-    def replaying(self, model: nn.Module, micro_size: int, batch_size: int) -> Iterator[BatchStatistics]:
-        self._index, self._fraction = 0, micro_size / batch_size
+    def replaying(
+        self, model: nn.Module, micro_size: int, batch_size: int, capture: bool = False
+    ) -> Iterator[BatchStatistics]:
+        """Replay the recorded statistics in one micro-batch's pass; ``capture`` (exact mode): keep
+        each call's input for :meth:`adjoint_surrogate`."""
+        self._index, self._fraction, self._capture = 0, micro_size / batch_size, capture
+        if self.gradient == "exact":
+            for rec in self.records:
+                rec.captured = None
+                if rec.mean_leaf is None:
+                    rec.mean_leaf = rec.mean.clone().requires_grad_(True)
+                    rec.invstd_leaf = rec.invstd.clone().requires_grad_(True)
         with _hooked(model, self._replay):
             yield self
         if self._index != len(self.records):
@@ -166,20 +203,68 @@ class BatchStatistics:
             )
         rec = self.records[self._index]
         self._index += 1
-        dims = [0, *range(2, x.ndim)]
         view = (1, -1) + (1,) * (x.ndim - 2)
-        # value: the whole batch's statistic; gradient: as if the micro-batch's own statistic (see
-        # the module docstring), linearized at the whole batch's value
-        own_mean = x.mean(dims)
-        mean = rec.mean + (own_mean - own_mean.detach())
-        own_var = (x - own_mean.view(view)).square().mean(dims)
-        invstd = rec.invstd + (-0.5 * rec.invstd.pow(3)) * (own_var - own_var.detach())
+        if self.gradient == "exact":
+            # the statistics are leaves: what flows through them is pulled back by the adjoint passes
+            mean, invstd = rec.mean_leaf, rec.invstd_leaf
+            if self._capture:
+                rec.captured = x
+        else:
+            dims = [0, *range(2, x.ndim)]
+            # value: the whole batch's statistic; gradient: as if the micro-batch's own statistic
+            # (see the module docstring), linearized at the whole batch's value
+            own_mean = x.mean(dims)
+            mean = rec.mean + (own_mean - own_mean.detach())
+            own_var = (x - own_mean.view(view)).square().mean(dims)
+            invstd = rec.invstd + (-0.5 * rec.invstd.pow(3)) * (own_var - own_var.detach())
         out = (x - mean.view(view)) * invstd.view(view)
         if bn.weight is not None:
             out = out * bn.weight.view(view)
         if bn.bias is not None:
             out = out + bn.bias.view(view)
         return out, mean, invstd
+
+    # -------------------------------------------------------------------- exact mode's adjoint
+    def statistics_gradients(self) -> list[tuple[Tensor, Tensor] | None]:
+        """Per record, the gradient its statistics' leaves received since the last call (None where
+        none or zero), clearing them: what the next adjoint pass pulls back into the examples."""
+        out: list[tuple[Tensor, Tensor] | None] = []
+        for rec in self.records:
+            grads = [leaf.grad for leaf in (rec.mean_leaf, rec.invstd_leaf) if leaf is not None]
+            if grads and any(g is not None and bool(g.any()) for g in grads):
+                g_mean, g_invstd = (
+                    torch.zeros_like(rec.mean) if g is None else g.clone()
+                    for g in (rec.mean_leaf.grad, rec.invstd_leaf.grad)
+                )
+                out.append((g_mean, g_invstd))
+            else:
+                out.append(None)
+            for leaf in (rec.mean_leaf, rec.invstd_leaf):
+                if leaf is not None:
+                    leaf.grad = None
+        return out
+
+    def adjoint_surrogate(self, pending: list[tuple[Tensor, Tensor] | None]) -> Tensor | None:
+        """A scalar whose gradient, after a replay with ``capture=True``, is this micro-batch's share
+        of ``pending`` (the statistics' gradients) pulled back into its examples' BatchNorm inputs:
+        for mean = Σx/n and invstd = (Σ(x − mean)²/n + eps)^(−1/2) over the whole batch,
+        ∂/∂x = g_mean/n − g_invstd·invstd³·(x − mean)/n (the term through the mean inside the
+        variance vanishes: Σ(x − mean) = 0 over the batch). None when nothing here needs it."""
+        total = None
+        for rec, grads in zip(self.records, pending, strict=True):
+            if grads is None or rec.captured is None or not rec.captured.requires_grad:
+                continue
+            x, (g_mean, g_invstd) = rec.captured, grads
+            dims = [0, *range(2, x.ndim)]
+            view = (1, -1) + (1,) * (x.ndim - 2)
+            centred = x - rec.mean.view(view)
+            term = (g_mean * x.sum(dims)).sum() - 0.5 * (
+                g_invstd * rec.invstd.pow(3) * centred.square().sum(dims)
+            ).sum()
+            total = term / rec.count if total is None else total + term / rec.count
+        for rec in self.records:
+            rec.captured = None
+        return total
 
 
 @contextlib.contextmanager

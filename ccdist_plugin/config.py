@@ -263,6 +263,11 @@ class OptimConfig:
             weighted gradients add up to the batch's, so that only one micro-batch's graph lives at a
             time (1: off). It must divide ``batch_size``; BatchNorm layers normalize with the whole
             batch's statistics (docs/training.md, "Gradient accumulation").
+        batchnorm_gradient: with ``accumulate`` > 1 and BatchNorm, how the gradient goes through the
+            batch statistics: ``exact`` (default: the whole batch's gradient, at the cost of one more
+            pass over the micro-batches per BatchNorm layer in depth) or ``micro_batch`` (one pass;
+            each micro-batch differentiates the statistics as its own, an approximation that
+            improves as micro-batches grow). Ignored without BatchNorm or with ``accumulate: 1``.
     """
 
     optimizer: str = "adam"
@@ -278,6 +283,7 @@ class OptimConfig:
     shi_lambda: float = 0.5
     shi_tau: float = 0.5
     accumulate: int = 1
+    batchnorm_gradient: str = "exact"
 
     def __post_init__(self) -> None:
         _check(
@@ -299,6 +305,10 @@ class OptimConfig:
         _check(
             type(self.accumulate) is int and self.accumulate >= 1,
             f"optim.accumulate must be an integer >= 1, got {self.accumulate!r}",
+        )
+        _check(
+            self.batchnorm_gradient in ("exact", "micro_batch"),
+            f"optim.batchnorm_gradient must be 'exact' or 'micro_batch', got {self.batchnorm_gradient!r}",
         )
         _check(
             self.batch_size % self.accumulate == 0,

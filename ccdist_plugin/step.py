@@ -113,7 +113,7 @@ def _accumulated_gradients(
         if phase != "warmup":
             check_accumulation(model, loss)
             x_adv = torch.cat([loss.adversarial_batch(model, x[p], y[p], eps_t) for p in parts])
-        stats = BatchStatistics()
+        stats = BatchStatistics(gradient=config.optim.batchnorm_gradient)
         with torch.no_grad(), stats.recording(model):  # whole-batch values; no graph kept
             _, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config, x_adv)
         terms = _host_terms(term_tensors)
@@ -137,7 +137,42 @@ def _accumulated_gradients(
         terms = _host_terms(sums)
         logits = torch.cat(logit_parts) if logit_parts else None
         _refuse_non_finite(terms, x.device, optimizer)
+    elif stats.gradient == "exact":
+        _statistics_adjoint(model, loss, stats, parts, x, y, x_adv, eps_t, phase, config)
     return terms, logits
+
+
+def _statistics_adjoint(
+    model: nn.Module,
+    loss: Any,
+    stats: Any,
+    parts: list[slice],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_adv: torch.Tensor | None,
+    eps_t: float,
+    phase: str,
+    config: TrainConfig,
+) -> None:
+    """Exact BatchNorm gradient under accumulation (:mod:`ccdist_plugin.accumulate`, ``exact``): pull
+    the gradient the whole-batch statistics received back into every micro-batch's examples, pass
+    after pass, until no statistic receives any (each pass reaches BatchNorm calls strictly earlier
+    than the last, so at most one pass per call)."""
+    batch = x.shape[0]
+    pending = stats.statistics_gradients()
+    for _ in range(len(stats.records)):
+        if all(g is None for g in pending):
+            return
+        for part in parts:
+            adv = None if x_adv is None else x_adv[part]
+            with stats.replaying(model, part.stop - part.start, batch, capture=True):
+                step_objective(model, loss, x[part], y[part], eps_t, phase, config, adv)
+            surrogate = stats.adjoint_surrogate(pending)
+            if surrogate is not None:
+                surrogate.backward()
+        pending = stats.statistics_gradients()
+    if any(g is not None for g in pending):  # a statistic depending on itself: not a feed-forward pass
+        raise RuntimeError("BatchNorm statistics' gradients did not settle within one pass per call")
 
 
 def _host_terms(term_tensors: dict[str, torch.Tensor]) -> dict[str, float]:
