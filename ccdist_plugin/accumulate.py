@@ -7,14 +7,17 @@ lives at a time; the gradients add up in ``.grad`` and the optimizer steps once.
 that is a mean of per-example terms (every loss's cross-entropies and distillation terms, the ℓ1
 penalty, which is counted once in all), the accumulated gradient is the whole batch's.
 
-BatchNorm in train mode couples the examples of a batch through its statistics. With k > 1 and a
-network that has a BatchNorm, the step runs in phases (docs/training.md, "Gradient accumulation"):
+BatchNorm in train mode couples the examples of a batch through its statistics, and the Shi
+regularizer through its means over the batch (:meth:`BatchStatistics.batch_mean`; Exp-IBP's product
+of batch losses is still taken per micro-batch). With k > 1 and a network that has a BatchNorm (or
+the Shi regularizer on), the step runs in phases (docs/training.md, "Gradient accumulation"):
 
 1. the attack, micro-batch by micro-batch (the network is in eval mode there: running statistics,
    no coupling; its random starts come from the CPU generator: the numbers the whole batch would draw);
 2. the whole objective on the whole batch without autograd (no graph is kept), recording, in
-   order, every train-mode BatchNorm call: its batch mean and 1/std, and the running statistics
-   moved once, exactly as the one-batch step moves them. The logged terms are this pass's;
+   order, every train-mode BatchNorm call (its batch mean and 1/std) and every batch mean, and the
+   running statistics moved once, exactly as the one-batch step moves them. The logged terms are
+   this pass's;
 3. each micro-batch's objective with every train-mode BatchNorm normalizing with the recorded
    whole-batch statistics (:class:`BatchStatistics` in replay), then its backward.
 
@@ -118,10 +121,10 @@ def check_accumulation(model: nn.Module, loss: object) -> None:
 
 @dataclass
 class _Record:
-    bn: nn.Module
+    bn: nn.Module | None  # None: a mean over the batch (batch_mean), not a BatchNorm call
     mean: Tensor
-    invstd: Tensor
-    count: int  # elements per channel of the whole batch
+    invstd: Tensor | None
+    count: int  # elements per channel of the whole batch (batch_mean: elements in all)
     # exact mode: the statistics as leaves of every micro-batch's graph (their .grad: the objective's
     # gradient with respect to them), and the micro-batch's input of this call in an adjoint pass
     mean_leaf: Tensor | None = None
@@ -145,6 +148,7 @@ class BatchStatistics:
     _index: int = 0
     _fraction: float = 1.0
     _capture: bool = False
+    _mode: str | None = None  # "recording", "replaying" or None
 
     def __post_init__(self) -> None:
         if self.gradient not in BATCHNORM_GRADIENTS:
@@ -154,8 +158,12 @@ class BatchStatistics:
     @contextlib.contextmanager
     def recording(self, model: nn.Module) -> Iterator[BatchStatistics]:
         self.records.clear()
-        with _hooked(model, self._record):
-            yield self
+        self._mode = "recording"
+        try:
+            with _hooked(model, self._record):
+                yield self
+        finally:
+            self._mode = None
 
     @contextlib.contextmanager
     def replaying(
@@ -169,14 +177,49 @@ class BatchStatistics:
                 rec.captured = None
                 if rec.mean_leaf is None:
                     rec.mean_leaf = rec.mean.clone().requires_grad_(True)
-                    rec.invstd_leaf = rec.invstd.clone().requires_grad_(True)
-        with _hooked(model, self._replay):
-            yield self
+                    if rec.invstd is not None:
+                        rec.invstd_leaf = rec.invstd.clone().requires_grad_(True)
+        self._mode = "replaying"
+        try:
+            with _hooked(model, self._replay):
+                yield self
+        finally:
+            self._mode = None
         if self._index != len(self.records):
             raise RuntimeError(
                 f"a micro-batch pass made {self._index} BatchNorm calls, the whole-batch pass "
                 f"{len(self.records)}: the step's passes differ between them"
             )
+
+    # -------------------------------------------------------------------- means over the batch
+    def batch_mean(self, t: Tensor) -> Tensor:
+        """The mean of all entries of ``t`` (whose first dimension is the batch) over the whole
+        batch: in the whole-batch pass ``t.mean()``, recorded; in a micro-batch's replay that value,
+        differentiated as the BatchNorm statistics are (a leaf in exact mode, the micro-batch's own
+        mean in micro_batch mode). Outside both, ``t.mean()``. For batch-level terms of an objective
+        (the Shi regularizer's ratios of means), which a micro-batch alone cannot compute."""
+        if self._mode == "recording":
+            value = t.mean()
+            self.records.append(_Record(None, value.detach(), None, t.numel()))
+            return value
+        if self._mode != "replaying":
+            return t.mean()
+        rec = self._next_record(None)
+        if self.gradient == "exact":
+            if self._capture:
+                rec.captured = t
+            return rec.mean_leaf
+        own = t.mean()
+        return rec.mean + (own - own.detach())
+
+    def _next_record(self, bn: nn.Module | None) -> _Record:
+        if self._index >= len(self.records) or self.records[self._index].bn is not bn:
+            raise RuntimeError(
+                "a micro-batch pass called its BatchNorm layers (or batch means) in another order than "
+                "the whole-batch pass: the step's passes differ between them"
+            )
+        self._index += 1
+        return self.records[self._index - 1]
 
     # -------------------------------------------------------------------- the hooks
     def _record(self, bn, x: Tensor, update_running_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,13 +239,7 @@ class BatchStatistics:
         return out, mean, invstd
 
     def _replay(self, bn, x: Tensor, update_running_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-        if self._index >= len(self.records) or self.records[self._index].bn is not bn:
-            raise RuntimeError(
-                "a micro-batch pass called its BatchNorm layers in another order than the whole-batch "
-                "pass: the step's passes differ between them"
-            )
-        rec = self.records[self._index]
-        self._index += 1
+        rec = self._next_record(bn)
         view = (1, -1) + (1,) * (x.ndim - 2)
         if self.gradient == "exact":
             # the statistics are leaves: what flows through them is pulled back by the adjoint passes
@@ -233,8 +270,12 @@ class BatchStatistics:
             grads = [leaf.grad for leaf in (rec.mean_leaf, rec.invstd_leaf) if leaf is not None]
             if grads and any(g is not None and bool(g.any()) for g in grads):
                 g_mean, g_invstd = (
-                    torch.zeros_like(rec.mean) if g is None else g.clone()
-                    for g in (rec.mean_leaf.grad, rec.invstd_leaf.grad)
+                    None
+                    if leaf is None
+                    else torch.zeros_like(leaf)
+                    if leaf.grad is None
+                    else leaf.grad.clone()
+                    for leaf in (rec.mean_leaf, rec.invstd_leaf)
                 )
                 out.append((g_mean, g_invstd))
             else:
@@ -255,6 +296,9 @@ class BatchStatistics:
             if grads is None or rec.captured is None or not rec.captured.requires_grad:
                 continue
             x, (g_mean, g_invstd) = rec.captured, grads
+            if rec.bn is None:  # a batch mean: Σ t / n over the whole batch, this micro-batch's part
+                total = (g_mean * x.sum()) / rec.count + (0 if total is None else total)
+                continue
             dims = [0, *range(2, x.ndim)]
             view = (1, -1) + (1,) * (x.ndim - 2)
             centred = x - rec.mean.view(view)

@@ -8,7 +8,7 @@ provide them (a user's own loss, or ε = 0 batches, where docs/method.md asks fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -42,6 +42,7 @@ def shi_regularizer(
     input_lb: torch.Tensor,
     input_ub: torch.Tensor,
     tau: float = 0.5,
+    batch_mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean,
 ) -> ShiRegularization:
     """Shi et al. (2021, eq. 9-11) regularizer from IBP pre-activation bounds (docs/method.md).
 
@@ -63,6 +64,9 @@ def shi_regularizer(
         preact_bounds: one (lb, ub) pair per ReLU, in network order.
         input_lb, input_ub: the input box (after normalization), shape (B, C, H, W) or any.
         tau: τ (0.5).
+        batch_mean: how a mean over the batch (E[·]) is taken: ``torch.mean``, or, under gradient
+            accumulation, the whole batch's mean (:meth:`ccdist_plugin.accumulate.BatchStatistics.
+            batch_mean`), so that the regularizer is the whole batch's, not each micro-batch's.
 
     Returns:
         :class:`ShiRegularization`; differentiable w.r.t. the bounds.
@@ -73,18 +77,18 @@ def shi_regularizer(
         raise ValueError(f"shi_regularizer: tau must be > 0, got {tau}")
     ref = preact_bounds[0][0]
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    radius_in = ((input_ub - input_lb) / 2).mean()
+    radius_in = batch_mean((input_ub - input_lb) / 2)
     tightness, balance = zero.clone(), zero.clone()
     for lb, ub in preact_bounds:
         radius = (ub - lb) / 2
         centre = (ub + lb) / 2
-        t_term = torch.relu(tau - radius_in / radius.mean().clamp(min=1e-12)) / tau
+        t_term = torch.relu(tau - radius_in / batch_mean(radius).clamp(min=1e-12)) / tau
         if torch.isfinite(t_term):
             tightness = tightness + t_term
         active, inactive = (lb > 0).to(centre.dtype), (ub < 0).to(centre.dtype)
-        mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
-        spread = (centre - centre.mean()) ** 2
-        var_ratio = (spread * active).mean() / (spread * inactive).mean()
+        mean_ratio = batch_mean(centre * active) / -batch_mean(centre * inactive)
+        spread = (centre - batch_mean(centre)) ** 2
+        var_ratio = batch_mean(spread * active) / batch_mean(spread * inactive)
         mean_ratio = torch.minimum(mean_ratio, 1 / mean_ratio.clamp(min=1e-12))
         var_ratio = torch.minimum(var_ratio, 1 / var_ratio.clamp(min=1e-12))
         b_term = (torch.relu(tau - mean_ratio) + torch.relu(tau - var_ratio)) / tau

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from ccdist_plugin import distributed
 from ccdist_plugin.config import TrainConfig
-from ccdist_plugin.losses import LossStats
+from ccdist_plugin.losses import LossStats, RobustLoss
 from ccdist_plugin.regularizers import (
     ibp_preactivation_bounds,
     l1_penalty,
@@ -109,13 +110,20 @@ def _accumulated_gradients(
     parts = micro_batches(batch, config.optim.accumulate)
     stats = x_adv = None
     optimizer.zero_grad(set_to_none=True)
-    if train_mode_batchnorms(model):
+    has_batchnorm = bool(train_mode_batchnorms(model))
+    # the Shi regularizer's ratios of batch means are the whole batch's too, where the attack can run
+    # apart from the objective (a RobustLoss); a user's callable loss gets them per micro-batch
+    shi = phase == "ramp" and config.optim.shi_lambda > 0 and isinstance(loss, RobustLoss)
+    if has_batchnorm or shi:
         if phase != "warmup":
-            check_accumulation(model, loss)
+            if has_batchnorm:
+                check_accumulation(model, loss)
             x_adv = torch.cat([loss.adversarial_batch(model, x[p], y[p], eps_t) for p in parts])
         stats = BatchStatistics(gradient=config.optim.batchnorm_gradient)
         with torch.no_grad(), stats.recording(model):  # whole-batch values; no graph kept
-            _, term_tensors, logits = step_objective(model, loss, x, y, eps_t, phase, config, x_adv)
+            _, term_tensors, logits = step_objective(
+                model, loss, x, y, eps_t, phase, config, x_adv, stats.batch_mean
+            )
         terms = _host_terms(term_tensors)
         _refuse_non_finite(terms, x.device)
     sums: dict[str, torch.Tensor] = {}
@@ -125,7 +133,15 @@ def _accumulated_gradients(
         adv = None if x_adv is None else x_adv[part]
         with stats.replaying(model, size, batch) if stats is not None else contextlib.nullcontext():
             total, part_terms, part_logits = step_objective(
-                model, loss, x[part], y[part], eps_t, phase, config, adv
+                model,
+                loss,
+                x[part],
+                y[part],
+                eps_t,
+                phase,
+                config,
+                adv,
+                None if stats is None else stats.batch_mean,
             )
         (total * (size / batch)).backward()
         if stats is None:
@@ -166,7 +182,7 @@ def _statistics_adjoint(
         for part in parts:
             adv = None if x_adv is None else x_adv[part]
             with stats.replaying(model, part.stop - part.start, batch, capture=True):
-                step_objective(model, loss, x[part], y[part], eps_t, phase, config, adv)
+                step_objective(model, loss, x[part], y[part], eps_t, phase, config, adv, stats.batch_mean)
             surrogate = stats.adjoint_surrogate(pending)
             if surrogate is not None:
                 surrogate.backward()
@@ -200,10 +216,12 @@ def step_objective(
     phase: str,
     config: TrainConfig,
     x_adv: torch.Tensor | None = None,
+    batch_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The scalar a step minimizes, its detached terms and the warm-up's clean logits (see
-    :func:`training_step`); ``x_adv``: a precomputed adversarial batch for the loss (gradient
-    accumulation runs the attack apart)."""
+    :func:`training_step`); ``x_adv``: a precomputed adversarial batch for the loss, ``batch_mean``:
+    the means over the batch of batch-level terms (gradient accumulation runs the attack apart and
+    gives the whole batch's means: :mod:`ccdist_plugin.accumulate`)."""
     terms: dict[str, torch.Tensor] = {}  # detached scalars, copied to the host together
     logits = None
     if phase == "warmup":
@@ -222,7 +240,7 @@ def step_objective(
                 bounds, box = stats.preact_bounds, _normalized_box(model, stats, x, eps_t)
             else:
                 bounds, box = ibp_preactivation_bounds(model, x, max(eps_t, REG_EPS_FLOOR))
-            reg = shi_regularizer(bounds, box[0], box[1], config.optim.shi_tau)
+            reg = shi_regularizer(bounds, box[0], box[1], config.optim.shi_tau, batch_mean or torch.mean)
             weight = config.optim.shi_lambda * (1.0 - eps_t / config.eps)
             total = total + weight * reg.total
             terms["shi_tightness"] = reg.tightness.detach().float()

@@ -58,6 +58,8 @@ def _sgd_config(tmp_path, *overrides: str) -> TrainConfig:
         ("mtl_ibp", "full", 0.0),
         ("pgd_at", "full", 0.0),
         ("ce", "warmup", 0.0),
+        ("cc_dist", "ramp", 0.5),  # the Shi regularizer's batch means: the whole batch's
+        ("mtl_ibp", "ramp", 0.5),
     ],
 )
 def test_accumulated_step_equals_the_batch_step_without_batchnorm(digits, tmp_path, method, phase, shi):
@@ -93,7 +95,14 @@ def test_accumulated_step_equals_the_batch_step_without_batchnorm(digits, tmp_pa
 
 @pytest.mark.parametrize(
     ("method", "phase"),
-    [("cc_dist", "full"), ("sabr", "full"), ("mtl_ibp", "full"), ("pgd_at", "full"), ("ce", "warmup")],
+    [
+        ("cc_dist", "full"),
+        ("cc_dist", "ramp"),  # with the Shi regularizer (its batch means are the whole batch's)
+        ("sabr", "full"),
+        ("mtl_ibp", "full"),
+        ("pgd_at", "full"),
+        ("ce", "warmup"),
+    ],
 )
 def test_batchnorm_step_equals_the_batch_step(digits, tmp_path, method, phase):
     """A network with BatchNorm (optim.batchnorm_gradient: exact, the default): k = 1, 2, 4 give the
