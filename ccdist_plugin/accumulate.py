@@ -61,6 +61,7 @@ __all__ = [
     "train_mode_batchnorms",
     "BatchStatistics",
     "check_accumulation",
+    "EnoughCaptured",
 ]
 
 #: the ways gradient accumulation differentiates through BatchNorm statistics (module docstring)
@@ -119,6 +120,10 @@ def check_accumulation(model: nn.Module, loss: object) -> None:
         )
 
 
+class EnoughCaptured(Exception):
+    """Ends an adjoint replay early: every input it needs has been captured (internal signal)."""
+
+
 @dataclass
 class _Record:
     bn: nn.Module | None  # None: a mean over the batch (batch_mean), not a BatchNorm call
@@ -149,6 +154,7 @@ class BatchStatistics:
     _fraction: float = 1.0
     _capture: bool = False
     _mode: str | None = None  # "recording", "replaying" or None
+    _stop_after: int | None = None  # adjoint replay: the last record it needs
 
     def __post_init__(self) -> None:
         if self.gradient not in BATCHNORM_GRADIENTS:
@@ -167,11 +173,19 @@ class BatchStatistics:
 
     @contextlib.contextmanager
     def replaying(
-        self, model: nn.Module, micro_size: int, batch_size: int, capture: bool = False
+        self,
+        model: nn.Module,
+        micro_size: int,
+        batch_size: int,
+        capture: bool = False,
+        stop_after: int | None = None,
     ) -> Iterator[BatchStatistics]:
         """Replay the recorded statistics in one micro-batch's pass; ``capture`` (exact mode): keep
-        each call's input for :meth:`adjoint_surrogate`."""
+        each call's input for :meth:`adjoint_surrogate`; ``stop_after``: end the pass, by raising
+        :class:`EnoughCaptured` (the caller catches it), once that record has been replayed (an
+        adjoint pass needs nothing the pass computes later)."""
         self._index, self._fraction, self._capture = 0, micro_size / batch_size, capture
+        self._stop_after = stop_after
         if self.gradient == "exact":
             for rec in self.records:
                 rec.captured = None
@@ -208,6 +222,7 @@ class BatchStatistics:
         if self.gradient == "exact":
             if self._capture:
                 rec.captured = t
+                self._stop_if_done()
             return rec.mean_leaf
         own = t.mean()
         return rec.mean + (own - own.detach())
@@ -220,6 +235,10 @@ class BatchStatistics:
             )
         self._index += 1
         return self.records[self._index - 1]
+
+    def _stop_if_done(self) -> None:
+        if self._stop_after is not None and self._index > self._stop_after:
+            raise EnoughCaptured  # this call was the last one the adjoint pass needs
 
     # -------------------------------------------------------------------- the hooks
     def _record(self, bn, x: Tensor, update_running_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,6 +265,7 @@ class BatchStatistics:
             mean, invstd = rec.mean_leaf, rec.invstd_leaf
             if self._capture:
                 rec.captured = x
+                self._stop_if_done()
         else:
             dims = [0, *range(2, x.ndim)]
             # value: the whole batch's statistic; gradient: as if the micro-batch's own statistic

@@ -174,15 +174,20 @@ def _statistics_adjoint(
     the gradient the whole-batch statistics received back into every micro-batch's examples, pass
     after pass, until no statistic receives any (each pass reaches BatchNorm calls strictly earlier
     than the last, so at most one pass per call)."""
+    from ccdist_plugin.accumulate import EnoughCaptured
+
     batch = x.shape[0]
     pending = stats.statistics_gradients()
     for _ in range(len(stats.records)):
         if all(g is None for g in pending):
             return
+        # the replay stops once the last BatchNorm call (or batch mean) with a gradient is captured
+        last = max(i for i, g in enumerate(pending) if g is not None)
         for part in parts:
             adv = None if x_adv is None else x_adv[part]
-            with stats.replaying(model, part.stop - part.start, batch, capture=True):
-                step_objective(model, loss, x[part], y[part], eps_t, phase, config, adv, stats.batch_mean)
+            with contextlib.suppress(EnoughCaptured):
+                with stats.replaying(model, part.stop - part.start, batch, capture=True, stop_after=last):
+                    step_objective(model, loss, x[part], y[part], eps_t, phase, config, adv, stats.batch_mean)
             surrogate = stats.adjoint_surrogate(pending)
             if surrogate is not None:
                 surrogate.backward()
