@@ -126,9 +126,21 @@ def run_abcrown_alone(export_dir: Path, abcrown: Path, extra: list[str]) -> dict
     """One α,β-CROWN process over the csv of every point: verdicts and seconds per point."""
     n = len(json.loads((export_dir / "manifest.json").read_text())["points"])
     verdicts = vo.run_csv(export_dir, abcrown, extra, n)
+    seconds, late = abcrown_alone_details(export_dir)
+    return {"verdicts": [v if v is not None else "error" for v in verdicts], "seconds": seconds, "late": late}
+
+
+def abcrown_alone_details(export_dir: Path) -> tuple[list[float], list[str]]:
+    """Per instance of α,β-CROWN's csv run: its seconds, and the verdict it reached after the
+    budget (``safe`` / ``unsafe``; ``""`` when none): α,β-CROWN finishes its root bounds however long
+    they take and then marks the result "(timed out)", a budget hit for the figures."""
     with open(export_dir / "csv_run_results.pkl", "rb") as f:
-        seconds = [float(s) for _status, s in pickle.load(f)["results"]]
-    return {"verdicts": [v if v is not None else "error" for v in verdicts], "seconds": seconds}
+        results = pickle.load(f)["results"]
+    late = []
+    for status, _s in results:
+        after = "(timed out)" in status and "unknown" not in status
+        late.append(("unsafe" if "unsafe" in status else "safe") if after else "")
+    return [float(s) for _status, s in results], late
 
 
 def run_ours(
@@ -146,10 +158,11 @@ def run_ours(
     # 3: a soundness alarm, reported per point below rather than stopping the benchmark
     _run(verify, shard_dir / "ours_verify.log", env, ok=(0, 3))
     t2 = time.monotonic()
-    verdicts, stages = ours_verdicts(out)
+    verdicts, stages, late = ours_verdicts(out)
     return {
         "verdicts": verdicts,
         "stages": stages,
+        "late": late,
         "export_s": round(t1 - t0, 2),
         "verify_s": round(t2 - t1, 2),
     }
@@ -161,37 +174,60 @@ _OUTCOME_VERDICT = {"misclassified": UNSAFE, "attacked": UNSAFE, "pre-certified"
 _CATEGORY_VERDICT = {"safe": SAFE, "unsafe": UNSAFE, "timeout": TIMEOUT, "late": TIMEOUT}
 
 
-def ours_verdicts(export_dir: Path) -> tuple[list[str], list[str]]:
+def ours_verdicts(export_dir: Path) -> tuple[list[str], list[str], list[str]]:
     """Per point of an export verified by ``ccdist verify``: its verdict (safe / unsafe / timeout /
-    error / alarm) and what decided it (the pre-filter's outcome, or ``bab``)."""
+    error / alarm), what decided it (the pre-filter's outcome, or ``bab``) and the verdict reached
+    after the budget (``""`` when none)."""
     manifest = json.loads((export_dir / "manifest.json").read_text())
     summary = json.loads((export_dir / "verification.json").read_text())
-    category = {int(r["instance"]): r["category"] for r in summary["instances"]}
-    verdicts, stages = [], []
+    records = {int(r["instance"]): r for r in summary["instances"]}
+    verdicts, stages, late = [], [], []
     for p in manifest["points"]:
         outcome = p["outcome"]
+        rec = records.get(int(p["instance"]), {}) if p["instance"] is not None else {}
         if outcome == "bab":
-            cat = category.get(int(p["instance"]), "missing")
+            cat = rec.get("category", "missing")
             verdicts.append(_CATEGORY_VERDICT.get(cat, "alarm" if cat == "alarm" else "error"))
         else:
             verdicts.append(_OUTCOME_VERDICT[outcome])
         stages.append(outcome)
-    return verdicts, stages
+        late.append(rec.get("verdict", "") if rec.get("category") == "late" else "")
+    return verdicts, stages, late
 
 
-def compare_points(ours: list[str], theirs: list[str]) -> dict[str, Any]:
+def compare_points(
+    ours: list[str],
+    theirs: list[str],
+    ours_late: list[str] | None = None,
+    theirs_late: list[str] | None = None,
+) -> dict[str, Any]:
     """Per-point agreement of the two routes' verdicts.
 
-    ``alarms``: one route ``safe`` and the other ``unsafe`` (or a route's own alarm), a soundness
-    bug; ``timeout_vs_verdict``: a budget hit or error in one route and a verdict in the other (near
-    the budget, load can decide that); ``same``: equal verdicts."""
-    pairs = list(zip(ours, theirs, strict=True))
+    ``alarms``: one route ``safe`` and the other ``unsafe`` (or a route's own alarm, or a verdict
+    reached after the budget that contradicts the other route's), a soundness bug;
+    ``timeout_vs_verdict``: a budget hit or error in one route and a verdict in the other (near the
+    budget, load can decide that), of which ``late_same`` reached the other route's verdict after
+    the budget; ``same``: equal verdicts."""
+    n = len(ours)
+    ours_late, theirs_late = ours_late or [""] * n, theirs_late or [""] * n
+    rows = list(zip(ours, theirs, ours_late, theirs_late, strict=True))
     decided = (SAFE, UNSAFE)
+
+    def final(v: str, late: str) -> str:
+        return late or v
+
     return {
-        "same": sum(a == b for a, b in pairs),
-        "alarms": [i for i, (a, b) in enumerate(pairs) if {a, b} == {SAFE, UNSAFE} or "alarm" in (a, b)],
-        "timeout_vs_verdict": sum((a in decided) != (b in decided) for a, b in pairs),
-        "both_undecided": sum(a not in decided and b not in decided for a, b in pairs),
+        "same": sum(a == b for a, b, _, _ in rows),
+        "alarms": [
+            i
+            for i, (a, b, la, lb) in enumerate(rows)
+            if {final(a, la), final(b, lb)} == {SAFE, UNSAFE} or "alarm" in (a, b)
+        ],
+        "timeout_vs_verdict": sum((a in decided) != (b in decided) for a, b, _, _ in rows),
+        "late_same": sum(
+            (a in decided) != (b in decided) and final(a, la) == final(b, lb) for a, b, la, lb in rows
+        ),
+        "both_undecided": sum(a not in decided and b not in decided for a, b, _, _ in rows),
     }
 
 
@@ -272,6 +308,7 @@ def summarize(
             "wall_s": round(sum(m[r]["wall_s"] for m in measured), 2),
             "cpu_s": round(sum(m[r]["cpu_s"] for m in measured), 2),
             **route_counts(verdicts[r]),
+            "late_verdicts": sum(bool(v) for m in measured for v in m[r].get("late", [])),
         }
     stages = [s for m in measured for s in m["ours"]["stages"]]
     out["ours"]["prefilter"] = {
@@ -286,10 +323,22 @@ def summarize(
         out[f"{kind}_ratio_per_shard"] = [
             round(m["ours"][f"{kind}_s"] / max(m["abcrown"][f"{kind}_s"], 1e-9), 3) for m in measured
         ]
-    out["agreement"] = compare_points(verdicts["ours"], verdicts["abcrown"])
+    late = {r: [v for m in measured for v in m[r].get("late", [""] * len(m[r]["verdicts"]))] for r in ROUTES}
+    out["agreement"] = compare_points(verdicts["ours"], verdicts["abcrown"], late["ours"], late["abcrown"])
     out["verdicts"] = verdicts
     out["measured"] = measured
     return out
+
+
+def resummarize(previous: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The summary of an earlier run (its JSON) again, with what its work folder adds (the verdicts
+    reached after the budget): the timings are the run's, nothing is measured again."""
+    measured = previous["measured"]
+    for k, m in enumerate(measured):
+        shard = work / f"shard_{k}"
+        m["abcrown"]["late"] = abcrown_alone_details(shard / "abcrown")[1]
+        m["ours"]["late"] = ours_verdicts(shard / "ours")[2]
+    return summarize(measured, previous["timeout_s"], previous["alpha_crown"], previous["threads"])
 
 
 def markdown(s: dict[str, Any], command: str) -> str:
@@ -300,12 +349,12 @@ def markdown(s: dict[str, Any], command: str) -> str:
     lines = [
         f"`{command}`",
         "",
-        "| route | wall s | CPU s | certified | refuted | budget hits | errors |",
+        "| route | wall s | CPU s | certified | refuted | budget hits (verdict after the budget) | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| {route_a} | {o['wall_s']:.1f} | {o['cpu_s']:.1f} | {o['certified']} | {o['refuted']} "
-        f"| {o['budget_hits']} | {o['errors']} |",
+        f"| {o['budget_hits']} ({o['late_verdicts']}) | {o['errors']} |",
         f"| α,β-CROWN alone (one process over the csv) | {a['wall_s']:.1f} | {a['cpu_s']:.1f} "
-        f"| {a['certified']} | {a['refuted']} | {a['budget_hits']} | {a['errors']} |",
+        f"| {a['certified']} | {a['refuted']} | {a['budget_hits']} ({a['late_verdicts']}) | {a['errors']} |",
         f"| **ratio ours / alone** | **{s['wall_ratio']:.2f}** | **{s['cpu_ratio']:.2f}** | | | | |",
         "",
     ]
@@ -318,7 +367,8 @@ def markdown(s: dict[str, Any], command: str) -> str:
         f"CPU {vo._fmt(s['cpu_ratio_per_shard'])}.",
         f"Per point: {g['same']} of {s['points']} same verdict, {len(g['alarms'])} safe/unsafe "
         f"disagreements (soundness alarms), {g['timeout_vs_verdict']} budget hit or error in one route "
-        f"against a verdict in the other, {g['both_undecided']} undecided in both.",
+        f"against a verdict in the other (on {g['late_same']} of them the same verdict, reached after the "
+        f"budget), {g['both_undecided']} undecided in both.",
         f"Ours: pre-filter decided {pre['misclassified']} misclassified, {pre['pre-certified']} certified, "
         f"{pre['attacked']} broken by PGD; {pre['bab']} sent to α,β-CROWN. Wall time in `ccdist export` "
         f"{o['export_s']:.1f} s, in `ccdist verify` {o['verify_s']:.1f} s.",
@@ -347,7 +397,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "cifar_end_to_end.json"))
+    ap.add_argument(
+        "--resummarize",
+        default=None,
+        metavar="JSON",
+        help="rewrite the summary of an earlier run's JSON from its --work folder (nothing rerun)",
+    )
     args = ap.parse_args()
+    if args.resummarize:
+        previous = json.loads(Path(args.resummarize).read_text())
+        summary = {**resummarize(previous, Path(args.work)), "load_average_end": previous["load_average_end"]}
+        write_outputs(summary, previous["command"], Path(args.out))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -368,7 +429,11 @@ def main() -> None:
     )
     command = shlex.join(["python", "benchmarks/cifar_end_to_end.py", *sys.argv[1:]])
     summary["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
+    write_outputs(summary, command, Path(args.out))
+
+
+def write_outputs(summary: dict[str, Any], command: str, out: Path) -> None:
+    """``out`` (JSON) and the Markdown table beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, **summary}, indent=1) + "\n")
     text = markdown(summary, command)

@@ -27,6 +27,22 @@ def test_a_safe_point_refuted_by_the_other_route_is_an_alarm_and_timeouts_are_ap
     assert e2e.compare_points(["alarm"], ["timeout"])["alarms"] == [0]  # a route's own alarm too
 
 
+def test_a_verdict_after_the_budget_is_a_budget_hit_that_must_still_agree(tmp_path):
+    import pickle
+
+    statuses = ["safe-incomplete (timed out)", "unsafe-pgd", "unknown", "safe", "unsafe-bab (timed out)"]
+    with open(tmp_path / "csv_run_results.pkl", "wb") as f:
+        pickle.dump({"results": [(st, 11.0) for st in statuses]}, f)
+    seconds, late = e2e.abcrown_alone_details(tmp_path)
+    assert seconds == [11.0] * 5 and late == ["safe", "", "", "", "unsafe"]
+    g = e2e.compare_points(
+        ["safe", "unsafe", "timeout"], ["timeout", "unsafe", "timeout"], None, ["safe", "", ""]
+    )
+    assert g["timeout_vs_verdict"] == 1 and g["late_same"] == 1 and g["alarms"] == []
+    # refuted after the budget what the other route certified: a soundness alarm all the same
+    assert e2e.compare_points(["safe"], ["timeout"], None, ["unsafe"])["alarms"] == [0]
+
+
 def _shard(start, ours_verdicts, stages, abcrown_verdicts, seconds, walls, cpus):
     return {
         "start": start,
