@@ -6,9 +6,10 @@ Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results
 (``python benchmarks/reproduce_cpu.py``), ``docs/results/resnet_cpu.md``
 (``python benchmarks/resnet_cpu.py``), ``docs/results/accumulate_memory.md``
 (``python benchmarks/accumulate_memory.py``), ``docs/results/verifier_overhead.md``
-(``python benchmarks/verifier_overhead.py``) and the written discussions ``docs/results/notes.md``,
-``resnet_cpu_notes.md`` and ``verifier_overhead_notes.md`` (which quote only figures from those
-files), and writes ``docs/RESULTS.md``.
+(``python benchmarks/verifier_overhead.py``), ``docs/results/cifar_end_to_end.md``
+(``python benchmarks/cifar_end_to_end.py``) and the written discussions ``docs/results/notes.md``,
+``resnet_cpu_notes.md``, ``verifier_overhead_notes.md`` and ``cifar_end_to_end_notes.md`` (which
+quote only figures from those files), and writes ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ python benchmarks/speed.py --only resnet --repeats 3 --threads 1 --out docs/resu
 python benchmarks/accumulate_memory.py                       # → docs/results/accumulate_memory.*
 python benchmarks/verifier_overhead.py --points 12 --timeout 10 --rounds 2 --cifar-root DIR \\
                                    # → docs/results/verifier_overhead.* (issue 23: ccdist verify's cost)
+python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 200 --shards 4 \\
+    --timeout 10                   # → docs/results/cifar_end_to_end.* (issue 23: pre-filter + α,β-CROWN
+                                   #   against α,β-CROWN alone; the reading: cifar_end_to_end_notes.md)
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
@@ -68,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         ("## Gradient accumulation", "accumulate_memory.md"),
         ("## `ccdist verify` against one α,β-CROWN process over the csv", "verifier_overhead.md"),
         ("### Reading", "verifier_overhead_notes.md"),
+        (
+            "## End to end on CIFAR-10: the pre-filter + α,β-CROWN against α,β-CROWN alone",
+            "cifar_end_to_end.md",
+        ),
+        ("### Reading", "cifar_end_to_end_notes.md"),
     ):
         path = docs / "results" / name
         if "/" in name and not path.is_file():
