@@ -102,35 +102,60 @@ def child(k: int, mode: str, steps: int) -> dict[str, Any]:
     }
 
 
-def gradient_child(ks: list[int]) -> dict[str, Any]:
+def _gradient(k: int, mode: str, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor):
+    """The warm-up step's gradient (all parameters, flattened, float64) and logged loss."""
     from ccdist_plugin.step import _accumulated_gradients, step_objective
 
+    cfg, model, loss, optimizer = _setup(k, mode)
+    model.to(dtype).train()
+    x = x.to(dtype)
+    if k == 1:
+        total, terms, _ = step_objective(model, loss, x, y, EPS / 2, "warmup", cfg)
+        total.backward()
+        value = float(terms["loss"])
+    else:
+        terms, _ = _accumulated_gradients(model, loss, optimizer, x, y, EPS / 2, "warmup", cfg)
+        value = terms["loss"]
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double(), value
+
+
+def gradient_child(ks: list[int]) -> dict[str, Any]:
+    """Float32 gradients of each k and mode against the float32 one-batch gradient and against the
+    float64 one-batch gradient (the reference: how far float32 rounding alone moves a gradient)."""
     x, y, _ = _batch(128)
-    grads, losses = {}, {}
-    runs = [(1, "exact")] + [(k, mode) for k in ks for mode in MODES]
-    for k, mode in runs:
-        cfg, model, loss, optimizer = _setup(k, mode)
-        model.train()
-        torch.manual_seed(1)  # the same attack start for every k
-        if k == 1:
-            total, terms, _ = step_objective(model, loss, x, y, EPS / 2, "warmup", cfg)
-            total.backward()
-            losses[k, mode] = float(terms["loss"])
-        else:
-            terms, _ = _accumulated_gradients(model, loss, optimizer, x, y, EPS / 2, "warmup", cfg)
-            losses[k, mode] = terms["loss"]
-        grads[k, mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    base = grads[1, "exact"]
-    return {
-        f"{k}/{mode}": {
-            "k": k,
-            "mode": mode,
-            "relative_l2": float((grads[k, mode] - base).norm() / base.norm()),
-            "loss": losses[k, mode],
-            "loss_k1": losses[1, "exact"],
+    reference, _ = _gradient(1, "exact", torch.float64, x, y)
+    base, base_loss = _gradient(1, "exact", torch.float32, x, y)
+    out: dict[str, Any] = {
+        "1/-": {
+            "k": 1,
+            "mode": "-",
+            "relative_l2": 0.0,
+            "relative_l2_float64_reference": float((base - reference).norm() / reference.norm()),
+            "loss": base_loss,
+            "loss_k1": base_loss,
         }
-        for k, mode in runs[1:]
     }
+    for k in ks:
+        for mode in MODES:
+            grad, value = _gradient(k, mode, torch.float32, x, y)
+            out[f"{k}/{mode}"] = {
+                "k": k,
+                "mode": mode,
+                "relative_l2": float((grad - base).norm() / base.norm()),
+                "relative_l2_float64_reference": float((grad - reference).norm() / reference.norm()),
+                "loss": value,
+                "loss_k1": base_loss,
+            }
+        grad64, _ = _gradient(k, "exact", torch.float64, x, y)
+        out[f"{k}/exact/float64"] = {
+            "k": k,
+            "mode": "exact, float64",
+            "relative_l2": float((grad64 - reference).norm() / reference.norm()),
+            "relative_l2_float64_reference": float((grad64 - reference).norm() / reference.norm()),
+            "loss": float("nan"),
+            "loss_k1": base_loss,
+        }
+    return out
 
 
 def _run_child(args: list[str]) -> dict[str, Any]:
@@ -170,16 +195,20 @@ def _markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Distance of the accumulated gradient from the one-batch gradient on that CNN-7 (BatchNorm after "
-        "every layer, float32), warm-up step, same weights and batch:",
+        "every layer), warm-up step, same weights and batch; g_1 is the float32 one-batch gradient, g* the "
+        "float64 one (so the last column shows what float32 rounding alone does, k = 1 included):",
         "",
-        "| k | BatchNorm gradient | ‖g_k − g_1‖ / ‖g_1‖ (CNN-7, warm-up step) | logged loss, k | "
+        "| k | BatchNorm gradient | ‖g_k − g_1‖ / ‖g_1‖ | ‖g_k − g*‖ / ‖g*‖ | logged loss, k | "
         "logged loss, k = 1 |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for key, row in result["gradient"].items():
         k, mode = row.get("k", key), row.get("mode", "micro_batch")
+        ref = row.get("relative_l2_float64_reference")
+        ref_text = "" if ref is None else f"{ref:.3g}"
+        loss = "" if math.isnan(row["loss"]) else f"{row['loss']:.6f}"
         lines.append(
-            f"| {k} | {mode} | {row['relative_l2']:.3g} | {row['loss']:.6f} | {row['loss_k1']:.6f} |"
+            f"| {k} | {mode} | {row['relative_l2']:.3g} | {ref_text} | {loss} | {row['loss_k1']:.6f} |"
         )
     m = result["machine"]
     lines.append("")
@@ -212,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="exact", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
+    parser.add_argument(
+        "--gradient-only",
+        action="store_true",
+        help="rerun the gradient table only, keeping the .json's memory rows",
+    )
     args = parser.parse_args(argv)
     if args.markdown_only:
         result = json.loads((Path(args.out) / "accumulate_memory.json").read_text())
@@ -230,12 +264,16 @@ def main(argv: list[str] | None = None) -> None:
     ks = [int(k) for k in args.ks.split(",")]
     threads = ["--threads", str(args.threads)]
     configs = [(k, mode) for k in ks for mode in (("exact",) if k == 1 else MODES)]
-    rounds = []
-    for r in range(args.rounds):
-        order = configs if r % 2 == 0 else configs[::-1]
-        done = {c: _run_child(["--child", str(c[0]), "--mode", c[1], *threads]) for c in order}
-        rounds.append([done[c] for c in configs])
-    memory = _median_rows(rounds)
+    if args.gradient_only:
+        earlier = json.loads((Path(args.out) / "accumulate_memory.json").read_text())
+        memory, args.rounds = earlier["memory"], earlier.get("rounds", 1)
+    else:
+        rounds = []
+        for r in range(args.rounds):
+            order = configs if r % 2 == 0 else configs[::-1]
+            done = {c: _run_child(["--child", str(c[0]), "--mode", c[1], *threads]) for c in order}
+            rounds.append([done[c] for c in configs])
+        memory = _median_rows(rounds)
     others = sorted({2, *(k for k in ks if k != 1)})
     gradient = _run_child(["--gradient-child", ",".join(map(str, others)), *threads])
     data = "CIFAR-10 JPEG subset" if _batch(1)[2] is not None else "uniform noise (CCDIST_DATA not set)"

@@ -46,15 +46,20 @@ _ALPHA_BUDGET = 2**24
 
 
 def _refuse_non_native(model: CertifiedNet) -> None:
-    """α-CROWN runs on the native CROWN only: name the layer it cannot take, and the alternative."""
+    """α-CROWN runs on the native CROWN only, and optimizes ReLU slopes only: name the layer it
+    cannot take, and the alternative."""
     layer = native_unsupported_layer(model.features)
-    if layer is None:
-        layer = next((m for m in model.features.modules() if isinstance(m, nn.Tanh)), None)
     if layer is not None:
         raise UnsupportedLayerError(
             f"α-CROWN needs the native CROWN (ReLU networks of Sequential and Residual blocks), which "
             f"does not take {layer!r}; certify this network with CROWN through auto_LiRPA instead "
             "(without --alpha-crown)"
+        )
+    tanh = next((m for m in model.features.modules() if isinstance(m, nn.Tanh)), None)
+    if tanh is not None:
+        raise UnsupportedLayerError(
+            f"α-CROWN optimizes the slopes of ReLU networks only, and this one has {tanh!r}; certify "
+            "it with CROWN instead (without --alpha-crown: the native CROWN relaxes tanh)"
         )
 
 

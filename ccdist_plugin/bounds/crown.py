@@ -1,8 +1,9 @@
 """CROWN back-substitution (Zhang et al. 2018) over a network's graph, for evaluation.
 
 - :func:`back_substitute` — a linear function of one graph node pulled back through the layers to
-  the input box, each ReLU relaxed linearly (the adaptive lower relaxation of CROWN, the chord
-  above); at a residual join the coefficients go down both branches and add where they meet.
+  the input box, each ReLU or tanh relaxed linearly (:mod:`ccdist_plugin.bounds.relaxations`: for
+  ReLU the adaptive lower relaxation of CROWN and the chord above; for tanh CROWN's chords and
+  tangents); at a residual join the coefficients go down both branches and add where they meet.
   Differentiable: CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) uses it too.
 - :func:`crown_margin_lower_bound` — CROWN lower bounds on the logit differences, with CROWN
   (``intermediate="crown"``) or IBP (``"ibp"``, CROWN-IBP) pre-activation bounds, natively or
@@ -116,7 +117,7 @@ def _backward_layer(
     affine: tuple[Tensor, Tensor] | None,
     lower_slope: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU relaxed).
+    """Back-substitute ``a · layer(z) + bias`` to a lower bound ``a′ · z + bias′`` (ReLU and tanh relaxed).
 
     ``lower_slope``: for a ReLU, the slopes in [0, 1] of the lower relaxation of its unstable
     neurons (broadcastable to ``a``; α-CROWN); None: CROWN's adaptive choice."""
@@ -196,20 +197,20 @@ def back_substitute(
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
 
 
-#: how CROWN obtains the pre-activation bounds of its ReLU relaxations
+#: how CROWN obtains the pre-activation bounds of its ReLU and tanh relaxations
 CROWN_INTERMEDIATE = ("crown", "ibp", "auto")
 
 
 def _crown_costs(model: CertifiedNet) -> list[int]:
-    """Per ReLU after the first (the first's bounds are exact from IBP): the coefficients one
+    """Per activation after the first (the first's bounds are exact from IBP): the coefficients one
     example's back-substitution holds, 2 × its neurons × the largest layer below it."""
     x = torch.full(
         (1, *model.input_shape), 0.5, dtype=model.head.weight.dtype, device=model.head.weight.device
     )
     nodes = network_graph(model.features)
     shapes = _node_shapes(model.features, x)
-    # a ReLU node's input is node inputs[0]; every node it depends on has a smaller index
-    sources = [node.inputs[0] for node in nodes if isinstance(node.layer, nn.ReLU)]
+    # an activation node's input is node inputs[0]; every node it depends on has a smaller index
+    sources = [node.inputs[0] for node in nodes if isinstance(node.layer, RELAXED_ACTIVATIONS)]
     return [
         2 * math.prod(shapes[s]) * max(math.prod(shape) for shape in shapes[: s + 1]) for s in sources[1:]
     ]
@@ -240,7 +241,7 @@ def resolve_crown_intermediate(
 class CrownRelaxation:
     """What CROWN's final back-substitution needs (:func:`crown_relaxation`): the graph of the
     features, every node's output shape (node 0: the input), the pre-activation bounds of every
-    ReLU node, the (scale, shift) of every BatchNorm/Normalize node, and the input box."""
+    ReLU and tanh node, the (scale, shift) of every BatchNorm/Normalize node, and the input box."""
 
     nodes: list[GraphNode]
     shapes: list[torch.Size]
@@ -254,7 +255,7 @@ class CrownRelaxation:
 def crown_relaxation(
     model: CertifiedNet, x: Tensor, eps: float | Tensor, intermediate: str, chunk: int = 512
 ) -> CrownRelaxation:
-    """The native CROWN's ReLU relaxations on the ball around ``x``: pre-activation bounds by
+    """The native CROWN's ReLU and tanh relaxations on the ball around ``x``: pre-activation bounds by
     CROWN (``intermediate="crown"``) or IBP (``"ibp"``), over the network's graph (residual blocks
     included). The model must be in eval mode and every layer native (not checked here)."""
     nodes = network_graph(model.features)
@@ -265,20 +266,20 @@ def crown_relaxation(
     preact: dict[int, tuple[Tensor, Tensor]] = {}
     bsz = x.shape[0]
     for n, node in enumerate(nodes):
-        if isinstance(node.layer, nn.Tanh):
-            raise UnsupportedLayerError(
-                "native CROWN supports ReLU networks; use backend='auto_lirpa' for tanh"
-            )
-        if not isinstance(node.layer, nn.ReLU):
+        if not isinstance(node.layer, RELAXED_ACTIVATIONS):
             continue
         src = node.inputs[0]
         l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
         # Before the first activation the network is affine (every node there precedes it) and
         # IBP is exact per neuron.
         if intermediate == "crown" and preact:
-            # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
-            # stable neuron's relaxation is exact, so its bounds change nothing downstream.
-            unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
+            if isinstance(node.layer, nn.ReLU):
+                # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds:
+                # a stable neuron's relaxation is exact, so its bounds change nothing downstream.
+                unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
+            else:
+                # tanh is curved everywhere: every neuron's lines depend on its bounds
+                unstable = torch.arange(l[0].numel(), device=x.device)
             largest = max(math.prod(shape) for shape in shapes[: src + 1])
             # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
             rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
@@ -372,14 +373,14 @@ def crown_margin_lower_bound(
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
     Args:
-        intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained
+        intermediate: how the pre-activation bounds used by the ReLU and tanh relaxations are obtained
             (:func:`resolve_crown_intermediate` says which one ``"auto"`` picks for a model).
             ``"crown"``: by back-substitution for every layer, intersected with IBP so never
             looser (CROWN, Zhang et al. 2018): costly on CIFAR-size networks (memory stays
             bounded: neurons and examples are processed in chunks). ``"ibp"``: from IBP
             (CROWN-IBP, Zhang et al. 2020). ``"auto"``: ``"crown"`` when every back-substitution
             holds at most ``max_crown_elements`` coefficients per example, else ``"ibp"``.
-        backend: ``"native"`` (this module: ReLU networks of ``nn.Sequential`` and
+        backend: ``"native"`` (this module: ReLU and tanh networks of ``nn.Sequential`` and
             :class:`Residual` blocks, whose join sums the two branches' back-substituted
             coefficients), ``"auto_lirpa"`` (auto_LiRPA's ``compute_bounds(method="CROWN" or
             "CROWN-IBP")`` with the elision matrix as C), or ``"auto"``: native when it supports
@@ -388,7 +389,9 @@ def crown_margin_lower_bound(
         chunk: the most neurons bounded per back-substitution batch (memory knob).
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
-    u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
+    u > −l, else 0); the upper one is the chord. A tanh is relaxed as auto_LiRPA's CROWN does
+    (:func:`ccdist_plugin.bounds.relaxations.tanh_relaxation`; its tangent points solved for, not
+    read off a grid, so its bounds can be slightly tighter). The native backend is for evaluation and runs
     without autograd (the result carries no gradient). The model is not modified.
     """
     model = check_model(model)

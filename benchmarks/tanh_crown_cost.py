@@ -1,0 +1,98 @@
+"""Full CROWN on a tanh CNN-7 at 32×32 (appendix E.8's network, narrowed): native against auto_LiRPA.
+
+One point at a time, the two backends interleaved (their order alternating from point to point), on
+one thread in float64; wall and CPU seconds per point side by side (the CPU time is what a shared,
+loaded machine does not inflate), and the largest relative difference of the margin lower bounds::
+
+    python benchmarks/tanh_crown_cost.py --channels 4,4,8,8,8 --width 32 --points 3
+
+The network is untrained (the cost of a bound depends on the shapes only; BatchNorm statistics come
+from a batch of random images). The bounds differ by the tangent points of the tanh relaxation:
+auto_LiRPA reads them off a 0.01 grid, the native CROWN solves for them
+(``ccdist_plugin.bounds.relaxations.tanh_relaxation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from ccdist_plugin.bounds import crown_margin_lower_bound
+from ccdist_plugin.models import cnn7
+
+
+def _timed(fn) -> tuple[float, float, torch.Tensor]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--channels", default="4,4,8,8,8", help="the five convolution widths")
+    ap.add_argument("--width", type=int, default=32, help="the dense layer's width")
+    ap.add_argument("--points", type=int, default=3)
+    ap.add_argument("--eps", type=float, default=2 / 255)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")  # auto_LiRPA's tracing warnings
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    channels = [int(c) for c in args.channels.split(",")]
+    model = cnn7(3, 32, 10, width=args.width, channels=channels, activation="tanh").double()
+    with torch.no_grad():
+        model.train()(torch.rand(64, 3, 32, 32, dtype=torch.float64))
+    model.eval()
+    x = torch.rand(args.points, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (args.points,))
+    runs = {
+        "native": lambda i: crown_margin_lower_bound(
+            model, x[i : i + 1], y[i : i + 1], args.eps, intermediate="crown", backend="native"
+        ),
+        "auto_LiRPA": lambda i: crown_margin_lower_bound(
+            model, x[i : i + 1], y[i : i + 1], args.eps, intermediate="crown", backend="auto_lirpa"
+        ),
+    }
+    per_point = []
+    for i in range(args.points):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
+        done = {name: _timed(lambda name=name, i=i: runs[name](i)) for name in order}
+        ours, theirs = done["native"][2], done["auto_LiRPA"][2]
+        off = torch.arange(10) != y[i]
+        rel = ((ours - theirs).abs() / theirs.abs())[:, off].max()
+        per_point.append(
+            {
+                "wall_s": {k: round(v[0], 2) for k, v in done.items()},
+                "cpu_s": {k: round(v[1], 2) for k, v in done.items()},
+                "max_rel_diff": float(f"{float(rel):.3g}"),
+                "native_minus_auto_lirpa_mean": float(f"{float((ours - theirs)[:, off].mean()):.3g}"),
+                "load_average": [round(a, 1) for a in os.getloadavg()],
+            }
+        )
+        print(json.dumps({"point": i, **per_point[-1]}), flush=True)
+
+    def total(key: str, name: str) -> float:
+        return sum(p[key][name] for p in per_point)
+
+    summary = {
+        "command": "python benchmarks/tanh_crown_cost.py " + " ".join(sys.argv[1:]),
+        "channels": channels,
+        "width": args.width,
+        "eps": args.eps,
+        "points": args.points,
+        "wall_s_per_point": {n: round(total("wall_s", n) / args.points, 2) for n in runs},
+        "cpu_s_per_point": {n: round(total("cpu_s", n) / args.points, 2) for n in runs},
+        "cpu_ratio_native_over_auto_lirpa": round(total("cpu_s", "native") / total("cpu_s", "auto_LiRPA"), 2),
+        "max_rel_diff": max(p["max_rel_diff"] for p in per_point),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
