@@ -4,7 +4,10 @@ One point at a time, the two backends interleaved (their order alternating from 
 one thread in float64; wall and CPU seconds per point side by side (the CPU time is what a shared,
 loaded machine does not inflate), and the largest relative difference of the margin lower bounds::
 
-    python benchmarks/tanh_crown_cost.py --channels 4,4,8,8,8 --width 32 --points 3
+    python benchmarks/tanh_crown_cost.py --channels 4,4,8,8,8 --width 32 --points 3 --out docs/results
+
+With ``--out DIR`` it writes ``DIR/tanh_crown.json`` and the table ``DIR/tanh_crown.md`` (which
+``benchmarks/make_results.py`` puts into docs/RESULTS.md).
 
 The network is untrained (the cost of a bound depends on the shapes only; BatchNorm statistics come
 from a batch of random images). The bounds differ by the tangent points of the tanh relaxation:
@@ -20,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=32, help="the dense layer's width")
     ap.add_argument("--points", type=int, default=3)
     ap.add_argument("--eps", type=float, default=2 / 255)
+    ap.add_argument("--out", default=None, help="folder for tanh_crown.{json,md}")
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # auto_LiRPA's tracing warnings
     torch.set_num_threads(1)
@@ -90,8 +95,43 @@ def main() -> None:
         "cpu_ratio_native_over_auto_lirpa": round(total("cpu_s", "native") / total("cpu_s", "auto_LiRPA"), 2),
         "max_rel_diff": max(p["max_rel_diff"] for p in per_point),
         "torch": torch.__version__,
+        "per_point": per_point,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     print(json.dumps(summary, indent=1))
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tanh_crown.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / "tanh_crown.md").write_text(_markdown(summary))
+
+
+def _markdown(summary: dict) -> str:
+    """The table of docs/RESULTS.md's tanh section (figures from ``summary`` only)."""
+    points = summary["per_point"]
+
+    def each(key: str, name: str) -> str:
+        return ", ".join(f"{p[key][name]:.2f}" for p in points)
+
+    loads = [p["load_average"][0] for p in points]
+    lines = [
+        f"<!-- {summary['command']} -->",
+        "",
+        f"An untrained tanh CNN-7 at 32×32 (channels {','.join(map(str, summary['channels']))}, width "
+        f"{summary['width']}), ε = {summary['eps']:.4g}, float64, one thread; the two backends alternate per "
+        f"point; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on the shared machine (compare CPU "
+        "times):",
+        "",
+        "| per point | native full CROWN | auto_LiRPA full CROWN |",
+        "|---|---:|---:|",
+        f"| CPU seconds (each point) | {each('cpu_s', 'native')} | {each('cpu_s', 'auto_LiRPA')} |",
+        f"| wall seconds (each point) | {each('wall_s', 'native')} | {each('wall_s', 'auto_LiRPA')} |",
+        "",
+        f"CPU time native / auto_LiRPA: {summary['cpu_ratio_native_over_auto_lirpa']:.2f}×. Largest relative "
+        f"difference of the margin lower bounds: {summary['max_rel_diff']:.2g}. Measured "
+        f"{summary['date_utc']} UTC, torch {summary['torch']}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
