@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             "cifar_end_to_end.md",
         ),
         ("### Reading", "cifar_end_to_end_notes.md"),
-        ("## Full CROWN through tanh: native against auto_LiRPA (appendix E.8's CNN-7, narrowed)", "tanh_crown.md"),
+        (
+            "## Full CROWN through tanh: native against auto_LiRPA (appendix E.8's CNN-7, narrowed)",
+            "tanh_crown.md",
+        ),
         ("### Reading", "tanh_crown_notes.md"),
     ):
         path = docs / "results" / name
