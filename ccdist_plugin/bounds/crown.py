@@ -41,6 +41,7 @@ from ccdist_plugin.bounds.lirpa import (
     plain_lirpa_warnings,
     refuse_unsound_lirpa_crown,
 )
+from ccdist_plugin.bounds.patches import PATCH_BUDGET, patch_preact_bounds, patches_supported
 from ccdist_plugin.bounds.relaxations import RELAXED_ACTIVATIONS, activation_relaxation, apply_lower
 from ccdist_plugin.models import CertifiedNet, Normalize
 from ccdist_plugin.validate import check_inputs, check_labels, check_model
@@ -198,6 +199,8 @@ def back_substitute(
 
 #: how CROWN obtains the pre-activation bounds of its ReLU relaxations
 CROWN_INTERMEDIATE = ("crown", "ibp", "auto")
+#: how CROWN back-substitutes the pre-activation bounds of convolutional feature maps
+CONV_MODES = ("patches", "dense")
 
 
 def _crown_costs(model: CertifiedNet) -> list[int]:
@@ -236,6 +239,28 @@ def resolve_crown_intermediate(
     return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
 
 
+def _tightened_intervals(
+    nodes: list[GraphNode], src: int, preact: dict[int, tuple[Tensor, Tensor]], l: Tensor, u: Tensor
+) -> tuple[Tensor, Tensor]:
+    """IBP bounds ``(l, u)`` of node ``src`` intersected with the intervals that the CROWN bounds
+    of the activation below it give, when ``src`` is reached from that activation by a chain of
+    eval-mode layers (else ``(l, u)`` unchanged). Far fewer neurons are unstable under these, so
+    far fewer need a back-substitution (auto_LiRPA picks its neurons the same way)."""
+    chain: list[nn.Module] = []
+    n = src
+    while n > 0 and nodes[n].layer is not None and nodes[n].inputs == (n - 1,) and n not in preact:
+        chain.append(nodes[n].layer)
+        n -= 1
+    if n not in preact or n == src:
+        return l, u
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in chain):
+        return l, u  # batch statistics: kept to the full-network IBP
+    # preact[n] bounds the input of activation node n: the chain starts with the activation
+    pl, pu = preact[n]
+    ibp = native_intervals(nn.Sequential(nodes[n].layer, *reversed(chain)), pl, pu, None, False, False)
+    return torch.maximum(l, ibp.lower), torch.minimum(u, ibp.upper)
+
+
 @dataclass
 class CrownRelaxation:
     """What CROWN's final back-substitution needs (:func:`crown_relaxation`): the graph of the
@@ -252,11 +277,25 @@ class CrownRelaxation:
 
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def crown_relaxation(
-    model: CertifiedNet, x: Tensor, eps: float | Tensor, intermediate: str, chunk: int = 512
+    model: CertifiedNet,
+    x: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    chunk: int = 512,
+    conv_mode: str = "patches",
+    patch_budget: int = PATCH_BUDGET,
 ) -> CrownRelaxation:
     """The native CROWN's ReLU relaxations on the ball around ``x``: pre-activation bounds by
     CROWN (``intermediate="crown"``) or IBP (``"ibp"``), over the network's graph (residual blocks
-    included). The model must be in eval mode and every layer native (not checked here)."""
+    included). The model must be in eval mode and every layer native (not checked here).
+
+    ``conv_mode="patches"`` (the default) bounds a convolutional feature map whose layers below
+    are a chain of convolutions, BatchNorm/Normalize and activations in patches form
+    (:mod:`ccdist_plugin.bounds.patches`: each neuron's coefficients on its receptive field alone,
+    one coefficient tensor within ``patch_budget`` elements, default 2**24); every other map, and
+    every map under ``"dense"``, by dense back-substitution. Both give the same bounds."""
+    if conv_mode not in CONV_MODES:
+        raise ValueError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
     nodes = network_graph(model.features)
     lo, hi = input_box(x, eps)
     ibp = native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
@@ -276,13 +315,19 @@ def crown_relaxation(
         # Before the first activation the network is affine (every node there precedes it) and
         # IBP is exact per neuron.
         if intermediate == "crown" and preact:
-            # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
-            # stable neuron's relaxation is exact, so its bounds change nothing downstream.
+            l, u = _tightened_intervals(nodes, src, preact, l, u)
+            # Only neurons unstable under those bounds (l < 0 < u in some example) need tighter
+            # ones: a stable neuron's relaxation is exact, so its bounds change nothing downstream.
             unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
             largest = max(math.prod(shape) for shape in shapes[: src + 1])
             # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
             rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
             l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
+            if conv_mode == "patches" and patches_supported(nodes, src, shapes):
+                bl, bu = patch_preact_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, patch_budget)
+                l_flat[:, unstable] = torch.maximum(l_flat[:, unstable], bl)
+                u_flat[:, unstable] = torch.minimum(u_flat[:, unstable], bu)
+                unstable = unstable[:0]  # done: no dense pass below
             for s in range(0, unstable.numel(), rows_per_pass):
                 idx = unstable[s : s + rows_per_pass]
                 rows = x.new_zeros(idx.numel(), l[0].numel())
@@ -302,11 +347,19 @@ def crown_relaxation(
 
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def _native_crown(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    chunk: int,
+    conv_mode: str = "patches",
+    patch_budget: int = PATCH_BUDGET,
 ) -> Tensor:
     """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
-    the network's graph (residual blocks included)."""
-    r = crown_relaxation(model, x, eps, intermediate, chunk)
+    the network's graph (residual blocks included); ``conv_mode``, ``patch_budget``: as
+    :func:`crown_relaxation`."""
+    r = crown_relaxation(model, x, eps, intermediate, chunk, conv_mode, patch_budget)
     w_diff, b_diff = elision_matrix(model.head, y)
     return back_substitute(
         r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi
@@ -368,6 +421,8 @@ def crown_margin_lower_bound(
     backend: str = "auto",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
+    conv_mode: str = "patches",
+    patch_budget: int = PATCH_BUDGET,
 ) -> Tensor:
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
@@ -385,7 +440,17 @@ def crown_margin_lower_bound(
             "CROWN-IBP")`` with the elision matrix as C), or ``"auto"``: native when it supports
             every layer (every built-in model, residual ones included), auto_LiRPA otherwise
             (networks made with ``CertifiedNet.wrap`` of other layers).
-        chunk: the most neurons bounded per back-substitution batch (memory knob).
+        chunk: the most neurons bounded per dense back-substitution batch (memory knob).
+        conv_mode: ``"patches"`` (default): the native CROWN bounds the neurons of convolutional
+            feature maps in patches form (each neuron's coefficients on its receptive field
+            alone; :mod:`ccdist_plugin.bounds.patches`), where every layer below is a
+            convolution (zero padding), BatchNorm/Normalize, activation or pass-through in a
+            chain; other maps (below a residual join, say) and ``"dense"`` back-substitute dense
+            coefficient tensors. The bounds are the same.
+        patch_budget: the most elements of one patches coefficient tensor (default
+            :data:`~ccdist_plugin.bounds.patches.PATCH_BUDGET` = 2**24, 128 MiB in float64; a
+            back-substitution holds a few of that size). Too small for one neuron:
+            :class:`~ccdist_plugin.bounds.patches.PatchBudgetError` naming it.
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
@@ -396,6 +461,8 @@ def crown_margin_lower_bound(
     check_labels(x, y, model.num_classes)
     if backend not in ("auto", "native", "auto_lirpa"):
         raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    if conv_mode not in CONV_MODES:
+        raise ValueError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
     refuse_uncertifiable(model.features)
     if backend == "auto":
         backend = "native" if native_unsupported_layer(model.features) is None else "auto_lirpa"
@@ -418,6 +485,6 @@ def crown_margin_lower_bound(
             parts = []
             for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
-                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
+                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk, conv_mode, patch_budget))
             return torch.cat(parts)
-    return _native_crown(model, x, y, eps, kind, chunk)
+    return _native_crown(model, x, y, eps, kind, chunk, conv_mode, patch_budget)
