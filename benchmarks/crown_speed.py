@@ -54,10 +54,12 @@ def _auto_lirpa(model: torch.nn.Module, x: torch.Tensor):
     torch.set_default_dtype(torch.float64)  # some auto_LiRPA operators build default-dtype tensors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bounded = BoundedModule(model, x[:1], device="cpu", verbose=False, bound_opts={"conv_mode": "patches"})
+        opts = {"conv_mode": "patches"}
+        bounded = BoundedModule(model, x[:1], device="cpu", verbose=False, bound_opts=opts)
 
     def bound(xi: torch.Tensor, yi: torch.Tensor, eps: float) -> torch.Tensor:
-        ptb = PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(xi - eps).clamp(0, 1), x_U=(xi + eps).clamp(0, 1))
+        lo, hi = (xi - eps).clamp(0, 1), (xi + eps).clamp(0, 1)
+        ptb = PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=lo, x_U=hi)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             lb, _ = bounded.compute_bounds(
@@ -107,7 +109,8 @@ def main() -> None:
     for i in range(args.points):
         order = list(engines) if i % 2 == 0 else list(reversed(engines))
         for name in order:
-            wall, cpu, lb = _timed(lambda name=name: engines[name](x[i : i + 1], y[i : i + 1]))
+            xi, yi = x[i : i + 1], y[i : i + 1]
+            wall, cpu, lb = _timed(lambda name=name, xi=xi, yi=yi: engines[name](xi, yi))
             times[name].append((wall, cpu))
             bounds[name].append(lb)
     out: dict = {

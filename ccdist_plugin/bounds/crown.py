@@ -162,6 +162,7 @@ def back_substitute(
     lo: Tensor,
     hi: Tensor,
     lower_slopes: dict[int, Tensor] | None = None,
+    stop: int = 0,
 ) -> Tensor:
     """Lower bound of ``a · node_start(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
 
@@ -174,11 +175,12 @@ def back_substitute(
     CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) both use it. ``lower_slopes[n]``
     (optional, per ReLU node n, broadcastable to (B, m, *its shape), values in [0, 1]) replaces
     CROWN's lower relaxation slopes of that node's unstable neurons (α-CROWN): the bound is sound
-    for any such slopes.
+    for any such slopes. ``stop`` (default 0, the input): the node where the back-substitution
+    ends, whose values [lo, hi] bounds; every path down from ``start`` must pass through it.
     """
     lower_slopes = lower_slopes or {}
     coeffs = {start: a}
-    for n in range(start, 0, -1):
+    for n in range(start, stop, -1):
         if n not in coeffs:
             continue
         a, node = coeffs.pop(n), nodes[n]
@@ -191,7 +193,7 @@ def back_substitute(
             targets = [(node.inputs[0], a)]
         for i, part in targets:
             coeffs[i] = coeffs[i] + part if i in coeffs else part
-    a_flat = coeffs.pop(0).flatten(2)
+    a_flat = coeffs.pop(stop).flatten(2)
     centre = ((hi + lo) / 2).flatten(1).unsqueeze(-1)
     radius = ((hi - lo) / 2).flatten(1).unsqueeze(-1)
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
@@ -261,6 +263,49 @@ def _tightened_intervals(
     return torch.maximum(l, ibp.lower), torch.minimum(u, ibp.upper)
 
 
+def _second_activation_below(nodes: list[GraphNode], src: int) -> int | None:
+    """The second activation node below node ``src`` when every node between them has one input
+    (no residual join: every path down passes through it), else None."""
+    found = []
+    for n in range(src, 0, -1):
+        if nodes[n].layer is None or nodes[n].inputs != (n - 1,):
+            return None
+        if isinstance(nodes[n].layer, RELAXED_ACTIVATIONS):
+            found.append(n)
+            if len(found) == 2:
+                return n
+    return None
+
+
+def _dense_bounds(
+    nodes: list[GraphNode],
+    src: int,
+    shapes: list[torch.Size],
+    preact: dict[int, tuple[Tensor, Tensor]],
+    affine: dict[int, tuple[Tensor, Tensor]],
+    lo: Tensor,
+    hi: Tensor,
+    neurons: Tensor,
+    rows_per_pass: int,
+    stop: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds (B, n) of the ``neurons`` (flat indices) of node ``src`` by dense
+    back-substitution down to node ``stop``, whose values lie in [lo, hi]."""
+    bsz, shape = lo.shape[0], shapes[src]
+    lower, upper = [], []
+    for s in range(0, neurons.numel(), rows_per_pass):
+        idx = neurons[s : s + rows_per_pass]
+        rows = lo.new_zeros(idx.numel(), math.prod(shape))
+        rows[torch.arange(idx.numel(), device=lo.device), idx] = 1.0
+        rows = rows.reshape(-1, *shape)
+        spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *shape)
+        bias = lo.new_zeros(bsz, spec.shape[1])
+        bound = back_substitute(nodes, src, shapes, preact, affine, spec, bias, lo, hi, stop=stop)
+        lower.append(bound[:, : idx.numel()])
+        upper.append(-bound[:, idx.numel() :])
+    return torch.cat(lower, dim=1), torch.cat(upper, dim=1)
+
+
 @dataclass
 class CrownRelaxation:
     """What CROWN's final back-substitution needs (:func:`crown_relaxation`): the graph of the
@@ -324,22 +369,28 @@ def crown_relaxation(
             rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
             l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
             if conv_mode == "patches" and patches_supported(nodes, src, shapes):
-                bl, bu = patch_preact_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, patch_budget)
+                bl, bu = patch_preact_bounds(
+                    nodes, src, shapes, preact, affine, lo, hi, unstable, patch_budget, skip_stable=True
+                )
                 l_flat[:, unstable] = torch.maximum(l_flat[:, unstable], bl)
                 u_flat[:, unstable] = torch.minimum(u_flat[:, unstable], bu)
                 unstable = unstable[:0]  # done: no dense pass below
-            for s in range(0, unstable.numel(), rows_per_pass):
-                idx = unstable[s : s + rows_per_pass]
-                rows = x.new_zeros(idx.numel(), l[0].numel())
-                rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
-                rows = rows.reshape(-1, *l.shape[1:])
-                spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
-                bound = back_substitute(
-                    nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
+            stop = _second_activation_below(nodes, src)
+            if stop is not None and unstable.numel():
+                # first down to the second activation below only, bounding its output by the
+                # interval its pre-activation bounds give (cheap); the neurons this proves stable
+                # are done (a stable ReLU's relaxation is exact, whatever its bounds)
+                act, (pl, pu) = nodes[stop].layer, preact[stop]
+                bl, bu = _dense_bounds(
+                    nodes, src, shapes, preact, affine, act(pl), act(pu), unstable, rows_per_pass, stop
                 )
-                half = idx.numel()
-                l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
-                u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
+                l_flat[:, unstable] = torch.maximum(l_flat[:, unstable], bl)
+                u_flat[:, unstable] = torch.minimum(u_flat[:, unstable], bu)
+                unstable = unstable[((bl < 0) & (bu > 0)).any(0)]
+            if unstable.numel():
+                bl, bu = _dense_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, rows_per_pass)
+                l_flat[:, unstable] = torch.maximum(l.flatten(1)[:, unstable], bl)
+                u_flat[:, unstable] = torch.minimum(u.flatten(1)[:, unstable], bu)
             l, u = l_flat.view_as(l), u_flat.view_as(u)
         preact[n] = (l, u)
     return CrownRelaxation(nodes, shapes, preact, affine, lo, hi)

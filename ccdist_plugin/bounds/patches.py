@@ -22,7 +22,6 @@ through its four per-neuron tensors only. Evaluation only: it runs without autog
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -155,13 +154,10 @@ def _conv_adjoint(conv: nn.Conv2d, a: Tensor, win: _Window) -> Tensor:
         # one matrix product per window and a col2im (F.fold): in float64 on a CPU this is faster
         # than conv_transpose2d, which goes through a slow generic kernel there
         cols = torch.matmul(conv.weight.reshape(c_out, -1).t(), flat)
-        out = F.fold(
-            cols, (win.kh, win.kw), conv.kernel_size, dilation=conv.dilation, stride=conv.stride
-        )
+        out = F.fold(cols, (win.kh, win.kw), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
     else:
-        out = F.conv_transpose2d(
-            flat.reshape(b * rows, *a.shape[2:]), conv.weight, None, conv.stride, 0, 0, conv.groups, conv.dilation
-        )
+        windows = flat.reshape(b * rows, *a.shape[2:])
+        out = F.conv_transpose2d(windows, conv.weight, None, conv.stride, 0, 0, conv.groups, conv.dilation)
     return out.reshape(b, rows, *out.shape[1:])
 
 
@@ -212,8 +208,10 @@ def _back_substitute(
     windows: dict[int, _Window],
     box: tuple[Tensor, Tensor],
     neurons: Tensor,
+    stop: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Lower and upper bounds (B, n) of the ``neurons`` (flat indices) of node ``src``."""
+    """Lower and upper bounds (B, n) of the ``neurons`` (flat indices) of node ``src``, by
+    back-substitution down to node ``stop``, where ``box`` bounds the values (node 0: the input)."""
     chans, height, width = shapes[src]
     grid = (height, width)
     c0, h0, w0 = neurons // (height * width), (neurons // width) % height, neurons % width
@@ -226,7 +224,7 @@ def _back_substitute(
     sign[n:] = -1.0
     a[0, torch.arange(2 * n, device=device), c0, 0, 0] = sign
     bias = torch.zeros(1, 2 * n, dtype=dtype, device=device)
-    for node_id in range(src, 0, -1):
+    for node_id in range(src, stop, -1):
         layer, below = nodes[node_id].layer, node_id - 1
         if isinstance(layer, nn.Conv2d):
             if layer.bias is not None:
@@ -243,10 +241,53 @@ def _back_substitute(
             a, bias = relaxed[node_id].apply(a, bias, h0, w0)
         # else: Identity / Dropout in eval mode pass the coefficients on
     lo, hi = box
-    centre = _gather((hi + lo) / 2, windows[0], h0, w0, grid)
-    radius = _gather((hi - lo) / 2, windows[0], h0, w0, grid)
+    centre = _gather((hi + lo) / 2, windows[stop], h0, w0, grid)
+    radius = _gather((hi - lo) / 2, windows[stop], h0, w0, grid)
     lower = (a * centre).sum((2, 3, 4)) - (a.abs() * radius).sum((2, 3, 4)) + bias
     return lower[:, :n], -lower[:, n:]
+
+
+def _sliced(r: Relaxation, sl: slice) -> Relaxation:
+    """The relaxation of the points ``sl``."""
+    return Relaxation(
+        r.lower_slope[sl],
+        None if r.lower_intercept is None else r.lower_intercept[sl],
+        r.upper_slope[sl],
+        None if r.upper_intercept is None else r.upper_intercept[sl],
+    )
+
+
+def _chunks(
+    shapes: list[torch.Size],
+    windows: dict[int, _Window],
+    relaxations: dict[int, Relaxation],
+    grid: tuple[int, int],
+    bsz: int,
+    budget: int,
+) -> tuple[bool, int, int]:
+    """Whether every relaxation window is extracted once (the cache fits the budget), the points
+    and the neurons per back-substitution, so that one coefficient tensor stays within ``budget``."""
+    per_row = max(shapes[n][0] * w.kh * w.kw for n, w in windows.items())
+    need = 2 * per_row  # one neuron: its lower and its upper row
+    if budget < need:
+        raise PatchBudgetError(
+            f"memory budget of {budget} elements is too small for one neuron's back-substitution on "
+            f"this network (it needs {need}: 2 rows × {per_row} window coefficients); raise the budget "
+            "(patch_budget) or use conv_mode='dense'"
+        )
+    # every window of every relaxation, per point (what the cache holds)
+    cache_per_point = sum(
+        (2 + (r.upper_intercept is not None) + (r.lower_intercept is not None))
+        * shapes[n - 1][0]
+        * windows[n - 1].kh
+        * windows[n - 1].kw
+        * grid[0]
+        * grid[1]
+        for n, r in relaxations.items()
+    )
+    cache = cache_per_point <= budget
+    points = max(1, min(bsz, budget // need, budget // cache_per_point if cache else bsz))
+    return cache, points, max(1, budget // (need * points))
 
 
 @torch.no_grad()  # evaluation only: the dense engine is the differentiable one (CROWN-IBP training)
@@ -260,6 +301,7 @@ def patch_preact_bounds(
     hi: Tensor,
     neurons: Tensor,
     budget: int = PATCH_BUDGET,
+    skip_stable: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """CROWN lower and upper bounds (B, n) on the ``neurons`` (flat indices into node ``src``'s
     (C, H, W) map) over the input box [lo, hi], by back-substitution in patches form.
@@ -271,63 +313,53 @@ def patch_preact_bounds(
     largest window below ``src``) holds at most ``budget`` elements (default
     :data:`PATCH_BUDGET` = 2**24); a back-substitution holds a few tensors of that size at once.
 
+    ``skip_stable`` (for a map feeding a ReLU, whose relaxation is exact on a neuron of one sign
+    whatever its bounds): neurons that a back-substitution down to the second activation below
+    alone proves of one sign in every point get those bounds, and only the rest the full
+    back-substitution to the input.
+
     Raises:
         PatchBudgetError: ``budget`` is below what one neuron of one point needs.
     """
     windows = _windows(nodes, src)
-    per_row = max(math.prod(shapes[n][:1]) * w.kh * w.kw for n, w in windows.items())
-    need = 2 * per_row  # one neuron: its lower and its upper row
-    if budget < need:
-        raise PatchBudgetError(
-            f"memory budget of {budget} elements is too small for one neuron's back-substitution on "
-            f"this network (it needs {need}: 2 rows × {per_row} window coefficients); raise the budget "
-            "(patch_budget) or use conv_mode='dense'"
-        )
-    relaxed_all = {
+    relaxations = {
         n: activation_relaxation(nodes[n].layer, *preact[n])
         for n in range(1, src + 1)
         if isinstance(nodes[n].layer, RELAXED_ACTIVATIONS)
     }
     grid = (shapes[src][1], shapes[src][2])
-    # every window of every relaxation, per point (what the cache holds)
-    cache_per_point = sum(
-        (2 + (r.upper_intercept is not None) + (r.lower_intercept is not None))
-        * shapes[n - 1][0]
-        * windows[n - 1].kh
-        * windows[n - 1].kw
-        * grid[0]
-        * grid[1]
-        for n, r in relaxed_all.items()
-    )
-    cache = cache_per_point <= budget
-    bsz = lo.shape[0]
-    points = max(1, min(bsz, budget // need, budget // cache_per_point if cache else bsz))
-    per_pass = max(1, budget // (need * points))
+    cache, points, per_pass = _chunks(shapes, windows, relaxations, grid, lo.shape[0], budget)
+    acts = [n for n in range(src, 0, -1) if isinstance(nodes[n].layer, RELAXED_ACTIVATIONS)]
+    stop = acts[1] if skip_stable and len(acts) > 1 else None
     lower_parts, upper_parts = [], []
-    for p in range(0, bsz, points):
+    for p in range(0, lo.shape[0], points):
         sl = slice(p, p + points)
-        relaxed = {
-            n: _Relaxed(
-                Relaxation(
-                    r.lower_slope[sl],
-                    None if r.lower_intercept is None else r.lower_intercept[sl],
-                    r.upper_slope[sl],
-                    None if r.upper_intercept is None else r.upper_intercept[sl],
-                ),
-                windows[n - 1],
-                grid,
-                cache,
-            )
-            for n, r in relaxed_all.items()
-        }
-        low, up = [], []
-        for s in range(0, neurons.numel(), per_pass):
-            chunk = neurons[s : s + per_pass]
-            bl, bu = _back_substitute(
-                nodes, src, shapes, relaxed, affine, windows, (lo[sl], hi[sl]), chunk
-            )
-            low.append(bl)
-            up.append(bu)
-        lower_parts.append(torch.cat(low, dim=1))
-        upper_parts.append(torch.cat(up, dim=1))
+        relaxed = {n: _Relaxed(_sliced(r, sl), windows[n - 1], grid, cache) for n, r in relaxations.items()}
+
+        def bounds(
+            todo: Tensor, stop: int, box: tuple[Tensor, Tensor], relaxed=relaxed
+        ) -> tuple[Tensor, Tensor]:
+            parts = [
+                _back_substitute(
+                    nodes, src, shapes, relaxed, affine, windows, box, todo[s : s + per_pass], stop
+                )
+                for s in range(0, todo.numel(), per_pass)
+            ]
+            return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+        if stop is None:
+            low, up = bounds(neurons, 0, (lo[sl], hi[sl]))
+        else:
+            # first down to the second activation below only, bounding its output by the interval
+            # its pre-activation bounds give: cheap (small windows), and every neuron that this
+            # proves stable is done (a stable ReLU's relaxation is exact, whatever its bounds)
+            act = nodes[stop].layer
+            pl, pu = preact[stop]
+            low, up = bounds(neurons, stop, (act(pl[sl]), act(pu[sl])))
+            unstable = ((low < 0) & (up > 0)).any(0)
+            if bool(unstable.any()):
+                full_low, full_up = bounds(neurons[unstable], 0, (lo[sl], hi[sl]))
+                low[:, unstable], up[:, unstable] = full_low, full_up
+        lower_parts.append(low)
+        upper_parts.append(up)
     return torch.cat(lower_parts), torch.cat(upper_parts)
