@@ -286,7 +286,7 @@ def _chunks(
         for n, r in relaxations.items()
     )
     cache = cache_per_point <= budget
-    points = max(1, min(bsz, budget // need, budget // cache_per_point if cache else bsz))
+    points = max(1, min(bsz, budget // need, budget // max(1, cache_per_point) if cache else bsz))
     return cache, points, max(1, budget // (need * points))
 
 
@@ -339,6 +339,9 @@ def patch_preact_bounds(
         def bounds(
             todo: Tensor, stop: int, box: tuple[Tensor, Tensor], relaxed=relaxed
         ) -> tuple[Tensor, Tensor]:
+            if not todo.numel():
+                empty = box[0].new_zeros(box[0].shape[0], 0)
+                return empty, empty
             parts = [
                 _back_substitute(
                     nodes, src, shapes, relaxed, affine, windows, box, todo[s : s + per_pass], stop
