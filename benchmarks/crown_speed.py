@@ -70,11 +70,28 @@ def _auto_lirpa(model: torch.nn.Module, x: torch.Tensor):
     return bound
 
 
+def _peak_rss_mb() -> int:
+    """Peak resident memory of this process in MB: VmHWM (reset by exec, unlike ``ru_maxrss``,
+    which a child started by ``subprocess`` inherits from its parent on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+#: this script, resolved when imported (the package may change the working directory later)
+_SCRIPT = os.path.abspath(__file__)
+
+
 def _peak_rss_alone(engine: str) -> int:
     """Peak resident memory (MB) of a process that runs ``engine`` alone on the same points."""
     argv = [a for a in sys.argv[1:] if a != "--rss"]
     out = subprocess.run(
-        [sys.executable, __file__, *argv, "--only", engine], capture_output=True, text=True, check=True
+        [sys.executable, _SCRIPT, *argv, "--only", engine], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)["max_rss_mb"]
 
@@ -114,7 +131,7 @@ def main() -> None:
             times[name].append((wall, cpu))
             bounds[name].append(lb)
     out: dict = {
-        "command": "python benchmarks/crown_speed.py " + " ".join(a for a in sys.argv[1:] if a != "--only"),
+        "command": "python benchmarks/crown_speed.py " + " ".join(sys.argv[1:]),
         "channels": channels,
         "width": args.width,
         "points": args.points,
@@ -135,11 +152,12 @@ def main() -> None:
                 "per_point": [round(r, 3) for r in per_point],
                 "total": round(total, 3),
             }
-    out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    if args.rss and not args.only:
-        out["max_rss_mb_alone"] = {e: _peak_rss_alone(e) for e in ("native", "auto_lirpa")}
+    out["max_rss_mb"] = _peak_rss_mb()
     out["load_average"] = os.getloadavg()
     out["torch"] = torch.__version__
+    if args.rss and not args.only:
+        print(json.dumps(out), flush=True)  # the timings first: the memory runs take as long again
+        out = {"max_rss_mb_alone": {e: _peak_rss_alone(e) for e in ("native", "auto_lirpa")}}
     print(json.dumps(out, indent=1))
 
 

@@ -228,8 +228,9 @@ def resolve_crown_intermediate(
 
     ``"auto"`` is CROWN when every back-substitution holds at most ``max_crown_elements``
     coefficients per example (digits-size networks), else CROWN-IBP (every CIFAR-size CNN-7
-    layer is above it: full CROWN there costs minutes per point on a CPU). Report the result
-    under its own name: a CROWN-IBP certificate is not a CROWN one.
+    layer is above it: full CROWN there costs seconds per point on a CPU, about 50× CROWN-IBP,
+    docs/evaluation.md). Report the result under its own name: a CROWN-IBP certificate is not a
+    CROWN one.
     """
     if intermediate not in CROWN_INTERMEDIATE:
         raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
