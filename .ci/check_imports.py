@@ -52,7 +52,7 @@ LAYERS: list[list[str]] = [
     # that the bounded graph is the forward, then what uses them; the package's __init__ re-exports it
     ["bounds.layers", "bounds.relaxations"],
     ["bounds.lirpa"],
-    ["bounds.ibp"],
+    ["bounds.ibp", "bounds.patches"],
     ["bounds.crown", "bounds.graphcheck"],
     ["bounds.alpha_crown"],
     ["bounds.certification", "bounds.crown_ibp", "bounds.penultimate"],

@@ -12,6 +12,7 @@ from conftest import requires_auto_lirpa
 from torch import nn
 
 import ccdist_plugin.bounds.crown as crown_module
+import ccdist_plugin.bounds.patches as patches_module
 from ccdist_plugin.bounds import (
     UnsupportedLayerError,
     certify,
@@ -246,7 +247,9 @@ def _with_auto_lirpas_grid(monkeypatch) -> None:
             return tanh_relaxation(l, u, tangent_grid=AUTO_LIRPA_GRID)
         return activation_relaxation(layer, l, u, lower_slope)
 
+    # both CROWN engines (dense back-substitution and patches) take their relaxations by this name
     monkeypatch.setattr(crown_module, "activation_relaxation", relaxation)
+    monkeypatch.setattr(patches_module, "activation_relaxation", relaxation)
 
 
 @requires_auto_lirpa

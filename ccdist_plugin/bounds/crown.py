@@ -42,6 +42,7 @@ from ccdist_plugin.bounds.lirpa import (
     plain_lirpa_warnings,
     refuse_unsound_lirpa_crown,
 )
+from ccdist_plugin.bounds.patches import PATCH_BUDGET, patch_preact_bounds, patches_supported
 from ccdist_plugin.bounds.relaxations import RELAXED_ACTIVATIONS, activation_relaxation, apply_lower
 from ccdist_plugin.models import CertifiedNet, Normalize
 from ccdist_plugin.validate import check_inputs, check_labels, check_model
@@ -162,6 +163,7 @@ def back_substitute(
     lo: Tensor,
     hi: Tensor,
     lower_slopes: dict[int, Tensor] | None = None,
+    stop: int = 0,
 ) -> Tensor:
     """Lower bound of ``a · node_start(x′) + bias`` over x′ ∈ [lo, hi] by back-substitution.
 
@@ -174,11 +176,12 @@ def back_substitute(
     CROWN-IBP training (:mod:`ccdist_plugin.bounds.crown_ibp`) both use it. ``lower_slopes[n]``
     (optional, per ReLU node n, broadcastable to (B, m, *its shape), values in [0, 1]) replaces
     CROWN's lower relaxation slopes of that node's unstable neurons (α-CROWN): the bound is sound
-    for any such slopes.
+    for any such slopes. ``stop`` (default 0, the input): the node where the back-substitution
+    ends, whose values [lo, hi] bounds; every path down from ``start`` must pass through it.
     """
     lower_slopes = lower_slopes or {}
     coeffs = {start: a}
-    for n in range(start, 0, -1):
+    for n in range(start, stop, -1):
         if n not in coeffs:
             continue
         a, node = coeffs.pop(n), nodes[n]
@@ -191,7 +194,7 @@ def back_substitute(
             targets = [(node.inputs[0], a)]
         for i, part in targets:
             coeffs[i] = coeffs[i] + part if i in coeffs else part
-    a_flat = coeffs.pop(0).flatten(2)
+    a_flat = coeffs.pop(stop).flatten(2)
     centre = ((hi + lo) / 2).flatten(1).unsqueeze(-1)
     radius = ((hi - lo) / 2).flatten(1).unsqueeze(-1)
     return (torch.bmm(a_flat, centre) - torch.bmm(a_flat.abs(), radius)).squeeze(-1) + bias
@@ -199,6 +202,8 @@ def back_substitute(
 
 #: how CROWN obtains the pre-activation bounds of its ReLU and tanh relaxations
 CROWN_INTERMEDIATE = ("crown", "ibp", "auto")
+#: how CROWN back-substitutes the pre-activation bounds of convolutional feature maps
+CONV_MODES = ("patches", "dense")
 
 
 def _crown_costs(model: CertifiedNet) -> list[int]:
@@ -224,8 +229,9 @@ def resolve_crown_intermediate(
 
     ``"auto"`` is CROWN when every back-substitution holds at most ``max_crown_elements``
     coefficients per example (digits-size networks), else CROWN-IBP (every CIFAR-size CNN-7
-    layer is above it: full CROWN there costs minutes per point on a CPU). Report the result
-    under its own name: a CROWN-IBP certificate is not a CROWN one.
+    layer is above it: full CROWN there costs seconds per point on a CPU, about 50× CROWN-IBP,
+    docs/evaluation.md). Report the result under its own name: a CROWN-IBP certificate is not a
+    CROWN one.
     """
     if intermediate not in CROWN_INTERMEDIATE:
         raise ValueError(f"intermediate must be one of {CROWN_INTERMEDIATE}, got {intermediate!r}")
@@ -235,6 +241,71 @@ def resolve_crown_intermediate(
     if native_unsupported_layer(model.features) is not None:
         return "crown"  # only auto_LiRPA bounds this network: its full CROWN
     return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
+
+
+def _tightened_intervals(
+    nodes: list[GraphNode], src: int, preact: dict[int, tuple[Tensor, Tensor]], l: Tensor, u: Tensor
+) -> tuple[Tensor, Tensor]:
+    """IBP bounds ``(l, u)`` of node ``src`` intersected with the intervals that the CROWN bounds
+    of the activation below it give, when ``src`` is reached from that activation by a chain of
+    eval-mode layers (else ``(l, u)`` unchanged). Far fewer neurons are unstable under these, so
+    far fewer need a back-substitution (auto_LiRPA picks its neurons the same way)."""
+    chain: list[nn.Module] = []
+    n = src
+    while n > 0 and nodes[n].layer is not None and nodes[n].inputs == (n - 1,) and n not in preact:
+        chain.append(nodes[n].layer)
+        n -= 1
+    if n not in preact or n == src:
+        return l, u
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in chain):
+        return l, u  # batch statistics: kept to the full-network IBP
+    # preact[n] bounds the input of activation node n: the chain starts with the activation
+    pl, pu = preact[n]
+    ibp = native_intervals(nn.Sequential(nodes[n].layer, *reversed(chain)), pl, pu, None, False, False)
+    return torch.maximum(l, ibp.lower), torch.minimum(u, ibp.upper)
+
+
+def _second_activation_below(nodes: list[GraphNode], src: int) -> int | None:
+    """The second activation node below node ``src`` when every node between them has one input
+    (no residual join: every path down passes through it), else None."""
+    found = []
+    for n in range(src, 0, -1):
+        if nodes[n].layer is None or nodes[n].inputs != (n - 1,):
+            return None
+        if isinstance(nodes[n].layer, RELAXED_ACTIVATIONS):
+            found.append(n)
+            if len(found) == 2:
+                return n
+    return None
+
+
+def _dense_bounds(
+    nodes: list[GraphNode],
+    src: int,
+    shapes: list[torch.Size],
+    preact: dict[int, tuple[Tensor, Tensor]],
+    affine: dict[int, tuple[Tensor, Tensor]],
+    lo: Tensor,
+    hi: Tensor,
+    neurons: Tensor,
+    rows_per_pass: int,
+    stop: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds (B, n) of the ``neurons`` (flat indices) of node ``src`` by dense
+    back-substitution down to node ``stop``, whose values lie in [lo, hi]."""
+    bsz, shape = lo.shape[0], shapes[src]
+    lower, upper = [], []
+    for s in range(0, neurons.numel(), rows_per_pass):
+        idx = neurons[s : s + rows_per_pass]
+        rows = lo.new_zeros(idx.numel(), math.prod(shape))
+        rows[torch.arange(idx.numel(), device=lo.device), idx] = 1.0
+        rows = rows.reshape(-1, *shape)
+        spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *shape)
+        bias = lo.new_zeros(bsz, spec.shape[1])
+        bound = back_substitute(nodes, src, shapes, preact, affine, spec, bias, lo, hi, stop=stop)
+        lower.append(bound[:, : idx.numel()])
+        upper.append(-bound[:, idx.numel() :])
+    return torch.cat(lower, dim=1), torch.cat(upper, dim=1)
 
 
 @dataclass
@@ -253,11 +324,25 @@ class CrownRelaxation:
 
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def crown_relaxation(
-    model: CertifiedNet, x: Tensor, eps: float | Tensor, intermediate: str, chunk: int = 512
+    model: CertifiedNet,
+    x: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    chunk: int = 512,
+    conv_mode: str = "patches",
+    patch_budget: int = PATCH_BUDGET,
 ) -> CrownRelaxation:
     """The native CROWN's ReLU and tanh relaxations on the ball around ``x``: pre-activation bounds by
     CROWN (``intermediate="crown"``) or IBP (``"ibp"``), over the network's graph (residual blocks
-    included). The model must be in eval mode and every layer native (not checked here)."""
+    included). The model must be in eval mode and every layer native (not checked here).
+
+    ``conv_mode="patches"`` (the default) bounds a convolutional feature map whose layers below
+    are a chain of convolutions, BatchNorm/Normalize and activations in patches form
+    (:mod:`ccdist_plugin.bounds.patches`: each neuron's coefficients on its receptive field alone,
+    one coefficient tensor within ``patch_budget`` elements, default 2**24); every other map, and
+    every map under ``"dense"``, by dense back-substitution. Both give the same bounds."""
+    if conv_mode not in CONV_MODES:
+        raise ValueError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
     nodes = network_graph(model.features)
     lo, hi = input_box(x, eps)
     ibp = native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
@@ -273,9 +358,13 @@ def crown_relaxation(
         # Before the first activation the network is affine (every node there precedes it) and
         # IBP is exact per neuron.
         if intermediate == "crown" and preact:
-            if isinstance(node.layer, nn.ReLU):
-                # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds:
-                # a stable neuron's relaxation is exact, so its bounds change nothing downstream.
+            relu = isinstance(node.layer, nn.ReLU)
+            if relu:
+                # (tighter reference intervals pick fewer neurons; a tanh refines all of them anyway,
+                # and keeps the interval bounds auto_LiRPA intersects with, so its lines are the same)
+                l, u = _tightened_intervals(nodes, src, preact, l, u)
+                # Only neurons unstable under those bounds (l < 0 < u in some example) need tighter
+                # ones: a stable neuron's relaxation is exact, so its bounds change nothing downstream.
                 unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
             else:
                 # tanh is curved everywhere: every neuron's lines depend on its bounds
@@ -284,18 +373,30 @@ def crown_relaxation(
             # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
             rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
             l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
-            for s in range(0, unstable.numel(), rows_per_pass):
-                idx = unstable[s : s + rows_per_pass]
-                rows = x.new_zeros(idx.numel(), l[0].numel())
-                rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
-                rows = rows.reshape(-1, *l.shape[1:])
-                spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
-                bound = back_substitute(
-                    nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
+            if conv_mode == "patches" and patches_supported(nodes, src, shapes):
+                bl, bu = patch_preact_bounds(
+                    nodes, src, shapes, preact, affine, lo, hi, unstable, patch_budget, skip_stable=relu
                 )
-                half = idx.numel()
-                l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
-                u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
+                l_flat[:, unstable] = torch.maximum(l_flat[:, unstable], bl)
+                u_flat[:, unstable] = torch.minimum(u_flat[:, unstable], bu)
+                unstable = unstable[:0]  # done: no dense pass below
+            # (a cheap first pass can settle a ReLU's sign, never a tanh's lines: ReLU only)
+            stop = _second_activation_below(nodes, src) if relu else None
+            if stop is not None and unstable.numel():
+                # first down to the second activation below only, bounding its output by the
+                # interval its pre-activation bounds give (cheap); the neurons this proves stable
+                # are done (a stable ReLU's relaxation is exact, whatever its bounds)
+                act, (pl, pu) = nodes[stop].layer, preact[stop]
+                bl, bu = _dense_bounds(
+                    nodes, src, shapes, preact, affine, act(pl), act(pu), unstable, rows_per_pass, stop
+                )
+                l_flat[:, unstable] = torch.maximum(l_flat[:, unstable], bl)
+                u_flat[:, unstable] = torch.minimum(u_flat[:, unstable], bu)
+                unstable = unstable[((bl < 0) & (bu > 0)).any(0)]
+            if unstable.numel():
+                bl, bu = _dense_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, rows_per_pass)
+                l_flat[:, unstable] = torch.maximum(l.flatten(1)[:, unstable], bl)
+                u_flat[:, unstable] = torch.minimum(u.flatten(1)[:, unstable], bu)
             l, u = l_flat.view_as(l), u_flat.view_as(u)
         preact[n] = (l, u)
     return CrownRelaxation(nodes, shapes, preact, affine, lo, hi)
@@ -303,11 +404,19 @@ def crown_relaxation(
 
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def _native_crown(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    chunk: int,
+    conv_mode: str = "patches",
+    patch_budget: int = PATCH_BUDGET,
 ) -> Tensor:
     """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
-    the network's graph (residual blocks included)."""
-    r = crown_relaxation(model, x, eps, intermediate, chunk)
+    the network's graph (residual blocks included); ``conv_mode``, ``patch_budget``: as
+    :func:`crown_relaxation`."""
+    r = crown_relaxation(model, x, eps, intermediate, chunk, conv_mode, patch_budget)
     w_diff, b_diff = elision_matrix(model.head, y)
     return back_substitute(
         r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi
@@ -369,6 +478,8 @@ def crown_margin_lower_bound(
     backend: str = "auto",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
+    conv_mode: str = "patches",
+    patch_budget: int = PATCH_BUDGET,
 ) -> Tensor:
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
@@ -386,7 +497,17 @@ def crown_margin_lower_bound(
             "CROWN-IBP")`` with the elision matrix as C), or ``"auto"``: native when it supports
             every layer (every built-in model, residual ones included), auto_LiRPA otherwise
             (networks made with ``CertifiedNet.wrap`` of other layers).
-        chunk: the most neurons bounded per back-substitution batch (memory knob).
+        chunk: the most neurons bounded per dense back-substitution batch (memory knob).
+        conv_mode: ``"patches"`` (default): the native CROWN bounds the neurons of convolutional
+            feature maps in patches form (each neuron's coefficients on its receptive field
+            alone; :mod:`ccdist_plugin.bounds.patches`), where every layer below is a
+            convolution (zero padding), BatchNorm/Normalize, activation or pass-through in a
+            chain; other maps (below a residual join, say) and ``"dense"`` back-substitute dense
+            coefficient tensors. The bounds are the same.
+        patch_budget: the most elements of one patches coefficient tensor (default
+            :data:`~ccdist_plugin.bounds.patches.PATCH_BUDGET` = 2**24, 128 MiB in float64; a
+            back-substitution holds a few of that size). Too small for one neuron:
+            :class:`~ccdist_plugin.bounds.patches.PatchBudgetError` naming it.
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. A tanh is relaxed as auto_LiRPA's CROWN does
@@ -399,6 +520,8 @@ def crown_margin_lower_bound(
     check_labels(x, y, model.num_classes)
     if backend not in ("auto", "native", "auto_lirpa"):
         raise ValueError(f"backend must be 'auto', 'native' or 'auto_lirpa', got {backend!r}")
+    if conv_mode not in CONV_MODES:
+        raise ValueError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
     refuse_uncertifiable(model.features)
     if backend == "auto":
         backend = "native" if native_unsupported_layer(model.features) is None else "auto_lirpa"
@@ -421,6 +544,6 @@ def crown_margin_lower_bound(
             parts = []
             for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
-                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
+                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk, conv_mode, patch_budget))
             return torch.cat(parts)
-    return _native_crown(model, x, y, eps, kind, chunk)
+    return _native_crown(model, x, y, eps, kind, chunk, conv_mode, patch_budget)
