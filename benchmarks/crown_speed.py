@@ -7,7 +7,12 @@ ratios (native / auto_LiRPA, per point and in total), the largest relative diffe
 engines' margin lower bounds, and the peak resident memory: of this process, and (``--rss``) of
 each engine alone, each in a process of its own::
 
-    python benchmarks/crown_speed.py --channels 16,16,32,32,32 --width 128 --points 4 --rss
+    python benchmarks/crown_speed.py --channels 16,16,32,32,32 --width 128 --points 4 --rss \
+        --out docs/results/crown_speed_narrow.json
+    python benchmarks/crown_speed.py --channels 64,64,128,128,128 --width 512 --points 1 \
+        --out docs/results/crown_speed_paper.json
+    python benchmarks/crown_speed.py --table docs/results/crown_speed_narrow.json \
+        docs/results/crown_speed_paper.json > docs/results/crown_speed.md   # for docs/RESULTS.md
 
 The networks are untrained (BatchNorm statistics from random inputs): the time of a bound depends on
 the shapes and on how many neurons are unstable, not on what the network learned.
@@ -105,7 +110,12 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=PATCH_BUDGET, help="patches memory budget (elements)")
     ap.add_argument("--rss", action="store_true", help="also each engine's peak memory alone")
     ap.add_argument("--only", choices=("native", "auto_lirpa"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="also write the result to this JSON file")
+    ap.add_argument("--table", nargs="+", default=None, help="print the markdown table of these JSON results")
     args = ap.parse_args()
+    if args.table:
+        print(_table([json.loads(open(p).read()) for p in args.table]), end="")
+        return
     torch.set_num_threads(1)
     channels = [int(c) for c in args.channels.split(",")]
     model = _model(channels, args.width)
@@ -157,8 +167,43 @@ def main() -> None:
     out["torch"] = torch.__version__
     if args.rss and not args.only:
         print(json.dumps(out), flush=True)  # the timings first: the memory runs take as long again
-        out = {"max_rss_mb_alone": {e: _peak_rss_alone(e) for e in ("native", "auto_lirpa")}}
+        out["max_rss_mb_alone"] = {e: _peak_rss_alone(e) for e in ("native", "auto_lirpa")}
+    out["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     print(json.dumps(out, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
+
+
+def _table(results: list[dict]) -> str:
+    """docs/RESULTS.md's table of native vs auto_LiRPA full CROWN, from ``--out`` results only."""
+    lines = [
+        "<!-- " + "; ".join(r["command"] for r in results) + " -->",
+        "",
+        "Each point bounded by the native full CROWN (patches form) and by auto_LiRPA's full CROWN "
+        "(`BoundedModule` built once), in turn, the order alternating per point; untrained 32×32 CNN-7, "
+        "float64, 1 thread, on the shared machine (compare the ratios, measured side by side).",
+        "",
+        "| network (channels / width) | native CPU s/point | auto_LiRPA CPU s/point "
+        "| CPU ratio (total; per point) | wall ratio | max rel. bound difference "
+        "| peak RSS alone, native / auto_LiRPA (MB) | load average |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cpu, ratio = r["cpu_s_per_point"], r["cpu_ratio_native_over_auto_lirpa"]
+        alone = r.get("max_rss_mb_alone")
+        rss = (
+            f"{alone['native']:.0f} / {alone['auto_lirpa']:.0f}" if alone else f"{r['max_rss_mb']:.0f} (both)"
+        )
+        native, theirs = (", ".join(f"{c:.2f}" for c in cpu[e]) for e in ("native", "auto_lirpa"))
+        per_point = ", ".join(f"{p:.2f}" for p in ratio["per_point"])
+        wall = r["wall_ratio_native_over_auto_lirpa"]["total"]
+        lines.append(
+            f"| {','.join(map(str, r['channels']))} / {r['width']} | {native} | {theirs} "
+            f"| {ratio['total']:.3f}; {per_point} | {wall:.3f} | {r['max_rel_bound_diff']:.2g} | {rss} "
+            f"| {r['load_average'][0]:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results
 (``python benchmarks/accumulate_memory.py``), ``docs/results/verifier_overhead.md``
 (``python benchmarks/verifier_overhead.py``), ``docs/results/cifar_end_to_end.md``
 (``python benchmarks/cifar_end_to_end.py``), ``docs/results/tanh_crown.md``
-(``python benchmarks/tanh_crown_cost.py``) and the written discussions ``docs/results/notes.md``,
+(``python benchmarks/tanh_crown_cost.py``), ``docs/results/crown_speed.md``
+(``python benchmarks/crown_speed.py``) and the written discussions ``docs/results/notes.md``,
 ``resnet_cpu_notes.md``, ``verifier_overhead_notes.md``, ``cifar_end_to_end_notes.md`` and
-``tanh_crown_notes.md`` (which
+``tanh_crown_notes.md``, ``crown_speed_notes.md`` (which
 quote only figures from those files), and writes ``docs/RESULTS.md``.
 """
 
@@ -45,6 +46,12 @@ python benchmarks/verifier_overhead.py --points 12 --timeout 10 --rounds 2 --cif
 python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 200 --shards 4 \\
     --timeout 10                   # → docs/results/cifar_end_to_end.* (issue 23: pre-filter + α,β-CROWN
                                    #   against α,β-CROWN alone; the reading: cifar_end_to_end_notes.md)
+python benchmarks/crown_speed.py --channels 16,16,32,32,32 --width 128 --points 4 --rss \\
+    --out docs/results/crown_speed_narrow.json             # native full CROWN vs auto_LiRPA's, then
+python benchmarks/crown_speed.py --channels 64,64,128,128,128 --width 512 --points 1 \\
+    --out docs/results/crown_speed_paper.json              # the paper's CNN-7, and the table:
+python benchmarks/crown_speed.py --table docs/results/crown_speed_narrow.json \\
+    docs/results/crown_speed_paper.json > docs/results/crown_speed.md
 python benchmarks/tanh_crown_cost.py --channels 4,4,8,8,8 --width 32 --points 2 --out docs/results
                                    # → docs/results/tanh_crown.* (native full CROWN through tanh)
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
             "cifar_end_to_end.md",
         ),
         ("### Reading", "cifar_end_to_end_notes.md"),
+        ("## Full CROWN: native (patches form) against auto_LiRPA", "crown_speed.md"),
+        ("### Reading", "crown_speed_notes.md"),
         (
             "## Full CROWN through tanh: native against auto_LiRPA (appendix E.8's CNN-7, narrowed)",
             "tanh_crown.md",
