@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.batching import batch_slices
-from ccdist_plugin.bounds.ibp import elision_matrix, input_box, native_intervals
+from ccdist_plugin.bounds.ibp import (
+    IntervalPropagation,
+    _channel_view,
+    _ibp_layer,
+    _join,
+    elision_matrix,
+    input_box,
+    native_intervals,
+)
 from ccdist_plugin.bounds.layers import (
     PAD_MODES,
     PASSTHROUGH,
@@ -52,10 +60,26 @@ __all__ = [
     "CROWN_INTERMEDIATE",
     "resolve_crown_intermediate",
     "crown_margin_lower_bound",
+    "CrownBudgetError",
 ]
 
 #: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
 _CROWN_BUDGET = 2**26
+
+
+class CrownBudgetError(ValueError):
+    """The memory budget cannot hold even one neuron's back-substitution (the message names it)."""
+
+
+def _check_budget(budget: int, rows: int, largest: int) -> None:
+    """Refuse a ``budget`` (coefficient elements) below one back-substitution of ``rows`` rows for
+    one example over a layer of ``largest`` neurons, instead of allocating past it."""
+    if budget < rows * largest:
+        raise CrownBudgetError(
+            f"CROWN memory budget of {budget} coefficient elements is too small for one neuron's "
+            f"back-substitution on this network (it needs {rows * largest}: {rows} rows x {largest} "
+            "neurons of its largest layer); raise the budget"
+        )
 
 
 def _node_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
@@ -250,13 +274,45 @@ class CrownRelaxation:
     hi: Tensor
 
 
+def _reference_step(
+    node: GraphNode,
+    index: int,
+    states: dict[int, tuple[Tensor, Tensor]],
+    affine: dict[int, tuple[Tensor, Tensor]],
+    scratch: IntervalPropagation,
+) -> tuple[Tensor, Tensor]:
+    """IBP (centre, radius) of a non-activation node from the states of its inputs, as
+    :func:`native_intervals` computes it; BatchNorm/Normalize with the (scale, shift) that pass
+    used (in train mode: the batch's statistics)."""
+    if node.layer is None:
+        return _join((*states[node.inputs[0]], None), (*states[node.inputs[1]], None))[:2]
+    centre, radius = states[node.inputs[0]]
+    if index in affine:
+        scale, shift = affine[index]
+        centre = torch.addcmul(_channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim))
+        return centre, radius * _channel_view(scale.abs(), radius.ndim)
+    return _ibp_layer(node.layer, centre, radius, None, index - 1, scratch, False, False)[:2]
+
+
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def crown_relaxation(
-    model: CertifiedNet, x: Tensor, eps: float | Tensor, intermediate: str, chunk: int = 512
+    model: CertifiedNet,
+    x: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    chunk: int = 512,
+    budget: int = _CROWN_BUDGET,
 ) -> CrownRelaxation:
     """The native CROWN's ReLU relaxations on the ball around ``x``: pre-activation bounds by
     CROWN (``intermediate="crown"``) or IBP (``"ibp"``), over the network's graph (residual blocks
-    included). The model must be in eval mode and every layer native (not checked here)."""
+    included). The model must be in eval mode and every layer native (not checked here).
+
+    Full CROWN bounds the activations in order, as auto_LiRPA's CROWN does (equal bounds): each
+    pre-activation's reference interval is IBP from the activations below with their CROWN bounds
+    (not from the input box alone); a neuron stable under it keeps it (its relaxation is exact),
+    an unstable one gets its CROWN bound by back-substitution, ``chunk`` neurons at a time and one
+    coefficient tensor within ``budget`` elements (:class:`CrownBudgetError` when one neuron of
+    one example does not fit)."""
     nodes = network_graph(model.features)
     lo, hi = input_box(x, eps)
     ibp = native_intervals(model.features, lo, hi, x, keep_all=True, update_running_stats=False)
@@ -264,49 +320,84 @@ def crown_relaxation(
     affine = {n + 1: scale_shift for n, scale_shift in ibp.channel_affine.items()}
     preact: dict[int, tuple[Tensor, Tensor]] = {}
     bsz = x.shape[0]
+    # reference intervals, node by node, in centre/radius form; a state is freed after its last use
+    states: dict[int, tuple[Tensor, Tensor]] = {0: ((hi + lo) / 2, (hi - lo) / 2)}
+    uses = [0] * len(nodes)
+    for node in nodes:
+        for i in node.inputs:
+            uses[i] += 1
+    scratch = IntervalPropagation(lo, hi)
     for n, node in enumerate(nodes):
+        if n == 0:
+            continue
         if isinstance(node.layer, nn.Tanh):
             raise UnsupportedLayerError(
                 "native CROWN supports ReLU networks; use backend='auto_lirpa' for tanh"
             )
         if not isinstance(node.layer, nn.ReLU):
-            continue
-        src = node.inputs[0]
-        l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
-        # Before the first activation the network is affine (every node there precedes it) and
-        # IBP is exact per neuron.
-        if intermediate == "crown" and preact:
-            # Only neurons unstable under IBP (l < 0 < u in some example) need tighter bounds: a
-            # stable neuron's relaxation is exact, so its bounds change nothing downstream.
-            unstable = ((l < 0) & (u > 0)).flatten(1).any(0).nonzero().flatten()
-            largest = max(math.prod(shape) for shape in shapes[: src + 1])
-            # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
-            rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
-            l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
-            for s in range(0, unstable.numel(), rows_per_pass):
-                idx = unstable[s : s + rows_per_pass]
-                rows = x.new_zeros(idx.numel(), l[0].numel())
-                rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
-                rows = rows.reshape(-1, *l.shape[1:])
-                spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
-                bound = back_substitute(
-                    nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
-                )
-                half = idx.numel()
-                l_flat[:, idx] = torch.maximum(l_flat[:, idx], bound[:, :half])
-                u_flat[:, idx] = torch.minimum(u_flat[:, idx], -bound[:, half:])
-            l, u = l_flat.view_as(l), u_flat.view_as(u)
-        preact[n] = (l, u)
+            if intermediate == "crown":
+                states[n] = _reference_step(node, n, states, affine, scratch)
+        else:
+            src = node.inputs[0]
+            if intermediate == "crown":
+                centre, radius = states[src]
+                l, u = centre - radius, centre + radius
+            else:
+                l, u = ibp.layer_bounds[src - 1] if src > 0 else (lo, hi)
+            # Before the first activation the network is affine (every node there precedes it) and
+            # IBP is exact per neuron.
+            if intermediate == "crown" and preact:
+                # Only neurons unstable under the reference (l < 0 < u in some example) need CROWN
+                # bounds: a stable neuron's relaxation is exact, so its bounds change nothing downstream.
+                mask = ((l < 0) & (u > 0)).flatten(1)
+                unstable = mask.any(0).nonzero().flatten()
+                largest = max(math.prod(shape) for shape in shapes[: src + 1])
+                _check_budget(budget, 2 * bsz, largest)
+                # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
+                rows_per_pass = max(1, min(chunk, budget // (2 * bsz * largest)))
+                l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
+                for s in range(0, unstable.numel(), rows_per_pass):
+                    idx = unstable[s : s + rows_per_pass]
+                    rows = x.new_zeros(idx.numel(), l[0].numel())
+                    rows[torch.arange(idx.numel(), device=x.device), idx] = 1.0
+                    rows = rows.reshape(-1, *l.shape[1:])
+                    spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *l.shape[1:])
+                    bound = back_substitute(
+                        nodes, src, shapes, preact, affine, spec, x.new_zeros(bsz, spec.shape[1]), lo, hi
+                    )
+                    half = idx.numel()
+                    # the CROWN bound itself, not intersected with the reference (as auto_LiRPA),
+                    # where this example's neuron is unstable: an example's bounds do not depend
+                    # on the others in its batch
+                    here = mask[:, idx]
+                    l_flat[:, idx] = torch.where(here, bound[:, :half], l_flat[:, idx])
+                    u_flat[:, idx] = torch.where(here, -bound[:, half:], u_flat[:, idx])
+                l, u = l_flat.view_as(l), u_flat.view_as(u)
+            preact[n] = (l, u)
+            if intermediate == "crown":  # the activation's output interval, as native_intervals
+                low, up = l.clamp(min=0), u.clamp(min=0)
+                centre = torch.lerp(low, up, 0.5)
+                states[n] = (centre, up - centre)
+        for i in node.inputs:
+            uses[i] -= 1
+            if uses[i] == 0:
+                states.pop(i, None)
     return CrownRelaxation(nodes, shapes, preact, affine, lo, hi)
 
 
 @torch.no_grad()  # evaluation only (docs/method.md: CROWN is not used in training); keeps memory flat
 def _native_crown(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, chunk: int
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    chunk: int,
+    budget: int = _CROWN_BUDGET,
 ) -> Tensor:
     """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
     the network's graph (residual blocks included)."""
-    r = crown_relaxation(model, x, eps, intermediate, chunk)
+    r = crown_relaxation(model, x, eps, intermediate, chunk, budget)
     w_diff, b_diff = elision_matrix(model.head, y)
     return back_substitute(
         r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi
@@ -368,15 +459,17 @@ def crown_margin_lower_bound(
     backend: str = "auto",
     max_crown_elements: int = 2**23,
     chunk: int = 512,
+    budget: int = _CROWN_BUDGET,
 ) -> Tensor:
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
     Args:
         intermediate: how the pre-activation bounds used by the ReLU relaxations are obtained
             (:func:`resolve_crown_intermediate` says which one ``"auto"`` picks for a model).
-            ``"crown"``: by back-substitution for every layer, intersected with IBP so never
-            looser (CROWN, Zhang et al. 2018): costly on CIFAR-size networks (memory stays
-            bounded: neurons and examples are processed in chunks). ``"ibp"``: from IBP
+            ``"crown"``: by back-substitution for every neuron unstable under IBP from the
+            CROWN bounds below it (CROWN, Zhang et al. 2018; the bounds of auto_LiRPA's CROWN):
+            costly on CIFAR-size networks (memory stays bounded: neurons and examples are
+            processed in chunks). ``"ibp"``: from IBP
             (CROWN-IBP, Zhang et al. 2020). ``"auto"``: ``"crown"`` when every back-substitution
             holds at most ``max_crown_elements`` coefficients per example, else ``"ibp"``.
         backend: ``"native"`` (this module: ReLU networks of ``nn.Sequential`` and
@@ -386,6 +479,9 @@ def crown_margin_lower_bound(
             every layer (every built-in model, residual ones included), auto_LiRPA otherwise
             (networks made with ``CertifiedNet.wrap`` of other layers).
         chunk: the most neurons bounded per back-substitution batch (memory knob).
+        budget: the most elements of one coefficient tensor of the native backend (default 2**26,
+            0.5 GB in float64); batches and neurons are split to fit. :class:`CrownBudgetError`
+            when even one neuron (or the margins) of one example does not fit.
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. The native backend is for evaluation and runs
@@ -409,15 +505,16 @@ def crown_margin_lower_bound(
     # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
     # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.
+    largest = max(math.prod(s) for s in _node_shapes(model.features, x))
+    _check_budget(budget, max(2 if kind == "crown" else 0, model.num_classes), largest)
     if not model.training and x.shape[0] > 1:
-        largest = max(math.prod(s) for s in _node_shapes(model.features, x))
         rows = max(2 * chunk if kind == "crown" else 0, model.num_classes)
-        per_batch = max(1, _CROWN_BUDGET // (rows * largest))
+        per_batch = max(1, budget // (rows * largest))
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
             for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
-                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk))
+                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk, budget))
             return torch.cat(parts)
-    return _native_crown(model, x, y, eps, kind, chunk)
+    return _native_crown(model, x, y, eps, kind, chunk, budget)
