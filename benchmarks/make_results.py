@@ -10,9 +10,9 @@ Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results
 (``python benchmarks/cifar_end_to_end.py``), ``docs/results/tanh_crown.md``
 (``python benchmarks/tanh_crown_cost.py``), ``docs/results/crown_speed.md``
 (``python benchmarks/crown_speed.py``) and the written discussions ``docs/results/notes.md``,
-``resnet_cpu_notes.md``, ``verifier_overhead_notes.md``, ``cifar_end_to_end_notes.md`` and
-``tanh_crown_notes.md``, ``crown_speed_notes.md`` (which
-quote only figures from those files), and writes ``docs/RESULTS.md``.
+``resnet_cpu_notes.md``, ``resnet_crown.md``, ``verifier_overhead_notes.md``,
+``cifar_end_to_end_notes.md``, ``tanh_crown_notes.md`` and ``crown_speed_notes.md`` (which quote only
+figures from those files or the commands they name), and writes ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ python benchmarks/reproduce_cpu.py --protocol paper-cpu --workers 2   # → docs
 python benchmarks/resnet_cpu.py --workers 2                 # → docs/results/resnet_cpu.* (issue 16's
                                    #   PreActResNet18 comparison; the reading: resnet_cpu_notes.md)
 python benchmarks/speed.py --only resnet --repeats 3 --threads 1 --out docs/results/resnet
+python benchmarks/resnet_crown_cost.py ...                   # → docs/results/resnet_crown/ (full CROWN's
+                                   #   cost and certified accuracy on PreActResNet18; resnet_crown.md)
 python benchmarks/accumulate_memory.py                       # → docs/results/accumulate_memory.*
 python benchmarks/verifier_overhead.py --points 12 --timeout 10 --rounds 2 --cifar-root DIR \\
                                    # → docs/results/verifier_overhead.* (issue 23: ccdist verify's cost)
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         ("### Results", "paper_cpu.md"),
         ("## PreActResNet18 at CPU scale: CC-IBP vs CC-Dist (appendix E.8, Table 11b)", "resnet_cpu.md"),
         ("### Reading", "resnet_cpu_notes.md"),
+        ("### Full CROWN on PreActResNet18 (Table 11b's verifier)", "resnet_crown.md"),
         ("## Speed: PreActResNet18", "resnet/speed.md"),
         ("## Speed without the allocator setting (`--no-malloc-tuning`)", "no-malloc-tuning/speed.md"),
         ("## The allocator setting, in alternated fresh processes", "allocator/speed.md"),

@@ -17,9 +17,13 @@ overrides below, ``evaluation.prefilter``):
   160-epoch schedule scaled (1 warm-up epoch, ramp over half of the rest, lr decays in the last two), and the
   one-step training attack (10ε, as the ``cifar10-jpeg-cpu`` preset) instead of the paper's 8 steps;
 - evaluation on the 2000 test images: standard, PGD-40 (``attacks.EVAL_PGD``), IBP-certified and
-  CROWN-IBP-certified accuracy (float64, sound). CROWN-IBP, not the paper's full CROWN from auto_LiRPA:
-  auto_LiRPA at 9d100ec fails on this 32×32 network (a patches-mode shape error; its dense mode ran out of
-  memory) and the native full CROWN is far slower than CROWN-IBP on a CPU (docs/own_models.md).
+  CROWN-IBP-certified accuracy (float64, sound). CROWN-IBP on all of them, not the paper's full CROWN from
+  auto_LiRPA: auto_LiRPA at 9d100ec fails on this 32×32 network (a patches-mode shape error; its dense mode
+  ran out of memory), and the native full CROWN (equal to auto_LiRPA's where auto_LiRPA finishes) costs
+  seconds to minutes per point on a CPU (``benchmarks/resnet_crown_cost.py``);
+- ``--crown-points N``: also full-CROWN-certified accuracy (``crown_cert_acc``: CROWN with CROWN
+  intermediate bounds, native, float64, sound) on the first N test images, beside IBP- and CROWN-IBP-certified
+  accuracy on the same N (``result.json``'s ``full_crown``; added to a finished run without retraining).
 
 Output: ``<out>/<run>/result.json`` per run, then ``docs/results/resnet_cpu.{json,md}`` (``--docs``).
 
@@ -124,10 +128,11 @@ def run_settings(run: Run, teacher_known: bool = True) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
-def run_one(run: Run, root: str, overwrite: bool = False) -> dict[str, Any]:
+def run_one(run: Run, root: str, overwrite: bool = False, crown_points: int = 0) -> dict[str, Any]:
     """Train (resuming a killed run) and evaluate one run; writes ``<root>/<name>/result.json``. A run
     already in its folder is reused only when its recorded settings equal this one's (``overwrite``: it is
-    retrained otherwise)."""
+    retrained otherwise). ``crown_points``: full CROWN on that many test images too (``full_crown``), added
+    to a reused result that lacks it."""
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from ccdist_plugin.config import load_config
@@ -138,7 +143,8 @@ def run_one(run: Run, root: str, overwrite: bool = False) -> dict[str, Any]:
     result_path = out / "result.json"
     check_run_folder(out, run_settings(run), overwrite)
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        return add_full_crown(result, out, crown_points)
     out.mkdir(parents=True, exist_ok=True)
     preset = "cifar10-2-prn18-teacher" if run.kind == "teacher" else "cifar10-2-prn18"
     cfg = load_config(preset, overrides(run, out))
@@ -160,6 +166,26 @@ def run_one(run: Run, root: str, overwrite: bool = False) -> dict[str, Any]:
         "test": evaluate(model, xt, yt, EPS, pgd_steps=40, points=True),
     }
     result_path.write_text(json.dumps(result, indent=1))
+    return add_full_crown(result, out, crown_points, model)
+
+
+def add_full_crown(result: dict[str, Any], out: Path, points: int, model=None) -> dict[str, Any]:
+    """``result`` with full-CROWN-certified accuracy on the first ``points`` test images
+    (``reproduction.measure.evaluate_full_crown``), computed once per point count and saved in
+    ``<out>/result.json``; unchanged when ``points`` is 0."""
+    if points <= 0 or result.get("full_crown", {}).get("points") == points:
+        return result
+    from reproduction.measure import evaluate_full_crown
+
+    from ccdist_plugin.checkpoint import load_model
+    from ccdist_plugin.data import load_dataset
+
+    torch.set_num_threads(1)
+    if model is None:
+        model = load_model(out / "checkpoint.pt").cpu().eval()
+    xt, yt = split_tensors(load_dataset("cifar10-jpeg", val_split=VAL_SIZE).test, points)
+    result["full_crown"] = evaluate_full_crown(model, xt, yt, EPS, points)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -175,6 +201,22 @@ METRICS = (
     ("ibp_cert", "IBP-cert"),
     ("crown_cert", "CROWN-IBP-cert"),
 )
+
+
+#: the full-CROWN table's columns (``evaluate_full_crown``), all on the same first ``--crown-points`` images
+FULL_CROWN_METRICS = (
+    ("points", "points"),
+    ("ibp_cert_acc", "IBP-cert"),
+    ("crown_ibp_cert_acc", "CROWN-IBP-cert"),
+    ("crown_cert_acc", "CROWN-cert"),
+    ("crown_bounded_points", "points full CROWN bounded"),
+    ("crown_cpu_s_per_point", "full CROWN CPU s per bounded point"),
+    ("unsound_points", "certified and broken by PGD-40"),
+)
+
+
+def _with_crown(results: list[dict]) -> list[dict]:
+    return [r for r in results if "full_crown" in r]
 
 
 def _group(res: dict) -> str:
@@ -232,6 +274,15 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]
         "paired": {g: _paired(ibp, by_seed[g]) for g in order if g.startswith("cc_dist@") and g in by_seed},
         "attack": None if any_row is None else any_row["test"]["attack"],
         "width": None if any_row is None else any_row["width"],
+        "full_crown": {
+            g: {
+                key: [r["full_crown"][key] for r in rows[g] if "full_crown" in r]
+                for key, _ in FULL_CROWN_METRICS
+            }
+            | {"seeds": [r["run"]["seed"] for r in rows[g] if "full_crown" in r]}
+            for g in order
+            if _with_crown(rows.get(g, []))
+        },
     }
 
 
@@ -285,7 +336,37 @@ def markdown(summary: dict[str, Any]) -> str:
             )
     unsound = sum(r["unsound_points"] for r in summary["rows"].values())
     lines += ["", f"Certified points broken by PGD-40 (must be 0): {unsound}.", ""]
+    lines += _full_crown_markdown(summary.get("full_crown", {}))
     return "\n".join(lines)
+
+
+def _full_crown_markdown(full: dict[str, dict]) -> list[str]:
+    """The full-CROWN table (``--crown-points``), per group: mean over the seeds that have it."""
+    if not full:
+        return []
+    lines = [
+        "Full CROWN (CROWN intermediate bounds, the paper's Table 11b verifier; native, float64, equal to",
+        "auto_LiRPA's CROWN where auto_LiRPA finishes) on the first test images only, beside IBP and",
+        "CROWN-IBP on the same images (a point counts as certified when IBP or the CROWN variant certifies",
+        "it). In %, mean over the seeds listed; CPU seconds per point that full CROWN bounded (one thread).",
+        "",
+        "| model | seeds | " + " | ".join(label for _, label in FULL_CROWN_METRICS) + " |",
+        "|---" * (len(FULL_CROWN_METRICS) + 2) + "|",
+    ]
+    for group, row in full.items():
+        cells = []
+        for key, _ in FULL_CROWN_METRICS:
+            mean = statistics.mean(row[key])
+            cells.append(
+                f"{100 * mean:.2f}"
+                if key.endswith("_acc")
+                else f"{mean:.1f}"
+                if key.endswith("point")
+                else f"{mean:g}"
+            )
+        seeds = ",".join(str(s) for s in row["seeds"])
+        lines.append(f"| {_name(group)} | {seeds} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,6 +381,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
     p.add_argument("--only", default="", help="run only these students (names, comma-separated), no report")
     p.add_argument("--docs", default="docs/results", help="where resnet_cpu.{json,md} go ('' for nowhere)")
+    p.add_argument(
+        "--crown-points",
+        type=int,
+        default=0,
+        help="also full-CROWN-certified accuracy on the first N test images (seconds to minutes per point)",
+    )
     add_run_folder_options(p)
     run_script(_main, p.parse_args(argv))
 
@@ -331,7 +418,7 @@ def _main(args: argparse.Namespace) -> None:
             check_run_folder(root / r.name, run_settings(r, teacher_done), False, record=False)
     results: dict[str, dict] = {}
     with ProcessPoolExecutor(args.workers) as pool:
-        submit = lambda r: pool.submit(run_one, r, str(root), args.overwrite)  # noqa: E731
+        submit = lambda r: pool.submit(run_one, r, str(root), args.overwrite, args.crown_points)  # noqa: E731
         t_future = submit(teacher)
         futures = {s.name: submit(s) for s in students if s.kind == "cc_ibp"}
         results["teacher"] = t_future.result()  # the CC-Dist runs need its checkpoint

@@ -73,3 +73,22 @@ def test_beta_override_only_where_it_differs_from_the_presets_default(tmp_path):
     run = rn.Run("d", "cc_dist", 0, 8, 12, teacher="t.pt", beta_w=1.0)
     cfg = load_config("cifar10-2-prn18", rn.overrides(run, tmp_path))
     assert cfg.loss.beta == pytest.approx(1.0 / 64)
+
+
+def test_full_crown_table_names_crown_and_crown_ibp_apart():
+    results = {"teacher": _result("teacher", 0, 0.6, 0.0)}
+    for seed in (0, 1):
+        results[f"cc_ibp-s{seed}"] = _result("cc_ibp", seed, 0.5, 0.3)
+        results[f"cc_dist-s{seed}"] = _result("cc_dist", seed, 0.5, 0.3)
+    full = {"points": 20, "ibp_cert_acc": 0.1, "crown_ibp_cert_acc": 0.25, "crown_cert_acc": 0.35}
+    full |= {"crown_bounded_points": 12, "crown_cpu_s_per_point": 4.0, "unsound_points": 0}
+    results["cc_ibp-s1"]["full_crown"] = full  # only seed 1 of CC-IBP has it
+    args = Namespace(width=8, seeds=2, epochs=12, teacher_epochs=8, teacher_steps=5, workers=2, out="x")
+    summary = rn.report(results, args)
+    assert list(summary["full_crown"]) == ["cc_ibp"] and summary["full_crown"]["cc_ibp"]["seeds"] == [1]
+    text = rn.markdown(summary)
+    assert "| IBP-cert | CROWN-IBP-cert | CROWN-cert |" in text
+    assert "| CC-IBP | 1 | 20 | 10.00 | 25.00 | 35.00 | 12 | 4.0 | 0 |" in text
+    # without --crown-points the report has no such table
+    del results["cc_ibp-s1"]["full_crown"]
+    assert "Full CROWN" not in rn.markdown(rn.report(results, args))

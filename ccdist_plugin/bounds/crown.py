@@ -54,10 +54,26 @@ __all__ = [
     "CROWN_INTERMEDIATE",
     "resolve_crown_intermediate",
     "crown_margin_lower_bound",
+    "CrownBudgetError",
 ]
 
 #: elements of one CROWN coefficient tensor (about 0.5 GB in float64); batches are split to fit
 _CROWN_BUDGET = 2**26
+
+
+class CrownBudgetError(ValueError):
+    """The memory budget cannot hold even one neuron's back-substitution (the message names it)."""
+
+
+def _check_budget(budget: int, rows: int, largest: int) -> None:
+    """Refuse a ``budget`` (coefficient elements) below one back-substitution of ``rows`` rows for
+    one example over a layer of ``largest`` neurons, instead of allocating past it."""
+    if budget < rows * largest:
+        raise CrownBudgetError(
+            f"CROWN memory budget of {budget} coefficient elements is too small for one neuron's "
+            f"back-substitution on this network (it needs {rows * largest}: {rows} rows x {largest} "
+            "neurons of its largest layer); raise the budget"
+        )
 
 
 def _node_shapes(features: nn.Module, x: Tensor) -> list[torch.Size]:
@@ -331,6 +347,7 @@ def crown_relaxation(
     chunk: int = 512,
     conv_mode: str = "patches",
     patch_budget: int = PATCH_BUDGET,
+    budget: int = _CROWN_BUDGET,
 ) -> CrownRelaxation:
     """The native CROWN's ReLU and tanh relaxations on the ball around ``x``: pre-activation bounds by
     CROWN (``intermediate="crown"``) or IBP (``"ibp"``), over the network's graph (residual blocks
@@ -371,7 +388,8 @@ def crown_relaxation(
                 unstable = torch.arange(l[0].numel(), device=x.device)
             largest = max(math.prod(shape) for shape in shapes[: src + 1])
             # neurons per back-substitution: one coefficient tensor (bsz, 2·rows, largest) in budget
-            rows_per_pass = max(1, min(chunk, _CROWN_BUDGET // (2 * bsz * largest)))
+            _check_budget(budget, 2 * bsz, largest)
+            rows_per_pass = max(1, min(chunk, budget // (2 * bsz * largest)))
             l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
             if conv_mode == "patches" and patches_supported(nodes, src, shapes):
                 bl, bu = patch_preact_bounds(
@@ -412,11 +430,12 @@ def _native_crown(
     chunk: int,
     conv_mode: str = "patches",
     patch_budget: int = PATCH_BUDGET,
+    budget: int = _CROWN_BUDGET,
 ) -> Tensor:
     """CROWN with CROWN (``intermediate="crown"``) or IBP (``"ibp"``) pre-activation bounds, over
     the network's graph (residual blocks included); ``conv_mode``, ``patch_budget``: as
     :func:`crown_relaxation`."""
-    r = crown_relaxation(model, x, eps, intermediate, chunk, conv_mode, patch_budget)
+    r = crown_relaxation(model, x, eps, intermediate, chunk, conv_mode, patch_budget, budget)
     w_diff, b_diff = elision_matrix(model.head, y)
     return back_substitute(
         r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi
@@ -469,6 +488,8 @@ def _auto_lirpa_margin(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
     return lb
 
 
+# Whole: most of its length is the docstring of the public entry point (every option documented); the
+# body only refuses bad input, picks the backend and splits the batch to the budget.
 def crown_margin_lower_bound(
     model: CertifiedNet,
     x: Tensor,
@@ -480,6 +501,7 @@ def crown_margin_lower_bound(
     chunk: int = 512,
     conv_mode: str = "patches",
     patch_budget: int = PATCH_BUDGET,
+    budget: int = _CROWN_BUDGET,
 ) -> Tensor:
     """CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0).
 
@@ -508,6 +530,9 @@ def crown_margin_lower_bound(
             :data:`~ccdist_plugin.bounds.patches.PATCH_BUDGET` = 2**24, 128 MiB in float64; a
             back-substitution holds a few of that size). Too small for one neuron:
             :class:`~ccdist_plugin.bounds.patches.PatchBudgetError` naming it.
+        budget: the most elements of one dense coefficient tensor of the native backend (default
+            2**26, 0.5 GB in float64); batches and neurons are split to fit.
+            :class:`CrownBudgetError` when even one neuron (or the margins) of one example does not fit.
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. A tanh is relaxed as auto_LiRPA's CROWN does
@@ -533,17 +558,20 @@ def crown_margin_lower_bound(
         return _auto_lirpa_margin(model, x, y, eps, method)
     kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
     # Back-substitution holds (examples × rows × layer size) coefficients: split the batch so
-    # that one such tensor stays under _CROWN_BUDGET elements. Train-mode BatchNorm normalizes
+    # that one such tensor stays under ``budget`` elements. Train-mode BatchNorm normalizes
     # with the batch's statistics, so a batch in train mode is never split.
+    largest = max(math.prod(s) for s in _node_shapes(model.features, x))
+    _check_budget(budget, max(2 if kind == "crown" else 0, model.num_classes), largest)
     if not model.training and x.shape[0] > 1:
-        largest = max(math.prod(s) for s in _node_shapes(model.features, x))
         rows = max(2 * chunk if kind == "crown" else 0, model.num_classes)
-        per_batch = max(1, _CROWN_BUDGET // (rows * largest))
+        per_batch = max(1, budget // (rows * largest))
         if x.shape[0] > per_batch:
             eps_t = torch.as_tensor(eps)
             parts = []
             for sl in batch_slices(x.shape[0], per_batch):
                 e = eps_t[sl] if eps_t.ndim == 1 else eps
-                parts.append(_native_crown(model, x[sl], y[sl], e, kind, chunk, conv_mode, patch_budget))
+                parts.append(
+                    _native_crown(model, x[sl], y[sl], e, kind, chunk, conv_mode, patch_budget, budget)
+                )
             return torch.cat(parts)
-    return _native_crown(model, x, y, eps, kind, chunk, conv_mode, patch_budget)
+    return _native_crown(model, x, y, eps, kind, chunk, conv_mode, patch_budget, budget)
