@@ -143,7 +143,7 @@ class BatchStatistics:
     in the passes of its micro-batches (see the module docstring).
 
     Use :meth:`recording` around the whole-batch pass (no autograd needed) and :meth:`replaying`
-    around each micro-batch's pass, giving the micro-batch's size and the batch's. ``gradient``:
+    around each micro-batch's pass. ``gradient``:
     ``"exact"`` (the statistics are leaves; finish with :meth:`statistics_gradients` and
     :meth:`adjoint_surrogate`) or ``"micro_batch"`` (see the module docstring).
     """
@@ -151,7 +151,6 @@ class BatchStatistics:
     records: list[_Record] = field(default_factory=list)
     gradient: str = "exact"
     _index: int = 0
-    _fraction: float = 1.0
     _capture: bool = False
     _mode: str | None = None  # "recording", "replaying" or None
     _stop_after: int | None = None  # adjoint replay: the last record it needs
@@ -173,18 +172,13 @@ class BatchStatistics:
 
     @contextlib.contextmanager
     def replaying(
-        self,
-        model: nn.Module,
-        micro_size: int,
-        batch_size: int,
-        capture: bool = False,
-        stop_after: int | None = None,
+        self, model: nn.Module, capture: bool = False, stop_after: int | None = None
     ) -> Iterator[BatchStatistics]:
         """Replay the recorded statistics in one micro-batch's pass; ``capture`` (exact mode): keep
         each call's input for :meth:`adjoint_surrogate`; ``stop_after``: end the pass, by raising
         :class:`EnoughCaptured` (the caller catches it), once that record has been replayed (an
         adjoint pass needs nothing the pass computes later)."""
-        self._index, self._fraction, self._capture = 0, micro_size / batch_size, capture
+        self._index, self._capture = 0, capture
         self._stop_after = stop_after
         if self.gradient == "exact":
             for rec in self.records:

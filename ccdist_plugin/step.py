@@ -131,7 +131,7 @@ def _accumulated_gradients(
     for part in parts:
         size = part.stop - part.start
         adv = None if x_adv is None else x_adv[part]
-        with stats.replaying(model, size, batch) if stats is not None else contextlib.nullcontext():
+        with stats.replaying(model) if stats is not None else contextlib.nullcontext():
             total, part_terms, part_logits = step_objective(
                 model,
                 loss,
@@ -176,7 +176,6 @@ def _statistics_adjoint(
     than the last, so at most one pass per call)."""
     from ccdist_plugin.accumulate import EnoughCaptured
 
-    batch = x.shape[0]
     pending = stats.statistics_gradients()
     for _ in range(len(stats.records)):
         if all(g is None for g in pending):
@@ -186,7 +185,7 @@ def _statistics_adjoint(
         for part in parts:
             adv = None if x_adv is None else x_adv[part]
             with contextlib.suppress(EnoughCaptured):
-                with stats.replaying(model, part.stop - part.start, batch, capture=True, stop_after=last):
+                with stats.replaying(model, capture=True, stop_after=last):
                     step_objective(model, loss, x[part], y[part], eps_t, phase, config, adv, stats.batch_mean)
             surrogate = stats.adjoint_surrogate(pending)
             if surrogate is not None:

@@ -173,7 +173,7 @@ def test_statistics_adjoint_reaches_every_batchnorm_and_stops(digits):
         model(x)
     parts = micro_batches(16, 2)
     for part in parts:
-        with stats.replaying(model, 8, 16):
+        with stats.replaying(model):
             torch.nn.functional.cross_entropy(model(x[part]), y[part]).mul(0.5).backward()
     pending = stats.statistics_gradients()
     assert len(pending) == 3 and all(g is not None for g in pending)  # two BatchNorm2d, one BatchNorm1d
@@ -181,7 +181,7 @@ def test_statistics_adjoint_reaches_every_batchnorm_and_stops(digits):
     while any(g is not None for g in pending):
         depth.append(max(i for i, g in enumerate(pending) if g is not None))
         for part in parts:
-            with stats.replaying(model, 8, 16, capture=True):
+            with stats.replaying(model, capture=True):
                 model(x[part])
             surrogate = stats.adjoint_surrogate(pending)
             surrogate.backward()
@@ -266,7 +266,7 @@ def test_replay_refuses_passes_that_differ(digits):
     with torch.no_grad(), stats.recording(model):
         model(x)
     with pytest.raises(RuntimeError, match="BatchNorm calls"):
-        with stats.replaying(model, 4, 8):
+        with stats.replaying(model):
             model.features[:3](x[:4])  # stops after the first BatchNorm
 
 
