@@ -13,7 +13,7 @@ from torch import nn
 
 from ccdist_plugin.bounds import certify, crown_margin_lower_bound
 from ccdist_plugin.bounds.crown import CrownBudgetError, _node_shapes, crown_relaxation
-from ccdist_plugin.models import CertifiedNet, preact_resnet18
+from ccdist_plugin.models import CertifiedNet, cnn7, preact_resnet18
 from ccdist_plugin.soundness import attacked_margins, sampled_extremes
 
 EPS = 0.03
@@ -38,25 +38,22 @@ def trained_prn(digits):
     return briefly_trained(small_prn(1), x, y, EPS, steps=15).eval()
 
 
+@pytest.fixture(scope="module")
+def trained_cnn(digits):
+    """A CNN-7 chain (five convolutions, BatchNorm) on the digits: patches form and the cheap pass."""
+    torch.manual_seed(5)
+    model = cnn7(1, 8, 10, width=32, channels=(4, 4, 8, 8, 8), mean=[0.3], std=[0.4])
+    return briefly_trained(model, *digits, EPS, steps=15).eval()
+
+
 def _unstable_below_reference(model: CertifiedNet, x: torch.Tensor, eps: float) -> int:
     """How many pre-activations full CROWN back-substituted (unstable under their reference)."""
     r = crown_relaxation(model, x, eps, "crown")
     return sum(int(((l < 0) & (u > 0)).sum()) for l, u in r.preact.values())
 
 
-#: Known gap (issue 23, item 2): on residual networks the native full CROWN takes its reference
-#: intervals only along chains of layers and intersects every CROWN bound with them, batch-wide;
-#: auto_LiRPA walks IBP through the residual joins from the CROWN bounds below and replaces, per
-#: example. Both are sound (tested below); they differ by up to ~1e-4 relative, in both directions.
-RESIDUAL_REFERENCE_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="native full CROWN's reference intervals do not yet follow residual joins as auto_LiRPA's do",
-)
-
-
 @requires_auto_lirpa
 @pytest.mark.autolirpa
-@RESIDUAL_REFERENCE_GAP
 @pytest.mark.parametrize(
     "case", ["random-8x8", "trained-8x8", pytest.param("random-3x16x16-width4", marks=pytest.mark.slow)]
 )
@@ -73,7 +70,8 @@ def test_full_crown_equals_auto_lirpa_on_preact_resnet18(case, digits, trained_p
     assert _unstable_below_reference(model, x, eps) > 0
     ours = crown_margin_lower_bound(model, x, y, eps, intermediate="crown", backend="native")
     # one point at a time: auto_LiRPA's bounds of a point depend on the other points of its batch
-    # (it bounds the union of their unstable neurons for all of them); ours do not
+    # (it bounds the union of their unstable neurons for all of them); ours do not. Its options
+    # (crown.py, _auto_lirpa_margin) are those under which it computes the native engine's bounds.
     for i in range(x.shape[0]):
         theirs = crown_margin_lower_bound(
             model, x[i : i + 1], y[i : i + 1], eps, intermediate="crown", backend="auto_lirpa"
@@ -84,18 +82,29 @@ def test_full_crown_equals_auto_lirpa_on_preact_resnet18(case, digits, trained_p
     assert float((ours - crown_ibp).abs().max()) > 1e-6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="native full CROWN bounds the neurons unstable in any example of the batch and intersects "
-    "per example, so a point's intermediate (and rarely final) bounds can depend on its batch",
-)
-def test_a_points_full_crown_bounds_do_not_depend_on_its_batch(trained_prn, digits):
-    model = copy.deepcopy(trained_prn).double()
-    x, y = digits[0][300:303].double(), digits[1][300:303]
-    batch = crown_margin_lower_bound(model, x, y, EPS, intermediate="crown", backend="native")
+@pytest.mark.parametrize("conv_mode", ["patches", "dense"])
+@pytest.mark.parametrize("net", ["prn18", "cnn"])
+def test_a_points_full_crown_bounds_do_not_depend_on_its_batch(
+    net, conv_mode, trained_prn, trained_cnn, digits
+):
+    """Every choice (which neurons get a CROWN bound, the cheap pass's verdict) is made per example:
+    a point's bounds, intermediate and final, are those it gets alone, whatever its batch."""
+    if net == "prn18":
+        model, x, y = copy.deepcopy(trained_prn).double(), digits[0][300:306].double(), digits[1][300:306]
+    else:  # a chain of convolutions: the patches engine and the cheap first pass
+        model, x, y = copy.deepcopy(trained_cnn).double(), digits[0][300:306].double(), digits[1][300:306]
+    r = crown_relaxation(model, x, EPS, "crown", conv_mode=conv_mode)
+    batch = crown_margin_lower_bound(model, x, y, EPS, intermediate="crown", conv_mode=conv_mode)
     for i in range(x.shape[0]):
-        alone = crown_margin_lower_bound(model, x[i : i + 1], y[i : i + 1], EPS, intermediate="crown")
-        torch.testing.assert_close(batch[i : i + 1], alone, rtol=0, atol=1e-12)
+        one = slice(i, i + 1)
+        alone = crown_margin_lower_bound(
+            model, x[one], y[one], EPS, intermediate="crown", conv_mode=conv_mode
+        )
+        torch.testing.assert_close(batch[one], alone, rtol=0, atol=1e-12)
+        r_alone = crown_relaxation(model, x[one], EPS, "crown", conv_mode=conv_mode)
+        for n, (l, u) in r.preact.items():
+            torch.testing.assert_close(l[one], r_alone.preact[n][0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(u[one], r_alone.preact[n][1], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("state", ["random", "trained"])

@@ -315,8 +315,8 @@ def patch_preact_bounds(
 
     ``skip_stable`` (for a map feeding a ReLU, whose relaxation is exact on a neuron of one sign
     whatever its bounds): neurons that a back-substitution down to the second activation below
-    alone proves of one sign in every point get those bounds, and only the rest the full
-    back-substitution to the input.
+    alone proves of one sign in a point get those bounds in that point, and only the rest the full
+    back-substitution to the input (each point's bounds are its own, whatever its batch).
 
     Raises:
         PatchBudgetError: ``budget`` is below what one neuron of one point needs.
@@ -359,10 +359,15 @@ def patch_preact_bounds(
             act = nodes[stop].layer
             pl, pu = preact[stop]
             low, up = bounds(neurons, stop, (act(pl[sl]), act(pu[sl])))
-            unstable = ((low < 0) & (up > 0)).any(0)
+            # per point: a point keeps the cheap bounds of a neuron they prove stable there, even
+            # where another point needs the full pass (so its bounds do not depend on its batch)
+            rest = (low < 0) & (up > 0)
+            unstable = rest.any(0)
             if bool(unstable.any()):
                 full_low, full_up = bounds(neurons[unstable], 0, (lo[sl], hi[sl]))
-                low[:, unstable], up[:, unstable] = full_low, full_up
+                rest = rest[:, unstable]
+                low[:, unstable] = torch.where(rest, full_low, low[:, unstable])
+                up[:, unstable] = torch.where(rest, full_up, up[:, unstable])
         lower_parts.append(low)
         upper_parts.append(up)
     return torch.cat(lower_parts), torch.cat(upper_parts)
