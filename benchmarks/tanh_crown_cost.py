@@ -288,7 +288,7 @@ def _markdown(summary: dict) -> str:
     title = {"native": "native full CROWN", "auto_LiRPA": "auto_LiRPA full CROWN"}
 
     def cell(p: dict, key: str, name: str) -> str:
-        if p["finished"][name]:
+        if p.get("finished", {}).get(name, True):  # results written before budgets existed finished
             return f"{p[key][name]:.2f}"
         why = p.get("stopped_by", {}).get(name, "time")
         if why == "time":
@@ -305,7 +305,11 @@ def _markdown(summary: dict) -> str:
     def loads(name: str) -> str:
         return ", ".join("{:.1f}/{:.1f}".format(*p["load_1min_before_after"][name]) for p in points)
 
-    everything = [a for p in points for pair in p["load_1min_before_after"].values() for a in pair]
+    recorded = all("load_1min_before_after" in p for p in points)
+    if recorded:
+        everything = [a for p in points for pair in p["load_1min_before_after"].values() for a in pair]
+    else:  # results written before the load was read around each call: one reading per point
+        everything = [p["load_average"][0] for p in points]
     setting = (
         f"An untrained tanh CNN-7 at 32×32 (channels {','.join(map(str, summary['channels']))}, width "
         f"{summary['width']}), ε = {summary['eps']:.4g}, float64, one thread"
@@ -332,8 +336,9 @@ def _markdown(summary: dict) -> str:
         "|---|" + "---:|" * len(names),
         "| CPU seconds (each point) | " + " | ".join(each("cpu_s", n) for n in names) + " |",
         "| wall seconds (each point) | " + " | ".join(each("wall_s", n) for n in names) + " |",
-        "| load (1-min, before/after) | " + " | ".join(loads(n) for n in names) + " |",
     ]
+    if recorded:
+        lines.append("| load (1-min, before/after) | " + " | ".join(loads(n) for n in names) + " |")
     peaks = []
     for n in names:
         in_child = [p["peak_rss_mib"][n] for p in points if n in p.get("peak_rss_mib", {})]

@@ -153,3 +153,16 @@ def test_accumulation_table_gives_each_rounds_load():
     for row in result["memory"]:
         del row["load_1min_before_after_rounds"]
     assert "| 11.00 | 22.00 |  |" in am._markdown(result)
+
+
+def test_tanh_table_of_a_result_written_before_the_load_was_recorded():
+    summary = _summary(None)
+    for point in summary["per_point"]:
+        for key in ("finished", "stopped_by", "log", "load_1min_before_after", "peak_rss_mib"):
+            del point[key]
+        point["load_average"] = [2.0, 3.0, 4.0]
+    for key in ("backends", "auto_lirpa_timeout_s", "auto_lirpa_memory_cap_mib", "native_alone_in_process"):
+        del summary[key]
+    md = tc._markdown(summary)
+    assert "1-minute load average 2.0-2.0" in md and "| load (1-min" not in md
+    assert "| CPU seconds (each point) | 1.25 | 20.00 |" in md
