@@ -12,8 +12,10 @@ cost). The weights are the Shi et al. initialization, with running statistics ta
 the teacher is a copy of the student read in eval mode (memory needs no trained network). It
 reports ``ru_maxrss`` (the process's peak resident memory) before the steps and at the end, with
 ``ccdist_plugin.malloc.retain_freed_memory`` applied as the ``ccdist`` command applies it, and the
-wall and CPU seconds per step. The rows run in separate processes because a peak, once reached,
+wall and CPU seconds per step, and the 1-minute load average just before and after each row's process
+(read in this, the parent, process). The rows run in separate processes because a peak, once reached,
 stays; ``--rounds`` repeats them, the order reversed in even rounds (a shared machine's load drifts).
+``--steps`` (default 2) sets the steps per row; fewer make a quick check of the script.
 
 Gradient: in one more subprocess, the gradient of the warm-up step (clean cross-entropy; the random
 network's IBP bounds are too loose for the CC-Dist loss to be at an ordinary scale) with k = 1 and with
@@ -27,6 +29,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -159,14 +162,28 @@ def gradient_child(ks: list[int]) -> dict[str, Any]:
 
 
 def _run_child(args: list[str]) -> dict[str, Any]:
+    """The child's json, with the 1-minute load average before and after it (a shared machine)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    before = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    after = os.getloadavg()[0]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["load_1min_before_after"] = [round(before, 2), round(after, 2)]
+    return out
+
+
+def _loads(pairs: list[list[float]] | None) -> str:
+    """Each round's 1-minute load average before/after its process; empty where not recorded."""
+    return ", ".join(f"{b:.1f}/{a:.1f}" for b, a in pairs or [])
 
 
 def _markdown(result: dict[str, Any]) -> str:
+    steps = result["memory"][0].get("steps", 2) if result["memory"] else 2
+    steps_text = f"{steps} step" + ("" if steps == 1 else "s")
     lines = [
-        "<!-- python benchmarks/accumulate_memory.py  (memory, time and gradient tables; equality: "
+        "<!-- python benchmarks/accumulate_memory.py"
+        + "".join(f" {a}" for a in result.get("argv", []))
+        + "  (memory, time and gradient tables; equality: "
         "python -m pytest tests/test_accumulate.py) -->",
         "",
         '`optim.accumulate: k` (docs/training.md, "Gradient accumulation"). Equality, checked by '
@@ -177,26 +194,36 @@ def _markdown(result: dict[str, Any]) -> str:
         "the one-batch step's in both modes; the gradient is the one-batch step's in `exact` mode and not "
         "in `micro_batch` mode (second table).",
         "",
-        "Peak resident memory and time of a process running 2 CC-Dist steps (ramp, Shi regularizer on) on "
-        "CNN-7 (64-64-128-128-128, w = 512), batch 128, 32×32, each row in a fresh process; "
-        f"{result.get('rounds', 1)} round(s), the order reversed in even rounds; medians over rounds:",
+        f"Peak resident memory and time of a process running {steps_text} of CC-Dist (ramp, Shi regularizer "
+        "on) on CNN-7 (64-64-128-128-128, w = 512), batch 128, 32×32, each row in a fresh process; "
+        f"{result.get('rounds', 1)} round(s), the order reversed in even rounds; medians over rounds; the "
+        "load column gives each round's 1-minute load average before/after the row's process (2 cores, "
+        "shared: compare CPU times):",
         "",
         "| k (micro-batches of 128/k) | BatchNorm gradient | peak RSS before the steps (MiB) | "
-        "peak RSS after 2 steps (MiB) | growth during the steps (MiB) | CPU s/step | wall s/step |",
-        "|---|---|---|---|---|---|---|",
+        f"peak RSS after {steps_text} (MiB) | growth during the steps (MiB) | CPU s/step | wall s/step | "
+        "load (1-min, before/after) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["memory"]:
         growth = row["maxrss_mib"] - row["maxrss_before_mib"]
         before, after = row["maxrss_before_mib"], row["maxrss_mib"]
         lines.append(
             f"| {row['k']} | {row.get('mode', '-')} | {before:.0f} | {after:.0f} | {growth:.0f} | "
-            f"{row.get('cpu_s_per_step', math.nan):.2f} | {row.get('wall_s_per_step', math.nan):.2f} |"
+            f"{row.get('cpu_s_per_step', math.nan):.2f} | {row.get('wall_s_per_step', math.nan):.2f} | "
+            f"{_loads(row.get('load_1min_before_after_rounds'))} |"
         )
     lines += [
         "",
         "Distance of the accumulated gradient from the one-batch gradient on that CNN-7 (BatchNorm after "
         "every layer), warm-up step, same weights and batch; g_1 is the float32 one-batch gradient, g* the "
-        "float64 one (so the last column shows what float32 rounding alone does, k = 1 included):",
+        "float64 one (so the last column shows what float32 rounding alone does, k = 1 included)"
+        + (
+            f"; one process, 1-minute load average {_loads([result['gradient_load_1min_before_after']])}"
+            if "gradient_load_1min_before_after" in result
+            else ""
+        )
+        + ":",
         "",
         "| k | BatchNorm gradient | ‖g_k − g_1‖ / ‖g_1‖ | ‖g_k − g*‖ / ‖g*‖ | logged loss, k | "
         "logged loss, k = 1 |",
@@ -227,6 +254,8 @@ def _median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for key in ("maxrss_before_mib", "maxrss_mib", "wall_s_per_step", "cpu_s_per_step"):
             row[key] = statistics.median(r[i][key] for r in rounds)
         row["cpu_s_per_step_rounds"] = [r[i]["cpu_s_per_step"] for r in rounds]
+        row["load_1min_before_after_rounds"] = [r[i]["load_1min_before_after"] for r in rounds]
+        del row["load_1min_before_after"]
         out.append(row)
     return out
 
@@ -237,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--out", default="docs/results", help="folder for accumulate_memory.{json,md}")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory/time runs")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per memory/time row")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="exact", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-child", default=None, help=argparse.SUPPRESS)
@@ -256,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
 
     retain_freed_memory()  # as the ccdist command does
     if args.child is not None:
-        print(json.dumps(child(args.child, args.mode, steps=2)))
+        print(json.dumps(child(args.child, args.mode, steps=args.steps)))
         return
     if args.gradient_child is not None:
         print(json.dumps(gradient_child([int(k) for k in args.gradient_child.split(",")])))
@@ -271,11 +301,15 @@ def main(argv: list[str] | None = None) -> None:
         rounds = []
         for r in range(args.rounds):
             order = configs if r % 2 == 0 else configs[::-1]
-            done = {c: _run_child(["--child", str(c[0]), "--mode", c[1], *threads]) for c in order}
+            done = {
+                c: _run_child(["--child", str(c[0]), "--mode", c[1], "--steps", str(args.steps), *threads])
+                for c in order
+            }
             rounds.append([done[c] for c in configs])
         memory = _median_rows(rounds)
     others = sorted({2, *(k for k in ks if k != 1)})
     gradient = _run_child(["--gradient-child", ",".join(map(str, others)), *threads])
+    gradient_load = gradient.pop("load_1min_before_after")
     data = "CIFAR-10 JPEG subset" if _batch(1)[2] is not None else "uniform noise (CCDIST_DATA not set)"
     result = {
         "machine": _machine(),
@@ -285,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "memory": memory,
         "gradient": gradient,
+        "gradient_load_1min_before_after": gradient_load,
         "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     out = Path(args.out)

@@ -7,9 +7,10 @@ Reads ``docs/results/speed.md`` (``python benchmarks/speed.py``), ``docs/results
 (``python benchmarks/resnet_cpu.py``), ``docs/results/accumulate_memory.md``
 (``python benchmarks/accumulate_memory.py``), ``docs/results/verifier_overhead.md``
 (``python benchmarks/verifier_overhead.py``), ``docs/results/cifar_end_to_end.md``
-(``python benchmarks/cifar_end_to_end.py``), ``docs/results/tanh_crown.md``
-(``python benchmarks/tanh_crown_cost.py``), ``docs/results/crown_speed.md``
-(``python benchmarks/crown_speed.py``) and the written discussions ``docs/results/notes.md``,
+(``python benchmarks/cifar_end_to_end.py``), ``docs/results/tanh_crown.md`` and
+``docs/results/tanh_crown_narrow.md`` (``python benchmarks/tanh_crown_cost.py``),
+``docs/results/crown_speed.md`` (``python benchmarks/crown_speed.py``) and the written discussions
+``docs/results/notes.md``,
 ``resnet_cpu_notes.md``, ``resnet_crown.md``, ``verifier_overhead_notes.md``,
 ``cifar_end_to_end_notes.md``, ``tanh_crown_notes.md`` and ``crown_speed_notes.md`` (which quote only
 figures from those files or the commands they name), and writes ``docs/RESULTS.md``.
@@ -56,6 +57,9 @@ python benchmarks/crown_speed.py --table docs/results/crown_speed_narrow.json \\
     docs/results/crown_speed_paper.json > docs/results/crown_speed.md
 python benchmarks/tanh_crown_cost.py --channels 4,4,8,8,8 --width 32 --points 2 --out docs/results
                                    # → docs/results/tanh_crown.* (native full CROWN through tanh)
+python benchmarks/tanh_crown_cost.py --channels 16,16,32,32,32 --width 128 --points 1 \\
+    --auto-lirpa-timeout 1200 --auto-lirpa-memory-mib 8192 --out docs/results --name tanh_crown_narrow
+                                   # → docs/results/tanh_crown_narrow.* (the narrow tanh CNN-7)
 python benchmarks/make_results.py                            # → docs/RESULTS.md (this page)
 ```
 
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             "## Full CROWN through tanh: native against auto_LiRPA (appendix E.8's CNN-7, narrowed)",
             "tanh_crown.md",
         ),
+        ("### The narrow tanh CNN-7 (channels 16,16,32,32,32, width 128)", "tanh_crown_narrow.md"),
         ("### Reading", "tanh_crown_notes.md"),
     ):
         path = docs / "results" / name
