@@ -57,8 +57,8 @@ ALPHA_STEPS = 20
 ALPHA_LR = 0.1
 
 #: elements (coefficients kept for the backward pass, slopes and their optimizer state) that the
-#: optimization of one group of points' intermediate bounds may hold: 1 GiB in float64
-ALPHA_BUDGET = 2**27
+#: optimization of one group of points' intermediate bounds may hold: 2 GiB in float64
+ALPHA_BUDGET = 2**28
 
 #: elements of the final back-substitution's coefficient tensor per batch (autograd keeps a few per
 #: layer): larger batches are split
@@ -152,12 +152,17 @@ def _full_slopes(r: CrownRelaxation, params: dict[int, Tensor], sets: dict[int, 
 
 
 def _optimized_preact(
-    r: CrownRelaxation, preact: dict[int, tuple[Tensor, Tensor]], t: _Target, slopes: dict[int, Tensor]
+    r: CrownRelaxation,
+    preact: dict[int, tuple[Tensor, Tensor]],
+    t: _Target,
+    slopes: dict[int, Tensor],
+    reference: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Bounds of ReLU node ``t.node``'s input: its unstable neurons' lower and upper rows back-substituted
     with ``slopes`` over the relaxations of ``preact`` (the current optimized bounds below), intersected
-    with the initial bounds (both sound, so is the intersection); the other neurons' initial bounds."""
-    l0, u0 = r.preact[t.node]
+    with ``reference`` (sound bounds of the same neurons: both sound, so is the intersection); the
+    other neurons keep the initial bounds."""
+    l0 = r.preact[t.node][0]
     bsz, rows = t.idx.shape
     numel = l0[0].numel()
     onehot = l0.new_zeros(bsz, rows, numel + 1).scatter_(2, t.idx.unsqueeze(-1), 1.0)[..., :numel]
@@ -166,48 +171,93 @@ def _optimized_preact(
         r.nodes, t.src, r.shapes, preact, r.affine, spec, l0.new_zeros(bsz, 2 * rows), r.lo, r.hi, slopes
     )
     out = []
-    for initial, new, tighter in ((l0, bound[:, :rows], torch.fmax), (u0, -bound[:, rows:], torch.fmin)):
+    for known, new, tighter in (
+        (reference[0], bound[:, :rows], torch.fmax),
+        (reference[1], -bound[:, rows:], torch.fmin),
+    ):
         # one dummy slot at the end takes the padding rows; fmax/fmin: a NaN never replaces a bound
-        flat = torch.cat([initial.flatten(1), initial.new_zeros(bsz, 1)], 1)
+        flat = torch.cat([known.flatten(1), known.new_zeros(bsz, 1)], 1)
         old = flat.gather(1, t.idx)
-        flat = flat.scatter(1, t.idx, torch.where(t.valid, tighter(old, new), old))
-        out.append(flat[:, :numel].view_as(initial))
+        # new first: at a tie (the first step, CROWN's own slopes) fmax/fmin pass the gradient to
+        # their first argument, and it must reach the slopes
+        flat = flat.scatter(1, t.idx, torch.where(t.valid, tighter(new, old), old))
+        out.append(flat[:, :numel].view_as(known))
     return out[0], out[1]
+
+
+def _slope_params(
+    r: CrownRelaxation, targets: list[_Target], sets: dict[int, Tensor], rows: int
+) -> dict[tuple[int | str, int], Tensor]:
+    """The slopes to optimize, CROWN's adaptive choice to start: ``("final", m)`` for the final
+    back-substitution (``rows`` logit differences) and ``(n, m)`` for every target n and every ReLU m
+    below it, each (B, rows of that back-substitution, unstable neurons of m)."""
+    params: dict[tuple[int | str, int], Tensor] = {}
+    for t in targets:
+        for m in sets:
+            if m < t.node:  # every node t.node depends on has a smaller index
+                params[(t.node, m)] = _initial_slopes(r, m, sets[m], 2 * t.idx.shape[1])
+    params.update({("final", m): _initial_slopes(r, m, sets[m], rows) for m in sets})
+    return params
+
+
+def _bound_at(
+    r: CrownRelaxation,
+    w_diff: Tensor,
+    b_diff: Tensor,
+    params: dict[tuple[int | str, int], Tensor],
+    sets: dict[int, Tensor],
+    targets: list[_Target],
+    reference: dict[int, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """(B, k) the final bound at slopes ``params`` (:func:`_slope_params`' keys): the targets'
+    bounds recomputed, lowest first, with their slopes over the current bounds below and intersected
+    with ``reference`` (default: the initial bounds; :func:`_optimize` passes the tightest seen so
+    far, and updates it in place), then the final back-substitution. Sound whenever every slope lies
+    in [0, 1]; differentiable in the slopes."""
+    preact = dict(r.preact)
+    for t in targets:
+        own = {m: p for (n, m), p in params.items() if n == t.node}
+        known = reference[t.node] if reference is not None else r.preact[t.node]
+        preact[t.node] = _optimized_preact(r, preact, t, _full_slopes(r, own, sets), known)
+        if reference is not None:
+            reference[t.node] = (preact[t.node][0].detach(), preact[t.node][1].detach())
+    own = _full_slopes(r, {m: p for (n, m), p in params.items() if n == "final"}, sets)
+    final = len(r.nodes) - 1
+    return back_substitute(r.nodes, final, r.shapes, preact, r.affine, w_diff, b_diff, r.lo, r.hi, own)
+
+
+def _project(params: dict[tuple[int | str, int], Tensor]) -> None:
+    """Clip every slope to [0, 1], where every slope gives a line below ReLU: what makes the
+    optimized bound sound."""
+    with torch.no_grad():
+        for p in params.values():
+            p.clamp_(0.0, 1.0)
 
 
 def _optimize(
     r: CrownRelaxation, w_diff: Tensor, b_diff: Tensor, steps: int, lr: float, targets: list[_Target]
 ) -> Tensor:
     """(B, k) per point and logit difference the best bound over ``steps`` evaluations of the slopes
-    (Adam steps between them, each followed by the projection onto [0, 1]), never below CROWN's.
+    (:func:`_bound_at`; an Adam step between two, then :func:`_project`), never below CROWN's.
 
-    Slopes: ``("final", m)`` for the final back-substitution, and with ``targets`` ``(n, m)`` for the
-    back-substitution of ReLU node n's input bounds, for every ReLU m below n; every row of every
-    point has its own. Each evaluation recomputes the targets' bounds, lowest first, with the current
-    slopes and the current bounds below, then the final bound: every evaluated value is a sound bound
-    (all slopes in [0, 1], all bounds sound), computed in the model's dtype."""
+    Every row of every point has its own slopes. Each intermediate bound is intersected with the
+    tightest one seen at an earlier step (auto_LiRPA's ``fix_interm_bounds``), so they only tighten.
+    Every evaluated value is a sound bound (every slope in [0, 1], every intermediate bound sound)
+    computed in the model's dtype, so the best of them is one too."""
     final = len(r.nodes) - 1
     crown = back_substitute(r.nodes, final, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi)
     sets = _slope_sets(r)
     if not sets or steps == 0:
         return crown
-    params: dict[tuple[int | str, int], Tensor] = {}
-    for t in targets:
-        for m in sets:
-            if m < t.node:  # every node t.node depends on has a smaller index
-                params[(t.node, m)] = _initial_slopes(r, m, sets[m], 2 * t.idx.shape[1])
-    params.update({("final", m): _initial_slopes(r, m, sets[m], w_diff.shape[1]) for m in sets})
+    params = _slope_params(r, targets, sets, w_diff.shape[1])
     opt = torch.optim.Adam(params.values(), lr=lr)
     best = crown
+    # the tightest intermediate bounds seen so far, every one sound (as auto_LiRPA keeps them)
+    reference = {t.node: r.preact[t.node] for t in targets}
     for step in range(steps):
+        last = step == steps - 1
         with torch.enable_grad():
-            preact = dict(r.preact)
-            for t in targets:
-                own = {m: p for (n, m), p in params.items() if n == t.node}
-                preact[t.node] = _optimized_preact(r, preact, t, _full_slopes(r, own, sets))
-            own = _full_slopes(r, {m: p for (n, m), p in params.items() if n == "final"}, sets)
-            lb = back_substitute(r.nodes, final, r.shapes, preact, r.affine, w_diff, b_diff, r.lo, r.hi, own)
-            last = step == steps - 1
+            lb = _bound_at(r, w_diff, b_diff, params, sets, targets, reference)
             if not last:
                 opt.zero_grad()
                 (-lb.sum()).backward()  # auto_LiRPA's objective: the sum of the final lower bounds
@@ -215,9 +265,7 @@ def _optimize(
         best = torch.where(lb > best, lb, best)  # (a NaN is never better)
         if not last:
             opt.step()
-            with torch.no_grad():
-                for p in params.values():
-                    p.clamp_(0.0, 1.0)  # the projection: any slope in [0, 1] is sound
+            _project(params)
     return best
 
 
@@ -227,35 +275,36 @@ def _slice_relaxation(r: CrownRelaxation, sl: slice) -> CrownRelaxation:
     return CrownRelaxation(r.nodes, r.shapes, preact, r.affine, r.lo[sl], r.hi[sl])
 
 
-def _intermediate_cost(r: CrownRelaxation) -> Tensor:
-    """(B,) per example the elements the optimization of its intermediate bounds holds: per ReLU node
-    n after the first, 2 rows per unstable neuron, each with a coefficient at every node below n
-    (autograd keeps them for the backward pass) and 4 copies (slope, gradient, Adam's two moments) of
-    the slopes at every unstable neuron of the ReLUs below."""
+def _group_cost(r: CrownRelaxation) -> int:
+    """Elements the optimization of the intermediate bounds of the relaxation's examples holds (rows
+    are padded to the group's most): per ReLU node n after the first, 2 rows per unstable neuron, each
+    with the coefficients autograd keeps (about two per neuron of every ReLU below n, as measured on a
+    CIFAR cnn3, and one per input) and 4 copies (slope, gradient, Adam's two moments) of its slopes
+    at the unstable neurons (union over the group) of every ReLU below n."""
     sets = _slope_sets(r)
-    cost = torch.zeros(r.lo.shape[0], dtype=torch.long, device=r.lo.device)
-    for n in sorted(r.preact)[1:]:
-        src = r.nodes[n].inputs[0]
-        per_row = sum(math.prod(s) for s in r.shapes[: src + 1])
-        per_row += 4 * sum(idx.numel() for m, idx in sets.items() if m < n)
-        cost += 2 * _unstable(r, n).sum(1) * per_row
+    relus = sorted(r.preact)
+    cost = 0
+    for n in relus[1:]:
+        most = int(_unstable(r, n).sum(1).max())
+        below = [m for m in relus if m < n]
+        per_row = 2 * sum(r.preact[m][0][0].numel() for m in below) + r.lo[0].numel()
+        per_row += 4 * sum(sets[m].numel() for m in below if m in sets)
+        cost += r.lo.shape[0] * 2 * most * per_row
     return cost
 
 
-def _groups(cost: Tensor, budget: int) -> tuple[list[slice], list[int]]:
-    """Consecutive groups of examples whose optimization holds at most ``budget`` elements (rows are
-    padded to the group's most, so a group costs its size times its largest example), and the
-    examples that do not fit alone."""
+def _groups(r: CrownRelaxation, budget: int) -> tuple[list[slice], list[int]]:
+    """Consecutive groups of examples whose optimization holds at most ``budget`` elements
+    (:func:`_group_cost`), and the examples that do not fit alone."""
     groups, alone, start = [], [], 0
-    n = cost.numel()
+    n = r.lo.shape[0]
     while start < n:
-        if int(cost[start]) > budget:
+        if _group_cost(_slice_relaxation(r, slice(start, start + 1))) > budget:
             alone.append(start)
             start += 1
             continue
-        end, most = start + 1, int(cost[start])
-        while end < n and (end - start + 1) * max(most, int(cost[end])) <= budget:
-            most = max(most, int(cost[end]))
+        end = start + 1
+        while end < n and _group_cost(_slice_relaxation(r, slice(start, end + 1))) <= budget:
             end += 1
         groups.append(slice(start, end))
         start = end
@@ -279,7 +328,7 @@ def _alpha_crown(
     if not optimize_intermediate:
         return _optimize(r, w_diff, b_diff, steps, lr, [])
     out = x.new_empty(x.shape[0], model.num_classes)
-    groups, alone = _groups(_intermediate_cost(r), budget)
+    groups, alone = _groups(r, budget)
     for sl in groups:
         part = _slice_relaxation(r, sl)
         out[sl] = _optimize(part, w_diff[sl], b_diff[sl], steps, lr, _targets(part))
@@ -319,8 +368,8 @@ def alpha_crown_margin_lower_bound(
             α,β-CROWN's root bounds); False: the final back-substitution's slopes only, over fixed
             intermediate bounds (cheaper; the intermediate bounds are ``intermediate``'s).
         alpha_budget: with ``optimize_intermediate``, the most elements (coefficients autograd keeps,
-            slopes and Adam's state) one optimization may hold (default :data:`ALPHA_BUDGET` = 2**27,
-            1 GiB in float64). A batch over it is split into groups of points that fit; a point that
+            slopes and Adam's state) one optimization may hold (default :data:`ALPHA_BUDGET` = 2**28,
+            2 GiB in float64). A batch over it is split into groups of points that fit; a point that
             does not fit alone gets the final slopes optimized only, with a warning naming the
             budget. (A fallback rather than an error: the final-only bound is still sound and never
             below CROWN's, so a pre-filter keeps going on a network too large to optimize fully.)
