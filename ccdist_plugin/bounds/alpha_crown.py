@@ -278,16 +278,18 @@ def _slice_relaxation(r: CrownRelaxation, sl: slice) -> CrownRelaxation:
 def _group_cost(r: CrownRelaxation) -> int:
     """Elements the optimization of the intermediate bounds of the relaxation's examples holds (rows
     are padded to the group's most): per ReLU node n after the first, 2 rows per unstable neuron, each
-    with the coefficients autograd keeps (about two per neuron of every ReLU below n, as measured on a
-    CIFAR cnn3, and one per input) and 4 copies (slope, gradient, Adam's two moments) of its slopes
-    at the unstable neurons (union over the group) of every ReLU below n."""
+    with the coefficient-sized tensors of the back-substitution and its backward pass (about six per
+    neuron of every ReLU below n: the dense slopes, the relaxation's where and products, their
+    gradients; measured by the peak resident memory on a CIFAR cnn3), one per input, and 4 copies
+    (slope, gradient, Adam's two moments) of its slopes at the unstable neurons (union over the
+    group) of every ReLU below n."""
     sets = _slope_sets(r)
     relus = sorted(r.preact)
     cost = 0
     for n in relus[1:]:
         most = int(_unstable(r, n).sum(1).max())
         below = [m for m in relus if m < n]
-        per_row = 2 * sum(r.preact[m][0][0].numel() for m in below) + r.lo[0].numel()
+        per_row = 6 * sum(r.preact[m][0][0].numel() for m in below) + r.lo[0].numel()
         per_row += 4 * sum(sets[m].numel() for m in below if m in sets)
         cost += r.lo.shape[0] * 2 * most * per_row
     return cost
