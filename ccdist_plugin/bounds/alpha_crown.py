@@ -3,11 +3,28 @@
 CROWN relaxes an unstable ReLU (l < 0 < u) from below by a line through the origin with slope
 1 or 0 (the adaptive choice). Any slope α ∈ [0, 1] gives a line below ReLU (α·z ≤ max(z, 0) for
 every z), so the back-substituted bound is a sound lower bound for every choice of α; α-CROWN
-picks, per point, per logit difference and per unstable neuron of the final back-substitution,
-the α that makes that bound largest, by projected gradient ascent (Adam, then clipping to
-[0, 1]). The intermediate (pre-activation) bounds are CROWN's, as the native CROWN computes them
-(:func:`ccdist_plugin.bounds.crown.crown_relaxation`); the logit differences are folded into the
-head (last-layer elision) as CROWN does.
+picks the slopes that make the bound largest, by projected gradient ascent (Adam, then clipping
+to [0, 1]). The design follows α-CROWN (Xu et al. 2021, "Fast and Complete: Enabling Complete
+Neural Network Verification with Rapid and Massively Parallel Incomplete Verifiers") as the
+auto_LiRPA library implements it (``compute_bounds(method="CROWN-Optimized")``,
+github.com/Verified-Intelligence/auto_LiRPA), which α,β-CROWN runs for its root bounds:
+
+- **What is optimized** (default, ``optimize_intermediate=True``): one set of slopes per pair
+  (bounded back-substitution, ReLU below it) — the final one (the logit differences, folded into
+  the head by last-layer elision) and, for every ReLU node after the first, the back-substitution
+  of the lower and upper bounds of its input's neurons that are unstable under CROWN's bounds.
+  Every row (logit difference, neuron bound) of every point has its own slopes. Each step
+  recomputes those intermediate bounds, lowest layer first, with their slopes and the current
+  bounds of the layers below, intersects them with the tightest seen so far, CROWN's to start
+  (all sound, so is the intersection), and then the final bound; the loss is minus the sum of the
+  final lower bounds, as auto_LiRPA's. The best final bound seen per point and logit difference is
+  kept (every one is sound), never below CROWN's. A neuron stable in an example keeps its initial
+  bound there (its relaxation is exact), so each example bounds only its own unstable neurons.
+  The cost is dense back-substitution of two rows per such neuron at every step (no patches form
+  yet): about 100 CPU s per point on a CIFAR cnn3, against about 1 s for the final slopes only
+  (docs/evaluation.md).
+- ``optimize_intermediate=False``: the final back-substitution's slopes only, over fixed
+  intermediate bounds (CROWN's or CROWN-IBP's, :func:`ccdist_plugin.bounds.crown.crown_relaxation`).
 
 - :func:`alpha_crown_margin_lower_bound` — the α-CROWN lower bounds on z_j = f_y − f_j, never
   below CROWN's. :func:`ccdist_plugin.bounds.certify` (``method="alpha_crown"``) makes the
@@ -16,7 +33,9 @@ head (last-layer elision) as CROWN does.
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -33,12 +52,18 @@ from ccdist_plugin.bounds.layers import UnsupportedLayerError, native_unsupporte
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_inputs, check_labels, check_model
 
-__all__ = ["ALPHA_STEPS", "ALPHA_LR", "alpha_crown_margin_lower_bound"]
+__all__ = ["ALPHA_STEPS", "ALPHA_LR", "ALPHA_BUDGET", "alpha_crown_margin_lower_bound"]
+
+logger = logging.getLogger(__name__)
 
 #: gradient steps on the slopes per batch of points (α,β-CROWN optimizes its root bounds about as long)
 ALPHA_STEPS = 20
 #: Adam's learning rate on the slopes (they live in [0, 1])
 ALPHA_LR = 0.1
+
+#: elements (coefficients kept for the backward pass, slopes and their optimizer state) that the
+#: optimization of one group of points' intermediate bounds may hold: 2 GiB in float64
+ALPHA_BUDGET = 2**28
 
 #: elements of the final back-substitution's coefficient tensor per batch (autograd keeps a few per
 #: layer): larger batches are split
@@ -63,65 +88,266 @@ def _refuse_non_native(model: CertifiedNet) -> None:
         )
 
 
-def _initial_slopes(r: CrownRelaxation, rows: int) -> dict[int, Tensor]:
-    """Per ReLU node with an unstable neuron: CROWN's adaptive lower slopes (1 where u > −l, else 0),
-    one copy per logit difference, (B, rows, *shape)."""
-    slopes = {}
-    for n, (l, u) in r.preact.items():
-        if bool(((l < 0) & (u > 0)).any()):
-            start = (u > -l).to(l.dtype).unsqueeze(1)
-            slopes[n] = start.expand(-1, rows, *start.shape[2:]).clone()
-    return slopes
+@dataclass
+class _Target:
+    """A ReLU node whose input's bounds α-CROWN optimizes: per example the neurons unstable under the
+    initial bounds (``idx``, flat, padded to the batch's most with the dummy index ``numel``;
+    ``valid`` marks the real ones). A neuron stable in an example keeps its initial bound there: its
+    relaxation is exact whatever the bound."""
+
+    node: int
+    src: int
+    idx: Tensor
+    valid: Tensor
 
 
-def _final_bound(r: CrownRelaxation, w_diff: Tensor, b_diff: Tensor, slopes: dict[int, Tensor]) -> Tensor:
-    return back_substitute(
-        r.nodes, len(r.nodes) - 1, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi, slopes
+def _unstable(r: CrownRelaxation, n: int) -> Tensor:
+    """(B, neurons) the neurons of ReLU node ``n`` unstable under the relaxation's bounds (l < 0 < u)."""
+    l, u = r.preact[n]
+    return ((l < 0) & (u > 0)).flatten(1)
+
+
+def _slope_sets(r: CrownRelaxation) -> dict[int, Tensor]:
+    """Per ReLU node with an unstable neuron in some example: those neurons (flat indices, the union
+    over the batch). Only they carry slopes: optimized bounds are within the initial ones, so a
+    neuron stable initially stays stable, and a stable neuron's relaxation takes no slope."""
+    sets = {}
+    for n in sorted(r.preact):
+        union = _unstable(r, n).any(0).nonzero().flatten()
+        if union.numel():
+            sets[n] = union
+    return sets
+
+
+def _targets(r: CrownRelaxation) -> list[_Target]:
+    """Every ReLU node after the first (whose input is an affine function of the input: its interval
+    bounds are exact) with an unstable neuron, in topological order."""
+    targets = []
+    for n in sorted(r.preact)[1:]:
+        unstable = _unstable(r, n)
+        counts = unstable.sum(1)
+        most = int(counts.max()) if counts.numel() else 0
+        if most == 0:
+            continue
+        # each example's unstable neurons first (a stable sort keeps them in index order)
+        order = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :most]
+        valid = torch.arange(most, device=order.device) < counts.unsqueeze(1)
+        idx = torch.where(valid, order, unstable.shape[1])
+        targets.append(_Target(n, r.nodes[n].inputs[0], idx, valid))
+    return targets
+
+
+def _initial_slopes(r: CrownRelaxation, m: int, neurons: Tensor, rows: int) -> Tensor:
+    """(B, rows, len(neurons)) CROWN's adaptive lower slopes of ReLU node ``m`` at ``neurons``
+    (1 where u > −l, else 0), one copy per row, as a leaf to optimize."""
+    l, u = r.preact[m]
+    start = (u > -l).flatten(1)[:, neurons].to(l.dtype).unsqueeze(1)
+    return start.expand(-1, rows, -1).clone().requires_grad_()
+
+
+def _full_slopes(r: CrownRelaxation, params: dict[int, Tensor], sets: dict[int, Tensor]) -> dict[int, Tensor]:
+    """The slope parameters of each ReLU node placed at their neurons, (B, rows, *node shape) (0
+    elsewhere: stable neurons, which take no slope)."""
+    full = {}
+    for m, p in params.items():
+        shape = r.preact[m][0].shape[1:]
+        dense = p.new_zeros(*p.shape[:2], math.prod(shape)).index_copy(2, sets[m], p)
+        full[m] = dense.view(*p.shape[:2], *shape)
+    return full
+
+
+def _optimized_preact(
+    r: CrownRelaxation,
+    preact: dict[int, tuple[Tensor, Tensor]],
+    t: _Target,
+    slopes: dict[int, Tensor],
+    reference: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Bounds of ReLU node ``t.node``'s input: its unstable neurons' lower and upper rows back-substituted
+    with ``slopes`` over the relaxations of ``preact`` (the current optimized bounds below), intersected
+    with ``reference`` (sound bounds of the same neurons: both sound, so is the intersection); the
+    other neurons keep the initial bounds."""
+    l0 = r.preact[t.node][0]
+    bsz, rows = t.idx.shape
+    numel = l0[0].numel()
+    onehot = l0.new_zeros(bsz, rows, numel + 1).scatter_(2, t.idx.unsqueeze(-1), 1.0)[..., :numel]
+    spec = torch.cat([onehot, -onehot], 1).view(bsz, 2 * rows, *l0.shape[1:])
+    bound = back_substitute(
+        r.nodes, t.src, r.shapes, preact, r.affine, spec, l0.new_zeros(bsz, 2 * rows), r.lo, r.hi, slopes
     )
+    out = []
+    for known, new, tighter in (
+        (reference[0], bound[:, :rows], torch.fmax),
+        (reference[1], -bound[:, rows:], torch.fmin),
+    ):
+        # one dummy slot at the end takes the padding rows; fmax/fmin: a NaN never replaces a bound
+        flat = torch.cat([known.flatten(1), known.new_zeros(bsz, 1)], 1)
+        old = flat.gather(1, t.idx)
+        # new first: at a tie (the first step, CROWN's own slopes) fmax/fmin pass the gradient to
+        # their first argument, and it must reach the slopes
+        flat = flat.scatter(1, t.idx, torch.where(t.valid, tighter(new, old), old))
+        out.append(flat[:, :numel].view_as(known))
+    return out[0], out[1]
+
+
+def _slope_params(
+    r: CrownRelaxation, targets: list[_Target], sets: dict[int, Tensor], rows: int
+) -> dict[tuple[int | str, int], Tensor]:
+    """The slopes to optimize, CROWN's adaptive choice to start: ``("final", m)`` for the final
+    back-substitution (``rows`` logit differences) and ``(n, m)`` for every target n and every ReLU m
+    below it, each (B, rows of that back-substitution, unstable neurons of m)."""
+    params: dict[tuple[int | str, int], Tensor] = {}
+    for t in targets:
+        for m in sets:
+            if m < t.node:  # every node t.node depends on has a smaller index
+                params[(t.node, m)] = _initial_slopes(r, m, sets[m], 2 * t.idx.shape[1])
+    params.update({("final", m): _initial_slopes(r, m, sets[m], rows) for m in sets})
+    return params
+
+
+def _bound_at(
+    r: CrownRelaxation,
+    w_diff: Tensor,
+    b_diff: Tensor,
+    params: dict[tuple[int | str, int], Tensor],
+    sets: dict[int, Tensor],
+    targets: list[_Target],
+    reference: dict[int, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """(B, k) the final bound at slopes ``params`` (:func:`_slope_params`' keys): the targets'
+    bounds recomputed, lowest first, with their slopes over the current bounds below and intersected
+    with ``reference`` (default: the initial bounds; :func:`_optimize` passes the tightest seen so
+    far, and updates it in place), then the final back-substitution. Sound whenever every slope lies
+    in [0, 1]; differentiable in the slopes."""
+    preact = dict(r.preact)
+    for t in targets:
+        own = {m: p for (n, m), p in params.items() if n == t.node}
+        known = reference[t.node] if reference is not None else r.preact[t.node]
+        preact[t.node] = _optimized_preact(r, preact, t, _full_slopes(r, own, sets), known)
+        if reference is not None:
+            reference[t.node] = (preact[t.node][0].detach(), preact[t.node][1].detach())
+    own = _full_slopes(r, {m: p for (n, m), p in params.items() if n == "final"}, sets)
+    final = len(r.nodes) - 1
+    return back_substitute(r.nodes, final, r.shapes, preact, r.affine, w_diff, b_diff, r.lo, r.hi, own)
+
+
+def _project(params: dict[tuple[int | str, int], Tensor]) -> None:
+    """Clip every slope to [0, 1], where every slope gives a line below ReLU: what makes the
+    optimized bound sound."""
+    with torch.no_grad():
+        for p in params.values():
+            p.clamp_(0.0, 1.0)
 
 
 def _optimize(
-    r: CrownRelaxation, w_diff: Tensor, b_diff: Tensor, steps: int, lr: float
-) -> tuple[Tensor, dict[int, Tensor]]:
-    """(B, k) the CROWN bound, and the slopes that gave each row its best bound over ``steps``
-    Adam steps (each row of each point has its own slopes, so the rows are independent problems)."""
-    alpha = _initial_slopes(r, w_diff.shape[1])
-    best = {n: a.clone() for n, a in alpha.items()}
-    with torch.no_grad():
-        crown = _final_bound(r, w_diff, b_diff, alpha)  # the adaptive slopes: CROWN's bound
-    if not alpha or steps == 0:
-        return crown, best
-    best_lb = crown.clone()
-    params = [a.requires_grad_() for a in alpha.values()]
-    opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
+    r: CrownRelaxation, w_diff: Tensor, b_diff: Tensor, steps: int, lr: float, targets: list[_Target]
+) -> Tensor:
+    """(B, k) per point and logit difference the best bound over ``steps`` evaluations of the slopes
+    (:func:`_bound_at`; an Adam step between two, then :func:`_project`), never below CROWN's.
+
+    Every row of every point has its own slopes. Each intermediate bound is intersected with the
+    tightest one seen at an earlier step (auto_LiRPA's ``fix_interm_bounds``), so they only tighten.
+    Every evaluated value is a sound bound (every slope in [0, 1], every intermediate bound sound)
+    computed in the model's dtype, so the best of them is one too."""
+    final = len(r.nodes) - 1
+    crown = back_substitute(r.nodes, final, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi)
+    sets = _slope_sets(r)
+    if not sets or steps == 0:
+        return crown
+    params = _slope_params(r, targets, sets, w_diff.shape[1])
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    best = crown
+    # the tightest intermediate bounds seen so far, every one sound (as auto_LiRPA keeps them)
+    reference = {t.node: r.preact[t.node] for t in targets}
+    for step in range(steps):
+        last = step == steps - 1
         with torch.enable_grad():
-            lb = _final_bound(r, w_diff, b_diff, alpha)
-            opt.zero_grad()
-            (-lb.sum()).backward()
-        with torch.no_grad():
-            better = lb > best_lb  # the bound at the slopes before this step
-            best_lb = torch.where(better, lb, best_lb)
-            for n, a in alpha.items():
-                mask = better.view(*better.shape, *([1] * (a.ndim - 2)))
-                best[n] = torch.where(mask, a, best[n])
-        opt.step()
-        with torch.no_grad():
-            for a in params:
-                a.clamp_(0.0, 1.0)  # the projection: any slope in [0, 1] is sound
-    return crown, best
+            lb = _bound_at(r, w_diff, b_diff, params, sets, targets, reference)
+            if not last:
+                opt.zero_grad()
+                (-lb.sum()).backward()  # auto_LiRPA's objective: the sum of the final lower bounds
+        lb = lb.detach()
+        best = torch.where(lb > best, lb, best)  # (a NaN is never better)
+        if not last:
+            opt.step()
+            _project(params)
+    return best
+
+
+def _slice_relaxation(r: CrownRelaxation, sl: slice) -> CrownRelaxation:
+    """The relaxation of the examples ``sl`` (the BatchNorm/Normalize affines are per channel)."""
+    preact = {n: (l[sl], u[sl]) for n, (l, u) in r.preact.items()}
+    return CrownRelaxation(r.nodes, r.shapes, preact, r.affine, r.lo[sl], r.hi[sl])
+
+
+def _group_cost(r: CrownRelaxation) -> int:
+    """Elements the optimization of the intermediate bounds of the relaxation's examples holds (rows
+    are padded to the group's most): per ReLU node n after the first, 2 rows per unstable neuron, each
+    with the coefficient-sized tensors of the back-substitution and its backward pass (about six per
+    neuron of every ReLU below n: the dense slopes, the relaxation's where and products, their
+    gradients; measured by the peak resident memory on a CIFAR cnn3), one per input, and 4 copies
+    (slope, gradient, Adam's two moments) of its slopes at the unstable neurons (union over the
+    group) of every ReLU below n."""
+    sets = _slope_sets(r)
+    relus = sorted(r.preact)
+    cost = 0
+    for n in relus[1:]:
+        most = int(_unstable(r, n).sum(1).max())
+        below = [m for m in relus if m < n]
+        per_row = 6 * sum(r.preact[m][0][0].numel() for m in below) + r.lo[0].numel()
+        per_row += 4 * sum(sets[m].numel() for m in below if m in sets)
+        cost += r.lo.shape[0] * 2 * most * per_row
+    return cost
+
+
+def _groups(r: CrownRelaxation, budget: int) -> tuple[list[slice], list[int]]:
+    """Consecutive groups of examples whose optimization holds at most ``budget`` elements
+    (:func:`_group_cost`), and the examples that do not fit alone."""
+    groups, alone, start = [], [], 0
+    n = r.lo.shape[0]
+    while start < n:
+        if _group_cost(_slice_relaxation(r, slice(start, start + 1))) > budget:
+            alone.append(start)
+            start += 1
+            continue
+        end = start + 1
+        while end < n and _group_cost(_slice_relaxation(r, slice(start, end + 1))) <= budget:
+            end += 1
+        groups.append(slice(start, end))
+        start = end
+    return groups, alone
 
 
 @torch.no_grad()
 def _alpha_crown(
-    model: CertifiedNet, x: Tensor, y: Tensor, eps: float | Tensor, intermediate: str, steps: int, lr: float
+    model: CertifiedNet,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    intermediate: str,
+    steps: int,
+    lr: float,
+    optimize_intermediate: bool,
+    budget: int,
 ) -> Tensor:
-    r = crown_relaxation(model, x, eps, intermediate)
+    r = crown_relaxation(model, x, eps, "crown" if optimize_intermediate else intermediate)
     w_diff, b_diff = elision_matrix(model.head, y)
-    crown, slopes = _optimize(r, w_diff, b_diff, steps, lr)
-    # the decision's bound, recomputed without autograd from the chosen slopes (in the model's dtype:
-    # float64 under certify); the maximum with CROWN's keeps it never below CROWN, both being sound
-    return torch.maximum(_final_bound(r, w_diff, b_diff, slopes), crown)
+    if not optimize_intermediate:
+        return _optimize(r, w_diff, b_diff, steps, lr, [])
+    out = x.new_empty(x.shape[0], model.num_classes)
+    groups, alone = _groups(r, budget)
+    for sl in groups:
+        part = _slice_relaxation(r, sl)
+        out[sl] = _optimize(part, w_diff[sl], b_diff[sl], steps, lr, _targets(part))
+    for i in alone:
+        logger.warning(
+            "α-CROWN: optimizing the intermediate bounds of one point needs more than the budget of "
+            "%d elements; that point gets the final slopes optimized only (raise alpha_budget)",
+            budget,
+        )
+        sl = slice(i, i + 1)
+        out[sl] = _optimize(_slice_relaxation(r, sl), w_diff[sl], b_diff[sl], steps, lr, [])
+    return out
 
 
 def alpha_crown_margin_lower_bound(
@@ -133,18 +359,32 @@ def alpha_crown_margin_lower_bound(
     steps: int = ALPHA_STEPS,
     lr: float = ALPHA_LR,
     max_crown_elements: int = 2**23,
+    optimize_intermediate: bool = True,
+    alpha_budget: int = ALPHA_BUDGET,
 ) -> Tensor:
     """α-CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0), per point never
     below CROWN's (:func:`ccdist_plugin.bounds.crown.crown_margin_lower_bound`, native backend).
 
     Args:
-        intermediate: the pre-activation bounds, as for CROWN: ``"crown"``, ``"ibp"`` or ``"auto"``
-            (:func:`ccdist_plugin.bounds.crown.resolve_crown_intermediate`).
+        intermediate: the pre-activation bounds of the final-only mode, as for CROWN: ``"crown"``,
+            ``"ibp"`` or ``"auto"`` (:func:`ccdist_plugin.bounds.crown.resolve_crown_intermediate`).
+            With ``optimize_intermediate`` the initial bounds are always CROWN's.
         steps, lr: Adam steps and learning rate on the slopes (0 steps: CROWN's bound).
+        optimize_intermediate: True (default): the slopes of every intermediate back-substitution
+            are optimized too, and the intermediate bounds recomputed with them at every step (as
+            α,β-CROWN's root bounds); False: the final back-substitution's slopes only, over fixed
+            intermediate bounds (cheaper; the intermediate bounds are ``intermediate``'s).
+        alpha_budget: with ``optimize_intermediate``, the most elements (coefficients autograd keeps,
+            slopes and Adam's state) one optimization may hold (default :data:`ALPHA_BUDGET` = 2**28,
+            2 GiB in float64). A batch over it is split into groups of points that fit; a point that
+            does not fit alone gets the final slopes optimized only, with a warning naming the
+            budget. (A fallback rather than an error: the final-only bound is still sound and never
+            below CROWN's, so a pre-filter keeps going on a network too large to optimize fully.)
 
     The model must be in eval mode (the deployed network) and native-boundable: a ReLU network of
     ``nn.Sequential`` and ``Residual`` blocks. The bound is sound whatever the optimization does:
-    every slope it can return lies in [0, 1]. The model is not modified.
+    every slope it evaluates lies in [0, 1], and every bound it returns is one it evaluated in the
+    model's dtype (or CROWN's). The model is not modified.
 
     Raises:
         UnsupportedLayerError: a layer the native CROWN does not take (named, with the alternative).
@@ -156,6 +396,8 @@ def alpha_crown_margin_lower_bound(
         raise ValueError("α-CROWN bounds the deployed network: call model.eval() first")
     if steps < 0 or not lr > 0:
         raise ValueError(f"α-CROWN needs steps >= 0 and lr > 0, got {steps} and {lr}")
+    if alpha_budget < 1:
+        raise ValueError(f"α-CROWN needs alpha_budget >= 1 element, got {alpha_budget}")
     refuse_uncertifiable(model.features)
     _refuse_non_native(model)
     kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
@@ -168,5 +410,7 @@ def alpha_crown_margin_lower_bound(
     parts = []
     for sl in batch_slices(x.shape[0], per_batch):
         e = eps_t[sl] if eps_t.ndim == 1 else eps
-        parts.append(_alpha_crown(model, x[sl], y[sl], e, kind, steps, lr))
+        parts.append(
+            _alpha_crown(model, x[sl], y[sl], e, kind, steps, lr, optimize_intermediate, alpha_budget)
+        )
     return torch.cat(parts) if parts else x.new_zeros(0, model.num_classes)

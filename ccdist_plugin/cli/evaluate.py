@@ -229,7 +229,7 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
 @click.option(
     "--alpha-crown",
     is_flag=True,
-    help="alpha-CROWN (optimized ReLU slopes) after IBP/CROWN on what they leave: alpha_crown_cert_acc",
+    help="alpha-CROWN (all layers' ReLU slopes optimized) after IBP/CROWN on the rest: alpha_crown_cert_acc",
 )
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")

@@ -67,7 +67,7 @@ __all__ = ["export_command", "verify_command"]
 @click.option(
     "--alpha-crown",
     is_flag=True,
-    help="alpha-CROWN (optimized ReLU slopes) after IBP/CROWN; what it proves skips alpha,beta-CROWN",
+    help="alpha-CROWN (all layers' ReLU slopes optimized) after IBP/CROWN; what it proves skips verification",
 )
 @click.option("--attack-steps", default=50, show_default=True, help="PGD steps of the pre-check (0: none)")
 @click.option("--attack-restarts", default=3, show_default=True, help="PGD restarts of the pre-check")
