@@ -45,6 +45,7 @@ from ccdist_plugin.bounds.crown import (
     CrownRelaxation,
     back_substitute,
     crown_relaxation,
+    final_margin_bound,
     resolve_crown_intermediate,
 )
 from ccdist_plugin.bounds.ibp import elision_matrix, native_intervals
@@ -249,8 +250,8 @@ def _optimize(
     tightest one seen at an earlier step (auto_LiRPA's ``fix_interm_bounds``), so they only tighten.
     Every evaluated value is a sound bound (every slope in [0, 1], every intermediate bound sound)
     computed in the model's dtype, so the best of them is one too."""
-    final = len(r.nodes) - 1
-    crown = back_substitute(r.nodes, final, r.shapes, r.preact, r.affine, w_diff, b_diff, r.lo, r.hi)
+    # CROWN's margins (with, for full CROWN, the interval bound where it is larger): the floor
+    crown = final_margin_bound(r, w_diff, b_diff)
     sets = _slope_sets(r)
     if not sets or steps == 0:
         return crown
@@ -277,7 +278,9 @@ def _optimize(
 def _slice_relaxation(r: CrownRelaxation, sl: slice) -> CrownRelaxation:
     """The relaxation of the examples ``sl`` (the BatchNorm/Normalize affines are per channel)."""
     preact = {n: (l[sl], u[sl]) for n, (l, u) in r.preact.items()}
-    return CrownRelaxation(r.nodes, r.shapes, preact, r.affine, r.lo[sl], r.hi[sl])
+    out = r.output_interval
+    sliced = None if out is None else (out[0][sl], out[1][sl])
+    return CrownRelaxation(r.nodes, r.shapes, preact, r.affine, r.lo[sl], r.hi[sl], sliced)
 
 
 def _group_cost(r: CrownRelaxation) -> int:
