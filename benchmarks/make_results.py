@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             "cifar_end_to_end.md",
         ),
         ("### Reading", "cifar_end_to_end_notes.md"),
+        ("### The same with α-CROWN (every layer's slopes) in the pre-filter", "cifar_end_to_end_alpha.md"),
+        ("### Reading", "cifar_end_to_end_alpha_notes.md"),
         ("## Full CROWN: native (patches form) against auto_LiRPA", "crown_speed.md"),
         ("### Reading", "crown_speed_notes.md"),
         (
