@@ -23,15 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.batching import batch_slices
-from ccdist_plugin.bounds.ibp import (
-    IntervalPropagation,
-    _channel_view,
-    _ibp_layer,
-    _join,
-    elision_matrix,
-    input_box,
-    native_intervals,
-)
+from ccdist_plugin.bounds.ibp import ReferenceWalk, elision_matrix, input_box, native_intervals
 from ccdist_plugin.bounds.layers import (
     PAD_MODES,
     PASSTHROUGH,
@@ -268,59 +260,6 @@ def resolve_crown_intermediate(
     return "crown" if all(c <= max_crown_elements for c in _crown_costs(model)) else "ibp"
 
 
-class _ReferenceWalk:
-    """The reference intervals of full CROWN, node by node in topological order: IBP from the
-    pre-activation bounds already set (the input box below the first activation, then every
-    activation's output interval from its bounds), through the residual joins, as auto_LiRPA
-    computes its reference bounds. A node's interval is freed after its last use."""
-
-    def __init__(
-        self, nodes: list[GraphNode], lo: Tensor, hi: Tensor, affine: dict[int, tuple[Tensor, Tensor]]
-    ):
-        self.nodes, self.affine = nodes, affine
-        self.states: dict[int, tuple[Tensor, Tensor]] = {0: ((hi + lo) / 2, (hi - lo) / 2)}
-        self.uses = [0] * len(nodes)
-        for node in nodes:
-            for i in node.inputs:
-                self.uses[i] += 1
-        self.scratch = IntervalPropagation(lo, hi)
-
-    def interval(self, n: int) -> tuple[Tensor, Tensor]:
-        """The reference (lower, upper) of node ``n``."""
-        centre, radius = self.states[n]
-        return centre - radius, centre + radius
-
-    def step(self, n: int, activation_bounds: tuple[Tensor, Tensor] | None = None) -> None:
-        """Set node ``n``'s interval: an activation's from its pre-activation bounds, any other
-        node's by IBP from its inputs (BatchNorm/Normalize with the (scale, shift) that the
-        full-network IBP applied)."""
-        node = self.nodes[n]
-        if activation_bounds is not None:
-            low, up = node.layer(activation_bounds[0]), node.layer(activation_bounds[1])  # monotone
-            centre = torch.lerp(low, up, 0.5)
-            self.states[n] = (centre, up - centre)
-        elif node.layer is None:
-            self.states[n] = _join(
-                (*self.states[node.inputs[0]], None), (*self.states[node.inputs[1]], None)
-            )[:2]
-        elif n in self.affine:
-            centre, radius = self.states[node.inputs[0]]
-            scale, shift = self.affine[n]
-            centre = torch.addcmul(
-                _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
-            )
-            self.states[n] = (centre, radius * _channel_view(scale.abs(), radius.ndim))
-        else:
-            centre, radius = self.states[node.inputs[0]]
-            self.states[n] = _ibp_layer(node.layer, centre, radius, None, n - 1, self.scratch, False, False)[
-                :2
-            ]
-        for i in node.inputs:
-            self.uses[i] -= 1
-            if self.uses[i] == 0:
-                del self.states[i]
-
-
 def _second_activation_below(nodes: list[GraphNode], src: int) -> int | None:
     """The second activation node below node ``src`` when every node between them has one input
     (no residual join: every path down passes through it), else None."""
@@ -381,12 +320,39 @@ class CrownRelaxation:
     output_interval: tuple[Tensor, Tensor] | None = None
 
 
+def _dense_preact_bounds(
+    r: CrownRelaxation, src: int, unstable: Tensor, wanted: Tensor | None, rows_per_pass: int, cheap: bool
+) -> tuple[Tensor, Tensor]:
+    """CROWN bounds (B, n) of the ``unstable`` neurons of node ``src`` by dense back-substitution:
+    with ``cheap`` (before a ReLU), first down to the second activation below, then the full pass
+    only for the examples (``wanted`` among them) where that leaves a neuron's sign open."""
+    nodes, shapes, preact, affine, lo, hi = r.nodes, r.shapes, r.preact, r.affine, r.lo, r.hi
+    stop = _second_activation_below(nodes, src) if cheap else None
+    if stop is None:
+        return _dense_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, rows_per_pass)
+    # down to the second activation below only, its output bounded by the interval its
+    # pre-activation bounds give (cheap); the full pass only where that leaves the sign open
+    act, (pl, pu) = nodes[stop].layer, preact[stop]
+    bl, bu = _dense_bounds(
+        nodes, src, shapes, preact, affine, act(pl), act(pu), unstable, rows_per_pass, stop
+    )
+    rest = (bl < 0) & (bu > 0) & wanted
+    cols = rest.any(0)
+    if bool(cols.any()):
+        full_l, full_u = _dense_bounds(
+            nodes, src, shapes, preact, affine, lo, hi, unstable[cols], rows_per_pass
+        )
+        bl[:, cols] = torch.where(rest[:, cols], full_l, bl[:, cols])
+        bu[:, cols] = torch.where(rest[:, cols], full_u, bu[:, cols])
+    return bl, bu
+
+
 def _crown_preact_bounds(
     r: CrownRelaxation,
     src: int,
     l: Tensor,
     u: Tensor,
-    walk: _ReferenceWalk,
+    walk: ReferenceWalk,
     activation: nn.Module,
     chunk: int,
     conv_mode: str,
@@ -440,25 +406,7 @@ def _crown_preact_bounds(
             skip_stable=relu and cheap_pass,
         )
     else:
-        # (a cheap first pass can settle a ReLU's sign, never a tanh's lines: ReLU only)
-        stop = _second_activation_below(nodes, src) if relu and cheap_pass else None
-        if stop is None:
-            bl, bu = _dense_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, rows_per_pass)
-        else:
-            # down to the second activation below only, its output bounded by the interval its
-            # pre-activation bounds give (cheap); the full pass only where that leaves the sign open
-            act, (pl, pu) = nodes[stop].layer, preact[stop]
-            bl, bu = _dense_bounds(
-                nodes, src, shapes, preact, affine, act(pl), act(pu), unstable, rows_per_pass, stop
-            )
-            rest = (bl < 0) & (bu > 0) & wanted
-            cols = rest.any(0)
-            if bool(cols.any()):
-                full_l, full_u = _dense_bounds(
-                    nodes, src, shapes, preact, affine, lo, hi, unstable[cols], rows_per_pass
-                )
-                bl[:, cols] = torch.where(rest[:, cols], full_l, bl[:, cols])
-                bu[:, cols] = torch.where(rest[:, cols], full_u, bu[:, cols])
+        bl, bu = _dense_preact_bounds(r, src, unstable, wanted, rows_per_pass, relu and cheap_pass)
     l_flat, u_flat = l.flatten(1).clone(), u.flatten(1).clone()
     ref_l, ref_u = l_flat[:, unstable], u_flat[:, unstable]
     new_l, new_u = torch.maximum(ref_l, bl), torch.minimum(ref_u, bu)
@@ -504,7 +452,7 @@ def crown_relaxation(
     affine = {n + 1: scale_shift for n, scale_shift in ibp.channel_affine.items()}
     preact: dict[int, tuple[Tensor, Tensor]] = {}  # filled activation by activation
     r = CrownRelaxation(nodes, shapes, preact, affine, lo, hi)
-    walk = _ReferenceWalk(nodes, lo, hi, affine) if intermediate == "crown" else None
+    walk = ReferenceWalk(nodes, lo, hi, affine) if intermediate == "crown" else None
     for n, node in enumerate(nodes):
         if n == 0:
             continue

@@ -27,6 +27,7 @@ from ccdist_plugin.bounds.layers import (
     MONOTONE,
     PAD_MODES,
     PASSTHROUGH,
+    GraphNode,
     UnsupportedLayerError,
     bn_scale_shift,
     check_supported_layer,
@@ -53,6 +54,7 @@ __all__ = [
     "elision_matrix",
     "elided_margin_lower_bound",
     "margin_lower_bound",
+    "ReferenceWalk",
 ]
 
 
@@ -418,3 +420,57 @@ def margin_lower_bound(model: CertifiedNet, x: Tensor, y: Tensor, eps: float | T
     _check_labels(model, x, y)
     h_lb, h_ub = feature_bounds(model, x, eps)
     return elided_margin_lower_bound(model.head, h_lb, h_ub, y)
+
+
+class ReferenceWalk:
+    """The reference intervals of full CROWN (:mod:`ccdist_plugin.bounds.crown`), node by node of
+    ``network_graph(features)`` in topological order: IBP from the
+    pre-activation bounds already set (the input box below the first activation, then every
+    activation's output interval from its bounds), through the residual joins, as auto_LiRPA
+    computes its reference bounds. A node's interval is freed after its last use."""
+
+    def __init__(
+        self, nodes: list[GraphNode], lo: Tensor, hi: Tensor, affine: dict[int, tuple[Tensor, Tensor]]
+    ):
+        self.nodes, self.affine = nodes, affine
+        self.states: dict[int, tuple[Tensor, Tensor]] = {0: ((hi + lo) / 2, (hi - lo) / 2)}
+        self.uses = [0] * len(nodes)
+        for node in nodes:
+            for i in node.inputs:
+                self.uses[i] += 1
+        self.scratch = IntervalPropagation(lo, hi)
+
+    def interval(self, n: int) -> tuple[Tensor, Tensor]:
+        """The reference (lower, upper) of node ``n``."""
+        centre, radius = self.states[n]
+        return centre - radius, centre + radius
+
+    def step(self, n: int, activation_bounds: tuple[Tensor, Tensor] | None = None) -> None:
+        """Set node ``n``'s interval: an activation's from its pre-activation bounds, any other
+        node's by IBP from its inputs (BatchNorm/Normalize with the (scale, shift) that the
+        full-network IBP applied)."""
+        node = self.nodes[n]
+        if activation_bounds is not None:
+            low, up = node.layer(activation_bounds[0]), node.layer(activation_bounds[1])  # monotone
+            centre = torch.lerp(low, up, 0.5)
+            self.states[n] = (centre, up - centre)
+        elif node.layer is None:
+            self.states[n] = _join(
+                (*self.states[node.inputs[0]], None), (*self.states[node.inputs[1]], None)
+            )[:2]
+        elif n in self.affine:
+            centre, radius = self.states[node.inputs[0]]
+            scale, shift = self.affine[n]
+            centre = torch.addcmul(
+                _channel_view(shift, centre.ndim), centre, _channel_view(scale, centre.ndim)
+            )
+            self.states[n] = (centre, radius * _channel_view(scale.abs(), radius.ndim))
+        else:
+            centre, radius = self.states[node.inputs[0]]
+            self.states[n] = _ibp_layer(node.layer, centre, radius, None, n - 1, self.scratch, False, False)[
+                :2
+            ]
+        for i in node.inputs:
+            self.uses[i] -= 1
+            if self.uses[i] == 0:
+                del self.states[i]
