@@ -179,3 +179,27 @@ def test_benchmark_full_crown_evaluation_counts_what_certify_proves(digits, trai
     assert out["ibp_cert_acc"] == pytest.approx(float(ibp.float().mean()))
     assert out["crown_cert_acc"] == pytest.approx(float((ibp | full).float().mean()))
     assert out["crown_bounded_points"] <= 8 and out["crown_cpu_s_per_point"] >= 0
+
+
+@pytest.mark.parametrize("conv_mode", ["patches", "dense"])
+@pytest.mark.parametrize("net", ["prn18", "cnn"])
+def test_inplace_relus_give_the_same_full_crown_bounds(net, conv_mode, trained_prn, trained_cnn, digits):
+    """The cheap pass and the reference walk apply activations to stored bounds: an
+    ``inplace=True`` ReLU must not overwrite them (it would clamp lower bounds to 0 and make
+    unstable neurons look stable)."""
+    plain = copy.deepcopy(trained_prn if net == "prn18" else trained_cnn).double()
+    inplace = copy.deepcopy(plain)
+    relus = [m for m in inplace.modules() if isinstance(m, nn.ReLU)]
+    assert relus
+    for m in relus:
+        m.inplace = True
+    x, y = digits[0][300:303].double(), digits[1][300:303]
+    ref = crown_relaxation(plain, x, EPS, "crown", conv_mode=conv_mode)
+    got = crown_relaxation(inplace, x, EPS, "crown", conv_mode=conv_mode)
+    assert any(bool((l < 0).any()) for l, _ in got.preact.values())
+    for n, (l, u) in ref.preact.items():
+        torch.testing.assert_close(got.preact[n][0], l, rtol=0, atol=0)
+        torch.testing.assert_close(got.preact[n][1], u, rtol=0, atol=0)
+    z_plain = crown_margin_lower_bound(plain, x, y, EPS, intermediate="crown", conv_mode=conv_mode)
+    z_inplace = crown_margin_lower_bound(inplace, x, y, EPS, intermediate="crown", conv_mode=conv_mode)
+    torch.testing.assert_close(z_inplace, z_plain, rtol=0, atol=0)

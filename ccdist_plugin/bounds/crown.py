@@ -29,6 +29,7 @@ from ccdist_plugin.bounds.layers import (
     PASSTHROUGH,
     GraphNode,
     UnsupportedLayerError,
+    apply_monotone,
     check_supported_layer,
     conv_pads,
     native_ibp_supports,
@@ -334,7 +335,16 @@ def _dense_preact_bounds(
     # pre-activation bounds give (cheap); the full pass only where that leaves the sign open
     act, (pl, pu) = nodes[stop].layer, preact[stop]
     bl, bu = _dense_bounds(
-        nodes, src, shapes, preact, affine, act(pl), act(pu), unstable, rows_per_pass, stop
+        nodes,
+        src,
+        shapes,
+        preact,
+        affine,
+        apply_monotone(act, pl),
+        apply_monotone(act, pu),
+        unstable,
+        rows_per_pass,
+        stop,
     )
     rest = (bl < 0) & (bu > 0) & wanted
     cols = rest.any(0)

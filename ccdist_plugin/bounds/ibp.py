@@ -29,6 +29,7 @@ from ccdist_plugin.bounds.layers import (
     PASSTHROUGH,
     GraphNode,
     UnsupportedLayerError,
+    apply_monotone,
     bn_scale_shift,
     check_supported_layer,
     conv_pads,
@@ -77,11 +78,6 @@ def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     check_pixel_range(x)
     eps_t = _eps_tensor(eps, x)
     return (x - eps_t).clamp(0.0, 1.0), (x + eps_t).clamp(0.0, 1.0)
-
-
-def _monotone(layer: nn.Module, t: Tensor) -> Tensor:
-    """The activation, never in place (an ``inplace=True`` ReLU would overwrite stored bounds)."""
-    return torch.relu(t) if isinstance(layer, nn.ReLU) else torch.tanh(t)
 
 
 def _channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -163,8 +159,8 @@ def _ibp_layer(
         lb, ub = centre - radius, centre + radius
         result.preact_bounds.append((lb, ub))
         if value is not None:
-            value = _monotone(layer, value)
-        lb, ub = _monotone(layer, lb), _monotone(layer, ub)
+            value = apply_monotone(layer, value)
+        lb, ub = apply_monotone(layer, lb), apply_monotone(layer, ub)
         # Midpoint and half-width in two passes (lerp is one fused op).
         centre = torch.lerp(lb, ub, 0.5)
         return centre, ub - centre, value
@@ -451,7 +447,10 @@ class ReferenceWalk:
         full-network IBP applied)."""
         node = self.nodes[n]
         if activation_bounds is not None:
-            low, up = node.layer(activation_bounds[0]), node.layer(activation_bounds[1])  # monotone
+            low, up = (
+                apply_monotone(node.layer, activation_bounds[0]),
+                apply_monotone(node.layer, activation_bounds[1]),
+            )
             centre = torch.lerp(low, up, 0.5)
             self.states[n] = (centre, up - centre)
         elif node.layer is None:

@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedLayerError",
     "AutoLirpaMissingError",
     "MONOTONE",
+    "apply_monotone",
     "PASSTHROUGH",
     "PAD_MODES",
     "check_supported_layer",
@@ -45,6 +46,14 @@ __all__ = [
 
 #: the monotone activations: an interval maps to the interval of its ends
 MONOTONE = (nn.ReLU, nn.Tanh)
+
+
+def apply_monotone(layer: nn.Module, t: Tensor) -> Tensor:
+    """A :data:`MONOTONE` activation applied to ``t``, never in place (an ``inplace=True`` ReLU
+    called on stored bounds would overwrite them)."""
+    return torch.relu(t) if isinstance(layer, nn.ReLU) else torch.tanh(t)
+
+
 #: layers that pass their input on unchanged (Dropout in eval mode only)
 PASSTHROUGH = (nn.Identity, nn.Dropout)
 #: leaf layers the native engine bounds (Conv2d of every padding mode, Dropout in eval mode only)

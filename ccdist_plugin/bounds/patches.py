@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ccdist_plugin.bounds.layers import PASSTHROUGH, GraphNode, conv_pads, native_ibp_supports
+from ccdist_plugin.bounds.layers import PASSTHROUGH, GraphNode, apply_monotone, conv_pads, native_ibp_supports
 from ccdist_plugin.bounds.relaxations import RELAXED_ACTIVATIONS, Relaxation, activation_relaxation
 from ccdist_plugin.models import Normalize
 
@@ -358,7 +358,7 @@ def patch_preact_bounds(
             # proves stable is done (a stable ReLU's relaxation is exact, whatever its bounds)
             act = nodes[stop].layer
             pl, pu = preact[stop]
-            low, up = bounds(neurons, stop, (act(pl[sl]), act(pu[sl])))
+            low, up = bounds(neurons, stop, (apply_monotone(act, pl[sl]), apply_monotone(act, pu[sl])))
             # per point: a point keeps the cheap bounds of a neuron they prove stable there, even
             # where another point needs the full pass (so its bounds do not depend on its batch)
             rest = (low < 0) & (up > 0)
