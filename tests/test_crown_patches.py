@@ -76,9 +76,10 @@ def test_patches_preact_bounds_equal_the_dense_engines(name, eps):
             nodes, src, shapes, below, dense.affine, dense.lo, dense.hi, neurons, budget=4096
         )
         # the dense engine's own back-substitution of every neuron (not only the unstable ones)
-        from ccdist_plugin.bounds.crown import _dense_bounds
+        from ccdist_plugin.bounds.crown import CrownRelaxation, _dense_bounds
 
-        ref_l, ref_u = _dense_bounds(nodes, src, shapes, below, dense.affine, dense.lo, dense.hi, neurons, 24)
+        relaxation_below = CrownRelaxation(nodes, shapes, below, dense.affine, dense.lo, dense.hi)
+        ref_l, ref_u = _dense_bounds(relaxation_below, src, (dense.lo, dense.hi), neurons, 24)
         _assert_rel_close(ours_l, ref_l)
         _assert_rel_close(ours_u, ref_u)
         compared += 1

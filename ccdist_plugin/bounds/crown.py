@@ -43,7 +43,7 @@ from ccdist_plugin.bounds.lirpa import (
     plain_lirpa_warnings,
     refuse_unsound_lirpa_crown,
 )
-from ccdist_plugin.bounds.patches import PATCH_BUDGET, patch_preact_bounds, patches_supported
+from ccdist_plugin.bounds.patches import PATCH_BUDGET, fill_open_signs, patch_preact_bounds, patches_supported
 from ccdist_plugin.bounds.relaxations import RELAXED_ACTIVATIONS, activation_relaxation, apply_lower
 from ccdist_plugin.models import CertifiedNet, Normalize
 from ccdist_plugin.validate import check_inputs, check_labels, check_model
@@ -276,20 +276,17 @@ def _second_activation_below(nodes: list[GraphNode], src: int) -> int | None:
 
 
 def _dense_bounds(
-    nodes: list[GraphNode],
+    r: CrownRelaxation,
     src: int,
-    shapes: list[torch.Size],
-    preact: dict[int, tuple[Tensor, Tensor]],
-    affine: dict[int, tuple[Tensor, Tensor]],
-    lo: Tensor,
-    hi: Tensor,
+    box: tuple[Tensor, Tensor],
     neurons: Tensor,
     rows_per_pass: int,
     stop: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds (B, n) of the ``neurons`` (flat indices) of node ``src`` by dense
-    back-substitution down to node ``stop``, whose values lie in [lo, hi]."""
-    bsz, shape = lo.shape[0], shapes[src]
+    back-substitution down to node ``stop``, whose values lie in ``box`` (the input box: ``stop=0``)."""
+    lo, hi = box
+    bsz, shape = lo.shape[0], r.shapes[src]
     lower, upper = [], []
     for s in range(0, neurons.numel(), rows_per_pass):
         idx = neurons[s : s + rows_per_pass]
@@ -298,7 +295,7 @@ def _dense_bounds(
         rows = rows.reshape(-1, *shape)
         spec = torch.cat([rows, -rows]).unsqueeze(0).expand(bsz, -1, *shape)
         bias = lo.new_zeros(bsz, spec.shape[1])
-        bound = back_substitute(nodes, src, shapes, preact, affine, spec, bias, lo, hi, stop=stop)
+        bound = back_substitute(r.nodes, src, r.shapes, r.preact, r.affine, spec, bias, lo, hi, stop=stop)
         lower.append(bound[:, : idx.numel()])
         upper.append(-bound[:, idx.numel() :])
     return torch.cat(lower, dim=1), torch.cat(upper, dim=1)
@@ -327,34 +324,19 @@ def _dense_preact_bounds(
     """CROWN bounds (B, n) of the ``unstable`` neurons of node ``src`` by dense back-substitution:
     with ``cheap`` (before a ReLU), first down to the second activation below, then the full pass
     only for the examples (``wanted`` among them) where that leaves a neuron's sign open."""
-    nodes, shapes, preact, affine, lo, hi = r.nodes, r.shapes, r.preact, r.affine, r.lo, r.hi
-    stop = _second_activation_below(nodes, src) if cheap else None
+    stop = _second_activation_below(r.nodes, src) if cheap else None
     if stop is None:
-        return _dense_bounds(nodes, src, shapes, preact, affine, lo, hi, unstable, rows_per_pass)
+        return _dense_bounds(r, src, (r.lo, r.hi), unstable, rows_per_pass)
     # down to the second activation below only, its output bounded by the interval its
     # pre-activation bounds give (cheap); the full pass only where that leaves the sign open
-    act, (pl, pu) = nodes[stop].layer, preact[stop]
-    bl, bu = _dense_bounds(
-        nodes,
-        src,
-        shapes,
-        preact,
-        affine,
-        apply_monotone(act, pl),
-        apply_monotone(act, pu),
-        unstable,
-        rows_per_pass,
-        stop,
-    )
-    rest = (bl < 0) & (bu > 0) & wanted
-    cols = rest.any(0)
-    if bool(cols.any()):
-        full_l, full_u = _dense_bounds(
-            nodes, src, shapes, preact, affine, lo, hi, unstable[cols], rows_per_pass
-        )
-        bl[:, cols] = torch.where(rest[:, cols], full_l, bl[:, cols])
-        bu[:, cols] = torch.where(rest[:, cols], full_u, bu[:, cols])
-    return bl, bu
+    act, (pl, pu) = r.nodes[stop].layer, r.preact[stop]
+    box = (apply_monotone(act, pl), apply_monotone(act, pu))
+    bl, bu = _dense_bounds(r, src, box, unstable, rows_per_pass, stop)
+
+    def full(cols: Tensor) -> tuple[Tensor, Tensor]:
+        return _dense_bounds(r, src, (r.lo, r.hi), unstable[cols], rows_per_pass)
+
+    return fill_open_signs(bl, bu, full, wanted)
 
 
 def _crown_preact_bounds(

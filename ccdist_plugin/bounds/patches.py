@@ -22,6 +22,7 @@ through its four per-neuron tensors only. Evaluation only: it runs without autog
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from ccdist_plugin.bounds.layers import PASSTHROUGH, GraphNode, apply_monotone, 
 from ccdist_plugin.bounds.relaxations import RELAXED_ACTIVATIONS, Relaxation, activation_relaxation
 from ccdist_plugin.models import Normalize
 
-__all__ = ["PATCH_BUDGET", "PatchBudgetError", "patches_supported", "patch_preact_bounds"]
+__all__ = ["PATCH_BUDGET", "PatchBudgetError", "patches_supported", "patch_preact_bounds", "fill_open_signs"]
 
 #: default most elements of one patches coefficient tensor (points × rows × C × kh × kw); 2**24 is
 #: 128 MiB in float64, and a back-substitution holds a few tensors of that size at once
@@ -290,6 +291,25 @@ def _chunks(
     return cache, points, max(1, budget // (need * points))
 
 
+def fill_open_signs(
+    low: Tensor, up: Tensor, full: Callable[[Tensor], tuple[Tensor, Tensor]], wanted: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The cheap pass's bounds (B, n) completed: where they leave a neuron's sign open in an example
+    (and ``wanted`` holds there), that example takes the full back-substitution's bounds,
+    ``full(columns)`` for the columns where some example needs it. Per example, so a point keeps the
+    cheap bounds of a neuron they prove stable there whatever its batch. Fills ``low``/``up`` in place."""
+    rest = (low < 0) & (up > 0)
+    if wanted is not None:
+        rest &= wanted
+    cols = rest.any(0)
+    if bool(cols.any()):
+        full_low, full_up = full(cols)
+        rest = rest[:, cols]
+        low[:, cols] = torch.where(rest, full_low, low[:, cols])
+        up[:, cols] = torch.where(rest, full_up, up[:, cols])
+    return low, up
+
+
 @torch.no_grad()  # evaluation only: the dense engine is the differentiable one (CROWN-IBP training)
 def patch_preact_bounds(
     nodes: list[GraphNode],
@@ -359,15 +379,7 @@ def patch_preact_bounds(
             act = nodes[stop].layer
             pl, pu = preact[stop]
             low, up = bounds(neurons, stop, (apply_monotone(act, pl[sl]), apply_monotone(act, pu[sl])))
-            # per point: a point keeps the cheap bounds of a neuron they prove stable there, even
-            # where another point needs the full pass (so its bounds do not depend on its batch)
-            rest = (low < 0) & (up > 0)
-            unstable = rest.any(0)
-            if bool(unstable.any()):
-                full_low, full_up = bounds(neurons[unstable], 0, (lo[sl], hi[sl]))
-                rest = rest[:, unstable]
-                low[:, unstable] = torch.where(rest, full_low, low[:, unstable])
-                up[:, unstable] = torch.where(rest, full_up, up[:, unstable])
+            low, up = fill_open_signs(low, up, lambda cols, sl=sl: bounds(neurons[cols], 0, (lo[sl], hi[sl])))
         lower_parts.append(low)
         upper_parts.append(up)
     return torch.cat(lower_parts), torch.cat(upper_parts)
