@@ -432,9 +432,9 @@ def crown_relaxation(
 
     Full CROWN (the rules: :func:`_crown_preact_bounds`) takes each example's decisions on that
     example alone, so its bounds do not depend on the rest of the batch. ``cheap_pass=False``
-    back-substitutes every neuron unstable under its reference to the input (about twice the time
-    on a CNN-7): the bounds are then auto_LiRPA's full CROWN's, with ``compare_crown_with_ibp``
-    and ``minimum_sparsity=1``, to rounding."""
+    back-substitutes every neuron unstable under its reference to the input (slower): the bounds
+    are then auto_LiRPA's full CROWN's, with ``compare_crown_with_ibp`` and ``minimum_sparsity=1``,
+    to rounding."""
     if conv_mode not in CONV_MODES:
         raise ValueError(f"conv_mode must be one of {CONV_MODES}, got {conv_mode!r}")
     nodes = network_graph(model.features)
@@ -613,11 +613,11 @@ def crown_margin_lower_bound(
             :class:`CrownBudgetError` when even one neuron (or the margins) of one example does not fit.
         cheap_pass: full CROWN first bounds an unstable neuron by a pass down to the second ReLU
             below (with interval bounds there); a neuron it proves stable keeps those bounds and
-            skips the full pass (about half the time on a CNN-7). Sound either way; ``False``
+            skips the full pass (faster). Sound either way; ``False``
             gives auto_LiRPA's full CROWN bounds to rounding (those of ``backend="auto_lirpa"``,
             which runs it with ``compare_crown_with_ibp`` and ``minimum_sparsity=1``), where the
             cheap pass's bounds on a neuron can make later reference intervals differ (tested:
-            equal on untrained CNN-7s, up to 2e-4 relative on a trained one).
+            equal on the untrained CNN-7s of docs/RESULTS.md, not on every small random CNN).
 
     The lower relaxation of an unstable ReLU is the adaptive one of CROWN (slope 1 when
     u > −l, else 0); the upper one is the chord. A tanh is relaxed as auto_LiRPA's CROWN does
