@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccdist_plugin.batching import batch_slices
-from ccdist_plugin.bounds.ibp import ReferenceWalk, elision_matrix, input_box, native_intervals
+from ccdist_plugin.bounds.ibp import (
+    ReferenceWalk,
+    elided_interval_margin,
+    elision_matrix,
+    input_box,
+    native_intervals,
+)
 from ccdist_plugin.bounds.layers import (
     PAD_MODES,
     PASSTHROUGH,
@@ -501,10 +507,8 @@ def final_margin_bound(
     )
     if r.output_interval is None:
         return bound
-    low, up = (t.flatten(1).unsqueeze(-1) for t in r.output_interval)
-    centre, radius = (up + low) / 2, (up - low) / 2
-    interval = (torch.bmm(w_diff, centre) - torch.bmm(w_diff.abs(), radius)).squeeze(-1) + b_diff
-    return torch.maximum(bound, interval)
+    low, up = (t.flatten(1) for t in r.output_interval)
+    return torch.maximum(bound, elided_interval_margin(w_diff, b_diff, low, up))
 
 
 @plain_lirpa_warnings

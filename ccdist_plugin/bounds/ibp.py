@@ -54,6 +54,7 @@ __all__ = [
     "feature_bounds",
     "elision_matrix",
     "elided_margin_lower_bound",
+    "elided_interval_margin",
     "margin_lower_bound",
     "ReferenceWalk",
 ]
@@ -401,7 +402,12 @@ def elided_margin_lower_bound(head: nn.Linear, h_lb: Tensor, h_ub: Tensor, y: Te
     With (h_lb, h_ub) replaced by the CC combinations (lo(α), hi(α)) this is also the CC-IBP
     logit difference z_cc(α) (Lemma 3.3).
     """
-    w_diff, b_diff = elision_matrix(head, y)
+    return elided_interval_margin(*elision_matrix(head, y), h_lb, h_ub)
+
+
+def elided_interval_margin(w_diff: Tensor, b_diff: Tensor, h_lb: Tensor, h_ub: Tensor) -> Tensor:
+    """The lower bounds (B, k) of ``w_diff · h + b_diff`` over h ∈ [h_lb, h_ub] (B, d): the elided
+    head (:func:`elision_matrix`) over a box of features."""
     pos, neg = w_diff.clamp(min=0), w_diff.clamp(max=0)
     return (
         torch.bmm(pos, h_lb.unsqueeze(-1)).squeeze(-1)
