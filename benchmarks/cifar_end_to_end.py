@@ -143,13 +143,23 @@ def abcrown_alone_details(export_dir: Path) -> tuple[list[float], list[str]]:
     return [float(s) for _status, s in results], late
 
 
+def alpha_crown_args(alpha_crown: str | bool | None) -> list[str]:
+    """The ``ccdist export`` options of the α-CROWN stage: ``alpha_crown`` is None (no stage),
+    ``"final"`` or ``"all"`` (``--alpha-crown-layers``); True is an older result's record, from before
+    2026-12-06, when ``--alpha-crown`` optimized every layer's slopes."""
+    if alpha_crown is None or alpha_crown is False:
+        return []
+    layers = "all" if alpha_crown is True else alpha_crown
+    return ["--alpha-crown", "--alpha-crown-layers", layers]
+
+
 def run_ours(
-    shard_dir: Path, base_args: list[str], abcrown: Path, extra: list[str], alpha_crown: bool, env: dict
+    shard_dir: Path, base_args: list[str], abcrown: Path, extra: list[str], alpha_crown: str | None, env: dict
 ) -> dict[str, Any]:
     """``ccdist export`` then ``ccdist verify`` on the shard; per-point verdicts and where they came from,
     and the wall-clock seconds of each command."""
     out = shard_dir / "ours"
-    export = ccdist_command(*base_args, *(["--alpha-crown"] if alpha_crown else []))
+    export = ccdist_command(*base_args, *alpha_crown_args(alpha_crown))
     t0 = time.monotonic()
     _run(export, shard_dir / "ours_export.log", env)
     t1 = time.monotonic()
@@ -261,7 +271,7 @@ def measure(
     timeout: float,
     abcrown: Path,
     extra: list[str],
-    alpha_crown: bool = False,
+    alpha_crown: str | None = None,
     data: dict | None = None,
     start: int = 0,
     threads: int = 1,
@@ -296,7 +306,7 @@ def measure(
 
 
 def summarize(
-    measured: list[dict[str, Any]], timeout: float, alpha_crown: bool, threads: int
+    measured: list[dict[str, Any]], timeout: float, alpha_crown: str | bool | None, threads: int
 ) -> dict[str, Any]:
     """Totals per route over the shards, the ratios ours / abcrown, the per-point agreement and
     where the time went."""
@@ -345,7 +355,8 @@ def markdown(s: dict[str, Any], command: str) -> str:
     """The Markdown tables written beside the JSON (every figure from ``s``)."""
     o, a = s["ours"], s["abcrown"]
     pre = o["prefilter"]
-    route_a = "ours: `ccdist export`" + (" --alpha-crown" if s["alpha_crown"] else "") + " + `ccdist verify`"
+    export = shlex.join(["ccdist", "export", *alpha_crown_args(s["alpha_crown"])])
+    route_a = f"ours: `{export}` + `ccdist verify`"
     lines = [
         f"`{command}`",
         "",
@@ -385,7 +396,14 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--shards", type=int, default=4, help="shards the routes alternate over")
     ap.add_argument("--timeout", type=float, default=10.0, help="α,β-CROWN budget per instance (s)")
-    ap.add_argument("--alpha-crown", action="store_true", help="ours: α-CROWN in the pre-filter")
+    ap.add_argument(
+        "--alpha-crown",
+        nargs="?",
+        const="final",
+        choices=["final", "all"],
+        default=None,
+        help="ours: α-CROWN in the pre-filter, the last layer's slopes (final, the default) or every layer's",
+    )
     ap.add_argument("--data", default=None, help="dataset name (default: the checkpoint's)")
     ap.add_argument("--data-root", default=None, help="folder holding the data (default: ccdist's search)")
     ap.add_argument(

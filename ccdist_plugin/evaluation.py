@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ccdist_plugin.attacks import EVAL_PGD, EVAL_PGD_SOURCE, PGD, describe_pgd
 from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import CERT_TOL, input_box, training_restorer
+from ccdist_plugin.bounds.alpha_crown import AlphaCrownSettings
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_batch
 from ccdist_plugin.verification import export_instances, run_verification
@@ -109,10 +110,12 @@ class EvalSettings:
         crown_intermediate: intermediate bounds of CROWN: ``"crown"`` (full CROWN), ``"ibp"``
             (CROWN-IBP) or ``"auto"`` (full CROWN where affordable, else CROWN-IBP; recorded).
         crown_backend: ``"auto"`` (native when it supports every layer, else auto_LiRPA: networks
-            made with ``CertifiedNet.wrap``), ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN,
-            faster for full CROWN on convolutional networks; needs auto_LiRPA installed).
+            made with ``CertifiedNet.wrap``), ``"native"`` or ``"auto_lirpa"`` (auto_LiRPA's CROWN;
+            needs auto_LiRPA installed).
         alpha_crown: α-CROWN (:mod:`ccdist_plugin.bounds.alpha_crown`) after IBP and CROWN on the
-            points they leave uncertified (native ReLU networks): ``alpha_crown_cert_acc``.
+            points they leave uncertified (native ReLU networks): ``alpha_crown_cert_acc``. True:
+            the default :class:`~ccdist_plugin.bounds.alpha_crown.AlphaCrownSettings` (the final
+            slopes over full CROWN's bounds); settings choose the layers, steps and budget.
         tol: certification tolerance (see :data:`CERT_TOL`).
         seed: seed of the attacks' random starts.
         bab: run branch-and-bound (α,β-CROWN) on the first ``bab_count`` points.
@@ -130,7 +133,7 @@ class EvalSettings:
     methods: tuple[str, ...] = ("ibp", "crown")
     crown_intermediate: str = "auto"
     crown_backend: str = "auto"
-    alpha_crown: bool = False
+    alpha_crown: bool | AlphaCrownSettings = False
     tol: float = CERT_TOL
     seed: int = 0
     bab: bool = False

@@ -364,3 +364,78 @@ def test_an_unsound_alpha_crown_bound_broken_by_the_attack_is_an_alarm(monkeypat
     assert broken_correct, pre.counts()
     assert all(pre.status[i] == "alarm" for i in broken_correct)
     assert "certified_alpha_crown" not in [pre.status[i] for i in broken_correct]
+
+
+def test_settings_reach_the_bound_and_the_stage_starts_from_full_crown(monkeypatch, digits):  # noqa: F811
+    """The pre-filter's α-CROWN stage runs the bound its settings name, from full CROWN's
+    intermediate bounds even when the CROWN stage was CROWN-IBP; so it certifies every point full
+    CROWN does."""
+    from ccdist_plugin.bounds import AlphaCrownSettings
+    from ccdist_plugin.bounds import certification
+
+    x, y = digits
+    x, y = x[:40], y[:40]
+    torch.manual_seed(3)
+    # measured: CROWN-IBP leaves 6 of these 40 points that full CROWN certifies
+    net = briefly_trained(tiny_cnn3(seed=3), x, y, 0.05, steps=60).eval()
+    eps = 0.04
+    seen = []
+    real = certification.alpha_crown_margin_lower_bound
+    monkeypatch.setattr(
+        certification,
+        "alpha_crown_margin_lower_bound",
+        lambda *a, **kw: seen.append(kw) or real(*a, **kw),
+    )
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cases = {
+        True: {"intermediate": "crown", "optimize_intermediate": False, "steps": 20},
+        AlphaCrownSettings(layers="all", steps=3, budget=2**20): {
+            "optimize_intermediate": True,
+            "steps": 3,
+            "alpha_budget": 2**20,
+        },
+    }
+    full_crown = prefilter(net, x, y, eps, crown_intermediate="crown", generator=gen())
+    for settings, expected in cases.items():
+        seen.clear()
+        pre = prefilter(net, x, y, eps, crown_intermediate="ibp", alpha_crown=settings, generator=gen())
+        assert pre.crown_intermediate == "ibp"
+        assert seen and all(kw.items() >= expected.items() for kw in seen), seen
+        full = {i for i, s in enumerate(full_crown.status) if s.startswith("certified")}
+        mine = {i for i, s in enumerate(pre.status) if s.startswith("certified")}
+        assert full <= mine, (full - mine, settings)
+        # some of them certified by the α-CROWN stage only: the test is not vacuous
+        assert full - {i for i, s in enumerate(pre.status) if s in ("certified_ibp", "certified_crown")}
+
+
+def test_bad_alpha_crown_settings_are_refused_by_name():
+    from ccdist_plugin.bounds import AlphaCrownSettings
+    from ccdist_plugin.bounds.alpha_crown import alpha_crown_settings
+
+    with pytest.raises(ValueError, match="layers must be one of"):
+        AlphaCrownSettings(layers="every")
+    with pytest.raises(ValueError, match="steps >= 0"):
+        AlphaCrownSettings(steps=-1)
+    with pytest.raises(ValueError, match="budget >= 1"):
+        AlphaCrownSettings(budget=0)
+    with pytest.raises(TypeError, match="alpha_crown must be a bool or AlphaCrownSettings"):
+        alpha_crown_settings("all")
+    assert alpha_crown_settings(False) is None and alpha_crown_settings(True) == AlphaCrownSettings()
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_cli_alpha_crown_settings_need_the_flag_and_valid_values(tmp_path, command):
+    from click.testing import CliRunner
+
+    from ccdist_plugin.cli import main
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"")  # never read: the options are refused first
+    extra = ["--out", str(tmp_path / "x")]
+    runner = CliRunner()
+    stray = runner.invoke(main, [command, "--checkpoint", str(ckpt), *extra, "--alpha-crown-layers", "all"])
+    assert stray.exit_code == 2 and "--alpha-crown-layers only apply with --alpha-crown" in stray.output
+    bad = runner.invoke(
+        main, [command, "--checkpoint", str(ckpt), *extra, "--alpha-crown", "--alpha-crown-steps", "-1"]
+    )
+    assert bad.exit_code == 2 and "steps >= 0" in bad.output

@@ -33,7 +33,7 @@ branches and adds them where the branches meet. Any other module (e.g. a network
 BatchNorm semantics; a layer neither engine bounds raises :class:`UnsupportedLayerError`.
 """
 
-from ccdist_plugin.bounds.alpha_crown import alpha_crown_margin_lower_bound
+from ccdist_plugin.bounds.alpha_crown import AlphaCrownSettings, alpha_crown_margin_lower_bound
 from ccdist_plugin.bounds.certification import CERT_TOL, CertifyResult, certify
 from ccdist_plugin.bounds.crown import (
     CROWN_INTERMEDIATE,
@@ -77,6 +77,7 @@ __all__ = [
     "margin_lower_bound",
     "crown_margin_lower_bound",
     "alpha_crown_margin_lower_bound",
+    "AlphaCrownSettings",
     "CROWN_INTERMEDIATE",
     "resolve_crown_intermediate",
     "check_supported_layer",

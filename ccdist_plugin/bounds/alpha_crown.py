@@ -53,7 +53,15 @@ from ccdist_plugin.bounds.layers import UnsupportedLayerError, native_unsupporte
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.validate import check_inputs, check_labels, check_model
 
-__all__ = ["ALPHA_STEPS", "ALPHA_LR", "ALPHA_BUDGET", "alpha_crown_margin_lower_bound"]
+__all__ = [
+    "ALPHA_STEPS",
+    "ALPHA_LR",
+    "ALPHA_BUDGET",
+    "ALPHA_LAYERS",
+    "AlphaCrownSettings",
+    "alpha_crown_settings",
+    "alpha_crown_margin_lower_bound",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,64 @@ ALPHA_LR = 0.1
 #: elements (coefficients kept for the backward pass, slopes and their optimizer state) that the
 #: optimization of one group of points' intermediate bounds may hold: 2 GiB in float64
 ALPHA_BUDGET = 2**28
+
+#: what :class:`AlphaCrownSettings`' ``layers`` may be
+ALPHA_LAYERS = ("final", "all")
+
+
+@dataclass(frozen=True)
+class AlphaCrownSettings:
+    """How a pre-filter's α-CROWN stage bounds the points IBP and CROWN leave uncertified.
+
+    Both modes start from full CROWN (CROWN intermediate bounds, as α,β-CROWN's root bounds), whatever
+    intermediate bounds the CROWN stage before it used, so a point CROWN-IBP leaves can still be
+    certified by full CROWN here.
+
+    Attributes:
+        layers: ``"final"`` (default): the final back-substitution's slopes only, over full CROWN's
+            intermediate bounds; ``"all"``: every layer's slopes, the intermediate bounds recomputed
+            at every step (α,β-CROWN's root bounds; tighter, and on a CIFAR cnn3 about 100× the CPU
+            time: ``benchmarks/alpha_crown_cost.py``).
+        steps: Adam steps on the slopes per batch of points.
+        lr: Adam's learning rate on the slopes.
+        budget: with ``layers="all"``, the most elements one optimization may hold
+            (:func:`alpha_crown_margin_lower_bound`'s ``alpha_budget``).
+    """
+
+    layers: str = "final"
+    steps: int = ALPHA_STEPS
+    lr: float = ALPHA_LR
+    budget: int = ALPHA_BUDGET
+
+    def __post_init__(self) -> None:
+        if self.layers not in ALPHA_LAYERS:
+            raise ValueError(f"α-CROWN layers must be one of {ALPHA_LAYERS}, got {self.layers!r}")
+        if self.steps < 0 or not self.lr > 0 or self.budget < 1:
+            got = f"{self.steps}, {self.lr}, {self.budget}"
+            raise ValueError(f"α-CROWN needs steps >= 0, lr > 0 and budget >= 1, got {got}")
+
+    def bound_kwargs(self) -> dict[str, object]:
+        """The keyword arguments of :func:`alpha_crown_margin_lower_bound` these settings mean."""
+        return {
+            "intermediate": "crown",
+            "steps": self.steps,
+            "lr": self.lr,
+            "optimize_intermediate": self.layers == "all",
+            "alpha_budget": self.budget,
+        }
+
+
+def alpha_crown_settings(value: bool | AlphaCrownSettings | None) -> AlphaCrownSettings | None:
+    """A pre-filter's ``alpha_crown`` argument as settings: False/None (no α-CROWN stage) is None,
+    True the defaults."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return AlphaCrownSettings()
+    if isinstance(value, AlphaCrownSettings):
+        return value
+    raise TypeError(f"alpha_crown must be a bool or AlphaCrownSettings, got {type(value).__name__}")
+
 
 #: elements of the final back-substitution's coefficient tensor per batch (autograd keeps a few per
 #: layer): larger batches are split

@@ -36,6 +36,8 @@ __all__ = [
     "needs_teacher",
     "quote_command",
     "invoked_command",
+    "alpha_crown_options",
+    "alpha_crown_from_options",
 ]
 
 #: exit status of an expected failure (a usage error, as click's own)
@@ -159,6 +161,58 @@ def parse_overrides(
             raise click.BadParameter(f"{err} (e.g. {example})", param_hint=option) from None
         out[key] = value
     return out
+
+
+def alpha_crown_options(command: Any) -> Any:
+    """``--alpha-crown`` and its settings (``ccdist eval`` and ``ccdist export`` share them); the
+    command takes ``alpha_crown, alpha_crown_layers, alpha_crown_steps, alpha_crown_budget``."""
+    options = [
+        click.option(
+            "--alpha-crown",
+            is_flag=True,
+            help="alpha-CROWN (ReLU slopes optimized, from full CROWN's bounds) on the points IBP/CROWN "
+            "leave: alpha_crown_cert_acc in eval; what it proves skips branch and bound in export",
+        ),
+        click.option(
+            # the choices are bounds.alpha_crown.ALPHA_LAYERS (not imported here: --help stays fast)
+            "--alpha-crown-layers",
+            type=click.Choice(["final", "all"]),
+            default=None,
+            help="final (default): the last layer's slopes over full CROWN's bounds; all: every layer's, "
+            "as alpha,beta-CROWN's root bounds (tighter; about 100x the time on a CIFAR cnn3, "
+            "docs/evaluation.md)",
+        ),
+        click.option("--alpha-crown-steps", type=int, default=None, help="Adam steps on the slopes (20)"),
+        click.option(
+            "--alpha-crown-budget",
+            type=int,
+            default=None,
+            help="with --alpha-crown-layers all: elements one optimization may hold (2**28, 2 GiB in "
+            "float64); a point above it gets the last layer's slopes only, with a warning",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def alpha_crown_from_options(enabled: bool, layers: str | None, steps: int | None, budget: int | None) -> Any:
+    """The :class:`~ccdist_plugin.bounds.alpha_crown.AlphaCrownSettings` of
+    :func:`alpha_crown_options`' values, None without ``--alpha-crown``; a setting given without it
+    is a usage error (it would silently do nothing)."""
+    given = {"--alpha-crown-layers": layers, "--alpha-crown-steps": steps, "--alpha-crown-budget": budget}
+    if not enabled:
+        stray = [name for name, value in given.items() if value is not None]
+        if stray:
+            raise click.UsageError(f"{', '.join(stray)} only apply with --alpha-crown")
+        return None
+    from ccdist_plugin.bounds.alpha_crown import AlphaCrownSettings
+
+    chosen = {"layers": layers, "steps": steps, "budget": budget}
+    try:
+        return AlphaCrownSettings(**{k: v for k, v in chosen.items() if v is not None})
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def data_not_found(err: Exception, hint: str) -> Exception:

@@ -28,6 +28,8 @@ import click
 from ccdist_plugin import reports
 from ccdist_plugin.attacks import EVAL_PGD
 from ccdist_plugin.cli.common import (
+    alpha_crown_from_options,
+    alpha_crown_options,
     checkpoint_dataset,
     checkpoint_eps,
     load_checkpoint_and_model,
@@ -224,13 +226,9 @@ def _curve_kwargs(settings: Any, eps: float) -> dict[str, Any]:
     type=click.Choice(["auto", "native", "auto_lirpa"]),
     default="auto",
     show_default=True,
-    help="auto: native unless a layer needs auto_LiRPA; auto_lirpa: its CROWN (faster full CROWN on CNN-7)",
+    help="auto: native unless a layer needs auto_LiRPA; auto_lirpa: auto_LiRPA's CROWN (needs it installed)",
 )
-@click.option(
-    "--alpha-crown",
-    is_flag=True,
-    help="alpha-CROWN (all layers' ReLU slopes optimized) after IBP/CROWN on the rest: alpha_crown_cert_acc",
-)
+@alpha_crown_options
 @click.option("--bab", is_flag=True, help="branch and bound with alpha,beta-CROWN (export + verify)")
 @click.option("--bab-count", default=100, show_default=True, help="BaB on the first N evaluated points")
 @click.option("--bab-timeout", default=600.0, show_default=True, help="alpha,beta-CROWN seconds per point")
@@ -277,6 +275,9 @@ def eval_command(
     crown_intermediate,
     crown_backend,
     alpha_crown,
+    alpha_crown_layers,
+    alpha_crown_steps,
+    alpha_crown_budget,
     bab,
     bab_count,
     bab_timeout,
@@ -294,6 +295,7 @@ def eval_command(
     """Standard, PGD-40/AutoAttack, IBP/CROWN/BaB-certified accuracy and the IBP loss of a checkpoint."""
     setup_logging(quiet)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
+    alpha = alpha_crown_from_options(alpha_crown, alpha_crown_layers, alpha_crown_steps, alpha_crown_budget)
     try:
         eps = parse_eps(eps_text, "--eps") if eps_text is not None else None
         pgd_step_rel = parse_eps(pgd_step_text, "--pgd-step", upper=None)
@@ -318,7 +320,7 @@ def eval_command(
         methods=parse_names(methods),
         crown_intermediate=crown_intermediate,
         crown_backend=crown_backend,
-        alpha_crown=alpha_crown,
+        alpha_crown=alpha or False,
         seed=seed,
         bab=bab,
         bab_count=bab_count,

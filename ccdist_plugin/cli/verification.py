@@ -13,6 +13,8 @@ import sys
 import click
 
 from ccdist_plugin.cli.common import (
+    alpha_crown_from_options,
+    alpha_crown_options,
     checkpoint_dataset,
     checkpoint_eps,
     load_checkpoint_and_model,
@@ -64,11 +66,7 @@ __all__ = ["export_command", "verify_command"]
     help="also send misclassified, pre-certified and PGD-broken points to α,β-CROWN (cross-check)",
 )
 @click.option("--methods", default="ibp,crown", show_default=True, help="our bounds used as pre-checks")
-@click.option(
-    "--alpha-crown",
-    is_flag=True,
-    help="alpha-CROWN (all layers' ReLU slopes optimized) after IBP/CROWN; what it proves skips verification",
-)
+@alpha_crown_options
 @click.option("--attack-steps", default=50, show_default=True, help="PGD steps of the pre-check (0: none)")
 @click.option("--attack-restarts", default=3, show_default=True, help="PGD restarts of the pre-check")
 @click.option(
@@ -99,6 +97,9 @@ def export_command(
     verify_all,
     methods,
     alpha_crown,
+    alpha_crown_layers,
+    alpha_crown_steps,
+    alpha_crown_budget,
     attack_steps,
     attack_restarts,
     abcrown_device,
@@ -108,6 +109,7 @@ def export_command(
     from ccdist_plugin.verification import DATASET_TEMPLATES, export_instances
 
     setup_logging(False)
+    alpha = alpha_crown_from_options(alpha_crown, alpha_crown_layers, alpha_crown_steps, alpha_crown_budget)
     try:
         eps_given = parse_eps(eps_text, "--eps") if eps_text is not None else None
     except ValueError as err:
@@ -138,12 +140,12 @@ def export_command(
         dataset_name=name,
         checkpoint_path=checkpoint,
         config_overrides=cfg_overrides,
-        alpha_crown=alpha_crown,
+        alpha_crown=alpha or False,
     )
     c = result.counts
     click.echo(
         f"{len(result.points)} test points, eps={eps:.6g}: {c['misclassified']} misclassified, "
-        f"{c['pre-certified']} pre-certified ({'IBP/CROWN/α-CROWN' if alpha_crown else 'IBP/CROWN'}), "
+        f"{c['pre-certified']} pre-certified ({'IBP/CROWN/α-CROWN' if alpha else 'IBP/CROWN'}), "
         f"{c['attacked']} broken by PGD, "
         f"{c['bab']} for branch-and-bound; {result.num_instances} α,β-CROWN instances in {result.out_dir}"
     )

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ccdist_plugin.attacks import EVAL_PGD, PGD, describe_pgd
 from ccdist_plugin.batching import batch_slices
 from ccdist_plugin.bounds import CERT_TOL, certify, input_box, resolve_crown_intermediate, training_restorer
+from ccdist_plugin.bounds.alpha_crown import AlphaCrownSettings, alpha_crown_settings
 from ccdist_plugin.bounds.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.models import CertifiedNet
 from ccdist_plugin.progress import progress_bar
@@ -184,7 +185,7 @@ def prefilter(
     generator: torch.Generator | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
-    alpha_crown: bool = False,
+    alpha_crown: bool | AlphaCrownSettings = False,
 ) -> PrefilterResult:
     """The IBP → CROWN → attack cascade on every point: what ``evaluate`` reports and what the
     α,β-CROWN export decides before branch and bound, by one rule.
@@ -209,9 +210,13 @@ def prefilter(
         progress: progress bars on a terminal, one line per stage to ``log`` elsewhere.
         log: where those lines go (default: the module logger).
         alpha_crown: after IBP and CROWN, α-CROWN (:mod:`ccdist_plugin.bounds.alpha_crown`, float64
-            decisions as every bound's) on the correct points they left uncertified; the native
-            CROWN's networks only (ReLU, ``Sequential`` and ``Residual``).
+            decisions as every bound's) on the correct points they left uncertified, from full
+            CROWN's bounds whatever ``crown_intermediate`` is; the native CROWN's networks only
+            (ReLU, ``Sequential`` and ``Residual``). True: the default
+            :class:`~ccdist_plugin.bounds.alpha_crown.AlphaCrownSettings` (the final slopes only);
+            settings choose the layers, steps, learning rate and memory budget.
     """
+    alpha = alpha_crown_settings(alpha_crown)
     bad = [m for m in methods if m not in ("ibp", "crown")]
     if bad:
         raise ValueError(f"unknown bound methods {bad}; expected 'ibp' and/or 'crown'")
@@ -226,14 +231,11 @@ def prefilter(
         margin_lb, graph_alarm = _bound_margins(
             model, x, y, eps, methods, tol, batches, bar, resolved or "ibp", crown_backend, timings
         )
-        if alpha_crown and graph_alarm is None:
-            intermediate = resolved or resolve_crown_intermediate(model, crown_intermediate)
+        if alpha is not None and graph_alarm is None:
             margin_lb["alpha_crown"], graph_alarm = _timed(
                 timings,
                 "alpha_crown",
-                lambda: _alpha_crown_margins(
-                    model, x, y, eps, tol, pred, margin_lb, batch_size, bar, intermediate
-                ),
+                lambda: _alpha_crown_margins(model, x, y, eps, tol, pred, margin_lb, batch_size, bar, alpha),
             )
         broken, adv_margin = _attack_points(model, x, y, eps, attack, batches, bar, generator, timings)
     finally:
@@ -308,7 +310,7 @@ def _alpha_crown_margins(
     margin_lb: dict[str, Tensor],
     batch_size: int,
     bar: Bar,
-    intermediate: str,
+    settings: AlphaCrownSettings,
 ) -> tuple[Tensor, str | None]:
     """(N, k) α-CROWN's margin lower bounds on the correctly predicted points (``pred``) that
     ``margin_lb``'s methods left uncertified, elsewhere the elementwise best of ``margin_lb``'s
@@ -333,7 +335,7 @@ def _alpha_crown_margins(
                 method="alpha_crown",
                 tol=tol,
                 batch_size=batch_size,
-                intermediate=intermediate,
+                **settings.bound_kwargs(),
             ).margin_lb.cpu()
             # α-CROWN's bound, or an earlier method's where that is larger: both are sound
             best[idx[sl]] = torch.maximum(best[idx[sl]], lb)

@@ -32,6 +32,7 @@ written by :mod:`ccdist_plugin.verification.writers`. See ``docs/verification.md
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 
 from ccdist_plugin.attacks import PGD
 from ccdist_plugin.bounds import CERT_TOL, training_restorer
+from ccdist_plugin.bounds.alpha_crown import AlphaCrownSettings, alpha_crown_settings
 from ccdist_plugin.bounds.graphcheck import BoundedGraphMismatch
 from ccdist_plugin.fileio import atomic_write_text, file_sha256
 from ccdist_plugin.models import CertifiedNet
@@ -242,7 +244,7 @@ def export_instances(
     checkpoint_path: str | os.PathLike | None = None,
     config_overrides: dict[str, Any] | None = None,
     seed: int = 0,
-    alpha_crown: bool = False,
+    alpha_crown: bool | AlphaCrownSettings = False,
 ) -> ExportResult:
     """Export ``model`` and the test points ``start … start+count−1`` for α,β-CROWN.
 
@@ -278,8 +280,9 @@ def export_instances(
         dataset_name, checkpoint_path: provenance recorded in the manifest.
         config_overrides: dotted α,β-CROWN keys for ``abcrown.yaml``, e.g. ``{"general.device": "cpu"}``.
         alpha_crown: α-CROWN as a pre-filter stage after IBP and CROWN
-            (:func:`ccdist_plugin.verification.cascade.prefilter`): what it certifies is
-            pre-certified and not sent to branch and bound.
+            (:func:`ccdist_plugin.verification.cascade.prefilter`; True: the default
+            :class:`~ccdist_plugin.bounds.alpha_crown.AlphaCrownSettings`): what it certifies is
+            pre-certified and not sent to branch and bound. Its settings are in the manifest.
 
     Returns:
         An :class:`ExportResult`.
@@ -290,6 +293,7 @@ def export_instances(
             is exported; an earlier export in ``out_dir`` is left as it was.
     """
     eps = _checked_eps(model, eps, timeout_s, methods)
+    alpha = alpha_crown_settings(alpha_crown)
     template_file = template_path(template)  # fail early on a bad template
     indices, x, y = _select_points(data, start, count)
     check_batch(model, x, y, eps)  # shapes, label and pixel range (the checks of every entry point)
@@ -302,7 +306,7 @@ def export_instances(
         PGD(steps=attack_steps, restarts=attack_restarts, objective="margin") if attack_steps > 0 else None
     )
     onnx_path = out / ONNX_NAME
-    pre, max_diff = _prefilter_and_onnx(model, x, y, eps, methods, attack, seed, onnx_path, alpha_crown)
+    pre, max_diff = _prefilter_and_onnx(model, x, y, eps, methods, attack, seed, onnx_path, alpha)
 
     mean = model.normalize.mean.flatten().tolist()
     std = model.normalize.std.flatten().tolist()
@@ -341,6 +345,7 @@ def export_instances(
         verify_all=bool(verify_all),
         methods=list(methods),
         crown_intermediate=pre.crown_intermediate,
+        alpha_crown=None if alpha is None else dataclasses.asdict(alpha),
         attack={"steps": attack_steps, "restarts": attack_restarts, "objective": "margin"},
         counts=counts,
         stale=stale,
@@ -383,7 +388,7 @@ def _prefilter_and_onnx(
     attack: PGD | None,
     seed: int,
     onnx_path: Path,
-    alpha_crown: bool = False,
+    alpha_crown: AlphaCrownSettings | None = None,
 ) -> tuple[PrefilterResult, float]:
     """The pre-filter's outcome on the points and the exported model's largest |PyTorch − ONNX|
     difference; the model's train/eval flags are restored afterwards.
@@ -442,6 +447,7 @@ def _manifest(
     verify_all: bool,
     methods: list[str],
     crown_intermediate: str | None,
+    alpha_crown: dict[str, Any] | None,
     attack: dict[str, Any],
     counts: dict[str, int],
     stale: Path | None,
@@ -477,6 +483,8 @@ def _manifest(
         "methods": methods,
         # CROWN's intermediate bounds: "crown" (full CROWN) or "ibp" (CROWN-IBP); None without CROWN
         "crown_intermediate": crown_intermediate,
+        # the α-CROWN stage's settings (AlphaCrownSettings), None without one
+        "alpha_crown": alpha_crown,
         "attack": attack,
         "cert_tol": CERT_TOL,
         "counts": counts,
