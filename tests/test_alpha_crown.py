@@ -154,6 +154,29 @@ def test_a_point_over_the_budget_falls_back_to_final_only_slopes_with_a_warning(
     assert (split >= crown).all() and (split <= _observed_margins(net, x, y) + 1e-5).all()
 
 
+def test_groups_are_the_largest_consecutive_groups_within_the_budget():
+    """The incremental grouping equals the greedy one that measures every candidate group afresh."""
+    net = NETS["cnn3-trained"]
+    x, _ = _points(12, seed=4)
+    r = crown_relaxation(net, x, EPS, "crown")
+    n = x.shape[0]
+
+    def cost(a: int, b: int) -> int:
+        return ac._group_cost(ac._slice_relaxation(r, slice(a, b)))
+
+    singles = sorted(cost(i, i + 1) for i in range(n))
+    for budget in (singles[0] - 1, singles[0], singles[n // 2], 3 * singles[-1], cost(0, n)):
+        groups, alone = ac._groups(r, budget)
+        covered = sorted([i for g in groups for i in range(g.start, g.stop)] + alone)
+        assert covered == list(range(n))
+        assert all(cost(i, i + 1) > budget for i in alone)
+        for g in groups:
+            assert cost(g.start, g.stop) <= budget
+            # as large as fits: one more example would exceed the budget (or there is none)
+            assert g.stop == n or g.stop in alone or cost(g.start, g.stop + 1) > budget
+    assert ac._groups(r, cost(0, n)) == ([slice(0, n)], [])
+
+
 def _auto_lirpa_alpha_crown(net: CertifiedNet, x, y) -> torch.Tensor:
     """auto_LiRPA's α-CROWN (``CROWN-Optimized``: every layer's slopes) with this module's steps and
     learning rate, dense convolutions (its patches mode fails on these CNNs at 9d100ec07086)."""

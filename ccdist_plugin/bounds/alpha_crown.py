@@ -349,41 +349,72 @@ def _slice_relaxation(r: CrownRelaxation, sl: slice) -> CrownRelaxation:
     return CrownRelaxation(r.nodes, r.shapes, preact, r.affine, r.lo[sl], r.hi[sl], sliced)
 
 
+class _GroupCost:
+    """Elements the optimization of the intermediate bounds of a group of consecutive examples holds
+    (rows are padded to the group's most): per ReLU node n after the first, 2 rows per unstable
+    neuron, each with the coefficient-sized tensors of the back-substitution and its backward pass
+    (about six per neuron of every ReLU below n: the dense slopes, the relaxation's where and
+    products, their gradients; measured by the peak resident memory on a CIFAR cnn3), one per input,
+    and 4 copies (slope, gradient, Adam's two moments) of its slopes at the unstable neurons (union
+    over the group) of every ReLU below n.
+
+    A group grows one example at a time (:meth:`add`), its running maxima and unions updated, so that
+    :func:`_groups` is linear in the batch rather than re-measuring every candidate group."""
+
+    def __init__(self, r: CrownRelaxation) -> None:
+        self.relus = sorted(r.preact)
+        self.unstable = {m: _unstable(r, m) for m in self.relus}
+        numel = {m: r.preact[m][0][0].numel() for m in self.relus}
+        self.fixed = {
+            n: 6 * sum(numel[m] for m in self.relus if m < n) + r.lo[0].numel() for n in self.relus[1:]
+        }
+        self.start(0)
+
+    def start(self, i: int) -> None:
+        """An empty group before example ``i``."""
+        self.size, self.next = 0, i
+        self.most = dict.fromkeys(self.relus, 0)
+        self.union = {m: torch.zeros_like(u[0]) for m, u in self.unstable.items()}
+
+    def add(self) -> int:
+        """Add the next example; the group's cost."""
+        i = self.next
+        self.size, self.next = self.size + 1, i + 1
+        for m, u in self.unstable.items():
+            self.most[m] = max(self.most[m], int(u[i].sum()))
+            self.union[m] |= u[i]
+        slopes = {m: int(self.union[m].sum()) for m in self.relus}
+        return sum(
+            self.size * 2 * self.most[n] * (self.fixed[n] + 4 * sum(slopes[m] for m in self.relus if m < n))
+            for n in self.relus[1:]
+        )
+
+
 def _group_cost(r: CrownRelaxation) -> int:
-    """Elements the optimization of the intermediate bounds of the relaxation's examples holds (rows
-    are padded to the group's most): per ReLU node n after the first, 2 rows per unstable neuron, each
-    with the coefficient-sized tensors of the back-substitution and its backward pass (about six per
-    neuron of every ReLU below n: the dense slopes, the relaxation's where and products, their
-    gradients; measured by the peak resident memory on a CIFAR cnn3), one per input, and 4 copies
-    (slope, gradient, Adam's two moments) of its slopes at the unstable neurons (union over the
-    group) of every ReLU below n."""
-    sets = _slope_sets(r)
-    relus = sorted(r.preact)
-    cost = 0
-    for n in relus[1:]:
-        most = int(_unstable(r, n).sum(1).max())
-        below = [m for m in relus if m < n]
-        per_row = 6 * sum(r.preact[m][0][0].numel() for m in below) + r.lo[0].numel()
-        per_row += 4 * sum(sets[m].numel() for m in below if m in sets)
-        cost += r.lo.shape[0] * 2 * most * per_row
-    return cost
+    """:class:`_GroupCost` of all the relaxation's examples."""
+    cost = _GroupCost(r)
+    return max(cost.add() for _ in range(r.lo.shape[0]))
 
 
 def _groups(r: CrownRelaxation, budget: int) -> tuple[list[slice], list[int]]:
     """Consecutive groups of examples whose optimization holds at most ``budget`` elements
-    (:func:`_group_cost`), and the examples that do not fit alone."""
-    groups, alone, start = [], [], 0
+    (:class:`_GroupCost`), each as large as fits, and the examples that do not fit alone."""
+    groups, alone = [], []
     n = r.lo.shape[0]
+    cost = _GroupCost(r)
+    start = 0
     while start < n:
-        if _group_cost(_slice_relaxation(r, slice(start, start + 1))) > budget:
+        if cost.add() > budget:
             alone.append(start)
             start += 1
+            cost.start(start)
             continue
         end = start + 1
-        while end < n and _group_cost(_slice_relaxation(r, slice(start, end + 1))) <= budget:
+        while end < n and cost.add() <= budget:
             end += 1
         groups.append(slice(start, end))
         start = end
+        cost.start(start)
     return groups, alone
 
 
