@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 from ccdist_plugin.bounds import alpha_crown_margin_lower_bound, crown_margin_lower_bound
 from ccdist_plugin.checkpoint import load_checkpoint, model_from_payload
 from ccdist_plugin.data import load_dataset
+from ccdist_plugin.fileio import file_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from crown_cost import _timed  # noqa: E402  (wall and CPU seconds of one call)
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--eps", type=float, default=None, help="default: the checkpoint's")
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--out", type=Path, default=None, help="also write the rows and the summary here (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     payload = load_checkpoint(args.checkpoint)
@@ -74,7 +78,14 @@ def main() -> None:
     }
     summary["eps"] = eps
     summary["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # which network (two trainings by one command differ) and how loaded the machine was
+    summary["checkpoint_sha256"] = file_sha256(args.checkpoint)
+    summary["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(summary, indent=1))
+    if args.out is not None:
+        command = shlex.join(["python", "benchmarks/alpha_crown_cost.py", *sys.argv[1:]])
+        record = {"command": command, "rows": rows, "summary": summary}
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import verifier_overhead as vo  # noqa: E402
 
+from ccdist_plugin.fileio import file_sha256  # noqa: E402
 from ccdist_plugin.verification import find_abcrown  # noqa: E402
 
 ROUTES = ("ours", "abcrown")
@@ -373,8 +374,9 @@ def markdown(s: dict[str, Any], command: str) -> str:
     by = a["time"]["by_prefilter_outcome"]
     spent = ", ".join(f"{k} {v['points']} points {v['seconds']:.1f} s" for k, v in by.items())
     lines += [
-        f"{s['points']} points, {s['timeout_s']:g} s per instance, {s['threads']} thread(s). "
-        f"Per-shard ratios (interleaved): wall {vo._fmt(s['wall_ratio_per_shard'])}, "
+        f"{s['points']} points, {s['timeout_s']:g} s per instance, {s['threads']} thread(s)"
+        + (f", checkpoint sha256 {s['checkpoint_sha256'][:12]}. " if s.get("checkpoint_sha256") else ". ")
+        + f"Per-shard ratios (interleaved): wall {vo._fmt(s['wall_ratio_per_shard'])}, "
         f"CPU {vo._fmt(s['cpu_ratio_per_shard'])}.",
         f"Per point: {g['same']} of {s['points']} same verdict, {len(g['alarms'])} safe/unsafe "
         f"disagreements (soundness alarms), {g['timeout_vs_verdict']} budget hit or error in one route "
@@ -424,7 +426,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.resummarize:
         previous = json.loads(Path(args.resummarize).read_text())
-        summary = {**resummarize(previous, Path(args.work)), "load_average_end": previous["load_average_end"]}
+        kept = {k: previous[k] for k in ("load_average_end", "checkpoint_sha256") if k in previous}
+        summary = {**resummarize(previous, Path(args.work)), **kept}
         write_outputs(summary, previous["command"], Path(args.out))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -446,6 +449,8 @@ def main() -> None:
         threads=args.threads,
     )
     command = shlex.join(["python", "benchmarks/cifar_end_to_end.py", *sys.argv[1:]])
+    # which network: two trainings by one command differ, and a path names neither
+    summary["checkpoint_sha256"] = file_sha256(args.checkpoint)
     summary["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     write_outputs(summary, command, Path(args.out))
 

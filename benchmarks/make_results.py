@@ -49,6 +49,12 @@ python benchmarks/verifier_overhead.py --points 12 --timeout 10 --rounds 2 --cif
 python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 200 --shards 4 \\
     --timeout 10                   # → docs/results/cifar_end_to_end.* (issue 23: pre-filter + α,β-CROWN
                                    #   against α,β-CROWN alone; the reading: cifar_end_to_end_notes.md)
+python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 200 --shards 4 \
+    --timeout 10 --alpha-crown --out docs/results/cifar_end_to_end_alpha_final.json
+                                   # the same with --alpha-crown (final slopes) in the pre-filter
+python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 100 --shards 2 \
+    --timeout 10 --alpha-crown all --out docs/results/cifar_end_to_end_alpha.json
+                                   # and with every layer's slopes (about 20× the time of the rest)
 python benchmarks/crown_speed.py --channels 16,16,32,32,32 --width 128 --points 4 --rss \\
     --out docs/results/crown_speed_narrow.json             # native full CROWN vs auto_LiRPA's, then
 python benchmarks/crown_speed.py --channels 64,64,128,128,128 --width 512 --points 1 \\
@@ -95,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
             "cifar_end_to_end.md",
         ),
         ("### Reading", "cifar_end_to_end_notes.md"),
+        (
+            "### The same with α-CROWN (the final slopes, the default of `--alpha-crown`) in the pre-filter",
+            "cifar_end_to_end_alpha_final.md",
+        ),
+        ("### Reading", "cifar_end_to_end_alpha_final_notes.md"),
         ("### The same with α-CROWN (every layer's slopes) in the pre-filter", "cifar_end_to_end_alpha.md"),
         ("### Reading", "cifar_end_to_end_alpha_notes.md"),
         ("## Full CROWN: native (patches form) against auto_LiRPA", "crown_speed.md"),

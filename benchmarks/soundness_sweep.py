@@ -1,9 +1,10 @@
-"""Soundness sweep: do our IBP and CROWN bounds contain the network's outputs on the ball?
+"""Soundness sweep: do our IBP, CROWN and α-CROWN bounds contain the network's outputs on the ball?
 
 For small networks (MLP, cnn3, narrow CNN-7), random and briefly trained, with BatchNorm in train and
 eval mode, at several ε, this samples points uniformly in the ball ∩ [0, 1], adds PGD points that
 attack every logit difference, and counts the points whose margin z_j = f_y − f_j falls below our
-IBP or CROWN lower bound (a violation: the bound would be wrong). Certified points (``certify``,
+IBP, CROWN or α-CROWN (both modes: the final slopes, every layer's) lower bound (a violation: the
+bound would be wrong). Certified points (``certify``,
 float64) are also attacked with PGD-40: none may fall.
 
     python benchmarks/soundness_sweep.py [--samples 500] [--out benchmarks/results/soundness.json]
@@ -25,6 +26,8 @@ from torch import nn
 
 from ccdist_plugin.attacks import pgd_attack
 from ccdist_plugin.bounds import (
+    AlphaCrownSettings,
+    alpha_crown_margin_lower_bound,
     certify,
     crown_margin_lower_bound,
     margin_lower_bound,
@@ -87,6 +90,11 @@ def main() -> int:
                     tol = 1e-5
                     v_ibp = int((z_ibp > worst + tol).any(1).sum())
                     v_crown = int((z_crown > worst + tol).any(1).sum())
+                    v_alpha = {}
+                    for layers in ("final", "all"):
+                        kwargs = AlphaCrownSettings(layers=layers).bound_kwargs()
+                        z_alpha = alpha_crown_margin_lower_bound(ref.eval(), x, y, eps, **kwargs)
+                        v_alpha[f"alpha_{layers}_violations"] = int((z_alpha > worst + tol).any(1).sum())
                     cert = certify(ref, x, y, eps, method="crown")
                     fell = 0
                     if cert.certified.any():
@@ -96,13 +104,15 @@ def main() -> int:
                             fell = int((ref(x_adv).argmax(1) != yc).sum())
                     row = dict(
                         model=name, eps=eps, state=state, bn_mode=mode, points=points,
-                        ibp_violations=v_ibp, crown_violations=v_crown,
+                        ibp_violations=v_ibp, crown_violations=v_crown, **v_alpha,
                         certified=int(cert.certified.sum()), certified_attacked=fell,
                     )  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     total = sum(r["points"] for r in rows)
-    bad = sum(r["ibp_violations"] + r["crown_violations"] + r["certified_attacked"] for r in rows)
+    bad = sum(
+        sum(v for k, v in r.items() if k.endswith("violations")) + r["certified_attacked"] for r in rows
+    )
     summary = dict(configurations=len(rows), points=total, violations=bad, seconds=round(time.time() - t0, 1))
     print("TOTAL", json.dumps(summary))
     if args.out:
