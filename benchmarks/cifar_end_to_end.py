@@ -448,11 +448,25 @@ def main() -> None:
         start=args.start,
         threads=args.threads,
     )
-    command = shlex.join(["python", "benchmarks/cifar_end_to_end.py", *sys.argv[1:]])
+    command = recorded_command(sys.argv[1:])
     # which network: two trainings by one command differ, and a path names neither
     summary["checkpoint_sha256"] = file_sha256(args.checkpoint)
     summary["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     write_outputs(summary, command, Path(args.out))
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line as the results record it: without ``--work`` (a scratch folder of this
+    machine, which changes nothing measured)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--work":
+            skip = True
+        elif not arg.startswith("--work="):
+            kept.append(arg)
+    return shlex.join(["python", "benchmarks/cifar_end_to_end.py", *kept])
 
 
 def write_outputs(summary: dict[str, Any], command: str, out: Path) -> None:

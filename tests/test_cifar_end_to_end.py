@@ -99,6 +99,20 @@ def test_shards_add_up_to_totals_ratios_and_where_the_time_went():
     text = e2e.markdown(s, "cifar_end_to_end.py --points 4")
     assert "**0.58**" in text and "**0.75**" in text and "0 safe/unsafe disagreements" in text
     assert "`cifar_end_to_end.py --points 4`" in text
+    assert "ours: `ccdist export` + `ccdist verify`" in text and "checkpoint sha256" not in text
+    # the α-CROWN mode and the network's hash are in the table; True is an older record (every layer)
+    for recorded, shown in (("final", "final"), (True, "all")):
+        s2 = {**e2e.summarize(measured, 10.0, recorded, 1), "checkpoint_sha256": "ab" * 32}
+        text = e2e.markdown(s2, "c")
+        assert f"`ccdist export --alpha-crown --alpha-crown-layers {shown}` + `ccdist verify`" in text
+        assert "checkpoint sha256 abababababab." in text
+
+
+def test_the_recorded_command_leaves_out_the_scratch_folder():
+    argv = ["--checkpoint", "c.pt", "--work", "/tmp/x", "--points", "4", "--work=/tmp/y", "--alpha-crown"]
+    assert e2e.recorded_command(argv) == (
+        "python benchmarks/cifar_end_to_end.py --checkpoint c.pt --points 4 --alpha-crown"
+    )
 
 
 @pytest.mark.slow
