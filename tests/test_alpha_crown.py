@@ -462,3 +462,18 @@ def test_cli_alpha_crown_settings_need_the_flag_and_valid_values(tmp_path, comma
         main, [command, "--checkpoint", str(ckpt), *extra, "--alpha-crown", "--alpha-crown-steps", "-1"]
     )
     assert bad.exit_code == 2 and "steps >= 0" in bad.output
+
+
+def test_the_export_manifest_records_the_alpha_crown_settings(tmp_path, digits):  # noqa: F811
+    import json
+
+    from ccdist_plugin.bounds import AlphaCrownSettings
+    from ccdist_plugin.verification import export_instances
+
+    x, y = digits
+    net = tiny_cnn3(seed=3).eval()
+    settings = AlphaCrownSettings(layers="all", steps=2, budget=2**20)
+    for given, recorded in ((settings, settings.__dict__), (False, None)):
+        out = tmp_path / str(bool(given))
+        export = export_instances(net, (x[:6], y[:6]), out, 0.02, timeout_s=5, alpha_crown=given)
+        assert json.loads(export.manifest_path.read_text())["alpha_crown"] == recorded
