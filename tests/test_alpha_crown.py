@@ -393,8 +393,7 @@ def test_settings_reach_the_bound_and_the_stage_starts_from_full_crown(monkeypat
     """The pre-filter's α-CROWN stage runs the bound its settings name, from full CROWN's
     intermediate bounds even when the CROWN stage was CROWN-IBP; so it certifies every point full
     CROWN does."""
-    from ccdist_plugin.bounds import AlphaCrownSettings
-    from ccdist_plugin.bounds import certification
+    from ccdist_plugin.bounds import AlphaCrownSettings, certification
 
     x, y = digits
     x, y = x[:40], y[:40]
@@ -476,4 +475,6 @@ def test_the_export_manifest_records_the_alpha_crown_settings(tmp_path, digits):
     for given, recorded in ((settings, settings.__dict__), (False, None)):
         out = tmp_path / str(bool(given))
         export = export_instances(net, (x[:6], y[:6]), out, 0.02, timeout_s=5, alpha_crown=given)
-        assert json.loads(export.manifest_path.read_text())["alpha_crown"] == recorded
+        manifest = json.loads(export.manifest_path.read_text())
+        assert manifest["alpha_crown"] == recorded
+        assert ("alpha_crown" in manifest["prefilter_timings_s"]) == bool(given)

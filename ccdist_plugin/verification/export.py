@@ -346,6 +346,7 @@ def export_instances(
         methods=list(methods),
         crown_intermediate=pre.crown_intermediate,
         alpha_crown=None if alpha is None else dataclasses.asdict(alpha),
+        prefilter_timings_s={k: round(v, 3) for k, v in pre.timings_s.items()},
         attack={"steps": attack_steps, "restarts": attack_restarts, "objective": "margin"},
         counts=counts,
         stale=stale,
@@ -448,6 +449,7 @@ def _manifest(
     methods: list[str],
     crown_intermediate: str | None,
     alpha_crown: dict[str, Any] | None,
+    prefilter_timings_s: dict[str, float],
     attack: dict[str, Any],
     counts: dict[str, int],
     stale: Path | None,
@@ -485,6 +487,8 @@ def _manifest(
         "crown_intermediate": crown_intermediate,
         # the α-CROWN stage's settings (AlphaCrownSettings), None without one
         "alpha_crown": alpha_crown,
+        # seconds per pre-filter stage (standard, ibp, crown, alpha_crown, pgd): not in the export id
+        "prefilter_timings_s": prefilter_timings_s,
         "attack": attack,
         "cert_tol": CERT_TOL,
         "counts": counts,
