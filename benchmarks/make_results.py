@@ -51,7 +51,9 @@ python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt -
                                    #   against α,β-CROWN alone; the reading: cifar_end_to_end_notes.md)
 python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 200 --shards 4 \
     --timeout 10 --alpha-crown --out docs/results/cifar_end_to_end_alpha_final.json
-                                   # the same with --alpha-crown (final slopes) in the pre-filter
+                                   # the same with --alpha-crown (final slopes) in the pre-filter; the
+                                   #   4-epoch network's runs: --checkpoint runs/e2e-cnn3-4epochs/...
+                                   #   --out docs/results/cifar_end_to_end{,_alpha_final}_4epochs.json
 python benchmarks/cifar_end_to_end.py --checkpoint runs/e2e-cnn3/checkpoint.pt --points 100 --shards 2 \
     --timeout 10 --alpha-crown all --out docs/results/cifar_end_to_end_alpha.json
                                    # and with every layer's slopes (about 20× the time of the rest)
@@ -106,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
             "cifar_end_to_end_alpha_final.md",
         ),
         ("### Reading", "cifar_end_to_end_alpha_final_notes.md"),
+        ("#### The 4-epoch network without α-CROWN", "cifar_end_to_end_4epochs.md"),
+        (
+            "#### The 4-epoch network with α-CROWN (the final slopes)",
+            "cifar_end_to_end_alpha_final_4epochs.md",
+        ),
         ("### The same with α-CROWN (every layer's slopes) in the pre-filter", "cifar_end_to_end_alpha.md"),
         ("### Reading", "cifar_end_to_end_alpha_notes.md"),
         ("## Full CROWN: native (patches form) against auto_LiRPA", "crown_speed.md"),
