@@ -478,3 +478,37 @@ def test_the_export_manifest_records_the_alpha_crown_settings(tmp_path, digits):
         manifest = json.loads(export.manifest_path.read_text())
         assert manifest["alpha_crown"] == recorded
         assert ("alpha_crown" in manifest["prefilter_timings_s"]) == bool(given)
+
+
+@pytest.mark.parametrize("optimize_intermediate", [False, True])
+def test_points_stop_once_above_the_threshold_and_the_others_keep_their_path(optimize_intermediate):
+    """``stop_above``: a point whose bounds all pass the threshold leaves the optimization, and every
+    bound stays sound and at least CROWN's. With the final slopes only, the points still open follow
+    the same slopes as without it (Adam's state is kept for them: resetting it, or mixing up the
+    points, changes their bounds). With every layer's slopes a point's path already depends on its
+    batch (rounding in the batched products, amplified over the steps: up to 2e-3 here between one
+    point at a time and the whole batch), so only soundness is checked there."""
+    net = NETS["cnn3-trained"]
+    x, y = _points(12, seed=6)
+    kwargs = dict(intermediate="crown", optimize_intermediate=optimize_intermediate, steps=8)
+    rows = torch.ones(12, 10, dtype=torch.bool).scatter(1, y.view(-1, 1), False)
+    full = alpha_crown_margin_lower_bound(net, x, y, EPS, **kwargs)
+    crown = crown_margin_lower_bound(net, x, y, EPS, intermediate="crown", backend="native")
+    smallest = lambda lb: lb.masked_fill(~rows, float("inf")).min(1).values  # noqa: E731
+    # a threshold that several points pass during the optimization (they stop then) while several
+    # others stay open with their bounds still moving: the best of the points' own values
+    c, f = smallest(crown), smallest(full)
+
+    def split(t: float) -> tuple[int, int]:
+        return int(((c <= t) & (f > t)).sum()), int(((f > c + 1e-4) & (f <= t)).sum())
+
+    threshold = max((float(v) for v in torch.cat([c, f])), key=lambda t: min(split(t)))
+    assert min(split(threshold)) >= 2, split(threshold)
+    stopped = f > threshold
+    early = alpha_crown_margin_lower_bound(net, x, y, EPS, stop_above=threshold, **kwargs)
+    assert (smallest(early)[stopped] > threshold).all()
+    assert (early >= crown - 1e-9).all()
+    assert (early <= _observed_margins(net, x, y) + 1e-5).all()
+    if not optimize_intermediate:
+        assert (early <= full + 1e-6).all()
+        torch.testing.assert_close(early[~stopped], full[~stopped], rtol=0, atol=1e-6)  # float32

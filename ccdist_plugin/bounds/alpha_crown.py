@@ -306,8 +306,50 @@ def _project(params: dict[tuple[int | str, int], Tensor]) -> None:
             p.clamp_(0.0, 1.0)
 
 
+@dataclass
+class _Optimization:
+    """What the slope optimization of a batch holds, every tensor's first dimension the example: the
+    relaxation, the margins' rows, the targets, the tightest intermediate bounds so far, the slopes
+    and Adam over them."""
+
+    r: CrownRelaxation
+    w_diff: Tensor
+    b_diff: Tensor
+    targets: list[_Target]
+    reference: dict[int, tuple[Tensor, Tensor]]
+    params: dict[tuple[int | str, int], Tensor]
+    opt: torch.optim.Adam
+
+    def keep(self, keep: Tensor, lr: float) -> _Optimization:
+        """The same optimization for the examples ``keep`` only, Adam's moments and step count kept
+        (Adam is elementwise and the objective a sum over examples: each example's slopes follow the
+        path they would have followed in the whole batch)."""
+        params = {key: p.detach()[keep].clone().requires_grad_() for key, p in self.params.items()}
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        for key, p in self.params.items():
+            state = self.opt.state.get(p, {})
+            opt.state[params[key]] = {
+                name: v[keep].clone() if torch.is_tensor(v) and v.ndim > 0 else v for name, v in state.items()
+            }
+        return _Optimization(
+            _slice_relaxation(self.r, keep),
+            self.w_diff[keep],
+            self.b_diff[keep],
+            [_Target(t.node, t.src, t.idx[keep], t.valid[keep]) for t in self.targets],
+            {n: (l[keep], u[keep]) for n, (l, u) in self.reference.items()},
+            params,
+            opt,
+        )
+
+
 def _optimize(
-    r: CrownRelaxation, w_diff: Tensor, b_diff: Tensor, steps: int, lr: float, targets: list[_Target]
+    r: CrownRelaxation,
+    w_diff: Tensor,
+    b_diff: Tensor,
+    steps: int,
+    lr: float,
+    targets: list[_Target],
+    stop_above: float | None = None,
 ) -> Tensor:
     """(B, k) per point and logit difference the best bound over ``steps`` evaluations of the slopes
     (:func:`_bound_at`; an Adam step between two, then :func:`_project`), never below CROWN's.
@@ -315,34 +357,49 @@ def _optimize(
     Every row of every point has its own slopes. Each intermediate bound is intersected with the
     tightest one seen at an earlier step (auto_LiRPA's ``fix_interm_bounds``), so they only tighten.
     Every evaluated value is a sound bound (every slope in [0, 1], every intermediate bound sound)
-    computed in the model's dtype, so the best of them is one too."""
+    computed in the model's dtype, so the best of them is one too. With ``stop_above``, a point
+    whose every logit difference's best bound is above it leaves the optimization (as α,β-CROWN stops
+    a verified property): its bound is then the best so far, not the best after ``steps``."""
     # CROWN's margins (with, for full CROWN, the interval bound where it is larger): the floor
     crown = final_margin_bound(r, w_diff, b_diff)
     sets = _slope_sets(r)
     if not sets or steps == 0:
         return crown
     params = _slope_params(r, targets, sets, w_diff.shape[1])
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    best = crown
     # the tightest intermediate bounds seen so far, every one sound (as auto_LiRPA keeps them)
     reference = {t.node: r.preact[t.node] for t in targets}
+    run = _Optimization(
+        r, w_diff, b_diff, targets, reference, params, torch.optim.Adam(params.values(), lr=lr)
+    )
+    best = crown.clone()
+    # the label's own row (zero weights and bias) is 0 at every step: no proof to wait for
+    own_row = (w_diff.flatten(2) == 0).all(2) & (b_diff == 0)
+    active = torch.arange(best.shape[0], device=best.device)
     for step in range(steps):
+        if stop_above is not None:
+            done = ((best[active] > stop_above) | own_row[active]).all(1)
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().flatten()
+                active, run = active[keep], run.keep(keep, lr)
         last = step == steps - 1
         with torch.enable_grad():
-            lb = _bound_at(r, w_diff, b_diff, params, sets, targets, reference)
+            lb = _bound_at(run.r, run.w_diff, run.b_diff, run.params, sets, run.targets, run.reference)
             if not last:
-                opt.zero_grad()
+                run.opt.zero_grad()
                 (-lb.sum()).backward()  # auto_LiRPA's objective: the sum of the final lower bounds
         lb = lb.detach()
-        best = torch.where(lb > best, lb, best)  # (a NaN is never better)
+        best[active] = torch.where(lb > best[active], lb, best[active])  # (a NaN is never better)
         if not last:
-            opt.step()
-            _project(params)
+            run.opt.step()
+            _project(run.params)
     return best
 
 
-def _slice_relaxation(r: CrownRelaxation, sl: slice) -> CrownRelaxation:
-    """The relaxation of the examples ``sl`` (the BatchNorm/Normalize affines are per channel)."""
+def _slice_relaxation(r: CrownRelaxation, sl: slice | Tensor) -> CrownRelaxation:
+    """The relaxation of the examples ``sl`` (a slice or indices; the BatchNorm/Normalize affines are
+    per channel)."""
     preact = {n: (l[sl], u[sl]) for n, (l, u) in r.preact.items()}
     out = r.output_interval
     sliced = None if out is None else (out[0][sl], out[1][sl])
@@ -429,16 +486,17 @@ def _alpha_crown(
     lr: float,
     optimize_intermediate: bool,
     budget: int,
+    stop_above: float | None,
 ) -> Tensor:
     r = crown_relaxation(model, x, eps, "crown" if optimize_intermediate else intermediate)
     w_diff, b_diff = elision_matrix(model.head, y)
     if not optimize_intermediate:
-        return _optimize(r, w_diff, b_diff, steps, lr, [])
+        return _optimize(r, w_diff, b_diff, steps, lr, [], stop_above)
     out = x.new_empty(x.shape[0], model.num_classes)
     groups, alone = _groups(r, budget)
     for sl in groups:
         part = _slice_relaxation(r, sl)
-        out[sl] = _optimize(part, w_diff[sl], b_diff[sl], steps, lr, _targets(part))
+        out[sl] = _optimize(part, w_diff[sl], b_diff[sl], steps, lr, _targets(part), stop_above)
     for i in alone:
         logger.warning(
             "α-CROWN: optimizing the intermediate bounds of one point needs more than the budget of "
@@ -446,7 +504,7 @@ def _alpha_crown(
             budget,
         )
         sl = slice(i, i + 1)
-        out[sl] = _optimize(_slice_relaxation(r, sl), w_diff[sl], b_diff[sl], steps, lr, [])
+        out[sl] = _optimize(_slice_relaxation(r, sl), w_diff[sl], b_diff[sl], steps, lr, [], stop_above)
     return out
 
 
@@ -461,6 +519,7 @@ def alpha_crown_margin_lower_bound(
     max_crown_elements: int = 2**23,
     optimize_intermediate: bool = True,
     alpha_budget: int = ALPHA_BUDGET,
+    stop_above: float | None = None,
 ) -> Tensor:
     """α-CROWN lower bounds (B, k) on z_j = f_y − f_j over the ball (entry y is 0), per point never
     below CROWN's (:func:`ccdist_plugin.bounds.crown.crown_margin_lower_bound`, native backend).
@@ -480,6 +539,12 @@ def alpha_crown_margin_lower_bound(
             does not fit alone gets the final slopes optimized only, with a warning naming the
             budget. (A fallback rather than an error: the final-only bound is still sound and never
             below CROWN's, so a pre-filter keeps going on a network too large to optimize fully.)
+        stop_above: a point whose every logit difference's bound is above this value stops being
+            optimized (default None: every point runs all ``steps``). A pre-filter that only needs
+            the decision passes its certification tolerance: a point certified early is certified
+            all the same, and the points still open keep their slopes' path (Adam acts per element),
+            at the cost of the points that are never certified. The returned bound of a point that
+            stopped is the best it had reached, sound but not the tightest.
 
     The model must be in eval mode (the deployed network) and native-boundable: a ReLU network of
     ``nn.Sequential`` and ``Residual`` blocks. The bound is sound whatever the optimization does:
@@ -511,6 +576,8 @@ def alpha_crown_margin_lower_bound(
     for sl in batch_slices(x.shape[0], per_batch):
         e = eps_t[sl] if eps_t.ndim == 1 else eps
         parts.append(
-            _alpha_crown(model, x[sl], y[sl], e, kind, steps, lr, optimize_intermediate, alpha_budget)
+            _alpha_crown(
+                model, x[sl], y[sl], e, kind, steps, lr, optimize_intermediate, alpha_budget, stop_above
+            )
         )
     return torch.cat(parts) if parts else x.new_zeros(0, model.num_classes)

@@ -335,6 +335,8 @@ def _alpha_crown_margins(
                 method="alpha_crown",
                 tol=tol,
                 batch_size=batch_size,
+                # a point is done once certified: the pre-filter needs the decision, not the tightest bound
+                stop_above=tol,
                 **settings.bound_kwargs(),
             ).margin_lb.cpu()
             # α-CROWN's bound, or an earlier method's where that is larger: both are sound
