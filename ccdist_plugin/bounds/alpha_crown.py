@@ -21,7 +21,7 @@ github.com/Verified-Intelligence/auto_LiRPA), which α,β-CROWN runs for its roo
   kept (every one is sound), never below CROWN's. A neuron stable in an example keeps its initial
   bound there (its relaxation is exact), so each example bounds only its own unstable neurons.
   The cost is dense back-substitution of two rows per such neuron at every step (no patches form
-  yet): about 100 CPU s per point on a CIFAR cnn3, against about 1 s for the final slopes only
+  yet): 46-104 CPU s per point on CIFAR cnn3s, against about 1 s for the final slopes only
   (docs/evaluation.md).
 - ``optimize_intermediate=False``: the final back-substitution's slopes only, over fixed
   intermediate bounds (CROWN's or CROWN-IBP's, :func:`ccdist_plugin.bounds.crown.crown_relaxation`).
@@ -89,7 +89,7 @@ class AlphaCrownSettings:
     Attributes:
         layers: ``"final"`` (default): the final back-substitution's slopes only, over full CROWN's
             intermediate bounds; ``"all"``: every layer's slopes, the intermediate bounds recomputed
-            at every step (α,β-CROWN's root bounds; tighter, and on a CIFAR cnn3 about 100× the CPU
+            at every step (α,β-CROWN's root bounds; tighter, and on a CIFAR cnn3 50-100× the CPU
             time: ``benchmarks/alpha_crown_cost.py``).
         steps: Adam steps on the slopes per batch of points.
         lr: Adam's learning rate on the slopes.

@@ -179,7 +179,7 @@ def alpha_crown_options(command: Any) -> Any:
             type=click.Choice(["final", "all"]),
             default=None,
             help="final (default): the last layer's slopes over full CROWN's bounds; all: every layer's, "
-            "as alpha,beta-CROWN's root bounds (tighter; about 100x the time on a CIFAR cnn3, "
+            "as alpha,beta-CROWN's root bounds (tighter; 50-100x the time on a CIFAR cnn3, "
             "docs/evaluation.md)",
         ),
         click.option("--alpha-crown-steps", type=int, default=None, help="Adam steps on the slopes (20)"),
