@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         "points": args.points,
         "budget_elements": _CROWN_BUDGET,
     }
+    if args.checkpoint:
+        from ccdist_plugin.fileio import file_sha256
+
+        out["checkpoint_sha256"] = file_sha256(args.checkpoint)  # which network (a path names none)
     if args.certified_points:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from reproduction.measure import evaluate_full_crown, split_tensors
