@@ -93,7 +93,7 @@ def main() -> int:
                     v_alpha = {}
                     for layers in ("final", "all"):
                         kwargs = AlphaCrownSettings(layers=layers).bound_kwargs()
-                        z_alpha = alpha_crown_margin_lower_bound(ref.eval(), x, y, eps, **kwargs)
+                        z_alpha = alpha_crown_margin_lower_bound(ref, x, y, eps, **kwargs)
                         v_alpha[f"alpha_{layers}_violations"] = int((z_alpha > worst + tol).any(1).sum())
                     cert = certify(ref, x, y, eps, method="crown")
                     fell = 0

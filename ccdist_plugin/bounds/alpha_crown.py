@@ -105,9 +105,7 @@ class AlphaCrownSettings:
     def __post_init__(self) -> None:
         if self.layers not in ALPHA_LAYERS:
             raise ValueError(f"α-CROWN layers must be one of {ALPHA_LAYERS}, got {self.layers!r}")
-        if self.steps < 0 or not self.lr > 0 or self.budget < 1:
-            got = f"{self.steps}, {self.lr}, {self.budget}"
-            raise ValueError(f"α-CROWN needs steps >= 0, lr > 0 and budget >= 1, got {got}")
+        _check_optimizer(self.steps, self.lr, self.budget)
 
     def bound_kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`alpha_crown_margin_lower_bound` these settings mean."""
@@ -118,6 +116,14 @@ class AlphaCrownSettings:
             "optimize_intermediate": self.layers == "all",
             "alpha_budget": self.budget,
         }
+
+
+def _check_optimizer(steps: int, lr: float, budget: int) -> None:
+    """Refuse optimizer settings that cannot run (the settings' and the bound's one check)."""
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"α-CROWN needs steps >= 0 and lr > 0, got {steps} and {lr}")
+    if budget < 1:
+        raise ValueError(f"α-CROWN needs alpha_budget >= 1 element, got {budget}")
 
 
 def alpha_crown_settings(value: bool | AlphaCrownSettings | None) -> AlphaCrownSettings | None:
@@ -559,10 +565,7 @@ def alpha_crown_margin_lower_bound(
     check_labels(x, y, model.num_classes)
     if model.training:
         raise ValueError("α-CROWN bounds the deployed network: call model.eval() first")
-    if steps < 0 or not lr > 0:
-        raise ValueError(f"α-CROWN needs steps >= 0 and lr > 0, got {steps} and {lr}")
-    if alpha_budget < 1:
-        raise ValueError(f"α-CROWN needs alpha_budget >= 1 element, got {alpha_budget}")
+    _check_optimizer(steps, lr, alpha_budget)
     refuse_uncertifiable(model.features)
     _refuse_non_native(model)
     kind = resolve_crown_intermediate(model, intermediate, max_crown_elements)
