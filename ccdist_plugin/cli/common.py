@@ -200,17 +200,17 @@ def alpha_crown_from_options(enabled: bool, layers: str | None, steps: int | Non
     """The :class:`~ccdist_plugin.bounds.alpha_crown.AlphaCrownSettings` of
     :func:`alpha_crown_options`' values, None without ``--alpha-crown``; a setting given without it
     is a usage error (it would silently do nothing)."""
-    given = {"--alpha-crown-layers": layers, "--alpha-crown-steps": steps, "--alpha-crown-budget": budget}
+    # each given setting, by its AlphaCrownSettings field (its option is --alpha-crown-<field>)
+    given = {k: v for k, v in {"layers": layers, "steps": steps, "budget": budget}.items() if v is not None}
     if not enabled:
-        stray = [name for name, value in given.items() if value is not None]
-        if stray:
-            raise click.UsageError(f"{', '.join(stray)} only apply with --alpha-crown")
+        if given:
+            stray = ", ".join(f"--alpha-crown-{k}" for k in given)
+            raise click.UsageError(f"{stray} only apply with --alpha-crown")
         return None
     from ccdist_plugin.bounds.alpha_crown import AlphaCrownSettings
 
-    chosen = {"layers": layers, "steps": steps, "budget": budget}
     try:
-        return AlphaCrownSettings(**{k: v for k, v in chosen.items() if v is not None})
+        return AlphaCrownSettings(**given)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 
