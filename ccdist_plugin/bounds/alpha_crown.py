@@ -326,12 +326,12 @@ class _Optimization:
     params: dict[tuple[int | str, int], Tensor]
     opt: torch.optim.Adam
 
-    def keep(self, keep: Tensor, lr: float) -> _Optimization:
+    def keep(self, keep: Tensor) -> _Optimization:
         """The same optimization for the examples ``keep`` only, Adam's moments and step count kept
         (Adam is elementwise and the objective a sum over examples: each example's slopes follow the
         path they would have followed in the whole batch)."""
         params = {key: p.detach()[keep].clone().requires_grad_() for key, p in self.params.items()}
-        opt = torch.optim.Adam(params.values(), lr=lr)
+        opt = torch.optim.Adam(params.values(), lr=self.opt.param_groups[0]["lr"])
         for key, p in self.params.items():
             state = self.opt.state.get(p, {})
             opt.state[params[key]] = {
@@ -388,7 +388,7 @@ def _optimize(
                 break
             if bool(done.any()):
                 keep = (~done).nonzero().flatten()
-                active, run = active[keep], run.keep(keep, lr)
+                active, run = active[keep], run.keep(keep)
         last = step == steps - 1
         with torch.enable_grad():
             lb = _bound_at(run.r, run.w_diff, run.b_diff, run.params, sets, run.targets, run.reference)
