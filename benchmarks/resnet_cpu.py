@@ -11,7 +11,7 @@ overrides below, ``evaluation.prefilter``):
 - model: ``preact_resnet18`` of ``--width`` channels in the first stage (8: 8-16-32-64, feature width 64),
   for teacher and students alike, the average pooling before the last BatchNorm + ReLU (E.5);
 - teacher: PGD-``--teacher-steps`` (step 2.5ε/steps) adversarial training, ``--teacher-epochs`` epochs, ℓ1
-  5e-6 (E.8), the preset's cyclic SGD;
+  5e-6 (E.8), the preset's cyclic SGD (not trained when ``--only`` names no CC-Dist run);
 - students: CC-IBP and CC-Dist (β = 5/w, E.8) at α = 0.05 (``ALPHA``), ``--seeds`` paired seeds (the same
   seed gives both methods the same initial weights and batches), ``--epochs`` epochs with the preset's
   160-epoch schedule scaled (1 warm-up epoch, ramp over half of the rest, lr decays in the last two), and the
@@ -384,7 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-steps", type=int, default=5, help="PGD steps of the teacher (step 2.5ε/steps)")
     p.add_argument("--betas", default="5", help="β·w of the CC-Dist rows, comma-separated (5, the paper's)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
-    p.add_argument("--only", default="", help="run only these students (names, comma-separated), no report")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run only these students (names, comma-separated), no report; no teacher unless one is CC-Dist",
+    )
     p.add_argument("--docs", default="docs/results", help="where resnet_cpu.{json,md} go ('' for nowhere)")
     p.add_argument(
         "--crown-points",
@@ -417,16 +421,19 @@ def _main(args: argparse.Namespace) -> None:
     ]
     if args.only:  # e.g. one more run beside a running invocation (each run's folder is locked)
         students = [s for s in students if s.name in args.only.split(",")]
+    # the report needs the teacher's row, the CC-Dist runs its checkpoint; `--only cc_ibp-s0` needs neither
+    needs_teacher = not args.only or any(s.kind == "cc_dist" for s in students)
     if not args.overwrite:  # before anything starts: runs that cannot be reused stop the script
         teacher_done = (root / "teacher" / "result.json").is_file()
-        for r in [teacher, *students]:
+        for r in [teacher, *students] if needs_teacher else students:
             check_run_folder(root / r.name, run_settings(r, teacher_done), False, record=False)
     results: dict[str, dict] = {}
     with ProcessPoolExecutor(args.workers) as pool:
         submit = lambda r: pool.submit(run_one, r, str(root), args.overwrite, args.crown_points)  # noqa: E731
-        t_future = submit(teacher)
+        t_future = submit(teacher) if needs_teacher else None
         futures = {s.name: submit(s) for s in students if s.kind == "cc_ibp"}
-        results["teacher"] = t_future.result()  # the CC-Dist runs need its checkpoint
+        if t_future is not None:
+            results["teacher"] = t_future.result()  # the CC-Dist runs need its checkpoint
         futures |= {s.name: submit(s) for s in students if s.kind == "cc_dist"}
         for name, fut in futures.items():
             results[name] = fut.result()

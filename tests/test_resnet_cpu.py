@@ -92,3 +92,35 @@ def test_full_crown_table_names_crown_and_crown_ibp_apart():
     # without --crown-points the report has no such table
     del results["cc_ibp-s1"]["full_crown"]
     assert "Full CROWN" not in rn.markdown(rn.report(results, args))
+
+
+@pytest.mark.parametrize(
+    "only, trained",
+    [("cc_ibp-s0", ["cc_ibp-s0"]), ("cc_ibp-s0,cc_dist-s0", ["teacher", "cc_ibp-s0", "cc_dist-s0"])],
+)
+def test_only_cc_ibp_runs_train_no_teacher(tmp_path, monkeypatch, only, trained):
+    """``--only`` naming CC-IBP runs alone trains no PGD teacher (at the paper's width it costs hours and
+    nothing uses it); a CC-Dist run among them still gets one."""
+    from concurrent.futures import Future
+
+    submitted: list[str] = []
+
+    class InlinePool:  # runs each job where it is submitted, recording its run
+        def __init__(self, workers):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, run, *args):
+            submitted.append(run.name)
+            future: Future = Future()
+            future.set_result({"test": {k: 0.0 for k, _ in rn.METRICS}})
+            return future
+
+    monkeypatch.setattr(rn, "ProcessPoolExecutor", InlinePool)
+    rn.main(["--out", str(tmp_path), "--seeds", "1", "--only", only, "--docs", ""])
+    assert sorted(submitted) == sorted(trained)
