@@ -2,7 +2,7 @@
 
 Full CROWN back-substitutes every pre-activation neuron that is unstable under its reference interval (IBP
 from the CROWN bounds below it), each to the input, so its cost is (unstable neurons) × (cost of one
-neuron's back-substitution, which grows with depth). Two modes, one thread, CPU time beside wall time and
+neuron's back-substitution, which grows with depth). Two modes, one thread (``--threads``), CPU time beside wall time and
 the peak resident memory of the process::
 
     # measured: full CROWN on --points points (and CROWN-IBP and IBP beside it)
@@ -154,8 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="with --checkpoint: certified accuracy on N test images",
     )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: CPU time is then one core's time)"
+    )
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     retain_freed_memory()  # as the ccdist command line does
     dtype = getattr(torch, args.dtype)
     model, x, y = build(args, dtype)
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "points": args.points,
         "budget_elements": _CROWN_BUDGET,
+        "threads": args.threads,
     }
     if args.checkpoint:
         from ccdist_plugin.fileio import file_sha256

@@ -179,6 +179,10 @@ def test_benchmark_full_crown_evaluation_counts_what_certify_proves(digits, trai
     assert out["ibp_cert_acc"] == pytest.approx(float(ibp.float().mean()))
     assert out["crown_cert_acc"] == pytest.approx(float((ibp | full).float().mean()))
     assert out["crown_bounded_points"] <= 8 and out["crown_cpu_s_per_point"] >= 0
+    # full CROWN bounded exactly the correct points IBP left, one CPU time each
+    correct = trained_prn(x[:8]).argmax(1) == y[:8]
+    assert out["crown_bounded"] == torch.nonzero(correct & ~ibp).flatten().tolist()
+    assert len(out["crown_cpu_s_points"]) == out["crown_bounded_points"] == len(out["crown_bounded"])
 
 
 @pytest.mark.parametrize("conv_mode", ["patches", "dense"])
