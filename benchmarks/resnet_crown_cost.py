@@ -2,8 +2,8 @@
 
 Full CROWN back-substitutes every pre-activation neuron that is unstable under its reference interval (IBP
 from the CROWN bounds below it), each to the input, so its cost is (unstable neurons) × (cost of one
-neuron's back-substitution, which grows with depth). Two modes, one thread (``--threads``), CPU time beside wall time and
-the peak resident memory of the process::
+neuron's back-substitution, which grows with depth). Two modes, one thread (``--threads``), CPU time
+beside wall time and the peak resident memory of the process::
 
     # measured: full CROWN on --points points (and CROWN-IBP and IBP beside it)
     python benchmarks/resnet_crown_cost.py --width 8 --points 1 --dtype float64
