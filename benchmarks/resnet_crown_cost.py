@@ -155,6 +155,13 @@ def main(argv: list[str] | None = None) -> None:
         help="with --checkpoint: certified accuracy on N test images",
     )
     ap.add_argument(
+        "--soundness-samples",
+        type=int,
+        default=0,
+        help="with --certified-points: check each full-CROWN bound against this many sampled points of its "
+        "ball and PGD-20 (0: no check)",
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: CPU time is then one core's time)"
     )
     args = ap.parse_args(argv)
@@ -185,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         from ccdist_plugin.data import load_dataset
 
         xt, yt = split_tensors(load_dataset("cifar10-jpeg", val_split=1000).test, args.certified_points)
-        out |= {"full_crown": evaluate_full_crown(model.float(), xt, yt, args.eps, args.certified_points)}
+        out |= {
+            "full_crown": evaluate_full_crown(
+                model.float(), xt, yt, args.eps, args.certified_points, args.soundness_samples
+            )
+        }
     else:
         with torch.no_grad():
             out |= (

@@ -172,8 +172,20 @@ def test_benchmark_full_crown_evaluation_counts_what_certify_proves(digits, trai
     from reproduction.measure import evaluate_full_crown
 
     x, y = digits[0][400:412], digits[1][400:412]
-    out = evaluate_full_crown(trained_prn, x, y, EPS, points=8)
+    out = evaluate_full_crown(trained_prn, x, y, EPS, points=8, soundness_samples=50)
     assert out["points"] == 8 and out["unsound_points"] == 0
+    # every bounded point's bounds checked against 50 samples and PGD, none above an observed margin
+    assert out["soundness_checked_points"] == out["crown_bounded_points"] > 0
+    assert out["bound_violations"] == 0 and out["bound_slack_min"] >= 0
+    # the check itself: bounds raised above the observed margins are counted, one per logit difference
+    from reproduction.measure import _BoundCheck
+
+    check = _BoundCheck(trained_prn, EPS, samples=5)
+    lb = certify(trained_prn, x[:1], y[:1], EPS, method="ibp").margin_lb
+    check.add(x[:1], y[:1], lb.clone())
+    assert check.summary()["bound_violations"] == 0
+    check.add(x[:1], y[:1], lb + 100.0)
+    assert check.summary()["bound_violations"] == trained_prn.num_classes - 1
     ibp = certify(trained_prn, x[:8], y[:8], EPS, method="ibp").certified
     full = certify(trained_prn, x[:8], y[:8], EPS, method="crown", intermediate="crown").certified
     assert out["ibp_cert_acc"] == pytest.approx(float(ibp.float().mean()))

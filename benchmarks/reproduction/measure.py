@@ -72,7 +72,9 @@ def evaluate(
     return out
 
 
-def evaluate_full_crown(model, x: torch.Tensor, y: torch.Tensor, eps: float, points: int) -> dict[str, Any]:
+def evaluate_full_crown(
+    model, x: torch.Tensor, y: torch.Tensor, eps: float, points: int, soundness_samples: int = 0
+) -> dict[str, Any]:
     """Full-CROWN-certified accuracy (CROWN with CROWN intermediate bounds, the native engine, float64, sound)
     on the first ``points`` images, beside IBP- and CROWN-IBP-certified accuracy on the same images.
 
@@ -83,6 +85,11 @@ def evaluate_full_crown(model, x: torch.Tensor, y: torch.Tensor, eps: float, poi
     counts IBP or CROWN-IBP). ``crown_cpu_s_per_point``: CPU seconds of full CROWN per point it bounded
     (``crown_cpu_s_points``: each point's, in the order of ``crown_bounded``, their positions). A line per
     bounded point goes to stderr (minutes per point at the paper's width).
+
+    ``soundness_samples``: also check each bounded point's full-CROWN margin bounds against the margins
+    at that many uniform samples of its ball and at PGD-20 points attacking each class
+    (``ccdist_plugin.soundness``); ``bound_violations`` counts the logit differences whose bound exceeds
+    one (must be 0), ``bound_slack_min`` is the smallest gap between observed margin and bound.
     """
     from ccdist_plugin.attacks import EVAL_PGD
     from ccdist_plugin.bounds import certify
@@ -95,6 +102,7 @@ def evaluate_full_crown(model, x: torch.Tensor, y: torch.Tensor, eps: float, poi
     todo = torch.nonzero(pre.correct & ~ibp_cert).flatten().tolist()
     full = ibp_cert.clone()
     walls, cpus = [], []
+    check = _BoundCheck(model, eps, soundness_samples) if soundness_samples > 0 else None
     # one point per call: a batch would bound the union of its points' unstable neurons for each
     for k, i in enumerate(todo):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -102,6 +110,8 @@ def evaluate_full_crown(model, x: torch.Tensor, y: torch.Tensor, eps: float, poi
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
         full[i] = bool(cert.certified[0])
+        if check is not None:
+            check.add(x[i : i + 1], y[i : i + 1], cert.margin_lb)
         print(
             f"full CROWN {k + 1}/{len(todo)}: point {i} {'certified' if full[i] else 'not certified'}, "
             f"{cpus[-1]:.1f} CPU s, {walls[-1]:.1f} s",
@@ -109,7 +119,8 @@ def evaluate_full_crown(model, x: torch.Tensor, y: torch.Tensor, eps: float, poi
             flush=True,
         )
     n, bounded = len(x), max(1, len(todo))
-    return {
+    extra = {} if check is None else check.summary()
+    return extra | {
         "points": n,
         "ibp_cert_acc": float(ibp_cert.float().mean()),
         "crown_ibp_cert_acc": float(crown_ibp_cert.float().mean()),
@@ -121,6 +132,38 @@ def evaluate_full_crown(model, x: torch.Tensor, y: torch.Tensor, eps: float, poi
         "crown_cpu_s_points": [round(c, 2) for c in cpus],
         "unsound_points": int((full & pre.broken).sum()) + pre.status.count("alarm"),
     }
+
+
+class _BoundCheck:
+    """Full-CROWN margin bounds against the margins observed at sampled and PGD points of each ball."""
+
+    def __init__(self, model, eps: float, samples: int):
+        import copy
+
+        # observed margins in float64, as the bounds: no float32 rounding between the two
+        self.model, self.eps, self.samples = copy.deepcopy(model).double().eval(), eps, samples
+        self.generator = torch.Generator().manual_seed(0)
+        self.violations, self.slack_min, self.checked = 0, float("inf"), 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, margin_lb: torch.Tensor) -> None:
+        from ccdist_plugin.soundness import attacked_margins, sampled_extremes
+
+        x = x.double()
+        sampled = sampled_extremes(self.model, x, y, self.eps, self.samples, self.generator).z_min
+        observed = torch.minimum(sampled, attacked_margins(self.model, x, y, self.eps)).double()
+        rows = torch.ones_like(margin_lb, dtype=torch.bool).scatter(1, y.view(-1, 1), False)
+        slack = (observed - margin_lb)[rows]  # a sound bound never exceeds an observed margin
+        self.violations += int((slack < 0).sum())
+        self.slack_min = min(self.slack_min, float(slack.min()))
+        self.checked += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "soundness_samples": self.samples,
+            "soundness_checked_points": self.checked,
+            "bound_violations": self.violations,
+            "bound_slack_min": self.slack_min if self.checked else None,
+        }
 
 
 def diagnostics(model, teacher, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
