@@ -112,9 +112,14 @@ def evaluate_full_crown(
         full[i] = bool(cert.certified[0])
         if check is not None:
             check.add(x[i : i + 1], y[i : i + 1], cert.margin_lb)
+        checked = (
+            ""
+            if check is None
+            else f"; so far {check.violations} bound violations, least slack {check.slack_min:.3g}"
+        )
         print(
             f"full CROWN {k + 1}/{len(todo)}: point {i} {'certified' if full[i] else 'not certified'}, "
-            f"{cpus[-1]:.1f} CPU s, {walls[-1]:.1f} s",
+            f"{cpus[-1]:.1f} CPU s, {walls[-1]:.1f} s{checked}",
             file=sys.stderr,
             flush=True,
         )
