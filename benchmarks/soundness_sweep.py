@@ -34,7 +34,7 @@ from ccdist_plugin.bounds import (
     with_batch_statistics,
 )
 from ccdist_plugin.models import cnn3, cnn7, mlp
-from ccdist_plugin.soundness import attacked_margins, briefly_trained, sampled_extremes
+from ccdist_plugin.soundness import briefly_trained, worst_margins
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +42,6 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
     d = load_digits()
     return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(d.target)
-
-
-def worst_margins(net: nn.Module, x, y, eps, samples: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Smallest margins over uniform samples and per-class PGD points, and how many points."""
-    sampled = sampled_extremes(net, x, y, eps, samples, g)
-    attacked = attacked_margins(net, x, y, eps)
-    return torch.minimum(sampled.z_min, attacked), sampled.points + net.num_classes * x.shape[0]
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ from ccdist_plugin.bounds import input_box
 from ccdist_plugin.losses import CCIBPLoss
 from ccdist_plugin.models import CertifiedNet
 
-__all__ = ["SampledExtremes", "sampled_extremes", "attacked_margins", "briefly_trained"]
+__all__ = ["SampledExtremes", "sampled_extremes", "attacked_margins", "worst_margins", "briefly_trained"]
 
 
 @dataclass
@@ -74,6 +74,17 @@ def attacked_margins(net: CertifiedNet, x: Tensor, y: Tensor, eps: float, steps:
             out = net(x_adv)
         z_min = torch.minimum(z_min, out.gather(1, y.view(-1, 1)) - out)
     return z_min
+
+
+def worst_margins(
+    net: CertifiedNet, x: Tensor, y: Tensor, eps: float, samples: int, generator: torch.Generator
+) -> tuple[Tensor, int]:
+    """Smallest margins (B, k) over ``samples`` uniform points of each ball and PGD points attacking
+    each class (:func:`sampled_extremes`, :func:`attacked_margins`), and how many points were evaluated:
+    a sound lower bound on a margin is never above it."""
+    sampled = sampled_extremes(net, x, y, eps, samples, generator)
+    attacked = attacked_margins(net, x, y, eps)
+    return torch.minimum(sampled.z_min, attacked), sampled.points + net.num_classes * x.shape[0]
 
 
 def briefly_trained(model: CertifiedNet, x: Tensor, y: Tensor, eps: float, steps: int = 30) -> CertifiedNet:

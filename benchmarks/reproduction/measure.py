@@ -151,11 +151,9 @@ class _BoundCheck:
         self.violations, self.slack_min, self.checked = 0, float("inf"), 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, margin_lb: torch.Tensor) -> None:
-        from ccdist_plugin.soundness import attacked_margins, sampled_extremes
+        from ccdist_plugin.soundness import worst_margins
 
-        x = x.double()
-        sampled = sampled_extremes(self.model, x, y, self.eps, self.samples, self.generator).z_min
-        observed = torch.minimum(sampled, attacked_margins(self.model, x, y, self.eps)).double()
+        observed = worst_margins(self.model, x.double(), y, self.eps, self.samples, self.generator)[0]
         rows = torch.ones_like(margin_lb, dtype=torch.bool).scatter(1, y.view(-1, 1), False)
         slack = (observed - margin_lb)[rows]  # a sound bound never exceeds an observed margin
         self.violations += int((slack < 0).sum())
